@@ -1,0 +1,63 @@
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from vla.errors import UserError
+from vla.recipes import load_recipe, to_dict
+
+
+@dataclass
+class Train:
+    lr: float = 1e-3
+    steps: int = 10
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: Optional[float] = 1.0
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class Recipe:
+    model: str = "vla-tiny-clip"
+    train: Train = field(default_factory=Train)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides_resolve_into_typed_config(tmp_path):
+    p = write(tmp_path, "kind: pretrain\nmodel: m\ntrain:\n  lr: 1\n  betas: [0.8, 0.9]\n")
+    cfg = load_recipe(Recipe, p, ["train.steps=5", "train.grad_clip=null", "train.precision=bf16"], kind="pretrain")
+    assert cfg.model == "m" and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 5 and cfg.train.grad_clip is None and cfg.train.betas == (0.8, 0.9)
+    assert to_dict(cfg)["train"]["precision"] == "bf16"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "train:\n  lrr: 1\n")
+    with pytest.raises(UserError, match=r"r\.yaml: unknown key 'train\.lrr'"):
+        load_recipe(Recipe, p)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    p = write(tmp_path, "train:\n  steps: ten\n")
+    with pytest.raises(UserError, match=r"r\.yaml: 'train\.steps' must be an integer, got 'ten'"):
+        load_recipe(Recipe, p)
+    with pytest.raises(UserError, match=r"'train\.precision' must be one of"):
+        load_recipe(Recipe, None, ["train.precision=fp8"])
+
+
+def test_recipe_for_another_stage_is_refused(tmp_path):
+    p = write(tmp_path, "kind: distill\n")
+    with pytest.raises(UserError, match="is for 'distill', not 'pretrain'"):
+        load_recipe(Recipe, p, kind="pretrain")
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(Recipe, tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(Recipe, write(tmp_path, "train: [\n"))

@@ -1,0 +1,192 @@
+"""The `vla` command line: each command parses its options, resolves its recipe and calls one stage.
+
+Heavy imports (torch, open_clip, transformers) happen inside the commands, so `vla --help` is fast.
+Errors: a `UserError` prints one red line and exits 2, a `StageError` exits 1, anything else is
+a bug and shows its traceback only with `--debug` (or VLA_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.tree import Tree
+
+from vla import __version__
+from vla.errors import UserError, VlaError
+
+app = typer.Typer(
+    name="vla",
+    help="Vision-language alignment curricula (ProCLIP, DCLIP, MM-GEM) as staged, reproducible commands.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe file (see recipes/).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe value: --set train.lr=1e-3 (repeatable).")
+ForceOpt = typer.Option(False, "--force", help="Rebuild even if --out is a finished artifact.")
+
+
+def _debug() -> bool:
+    return os.environ.get("VLA_DEBUG", "") not in ("", "0")
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn vla's errors into one red line and the right exit code (2 user, 1 run time)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VlaError as e:
+            if _debug():
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # a bug: say so in one line; --debug shows where
+            if _debug():
+                raise
+            err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+                              f"(rerun with --debug for the traceback and report it)",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"vla {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also VLA_DEBUG=1)."),
+) -> None:
+    if debug:
+        os.environ["VLA_DEBUG"] = "1"
+    from vla.offline import configure_offline
+
+    configure_offline()
+
+
+def _command() -> list[str]:
+    return ["vla", *sys.argv[1:]]
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write (e.g. data/toy)."),
+    seed: Optional[int] = typer.Option(None, help="World seed (overrides the recipe)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy."""
+    from vla.data.synth import SynthConfig
+    from vla.recipes import load_recipe
+    from vla.stages.synth import run
+
+    overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+    cfg = load_recipe(SynthConfig, recipe, overrides, kind="synth")
+    art = run(cfg, out, force=force, command=_command())
+    m = art.manifest
+    console.print(f"[green]✓[/] synth → {out}  ({m['timings']['wall_s']:.1f} s)")
+    _print_counts(m)
+
+
+def _print_counts(m: dict) -> None:
+    for key, value in m.get("counts", {}).items():
+        console.print(f"  {key}: {value}")
+    for key, value in m.get("metrics", {}).items():
+        console.print(f"  {key}: {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def inspect(
+    path: Path = typer.Argument(..., help="An artifact directory."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every output and compare with the manifest."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show an artifact's manifest and lineage; --verify re-checks its digests."""
+    from vla.artifacts import lineage, open_artifact, verify as verify_artifact
+
+    art = open_artifact(path)
+    m = art.manifest
+    if as_json:
+        console.print_json(json.dumps(m))
+    else:
+        console.print(f"[bold]{path}[/]  kind=[cyan]{m['kind']}[/]  format v{m['format_version']}  "
+                      f"vla {m['vla_version']}  commit {m.get('git_commit') or '-'}")
+        console.print(f"created {m['created']}   digest {m['digest'][:16]}   "
+                      f"{len(m['outputs'])} files   {m['timings'].get('wall_s', 0):.1f} s")
+        console.print("command: " + " ".join(m.get("command", [])), highlight=False)
+        if m.get("counts"):
+            console.print("counts:  " + json.dumps(m["counts"]), highlight=False)
+        if m.get("metrics"):
+            console.print("metrics: " + json.dumps(m["metrics"]), highlight=False)
+        tree = Tree(f"[cyan]{m['kind']}[/] {path}")
+        nodes = {-1: tree}
+        for depth, role, ref in lineage(m):
+            nodes[depth] = nodes[depth - 1].add(
+                f"{role}: [cyan]{ref.get('kind')}[/] {ref.get('path')}  {str(ref.get('digest', ''))[:12]}")
+        console.print(tree)
+    if verify:
+        problems = verify_artifact(art)
+        if problems:
+            for p in problems:
+                err_console.print(f"[red]✗[/] {p}")
+            raise VlaError(f"{path}: {len(problems)} output(s) do not match the manifest; rebuild with --force")
+        console.print(f"[green]✓[/] all {len(m['outputs'])} outputs match their sha256")
+
+
+# ---------------------------------------------------------------------------------------------
+@recipe_app.command("show")
+@handles_errors
+def recipe_show(
+    file: Path = typer.Argument(..., help="A recipe YAML file."),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Validate a recipe and print it fully resolved (defaults filled in)."""
+    import yaml
+
+    from vla.recipes import load_recipe, read_yaml, to_dict
+    from vla.stages import recipe_class
+
+    kind = read_yaml(file).get("kind")
+    if not kind:
+        raise UserError(f"recipe {file} has no 'kind:' naming its stage (e.g. kind: pretrain)")
+    cfg = load_recipe(recipe_class(kind), file, set_ or [], kind=kind)
+    console.print(yaml.safe_dump({"kind": kind, **to_dict(cfg)}, sort_keys=False).rstrip(), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Errors a user sees.
+
+Every error that reaches the CLI is one line naming the thing and the fix. `UserError` is bad
+input (a missing file, a wrong artifact kind, an unknown recipe key): exit code 2. `StageError`
+is a failure at run time (a NaN loss, too many corrupt samples): exit code 1. Anything else is a
+bug and prints a traceback only with `--debug` / `VLA_DEBUG=1`.
+"""
+
+from __future__ import annotations
+
+
+class VlaError(Exception):
+    """Base class: `str(err)` is the single line shown to the user."""
+
+    exit_code = 1
+
+
+class UserError(VlaError):
+    """The input is wrong: the message names the thing and how to fix it (exit 2)."""
+
+    exit_code = 2
+
+
+class StageError(VlaError):
+    """A stage failed while running (exit 1); finished artifacts and checkpoints are kept."""
+
+    exit_code = 1

@@ -1,0 +1,1 @@
+"""Models: the registry (short names → open_clip / transformers / ultralytics), adapters, heads."""

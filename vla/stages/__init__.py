@@ -1,0 +1,24 @@
+"""One module per subcommand; each reads top to bottom as the stage's story:
+inputs → models → loss → loop → outputs.
+
+`RECIPES` maps a recipe's `kind:` to its typed config, for `vla recipe show`; entries are
+import paths so that `vla --help` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+RECIPES: dict[str, str] = {
+    "synth": "vla.data.synth:SynthConfig",
+}
+
+
+def recipe_class(kind: str) -> Any:
+    from vla.errors import UserError
+
+    if kind not in RECIPES:
+        raise UserError(f"unknown recipe kind '{kind}'; known kinds: {', '.join(sorted(RECIPES))}")
+    module, name = RECIPES[kind].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,35 @@
+"""`vla synth`: the embedded synthetic world as an artifact.
+
+Inputs: none but the recipe (a seed and sizes). Outputs: train/val/test shards in img2dataset's
+layout, evaluation sets in CLIP_benchmark's WebDataset layout, a YOLO copy, and in the manifest
+the world's counts and its long-text property.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from vla.artifacts import Artifact, ArtifactBuilder
+from vla.data.synth import SynthConfig, generate_world
+from vla.errors import StageError
+
+KIND = "synth"
+
+
+def run(cfg: SynthConfig, out: Path, *, force: bool = False, command: Sequence[str] | None = None) -> Artifact:
+    with ArtifactBuilder(out, KIND, recipe=cfg, force=force, command=command) as art:
+        # Generation is fast and deterministic, so a rerun after a crash starts it again.
+        for child in art.dir.iterdir():
+            if child.name != "resume.json":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        result = generate_world(art.dir, cfg)
+        art.counts.update(result["counts"])
+        art.metrics.update(result["metrics"])
+        frac = art.metrics.get("long_text_prefix_ambiguous_fraction")
+        if frac is not None and frac < 0.5:
+            raise StageError(f"the generated world fails its long-text property (the first "
+                             f"{cfg.context_length} tokens of a long caption match several test images "
+                             f"in only {frac:.0%} of cases, < 50%); use a larger n_test")
+    return art.artifact
