@@ -1,0 +1,307 @@
+"""Every loss vla trains with, each with its formula in the docstring.
+
+Conventions: embeddings that enter a loss are L2-normalised by the caller (METHODS.md), ``B`` is
+the local batch, and a loss that has several terms returns a dict with ``"loss"`` (what to
+backpropagate) and each term by name (for logging). Targets that come from a frozen or
+teacher model are detached here, so a caller can never train through a target by accident.
+
+- Contrastive (ProCLIP stage 2, LLM2CLIP, MM-GEM): `ClipLoss`, `LogitScale`, `gather_features`.
+- ProCLIP: `instance_alignment_loss`, `structure_alignment_loss`, `distill_loss`,
+  `self_distillation_loss`.
+- DCLIP: `infonce`, `dclip_student_loss`.
+- MM-GEM: `caption_loss`, `mmgem_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive: open_clip's ClipLoss with local loss and gather-with-grad
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_features(
+    a: Tensor,
+    b: Tensor,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Concatenate ``a`` and ``b`` from every rank along the batch: (B, D) → (world_size·B, D).
+
+    As open_clip's ``gather_features`` (torch.distributed path):
+    - ``gather_with_grad``: an autograd all-gather, whose backward sums each rank's gradient
+      for a slice into the rank that owns it — every rank's loss trains every rank's features.
+    - otherwise a plain all-gather, which carries no gradient; unless ``local_loss``, the local
+      slice is put back as the caller's tensor so that its own gradient still flows. (With
+      ``local_loss`` the rows are the local tensors already, so open_clip leaves the gathered
+      columns gradient-free; we do the same.)
+    ``world_size == 1`` returns the inputs unchanged.
+    """
+    if world_size == 1:
+        return a, b
+    if gather_with_grad:
+        return torch.cat(all_gather_with_grad(a), dim=0), torch.cat(all_gather_with_grad(b), dim=0)
+    gathered_a = [torch.zeros_like(a) for _ in range(world_size)]
+    gathered_b = [torch.zeros_like(b) for _ in range(world_size)]
+    dist.all_gather(gathered_a, a.contiguous())
+    dist.all_gather(gathered_b, b.contiguous())
+    if not local_loss:
+        gathered_a[rank] = a
+        gathered_b[rank] = b
+    return torch.cat(gathered_a, dim=0), torch.cat(gathered_b, dim=0)
+
+
+def _symmetric_cross_entropy(logits_a: Tensor, logits_b: Tensor, labels: Tensor) -> Tensor:
+    """½ [CE(logits_a, labels) + CE(logits_b, labels)], each CE a mean over rows."""
+    return (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over the global batch, as open_clip's ``ClipLoss``.
+
+        L = ½ [ CE(s · I Tᵀ, y) + CE(s · T Iᵀ, y) ],   y_i = i,
+
+    with ``I``, ``T`` the L2-normalised image and text features, ``s = exp(logit_scale)`` the
+    already exponentiated (and clamped, see `LogitScale`) scale, and CE the mean over rows.
+
+    Across ``world_size`` ranks the features are gathered (`gather_features`). Without
+    ``local_loss`` each rank computes the full (N×N, N = world_size·B) logits; with it, each rank
+    computes only its B rows against all N columns, with labels ``arange(B) + rank·B`` — the
+    same loss in expectation at 1/world_size of the memory. With ``gather_with_grad`` and either
+    mode, the mean of the ranks' losses equals the single-process loss on the concatenated
+    batch, and DDP's gradient averaging yields exactly the single-process gradients.
+    """
+
+    def __init__(
+        self,
+        *,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+        batch = image_features.shape[0]
+        labels = torch.arange(batch, device=image_features.device)
+        if self.world_size == 1:
+            logits_per_image = logit_scale * image_features @ text_features.T
+            return _symmetric_cross_entropy(logits_per_image, logits_per_image.T, labels)
+
+        all_image, all_text = gather_features(
+            image_features,
+            text_features,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if self.local_loss:
+            logits_per_image = logit_scale * image_features @ all_text.T
+            logits_per_text = logit_scale * text_features @ all_image.T
+            return _symmetric_cross_entropy(logits_per_image, logits_per_text, labels + batch * self.rank)
+        logits_per_image = logit_scale * all_image @ all_text.T
+        labels = torch.arange(logits_per_image.shape[0], device=image_features.device)
+        return _symmetric_cross_entropy(logits_per_image, logits_per_image.T, labels)
+
+
+class LogitScale(nn.Module):
+    """The learnable contrastive scale ``s = exp(min(θ, ln(1/τ_min)))``, θ initialised at ln(1/τ₀).
+
+    Defaults: τ₀ = 0.07 (CLIP, ProCLIP, MM-GEM) and τ_min = 0.01, i.e. ``s ≤ 100`` — CLIP's
+    clamp at ln 100 and MM-GEM's "temperature lower bound 0.01" are the same bound.
+
+    The clamp is applied in ``forward`` rather than in-place on the parameter after each
+    optimiser step (open_clip's way), so that the bound holds on every path — the first step
+    after a resume, an EMA copy, an evaluation — without the training loop having to remember a
+    post-step hook. Consequence: while θ is above the bound its gradient is zero; only weight
+    decay (which open_clip-style recipes exclude for this parameter) would move it back.
+    """
+
+    def __init__(self, init_temperature: float = 0.07, min_temperature: float = 0.01) -> None:
+        super().__init__()
+        if not 0 < min_temperature <= init_temperature:
+            raise ValueError(
+                f"need 0 < min_temperature ({min_temperature}) <= init_temperature ({init_temperature})"
+            )
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        self.max_log_scale = math.log(1 / min_temperature)
+
+    def forward(self) -> Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+
+# ---------------------------------------------------------------------------------------------
+# ProCLIP
+# ---------------------------------------------------------------------------------------------
+
+
+def instance_alignment_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """ProCLIP's instance semantic alignment ``L_ins = Σ_i ‖s_i − u_i‖²``.
+
+    A sum over the batch and the dimensions (official code: ``mse_loss(reduction='sum')``), so
+    it grows with B; the recipe's learning rate is tuned with that in mind. The teacher ``u`` is
+    a target and is detached.
+    """
+    return F.mse_loss(student, teacher.detach(), reduction="sum")
+
+
+def structure_alignment_loss(student: Tensor, teacher: Tensor, beta: float = 1.0) -> Tensor:
+    """ProCLIP's embedding structure alignment:
+
+        L_struct = Σ_{i<j} smoothL1(‖s_i − s_j‖, ‖u_i − u_j‖)
+
+    Pairwise Euclidean distances within the batch (``torch.pdist``: the B(B−1)/2 pairs i<j), not
+    similarity matrices; sum reduction as the official code (``smooth_l1_loss(reduction='sum')``,
+    which is unambiguous there). ``smoothL1(x, y) = ½(x−y)²/β`` if ``|x−y| < β`` else
+    ``|x−y| − ½β``, with torch's default β = 1. The teacher is detached.
+    """
+    return F.smooth_l1_loss(
+        F.pdist(student, p=2), F.pdist(teacher.detach(), p=2), reduction="sum", beta=beta
+    )
+
+
+def distill_loss(
+    student: Tensor,
+    teacher: Tensor,
+    student2: Tensor | None = None,
+    teacher2: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """ProCLIP stage 1: ``L_dis = L_ins + L_struct``.
+
+        L_ins    = Σ_i ‖s_i − u_i‖²  (+ Σ_i ‖s'_i − u'_i‖² for a second text variant s', u')
+        L_struct = Σ_{i<j} smoothL1(‖s_i − s_j‖, ‖u_i − u_j‖)   (first variant only)
+
+    As the official code: the instance term covers both text variants (short caption and a
+    perturbed text), the structure term the short captions only.
+    Returns ``{"loss", "ins", "struct"}``.
+    """
+    if (student2 is None) != (teacher2 is None):
+        raise ValueError("give both student2 and teacher2, or neither")
+    ins = instance_alignment_loss(student, teacher)
+    if student2 is not None and teacher2 is not None:
+        ins = ins + instance_alignment_loss(student2, teacher2)
+    struct = structure_alignment_loss(student, teacher)
+    return {"loss": ins + struct, "ins": ins, "struct": struct}
+
+
+def self_distillation_loss(image: Tensor, image_teacher: Tensor) -> dict[str, Tensor]:
+    """ProCLIP stage 2's regulariser ``L_reg`` on image embeddings against a teacher image encoder:
+
+        L_reg = Σ_i ‖z_i − z^t_i‖² + Σ_{i<j} smoothL1(‖z_i − z_j‖, ‖z^t_i − z^t_j‖),
+        z = E_I(x) (student),  z^t = E_I^t(x) (teacher)
+
+    The same two terms as stage 1 (sum reductions), the teacher being an EMA or frozen copy of
+    the student. Returns ``{"loss", "ins", "struct"}``; the total enters as ``L_info + λ·L_reg``.
+    """
+    ins = instance_alignment_loss(image, image_teacher)
+    struct = structure_alignment_loss(image, image_teacher)
+    return {"loss": ins + struct, "ins": ins, "struct": struct}
+
+
+# ---------------------------------------------------------------------------------------------
+# DCLIP
+# ---------------------------------------------------------------------------------------------
+
+
+def infonce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """Symmetric InfoNCE with a fixed temperature, over the local batch:
+
+        L = ½ [ CE(a bᵀ / τ, y) + CE(b aᵀ / τ, y) ],   y_i = i.
+
+    DCLIP trains both its meta-teacher (teacher embedding vs frozen CLIP text embedding) and its
+    student (image vs text) with τ = 0.05 and no learnable scale. The paper writes "InfoNCE"
+    without a direction; we take the symmetric form, as CLIP does, so both sides are pulled
+    together. Inputs are L2-normalised by the caller.
+    """
+    logits = a @ b.T / temperature
+    labels = torch.arange(a.shape[0], device=a.device)
+    return _symmetric_cross_entropy(logits, logits.T, labels)
+
+
+def dclip_student_loss(
+    image: Tensor,
+    teacher: Tensor,
+    text: Tensor,
+    temperature: float = 0.05,
+    preserve: Tensor | None = None,
+    preserve_weight: float = 1.0,
+) -> dict[str, Tensor]:
+    """DCLIP's student loss:
+
+        L = mean_i (1 − cos(E_I(x_i), teacher_i)) + InfoNCE_τ(E_I(x), E_T(T))
+            [+ w · mean_i (1 − cos(E_I(x_i), E_I^orig(x_i)))   — the ViT-L preservation term]
+
+    ``teacher`` (the meta-teacher's embedding) and ``preserve`` (the original, frozen image
+    encoder's embedding) are targets and are detached; ``text`` is not, because the public
+    code's variant unfreezes the text encoder. Returns ``{"loss", "distill", "contrastive"}``
+    plus ``"preserve"`` when given.
+    """
+    distill = (1 - F.cosine_similarity(image, teacher.detach(), dim=-1)).mean()
+    contrastive = infonce(image, text, temperature)
+    out = {"loss": distill + contrastive, "distill": distill, "contrastive": contrastive}
+    if preserve is not None:
+        out["preserve"] = (1 - F.cosine_similarity(image, preserve.detach(), dim=-1)).mean()
+        out["loss"] = out["loss"] + preserve_weight * out["preserve"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MM-GEM
+# ---------------------------------------------------------------------------------------------
+
+
+def caption_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token cross-entropy on caption tokens, as in MM-GEM's generation path:
+
+        L_gen = − (1/|C|) Σ_{(b,t) ∈ C} log softmax(logits[b, t−1])[targets[b, t]],
+        C = {(b, t) : t ≥ 1, targets[b, t] ≠ ignore_index}
+
+    ``logits`` (B, L, V) are the LM's outputs over the input ``[V_in, [CAP], caption]``;
+    ``targets`` (B, L) are aligned with the *inputs* (position t holds token t, or
+    ``ignore_index`` for the visual prefix, the [CAP] token and padding). The shift happens here:
+    position t−1 predicts token t. The mean is over caption tokens of the whole batch, not per
+    sequence, so long captions weigh by their length (as HF causal LMs and open_clip's CoCa do).
+    """
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), targets[:, 1:].reshape(-1), ignore_index=ignore_index
+    )
+
+
+def mmgem_loss(
+    image: Tensor,
+    text: Tensor,
+    logit_scale: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    contrastive: ClipLoss | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """MM-GEM's joint objective, unweighted, both paths on the same batch:
+
+        L = L_emb + L_gen,   L_emb = ClipLoss(v, t, s),   L_gen = caption_loss(logits, targets)
+
+    ``contrastive`` is the (possibly distributed) `ClipLoss` to use; single-process by default.
+    Returns ``{"loss", "emb", "gen"}``.
+    """
+    emb = (contrastive or ClipLoss())(image, text, logit_scale)
+    gen = caption_loss(logits, targets, ignore_index=ignore_index)
+    return {"loss": emb + gen, "emb": emb, "gen": gen}
