@@ -1,0 +1,399 @@
+"""The one training loop every stage uses.
+
+A stage hands `train` its model, a `step_fn` (model, batch) → {"loss": …, other scalars}, and a
+deterministic `batches(start_step)`; the loop does the rest: AdamW with open_clip's weight-decay
+split, warmup + cosine lr, fp32 / bf16 / fp16 (with GradScaler), gradient accumulation, clipping,
+gradient checkpointing, torch.compile, DDP under torchrun, NaN stops, samples/s, metrics.jsonl,
+TensorBoard, a progress bar, and checkpoints from which a rerun resumes bit-for-bit.
+
+Conventions:
+- Steps are optimizer steps. `batches(s)` yields the micro-batches of steps s, s+1, … (grad_accum
+  per step), where s is the number of steps already done; under torchrun each rank yields its own
+  share. Batches are moved to the device (tensors inside dicts/lists/tuples; the rest untouched).
+- `step_fn` gets the wrapped model (DDP and/or compiled) and must call its forward, which is how
+  DDP knows to synchronise gradients. The loss is the mean over the rank's micro-batch; DDP averages
+  gradients over ranks, so equal shares make that the mean over the global batch.
+- Train/eval modes are the caller's: the loop never calls `model.train()`, so a frozen teacher
+  inside the model stays in eval. Anything `after_step` updates must live in the model (a
+  parameter or buffer) to be checkpointed.
+- Only rank 0 writes (checkpoints, metrics.jsonl, TensorBoard, the progress bar).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from vla import optim
+from vla.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from vla.distributed import all_reduce_mean, barrier, gather_to_main, init_distributed
+from vla.errors import StageError, UserError
+
+log = logging.getLogger(__name__)
+
+FINAL_WINDOW = 20  # TrainResult.metrics average the last this-many steps
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of the training loop (the `train:` block of every stage's recipe)."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # per process, per micro-step (read by the stage's batch function)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate
+    weight_decay: float = 0.1  # AdamW decay; never on norms, biases, logit scales (open_clip's rule)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
+    schedule: str = "cosine"  # "cosine" (to min_lr at the last step) | "constant"
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0  # max global grad norm; None = off
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
+    grad_checkpointing: bool = False  # via model.set_grad_checkpointing(True) when it has one
+    compile: bool = False  # torch.compile the (wrapped) model
+    checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
+    log_every: int = 10  # steps between metrics.jsonl records
+    seed: int = 0  # each rank seeds with seed + rank
+    tensorboard: bool = False  # also write workdir/tensorboard/
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives lists
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "min_lr": 0 <= self.min_lr <= self.lr,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "checkpoint_every": self.checkpoint_every >= 1,
+            "log_every": self.log_every >= 1,
+            "schedule": self.schedule in ("cosine", "constant"),
+            "precision": self.precision in PRECISIONS,
+            "device": self.device in ("auto", "cpu", "cuda"),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise UserError(f"train.{bad[0]} has an invalid value: {getattr(self, bad[0])!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did; numbers for the artifact's manifest."""
+
+    steps: int  # optimizer steps done in total (those before a resume included)
+    samples: int  # samples seen over all ranks, in total
+    wall_s: float  # this call's wall time
+    samples_per_s: float  # this call's throughput, its first step (warm-up, compile) excluded
+    metrics: dict[str, float] = field(default_factory=dict)  # means over the last steps
+    resumed_from: int | None = None  # the checkpoint step this call resumed from
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    step_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
+    batches: Callable[[int], Iterable[Any]],
+    workdir: Path,
+    *,
+    after_step: Callable[[nn.Module, int], None] | None = None,
+    param_groups: Callable[[nn.Module], list[dict]] | None = None,
+    samples_per_batch: Callable[[Any], int] | None = None,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train `model` for `cfg.steps` optimizer steps, resuming from workdir/checkpoints/last.pt.
+
+    after_step(model, step): runs after each optimizer step on the unwrapped model (EMA updates).
+    param_groups(model): optimizer groups instead of the decay/no-decay split; a group may set
+        `weight_decay` and `lr_scale`.
+    samples_per_batch(batch): samples a micro-batch stands for over all ranks; default: its leading
+        dimension times the world size.
+    stop_at_step: return after this many steps, without a final checkpoint, as a crash would.
+    """
+    wall_start = time.perf_counter()
+    info = init_distributed(cfg.device)
+    workdir = Path(workdir)
+    ckpt_path = workdir / "checkpoints" / "last.pt"
+    _seed_everything(cfg.seed + info.rank)
+    if info.device.type == "cuda":
+        # As open_clip: TF32 matmuls are ~free accuracy-wise for training and much faster.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model.to(info.device)
+    if cfg.grad_checkpointing:
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        else:
+            log.warning("%s has no set_grad_checkpointing(); training without it",
+                        type(model).__name__)
+    groups = param_groups(model) if param_groups else optim.param_groups(model, cfg.weight_decay)
+    optimizer = optim.build_optimizer(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        fused=info.device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    resumed = None
+    if ckpt_path.exists():
+        resumed = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scaler=scaler)
+    start = resumed.step if resumed else 0
+    samples = resumed.samples if resumed else 0
+    last_saved = start if resumed else None
+
+    ddp = None
+    if info.world_size > 1:
+        ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    wrapped = ddp or model
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)  # after DDP, so compiled graphs break at its buckets
+
+    if resumed:
+        if len(resumed.rng) == info.world_size:
+            restore_rng(resumed.rng[info.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: data order is "
+                        "exact, random draws (dropout) are not", len(resumed.rng), info.world_size)
+        log.info("resuming from step %d (%s)", start, ckpt_path)
+
+    end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+    autocast = torch.autocast(info.device.type, dtype=PRECISIONS[cfg.precision],
+                              enabled=cfg.precision != "fp32")
+    count = samples_per_batch or (lambda b: _batch_len(b) * info.world_size)
+    clock = _Clock()
+    reporter = _Reporter(cfg, workdir, start, clock, enabled=info.is_main)
+    recent: deque[dict[str, float]] = deque(maxlen=FINAL_WINDOW)
+    data = iter(batches(start))
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        for step in range(start + 1, end + 1):  # 1-based: `step` is the step being computed
+            lr = optim.lr_at(step - 1, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                             schedule=cfg.schedule, min_lr=cfg.min_lr)
+            optim.set_lr(optimizer, lr)
+            keys, totals = None, None
+            for micro in range(cfg.grad_accum):
+                try:
+                    batch = _to_device(next(data), info.device)
+                except StopIteration:
+                    raise StageError(f"the data ran out at step {step} of {cfg.steps}; "
+                                     "lower train.steps or make the data repeat") from None
+                samples += count(batch)
+                # Gradients are all-reduced only on the last micro-step of a step.
+                sync = ddp is None or micro == cfg.grad_accum - 1
+                with nullcontext() if sync else ddp.no_sync():
+                    with autocast:
+                        out = step_fn(wrapped, batch)
+                    scaler.scale(out["loss"] / cfg.grad_accum).backward()
+                keys = keys or ["loss"] + sorted(k for k in out if k != "loss")
+                values = torch.stack([torch.as_tensor(out[k]).detach().float().to(info.device)
+                                      for k in keys])
+                totals = values if totals is None else totals + values
+            # One collective and one host sync per step: the global means, for logs and NaN checks.
+            stats = dict(zip(keys, all_reduce_mean(totals / cfg.grad_accum).tolist()))
+            if not math.isfinite(stats["loss"]):
+                kept = (f"last good checkpoint (step {last_saved}) kept in {ckpt_path}"
+                        if last_saved is not None else "no checkpoint had been written yet")
+                raise StageError(f"loss became {stats['loss']} at step {step}; stopped, {kept}; "
+                                 "try a lower lr, fp32, or grad_clip")
+
+            grad_norm = None
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(model, step)
+
+            clock.tick(samples)
+            recent.append(stats)
+            reporter.step(step, stats, lr, samples, grad_norm)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                rng = gather_to_main(capture_rng())
+                if info.is_main:
+                    save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scaler=scaler,
+                                    step=step, samples=samples, rng=rng)
+                last_saved = step
+    finally:
+        reporter.close()
+    barrier()
+
+    wall = time.perf_counter() - wall_start
+    sps = clock.overall(samples)
+    if sps is None:  # a single step this call: nothing to exclude it from
+        sps = (samples - (resumed.samples if resumed else 0)) / wall
+    return TrainResult(
+        steps=max(end, start),
+        samples=samples,
+        wall_s=wall,
+        samples_per_s=sps,
+        metrics={k: float(np.mean([r[k] for r in recent])) for k in (recent[0] if recent else {})},
+        resumed_from=resumed.step if resumed else None,
+    )
+
+
+class _Clock:
+    """Samples/s that leave out this call's first step (warm-up, compilation, cache fills)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[float, int] | None = None  # (time, samples) when the 1st step ended
+        self.mark: tuple[float, int] | None = None  # the same at the last `window()` call
+
+    def tick(self, samples: int) -> None:
+        if self.first is None:
+            self.first = self.mark = (time.perf_counter(), samples)
+
+    @staticmethod
+    def _rate(since: tuple[float, int] | None, samples: int) -> float | None:
+        if since is None or samples <= since[1]:
+            return None
+        return (samples - since[1]) / (time.perf_counter() - since[0])
+
+    def overall(self, samples: int) -> float | None:
+        return self._rate(self.first, samples)
+
+    def window(self, samples: int) -> float | None:
+        """Rate since the previous call (or the first step); starts a new window."""
+        rate = self._rate(self.mark, samples)
+        self.mark = (time.perf_counter(), samples)
+        return rate
+
+
+class _Reporter:
+    """Rank 0's outputs: metrics.jsonl (always), TensorBoard, a progress bar or log lines."""
+
+    def __init__(self, cfg: TrainConfig, workdir: Path, start: int, clock: _Clock, *,
+                 enabled: bool) -> None:
+        self.cfg, self.clock, self.enabled = cfg, clock, enabled
+        self.window: list[dict[str, float]] = []  # steps since the last record
+        if not enabled:
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = workdir / "metrics.jsonl"
+        _truncate_records(self.metrics_path, start)  # a resume redoes the steps after `start`
+        self.writer = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
+        self.progress = _progress_bar(cfg.steps, start)
+
+    def step(self, step: int, stats: dict[str, float], lr: float, samples: int,
+             grad_norm: torch.Tensor | None) -> None:
+        if not self.enabled:
+            return
+        self.window.append(stats)
+        if self.progress is not None:
+            sps = self.clock.overall(samples)
+            self.progress.update(self.task, completed=step, loss=f"{stats['loss']:.4f}",
+                                 lr=f"{lr:.2e}", sps="-" if sps is None else f"{sps:,.0f}")
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            self._record(step, lr, samples, grad_norm)
+
+    def _record(self, step: int, lr: float, samples: int, grad_norm: torch.Tensor | None) -> None:
+        rec: dict[str, Any] = {"step": step}
+        for k in self.window[0]:
+            rec[k] = float(np.mean([w[k] for w in self.window]))  # mean since the last record
+        rec.update(lr=lr, samples=samples, samples_per_s=self.clock.window(samples))
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)  # of this step only
+        self.window = []
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.writer is not None:
+            for k, v in rec.items():
+                if k != "step" and v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        if self.progress is None:
+            sps = rec["samples_per_s"]
+            log.info("step %d/%d  loss %.4f  lr %.2e  %s samples/s", step, self.cfg.steps,
+                     rec["loss"], lr, "-" if sps is None else f"{sps:,.0f}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+    @property
+    def task(self):
+        return self.progress.task_ids[0]
+
+
+def _progress_bar(total: int, start: int):
+    """A rich bar on a terminal (stderr) unless VLA_NO_PROGRESS=1; None otherwise."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    if not console.is_terminal or os.environ.get("VLA_NO_PROGRESS") == "1":
+        return None
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[sps]} samples/s"), TimeRemainingColumn(), console=console,
+    )
+    progress.add_task("train", total=total, completed=start, loss="-", lr="-", sps="-")
+    progress.start()
+    return progress
+
+
+def _truncate_records(path: Path, last_step: int) -> None:
+    """Drop metrics.jsonl records after `last_step` (they are about to be recomputed)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every GPU
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    """The leading dimension of the first tensor in `batch` (else its length)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
+        return _batch_len(batch[0])
+    return len(batch)
+
