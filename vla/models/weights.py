@@ -1,0 +1,57 @@
+"""Reading and writing state dicts without ever unpickling code.
+
+vla writes safetensors only. It reads safetensors, and `.pt/.pth/.bin` checkpoints only through
+`torch.load(weights_only=True)`, whose restricted unpickler refuses any object that is not a
+tensor or a plain container — a checkpoint from the web can otherwise run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla.errors import UserError
+
+_TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU: a safetensors file or a weights-only torch pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if path.suffix not in _TORCH_SUFFIXES:
+        raise UserError(
+            f"checkpoint {path} has an unknown format; vla reads .safetensors or .pt/.pth/.bin/.ckpt files"
+        )
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise UserError(refused_pickle_message(path)) from err
+
+
+def refused_pickle_message(path: Path) -> str:
+    return (
+        f"{path.name} contains pickled code, refused (vla loads only safetensors or weights-only "
+        f"checkpoints); if you trust its source, convert it: python -c \"import torch, safetensors.torch as st; "
+        f"sd = torch.load('{path}', weights_only=False); "
+        f"st.save_file(sd.get('state_dict', sd), '{path.with_suffix('.safetensors')}')\""
+    )
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write tensors to safetensors: CPU, contiguous, every tensor its own storage.
+
+    safetensors refuses tensors that share memory (tied embeddings, views), so each is cloned.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
+    save_file(tensors, str(path))
