@@ -1,0 +1,266 @@
+"""Evaluation sets in CLIP_benchmark's WebDataset layout, as vla's synthetic world writes them.
+
+    <set>/info.json                                  {"task": ..., "name": ...}  (optional)
+    <set>/test/*.tar                                 shards (or <set>/*.tar)
+        key.jpg|jpeg|png|webp                        the image
+        key.txt                                      captions / references, one per line
+        key.cls                                      class index (zero-shot classification)
+        key.json                                     {"regions": [{"box": [x0, y0, x1, y1],
+                                                                   "caption": ...}, ...]}
+    <set>/classnames.txt                             zero-shot: one class name per line
+    <set>/zeroshot_classification_templates.txt      zero-shot: one template per line, `{c}` = class
+
+Tasks: retrieval, long_retrieval (retrieval on long captions), zeroshot_classification (alias
+zeroshot), regional_retrieval (alias regional: retrieval where the images are the region crops and
+each crop's one text is its region caption), captioning (the captions are the references). Without
+info.json the task is inferred: classnames.txt → zero-shot classification, otherwise retrieval.
+
+Images are read lazily from the shards (file offset per image), so a 5,000-image set costs no
+decoded pixels until a batch is encoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence, overload
+
+from PIL import Image
+
+from vla.errors import UserError
+
+TASKS = ("retrieval", "long_retrieval", "zeroshot_classification", "regional_retrieval",
+         "captioning")
+# short names that vla's synthetic world also writes into info.json
+TASK_ALIASES = {"zeroshot": "zeroshot_classification", "regional": "regional_retrieval"}
+RETRIEVAL_TASKS = ("retrieval", "long_retrieval", "regional_retrieval")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image's bytes lie in a shard, and the box to crop (regional retrieval)."""
+    shard: Path
+    offset: int
+    size: int
+    key: str
+    box: tuple[float, float, float, float] | None = None
+
+
+class LazyImages(Sequence[Image.Image]):
+    """A list of RGB PIL images decoded from their shards on access."""
+
+    def __init__(self, refs: list[ImageRef]):
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @overload
+    def __getitem__(self, i: int) -> Image.Image: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Image.Image]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._load(r) for r in self.refs[i]]
+        return self._load(self.refs[i])
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return (self._load(r) for r in self.refs)
+
+    @staticmethod
+    def _load(ref: ImageRef) -> Image.Image:
+        with open(ref.shard, "rb") as f:
+            f.seek(ref.offset)
+            data = f.read(ref.size)
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception as err:
+            raise UserError(f"eval image {ref.key} in {ref.shard} cannot be decoded ({err}); "
+                            f"rewrite the shard or remove the sample") from None
+        if ref.box is None:
+            return image
+        # boxes may overhang the image by rounding: clamp rather than pad with black
+        x0, y0, x1, y1 = ref.box
+        return image.crop((max(0, round(x0)), max(0, round(y0)),
+                           min(image.width, max(round(x1), round(x0) + 1)),
+                           min(image.height, max(round(y1), round(y0) + 1))))
+
+
+@dataclass
+class EvalSet:
+    """One evaluation set. `captions[i]` are the texts of `images[i]` (one per crop for regional
+    retrieval, the references for captioning); `labels[i]` its class for zero-shot sets."""
+    name: str
+    task: str
+    path: Path
+    images: Sequence[Image.Image]
+    captions: list[list[str]] = field(default_factory=list)
+    labels: list[int] | None = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+    #: regional retrieval: the source image key of each crop (its box is in `images.refs`)
+    regions: list[str] | None = None
+
+    def texts(self) -> tuple[list[str], list[int]]:
+        """All captions flattened, and the index of each caption's image."""
+        texts = [c for caps in self.captions for c in caps]
+        owner = [i for i, caps in enumerate(self.captions) for _ in caps]
+        return texts, owner
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _shards(path: Path) -> list[Path]:
+    for folder in (path / "test", path):
+        shards = sorted(folder.glob("*.tar"))
+        if shards:
+            return shards
+    raise UserError(f"eval set {path} has no shards (expected {path}/test/*.tar); "
+                    f"write it with `vla` or CLIP_benchmark's WebDataset layout")
+
+
+def _samples(shard: Path) -> dict[str, dict[str, tarfile.TarInfo | bytes]]:
+    """key → {ext: TarInfo for images, bytes for the small text members}, in shard order.
+
+    The key is the member name up to the first dot of its basename, as WebDataset splits it.
+    """
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                folder, _, base = info.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                ext = ext.lower()
+                member = info if ext in IMAGE_EXTS else tar.extractfile(info).read()
+                samples.setdefault(key, {})[ext] = member
+    except tarfile.TarError as err:
+        raise UserError(f"eval shard {shard} is not a readable tar ({err}); rewrite it") from None
+    return samples
+
+
+def _read_info(path: Path) -> dict:
+    """info.json, with the task checked or inferred when the file is absent."""
+    file = path / "info.json"
+    if not file.exists():
+        task = "zeroshot_classification" if (path / CLASSNAMES).exists() else "retrieval"
+        return {"task": task}
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file} is not valid JSON ({err}); fix or delete it") from None
+    info["task"] = TASK_ALIASES.get(info.get("task"), info.get("task"))
+    if info["task"] not in TASKS:
+        raise UserError(f"{file} has task {info['task']!r}; use one of {', '.join(TASKS)}")
+    return info
+
+
+def load_eval_set(path: str | Path) -> EvalSet:
+    """Read one eval set directory (see the module doc). Errors name the set and the fix."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"eval set {path} does not exist; pass a directory with test/*.tar "
+                        f"(and info.json)")
+    info = _read_info(path)
+    task = info["task"]
+    es = EvalSet(name=str(info.get("name", path.name)), task=task, path=path, images=[])
+    if task == "zeroshot_classification":
+        for f in (CLASSNAMES, TEMPLATES):
+            if not (path / f).exists():
+                raise UserError(f"zero-shot eval set {path} lacks {f}; add it (one entry a line)")
+        es.classnames, es.templates = _read_lines(path / CLASSNAMES), _read_lines(path / TEMPLATES)
+        if not es.classnames or not es.templates or any("{c}" not in t for t in es.templates):
+            raise UserError(f"eval set {path}: need ≥ 1 class name and templates that all "
+                            f"contain {{c}}; fix {CLASSNAMES} / {TEMPLATES}")
+        es.labels = []
+    refs: list[ImageRef] = []
+    if task == "regional_retrieval":
+        es.regions = []
+    for shard in _shards(path):
+        for key, members in _samples(shard).items():
+            image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if image_ext is None:
+                raise UserError(f"sample {key} in {shard} has no image "
+                                f"({'/'.join(IMAGE_EXTS)}); add it or remove the sample")
+            image = members[image_ext]
+            ref = ImageRef(shard, image.offset_data, image.size, key)
+            if task == "regional_retrieval":
+                for box, caption in _regions(members, key, shard):
+                    refs.append(replace(ref, box=box))
+                    es.captions.append([caption])
+                    es.regions.append(key)
+                continue
+            refs.append(ref)
+            if task == "zeroshot_classification":
+                es.labels.append(_label(members, key, shard, len(es.classnames)))
+            else:
+                es.captions.append(_captions(members, key, shard))
+    if not refs:
+        raise UserError(f"eval set {path} has no samples (or no regions); regenerate it")
+    es.images = LazyImages(refs)
+    return es
+
+
+def _captions(members: dict, key: str, shard: Path) -> list[str]:
+    lines = [line.strip() for line in members.get("txt", b"").decode("utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"sample {key} in {shard} has no caption (key.txt, one per line); add one")
+    return lines
+
+
+def _label(members: dict, key: str, shard: Path, n_classes: int) -> int:
+    try:
+        label = int(members["cls"].decode("utf-8").strip())
+    except (KeyError, ValueError):
+        raise UserError(f"sample {key} in {shard} needs key.cls with a class index") from None
+    if not 0 <= label < n_classes:
+        raise UserError(f"sample {key} in {shard} has class {label}, outside the "
+                        f"{n_classes} classes of {CLASSNAMES}")
+    return label
+
+
+def _regions(members: dict, key: str, shard: Path):
+    """(box, caption) of each region in key.json; a bad box or missing caption is an error."""
+    try:
+        regions = json.loads(members["json"].decode("utf-8"))["regions"]
+    except (KeyError, ValueError):
+        raise UserError(f"sample {key} in {shard} needs key.json with a \"regions\" list") from None
+    for r in regions:
+        box, caption = r.get("box"), str(r.get("caption", "")).strip()
+        if not (isinstance(box, list) and len(box) == 4 and box[2] > box[0] and box[3] > box[1]):
+            raise UserError(f"sample {key} in {shard} has a bad region box {box}; "
+                            f"use [x0, y0, x1, y1] with x1 > x0, y1 > y0")
+        if not caption:
+            raise UserError(f"sample {key} in {shard} has a region without a caption; add one")
+        yield tuple(float(v) for v in box), caption
+
+
+def find_eval_sets(root: str | Path) -> list[Path]:
+    """`root` itself when it is an eval set, else its sub-directories that are (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"eval sets directory {root} does not exist; generate or point to one")
+
+    def is_set(p: Path) -> bool:
+        return (p / "info.json").exists() or any((p / "test").glob("*.tar"))
+
+    if is_set(root):
+        return [root]
+    sets = sorted(p for p in root.iterdir() if p.is_dir() and is_set(p))
+    if not sets:
+        raise UserError(f"{root} holds no eval sets (directories with info.json and test/*.tar)")
+    return sets

@@ -1,0 +1,217 @@
+"""The evaluation report: results.json, a markdown table, a bar chart, and retrieval examples.
+
+`results` is {model name: {eval set name: {metric: value}}} as `evaluate_model` returns per model.
+Metric values are fractions in [0, 1] (CLIP_benchmark's convention) except counts (`n_*`,
+`context_length`); the markdown and the chart show the fractions ×100, as papers do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet
+from vla.evaluate.run import retrieval_examples
+from vla.models.encoder import DualEncoder
+
+Results = dict[str, dict[str, dict[str, float]]]
+
+# key metrics of a set, chosen by which family its metrics belong to; (key, short label)
+KEY_METRICS = (
+    ("mean_recall", [("mean_recall", "mR"), ("image_retrieval_recall@1", "T→I R@1"),
+                     ("text_retrieval_recall@1", "I→T R@1")]),
+    ("acc1", [("acc1", "acc1"), ("mean_per_class_recall", "mPCR")]),
+    ("cider_d", [("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D")]),
+)
+COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length"}
+LEGEND = ("All numbers ×100. mR: mean of R@1/5/10 text→image and image→text; T→I R@1: a caption "
+          "finds its image first; I→T R@1: an image finds one of its captions first; "
+          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers. "
+          "Ties count against the model.")
+
+
+def key_columns(results: Results) -> list[tuple[str, str, str]]:
+    """(set, metric key, label) of every key metric present, sets in first-seen order."""
+    sets: dict[str, set[str]] = {}
+    for per_set in results.values():
+        for set_name, metrics in per_set.items():
+            sets.setdefault(set_name, set()).update(metrics)
+    columns = []
+    for set_name, keys in sets.items():
+        for marker, metrics in KEY_METRICS:
+            if marker in keys:
+                columns += [(set_name, key, label) for key, label in metrics if key in keys]
+    return columns
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "none" if key == "context_length" else "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    if key in COUNT_KEYS:
+        return str(int(value))
+    return f"{100 * value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def results_markdown(results: Results) -> str:
+    """One summary row per model over the key metrics (best in bold), then every metric per set."""
+    columns = key_columns(results)
+    rows = []
+    for model, per_set in results.items():
+        row = [model]
+        for set_name, key, _ in columns:
+            value = per_set.get(set_name, {}).get(key)
+            best = max((r.get(set_name, {}).get(key, -math.inf) for r in results.values()),
+                       default=-math.inf)
+            cell = _fmt(key, value)
+            # bold the best only when there is something to compare
+            row.append(f"**{cell}**" if len(results) > 1 and value is not None and value == best
+                       else cell)
+        rows.append(row)
+    lines = ["# Evaluation results", "", LEGEND, ""]
+    lines += _table(["model"] + [f"{s} {label}" for s, _, label in columns], rows)
+    truncated = [f"- {model} on {set_name}: {100 * m['text_truncated_fraction']:.1f}% of texts "
+                 f"are longer than its {m['context_length']}-token text context"
+                 for model, per_set in results.items() for set_name, m in per_set.items()
+                 if m.get("text_truncated_fraction")]
+    if truncated:
+        lines += ["", "Where the text side truncated:", ""] + truncated
+    set_names = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
+    for set_name in set_names:
+        keys = list(dict.fromkeys(k for per_set in results.values()
+                                  for k in per_set.get(set_name, {})))
+        lines += ["", f"## {set_name}", ""]
+        lines += _table(["model"] + keys,
+                        [[model] + [_fmt(k, per_set[set_name].get(k)) for k in keys]
+                         for model, per_set in results.items() if set_name in per_set])
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value):
+    """NaN → null: JSON has no NaN, and acc5 is NaN under five classes."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_comparison_chart(results: Results, path: str | Path) -> None:
+    """Grouped bars: one group per key metric, one bar per model, values ×100."""
+    columns = key_columns(results)
+    models = list(results)
+    width = 0.8 / max(1, len(models))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(columns) + 2), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    top = 100.0
+    for m, model in enumerate(models):
+        # a model without a metric (NaN, or a set it was not run on) gets no bar, not a zero
+        values = [100 * v if (v := results[model].get(s, {}).get(k)) is not None
+                  else math.nan for s, k, _ in columns]
+        top = max([top] + [v for v in values if not math.isnan(v)])
+        xs = [c + (m - (len(models) - 1) / 2) * width for c in range(len(columns))]
+        bars = ax.bar(xs, values, width, label=model)
+        if len(columns) * len(models) <= 40:  # labels only while they still fit
+            ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values],
+                         fontsize=7, padding=1)
+    ax.set_xticks(range(len(columns)), [f"{s}\n{label}" for s, _, label in columns],
+                  fontsize=8, rotation=30 if len(columns) > 8 else 0)
+    ax.set_ylim(0, top * 1.12)
+    ax.set_ylabel("score ×100")
+    ax.set_title("Key metrics per eval set")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=130)
+
+
+def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
+                         targets: Sequence[int], scores: torch.Tensor, path: str | Path,
+                         k: int = 5, title: str = "",
+                         row_labels: Sequence[str] | None = None) -> None:
+    """One row per text query: the query (under its `row_labels` entry, e.g. the model), then its
+    top-k images with their scores; the correct image is framed green. When it is not in the
+    top-k, the query says at which rank it is."""
+    k = min(k, scores.shape[1])
+    fig = Figure(figsize=(2.0 * (k + 1.6), 2.2 * len(queries) + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(len(queries), k + 1, width_ratios=[1.6] + [1] * k)
+    for q, (query, target) in enumerate(zip(queries, targets)):
+        # stable descending sort; the correct image's pessimistic rank: #others scoring ≥ it
+        order = torch.argsort(scores[q], descending=True, stable=True)[:k].tolist()
+        rank = int((scores[q] >= scores[q, target]).sum()) - 1
+        text_ax = fig.add_subplot(grid[q, 0])
+        text_ax.axis("off")
+        if row_labels:
+            text_ax.text(0.0, 0.97, row_labels[q], va="top", ha="left", fontsize=9,
+                         weight="bold", transform=text_ax.transAxes)
+        note = "" if target in order else f"\n(correct image at rank {rank + 1})"
+        # long captions are cut to what fits beside a row of images
+        shown = textwrap.fill(textwrap.shorten(query, 260, placeholder=" …"), 30)
+        text_ax.text(0.0, 0.5, shown + note, va="center", ha="left", fontsize=9,
+                     transform=text_ax.transAxes)
+        for j, idx in enumerate(order):
+            ax = fig.add_subplot(grid[q, j + 1])
+            ax.imshow(images[idx], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            correct = idx == target
+            for spine in ax.spines.values():
+                spine.set_color("#1a9e1a" if correct else "#bbbbbb")
+                spine.set_linewidth(5 if correct else 1)
+            ax.set_title(f"#{j + 1}  {scores[q, idx]:.3f}", fontsize=8,
+                         color="#1a9e1a" if correct else "black")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=110)
+
+
+def write_model_examples(sets: Sequence[EvalSet], models: dict[str, DualEncoder], path: str | Path,
+                         n_queries: int = 4) -> bool:
+    """The same queries of the first retrieval set (short captions preferred) for every model,
+    one row per query and model. False when there is no retrieval set to draw from."""
+    candidates = [s for s in sets if s.task in RETRIEVAL_TASKS]
+    if not candidates or not models or n_queries <= 0:
+        return False
+    es = next((s for s in candidates if s.task == "retrieval"), candidates[0])
+    examples = {name: retrieval_examples(model, es, n_queries) for name, model in models.items()}
+    rows = [(name, ex, q) for q in range(len(next(iter(examples.values())).queries))
+            for name, ex in examples.items()]
+    write_retrieval_grid(es.images, [ex.queries[q] for _, ex, q in rows],
+                         [ex.targets[q] for _, ex, q in rows],
+                         torch.stack([ex.scores[q] for _, ex, q in rows]), path,
+                         title=f"{es.name}: text → image, top 5 (the correct image framed green)",
+                         row_labels=[name for name, _, _ in rows])
+    return True
+
+
+def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] = (),
+                 models: dict[str, DualEncoder] | None = None,
+                 examples: int = 4) -> dict[str, Path]:
+    """Write results.json, results.md, comparison.png, and — given the eval sets and the models
+    (by the names used in `results`) — retrieval_examples.png with `examples` queries."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"results.json": out / "results.json", "results.md": out / "results.md",
+             "comparison.png": out / "comparison.png"}
+    files["results.json"].write_text(json.dumps(_jsonable(results), indent=2) + "\n",
+                                     encoding="utf-8")
+    files["results.md"].write_text(results_markdown(results), encoding="utf-8")
+    write_comparison_chart(results, files["comparison.png"])
+    if write_model_examples(sets, models or {}, out / "retrieval_examples.png", examples):
+        files["retrieval_examples.png"] = out / "retrieval_examples.png"
+    return files
