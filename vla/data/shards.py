@@ -1,5 +1,10 @@
 """WebDataset shards exactly as img2dataset writes them: `00000.tar`, `00001.tar`, ... holding
 `key.jpg` (or `.png` / `.webp`), `key.txt` and `key.json` per sample.
+
+Reading validates every sample and skips a corrupt one, counting why in a `SkipCounter`; only a
+broken shard (a truncated or non-tar file) is an error, since no sample after the break can be
+trusted. `sample_from_parts` is the one place a sample's parts become a `Sample`; the JSONL
+reader uses it too.
 """
 
 from __future__ import annotations
@@ -7,12 +12,24 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from vla.data.sample import Sample
+from PIL import Image, ImageFile
+
+from vla.data.sample import Region, Sample
+from vla.data.skips import SkipCounter
+from vla.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_PIXELS = 64_000_000
+# JSON fields that become Sample attributes; every other field (url, status, ...) stays in `meta`.
+SAMPLE_FIELDS = ("key", "caption", "captions", "long_caption", "regions", "label")
 
 
 class ShardWriter:
@@ -111,3 +128,187 @@ def list_shards(path: str | Path) -> list[Path]:
     raise FileNotFoundError(str(p))
 
 
+# --- reading --------------------------------------------------------------------------------
+
+@dataclass
+class ShardRecord:
+    """One sample's members in a shard: `ext -> (byte offset, size)` of each `key.<ext>`."""
+
+    shard: Path
+    key: str
+    members: dict[str, tuple[int, int]]
+
+    def read(self, f: BinaryIO) -> dict[str, bytes]:
+        """The members' bytes, read from `f`, the shard opened in binary mode."""
+        out = {}
+        for ext, (offset, size) in self.members.items():
+            f.seek(offset)
+            out[ext] = f.read(size)
+        return out
+
+
+# webdataset's `base_plus_ext`: the key runs to the first dot of the file's basename.
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def scan_shard(shard: Path) -> list[ShardRecord]:
+    """Read a shard's tar headers (not its data) and group consecutive members by key, as
+    webdataset does. Raises UserError naming the shard when it is truncated or not a tar."""
+    records: list[ShardRecord] = []
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for m in tar:
+                match = _MEMBER_NAME.match(m.name)
+                if not m.isfile() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if not records or records[-1].key != key:
+                    records.append(ShardRecord(shard, key, {}))
+                records[-1].members.setdefault(ext, (m.offset_data, m.size))
+    except tarfile.ReadError as err:
+        size = shard.stat().st_size
+        if "unexpected end of data" in str(err) or "truncated" in str(err):
+            raise UserError(f"{shard} is truncated (tar ends mid-member at byte {size}); "
+                            f"re-write or re-download that shard") from None
+        raise UserError(f"{shard} is not a readable tar archive ({err}); "
+                        f"re-write or re-download that shard") from None
+    return records
+
+
+def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
+                       max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Sample]:
+    """The valid samples of one shard, in order; corrupt ones are counted in `skips`.
+
+    The whole shard's headers are read first, so a truncated shard fails before any sample."""
+    records = scan_shard(Path(shard))
+    with open(shard, "rb") as f:
+        for record in records:
+            sample = sample_from_members(record.key, record.read(f), skips, decode=decode,
+                                         max_image_pixels=max_image_pixels)
+            if sample is not None:
+                yield sample
+
+
+def iter_samples(paths: Sequence[Path], skips: SkipCounter, **kw: Any) -> Iterator[Sample]:
+    """The valid samples of several shards, shard after shard."""
+    for path in paths:
+        yield from iter_shard_samples(path, skips, **kw)
+
+
+def sample_from_members(key: str, members: dict[str, bytes], skips: SkipCounter,
+                        **kw: Any) -> Sample | None:
+    """A sample from its tar members `{ext: bytes}`: the image, `txt` and `json`."""
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    return sample_from_parts(key, members.get(image_ext) if image_ext else None, members.get("txt"),
+                             members.get("json"), skips, **kw)
+
+
+class _Skip(Exception):
+    """Raised inside validation to skip a sample; `reason` is a SKIP_REASONS entry."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sample_from_parts(key: str, image: bytes | None, txt: bytes | None,
+                      meta: bytes | dict[str, Any] | None, skips: SkipCounter, *,
+                      decode: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Sample | None:
+    """Validate one sample's parts and build it, or count why it is skipped and return None.
+
+    `txt` is the caption file's bytes; `meta` the JSON (bytes, or already parsed). The caption
+    is `meta["captions"]` when present, else `txt`, else `meta["caption"]`. With `decode=False`
+    the image is only opened (its header read, so its size is known and checked) and corrupt
+    pixel data go undetected; with `decode=True` it is fully decoded and converted to RGB.
+    """
+    skips.seen += 1
+    try:
+        return _build(key, image, txt, meta, decode, max_image_pixels)
+    except _Skip as skip:
+        skips.skip(skip.reason)
+        return None
+
+
+def _build(key: str, image: bytes | None, txt: bytes | None, meta: bytes | dict[str, Any] | None,
+           decode: bool, max_image_pixels: int) -> Sample:
+    if isinstance(meta, bytes):
+        try:
+            meta = json.loads(meta)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            raise _Skip("bad_json") from None
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise _Skip("bad_json")
+    captions, long_caption, regions, label = _json_fields(meta)
+    if image is None:
+        raise _Skip("missing_image")
+    if txt is not None:
+        try:
+            txt_caption = txt.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Skip("non_utf8_caption") from None
+        captions = captions or [txt_caption]
+    if not captions and meta.get("caption") is not None:
+        captions = [meta["caption"]]
+    if not captions:
+        raise _Skip("missing_caption")
+    if any(not c.strip() for c in captions):
+        raise _Skip("empty_caption")
+    img = _open_image(image, decode, max_image_pixels)
+    width, height = img.size
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise _Skip("box_outside_image")
+    return Sample(key=key, image=img, captions=captions, long_caption=long_caption, regions=regions,
+                  label=label, meta={k: v for k, v in meta.items() if k not in SAMPLE_FIELDS})
+
+
+def _json_fields(meta: dict[str, Any]) -> tuple[list[str], str | None, list[Region], int | None]:
+    """The optional vla fields of a sample's JSON, type-checked (a wrong type is `bad_json`).
+    `captions` is empty when the JSON has no `captions` list."""
+    captions = meta.get("captions")
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise _Skip("bad_json")
+    long_caption, label = meta.get("long_caption"), meta.get("label")
+    if any(v is not None and not isinstance(v, str) for v in (meta.get("caption"), long_caption)) or (
+            label is not None and (not isinstance(label, int) or isinstance(label, bool))):
+        raise _Skip("bad_json")
+    try:
+        regions = [Region.from_json(r) for r in meta.get("regions") or []]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise _Skip("bad_json") from None
+    if any(len(r.box) != 4 for r in regions):
+        raise _Skip("bad_json")
+    return list(captions or []), long_caption, regions, label
+
+
+def _open_image(data: bytes, decode: bool, max_image_pixels: int) -> Image.Image:
+    if not data:
+        raise _Skip("empty_file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its own limit; `max_image_pixels` below is the limit that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise _Skip("decompression_bomb") from None
+    except Exception as err:  # a decoder fed arbitrary bytes can raise anything
+        raise _Skip(_decode_failure(err)) from None
+    if img.width * img.height > max_image_pixels:
+        raise _Skip("decompression_bomb")  # from the header alone: the pixels are never decoded
+    if not decode:
+        return img
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut image must fail, not load padded with grey
+    try:
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as err:
+        raise _Skip(_decode_failure(err)) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def _decode_failure(err: Exception) -> str:
+    return "truncated_image" if "truncat" in str(err).lower() else "undecodable_image"

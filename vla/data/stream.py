@@ -1,0 +1,326 @@
+"""Training data as a deterministic, resumable stream of batches.
+
+`resolve_data` turns `--data` into a `DataSource`: a directory of `*.tar` shards, one `.tar`, or a
+`.jsonl` manifest. `make_loader` turns a source into batches. The design, chosen so that the
+batches depend only on (data, seed, epoch, rank, world_size, batch_size), never on the number of
+DataLoader workers, and so that a resume is exact:
+
+1. A rank's records. The source's files (shards; a manifest is one file) are dealt to ranks
+   whole (file i goes to rank i % world_size) when there are at least as many files as ranks;
+   otherwise (tiny data) every rank reads all files and keeps every world_size-th record. A rank
+   holds the same records every epoch; an epoch reorders them: the rank's shards are shuffled
+   and the records go through a shuffle buffer, both seeded by (seed, epoch, rank). Shuffling
+   works on record handles (tar offsets or manifest lines), so it reads no image bytes.
+2. Workers. Each of the rank's records is one item, at position `pos` of its epoch. Worker w of
+   W decodes only the records numbered w, w+W, w+2W, ...; a record that fails validation still
+   yields an item (a placeholder carrying only its skip count). Since every worker yields exactly
+   one item per record it owns, PyTorch's DataLoader, which takes items from its workers in
+   turn, returns them in exactly the single-process order.
+3. Batches. The main process drops placeholders and cuts the usable samples into batches of
+   `batch_size`; in `repeat` mode epochs follow one another and batches run across their
+   boundary. Each batch comes with the skip counts of the records it consumed.
+4. Resume. `start_batch=k` means "after the k*batch_size-th usable sample". Where that sample
+   lies depends on which records were skipped, so the records before it are validated again
+   (decoded, not transformed) to find its (epoch, pos); the rank holds the same records every
+   epoch, so once one epoch has been counted whole epochs are stepped over: a resume costs at
+   most two epochs of decoding, never `k` batches of it.
+
+Transforms that draw from torch's RNG get a generator state seeded by (seed, epoch, rank, pos),
+so random augmentations too are the same with any number of workers and after a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import default_collate
+
+from vla.data.jsonl import ManifestLine, iter_jsonl_samples, line_image, read_manifest, sample_from_line
+from vla.data.sample import Sample
+from vla.data.shards import (MAX_IMAGE_PIXELS, ShardRecord, iter_samples, list_shards, sample_from_members,
+                             scan_shard)
+from vla.data.skips import SkipCounter
+from vla.errors import StageError, UserError, VlaError
+
+Record = ShardRecord | ManifestLine
+_DIGESTS: dict[tuple, str] = {}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Image–text data on disk: WebDataset shards (`kind="shards"`) or a JSONL manifest
+    (`kind="jsonl"`, whose one file is the manifest)."""
+
+    path: Path
+    kind: str
+    files: tuple[Path, ...]
+
+    def iter_samples(self, skips: SkipCounter, **kw: Any) -> Iterator[Sample]:
+        """Every valid sample in file order (for evaluation and precomputation)."""
+        if self.kind == "jsonl":
+            return iter_jsonl_samples(self.files[0], skips, **kw)
+        return iter_samples(self.files, skips, **kw)
+
+    def records(self, file: Path) -> list[Record]:
+        """The record handles of one file, in order, without reading image bytes."""
+        return read_manifest(file) if self.kind == "jsonl" else scan_shard(file)
+
+    def load(self, record: Record, skips: SkipCounter, **kw: Any) -> Sample | None:
+        if isinstance(record, ManifestLine):
+            return sample_from_line(record, skips, **kw)
+        with open(record.shard, "rb") as f:
+            return sample_from_members(record.key, record.read(f), skips, **kw)
+
+    def digest(self) -> str:
+        """sha256 (hex) of the data's content: each file's name and bytes, and for a manifest the
+        bytes of every image it names, so a copy elsewhere has the same digest and an edited
+        image a new one. Cached per process by the files' (path, size, mtime)."""
+        stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files)
+        if stamp not in _DIGESTS:
+            h = hashlib.sha256()
+            for f in self.files:
+                _hash_file(h, f.name, f)
+            if self.kind == "jsonl":
+                for line in read_manifest(self.files[0]):
+                    _hash_file(h, f"line {line.lineno}", line_image(line))
+            _DIGESTS[stamp] = h.hexdigest()
+        return _DIGESTS[stamp]
+
+
+def _hash_file(h: "hashlib._Hash", name: str, path: Path | None) -> None:
+    h.update(name.encode() + b"\0")
+    if path is None or not path.is_file():
+        h.update(b"-\0")
+        return
+    h.update(f"{path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+
+
+def resolve_data(path: str | Path) -> DataSource:
+    """`--data` as a source: a directory of `*.tar` shards, one `.tar`, or a `.jsonl` manifest."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".jsonl":
+        return DataSource(p, "jsonl", (p,))
+    try:
+        return DataSource(p, "shards", tuple(list_shards(p)))
+    except FileNotFoundError:
+        raise UserError(f"{p}: no *.tar shards or .jsonl manifest found; point --data at a directory of "
+                        f"WebDataset shards (00000.tar, ...) or a .jsonl manifest") from None
+
+
+class SampleStream(IterableDataset):
+    """One rank's records as items (see the module docstring): `transform(sample)` for a valid
+    sample, or `{"sample": sample}` without a transform; a placeholder for a skipped one. Every
+    item has `"__skips__"` (the `SkipCounter.as_dict()` counts of its record: `used` is 1 for a
+    usable sample, 0 for a placeholder) and `"__pos__"` (epoch, position in the epoch).
+
+    `start_index` records of epoch `epoch` are passed over unread (an exact resume point);
+    `repeat` walks epoch, epoch+1, ... forever. `shuffle_buffer=0` keeps the files' order.
+    """
+
+    def __init__(self, source: DataSource, transform: Callable[[Sample], dict] | None = None, *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 0,
+                 epoch: int = 0, start_index: int = 0, repeat: bool = False,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.source, self.transform = source, transform
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.epoch, self.start_index, self.repeat = shuffle_buffer, epoch, start_index, repeat
+        self.max_image_pixels = max_image_pixels
+
+    def rank_records(self, epoch: int) -> Iterator[Record]:
+        """This rank's records in epoch `epoch`'s order (handles only: nothing is decoded)."""
+        rng = random.Random(hash((self.seed, epoch, self.rank)))
+        files = list(self.source.files)
+        if len(files) >= self.world_size:
+            mine = files[self.rank::self.world_size]
+            if self.shuffle_buffer:
+                rng.shuffle(mine)
+            records: Iterator[Record] = (r for f in mine for r in self.source.records(f))
+        else:
+            every = (r for f in files for r in self.source.records(f))
+            records = itertools.islice(every, self.rank, None, self.world_size)
+        return _shuffled(records, self.shuffle_buffer, rng) if self.shuffle_buffer else records
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        try:
+            yield from self._items(*((info.id, info.num_workers) if info else (0, 1)))
+        except VlaError as err:
+            if info is None:
+                raise
+            # DataLoader re-raises a worker's exception with the worker traceback in its message;
+            # passing ours as an item keeps the one-line message the CLI shows.
+            yield {"__error__": err}
+
+    def _items(self, worker: int, workers: int) -> Iterator[dict]:
+        epoch, skip, n = self.epoch, self.start_index, 0
+        while True:
+            count = 0
+            for pos, record in enumerate(self.rank_records(epoch)):
+                count += 1
+                if pos < skip:
+                    continue
+                if n % workers == worker:
+                    yield self._item(record, epoch, pos)
+                n += 1
+            if not self.repeat:
+                return
+            if count == 0:
+                raise StageError(f"rank {self.rank} of {self.world_size} has no samples in "
+                                 f"{self.source.path}; use fewer ranks or more data")
+            epoch, skip = epoch + 1, 0
+
+    def _item(self, record: Record, epoch: int, pos: int) -> dict:
+        skips = SkipCounter()
+        sample = self.source.load(record, skips, max_image_pixels=self.max_image_pixels)
+        if sample is None:
+            item = {}
+        elif self.transform is None:
+            item = {"sample": sample}
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, epoch, self.rank, pos)) & 0x7FFF_FFFF_FFFF_FFFF)
+                item = self.transform(sample)
+        item["__skips__"] = skips.as_dict()
+        item["__pos__"] = (epoch, pos)
+        return item
+
+
+def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """webdataset's shuffle buffer: hold `size` items and yield a random one as each arrives."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def collate_with_skips(batch: list[dict]) -> tuple[dict | None, dict]:
+    """Collate the usable items of `batch` (None when there are none) and sum the skip counts of
+    all of them, placeholders included. Values torch cannot stack (PIL images, Samples) stay lists."""
+    counts = SkipCounter()
+    usable = []
+    for item in batch:
+        counts.add_counts(item["__skips__"])
+        if item["__skips__"]["used"]:
+            usable.append({k: v for k, v in item.items() if k not in ("__skips__", "__pos__")})
+    if not usable:
+        return None, counts.as_dict()
+    return {k: _collate([u[k] for u in usable]) for k in usable[0]}, counts.as_dict()
+
+
+def _collate(values: list) -> Any:
+    try:
+        return default_collate(values)
+    except TypeError:  # default_collate's answer to a type it cannot batch
+        return values
+
+
+def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, batch_size: int, *,
+                num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
+                start_batch: int = 0, repeat: bool = False, drop_last: bool = True,
+                shuffle_buffer: int = 0, epoch: int = 0,
+                max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[dict, dict]]:
+    """`(batch, skip_counts)` pairs of this rank: epoch `epoch` (or, with `repeat`, epochs
+    `epoch`, `epoch+1`, ... forever) from batch `start_batch` on. The batches do not depend on
+    `num_workers`; `start_batch=k` gives exactly what the uninterrupted loader gives from batch k
+    on. The skip counts cover the records consumed since the previous batch (a tail dropped by
+    `drop_last` is not reported). Raises StageError when a whole epoch has no usable sample."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    kw = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
+              max_image_pixels=max_image_pixels)
+    return _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw)
+
+
+def _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw):
+    start = _resume_point(source, start_batch * batch_size, epoch, repeat, num_workers, kw)
+    if start is None:
+        return
+    first_epoch, start_index = start
+    stream = SampleStream(source, transform, epoch=first_epoch, start_index=start_index, repeat=repeat, **kw)
+    pending, usable, ever_usable = [], 0, False
+    for item in _items(stream, num_workers, batch_size):
+        pending.append(item)
+        usable += item["__skips__"]["used"]
+        ever_usable = ever_usable or usable > 0
+        if not ever_usable and item["__pos__"][0] >= first_epoch + 2:  # epoch first+1 walked whole
+            raise _no_usable(source, kw["rank"], collate_with_skips(pending)[1])
+        if usable == batch_size:
+            yield collate_with_skips(pending)
+            pending, usable = [], 0
+    if usable and not drop_last:
+        yield collate_with_skips(pending)
+
+
+def _items(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[dict]:
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                        # items are single samples: keep about two batches in flight
+                        prefetch_factor=max(2, -(-2 * batch_size // num_workers)) if num_workers else None)
+    for item in loader:
+        if "__error__" in item:
+            raise item["__error__"]
+        yield item
+
+
+def _no_usable(source: DataSource, rank: int, counts: dict) -> StageError:
+    reasons = ", ".join(f"{k}: {v}" for k, v in counts["skipped"].items())
+    return StageError(f"no usable sample in a whole epoch of {source.path} (rank {rank}; skipped {reasons}); "
+                      f"fix the data")
+
+
+def _resume_point(source: DataSource, todo: int, epoch: int, repeat: bool, num_workers: int,
+                  kw: dict) -> tuple[int, int] | None:
+    """(epoch, records of it to pass over) just after this rank's `todo`-th usable sample from
+    the start of `epoch`; None when the stream ends before it (without `repeat`)."""
+    if todo == 0:
+        return epoch, 0
+    pos, counts = _find_usable(source, todo, epoch, num_workers, kw)
+    if pos is not None:
+        return epoch, pos
+    if not repeat:
+        return None
+    usable = counts.used
+    if usable == 0:
+        raise _no_usable(source, kw["rank"], counts.as_dict())
+    # Every epoch holds the same records, so the same number of usable ones: step over whole
+    # epochs, leaving 1..usable samples to find in the last.
+    todo -= usable
+    whole = (todo - 1) // usable
+    epoch += 1 + whole
+    pos, _ = _find_usable(source, todo - whole * usable, epoch, num_workers, kw)
+    return epoch, pos
+
+
+def _find_usable(source: DataSource, todo: int, epoch: int, num_workers: int,
+                 kw: dict) -> tuple[int | None, SkipCounter]:
+    """(position just after the `todo`-th usable record of `epoch`, or None; the counts so far)."""
+    stream = SampleStream(source, _validate_only, epoch=epoch, **kw)
+    counts = SkipCounter()
+    for item in _items(stream, num_workers, batch_size=64):
+        counts.add_counts(item["__skips__"])
+        if counts.used == todo:
+            return item["__pos__"][1] + 1, counts
+    return None, counts
+
+
+def _validate_only(sample: Sample) -> dict:
+    """The transform of a resume's counting pass: the sample was validated; nothing to keep."""
+    return {}

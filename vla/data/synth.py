@@ -1,0 +1,372 @@
+"""The embedded synthetic world: images of coloured shapes with exact boxes and texts of every kind.
+
+`generate_world(out, cfg)` writes, into an empty directory:
+
+    train/ val/ test/            img2dataset shards of `Sample`s (jpg, txt, json)
+    eval/<task>/info.json        CLIP_benchmark WebDataset layout, all from the test split:
+    eval/<task>/test/*.tar         retrieval, long_retrieval, zeroshot, regional, captioning
+    eval/zeroshot/classnames.txt, eval/zeroshot/zeroshot_classification_templates.txt
+    yolo/data.yaml, yolo/{images,labels}/{train,val}/   a detection copy ultralytics trains on
+
+Every sample is a pure function of (seed, split, index): scenes are sampled in the parent, where
+the test split is also de-duplicated (no two test images share a long caption's content), and
+rendered in a worker pool whose results come back in index order, so shards are byte-identical
+for a seed whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vla.data.sample import Region, Sample
+from vla.data.shards import ShardWriter
+from vla.data.synth_text import (BACKGROUNDS, CELLS, CLASSNAMES, COLOURS, MAX_CAPTIONS_PER_IMAGE,
+                                 SHAPES, TEMPLATES, Obj, Scene, long_caption, region_caption,
+                                 short_captions)
+from vla.errors import UserError
+
+SPLITS = ("train", "val", "test")
+SUPERSAMPLE = 4  # draw at 4x and box-average down: antialiased edges with exact pixel coverage
+JPEG_QUALITY = 95
+EVAL_TASKS = ("retrieval", "long_retrieval", "zeroshot", "regional", "captioning")
+_KINDS = [(c, s) for c in COLOURS for s in SHAPES]
+_MAX_RESAMPLES = 1000  # per test index; only a tiny world (1 object, many test images) runs out
+
+
+@dataclass
+class SynthConfig:
+    """Size and shape of the generated world."""
+
+    seed: int = 0
+    n_train: int = 20000
+    n_val: int = 1000
+    n_test: int = 1000
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    captions_per_image: int = 5  # short paraphrases per image (retrieval with several captions)
+    shard_size: int = 2000
+    context_length: int = 16  # the small CLIP's text context, for the long-text metrics
+    workers: int = 2
+    yolo_train: int = 2000  # YOLO copy: the first min(n_train, yolo_train) train images, all of val
+
+    def validate(self) -> None:
+        checks = [
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (min(self.n_train, self.n_val) >= 0 and self.n_test >= 2,
+             "n_train and n_val must be >= 0 and n_test >= 2 (retrieval needs a gallery)"),
+            (self.image_size >= 32, f"image_size must be >= 32 pixels, got {self.image_size}"),
+            (1 <= self.min_objects <= self.max_objects <= len(CELLS),
+             f"need 1 <= min_objects <= max_objects <= {len(CELLS)}, got {self.min_objects}..{self.max_objects}"),
+            (1 <= self.captions_per_image <= MAX_CAPTIONS_PER_IMAGE,
+             f"captions_per_image must be 1..{MAX_CAPTIONS_PER_IMAGE}, got {self.captions_per_image}"),
+            (self.shard_size >= 1 and self.workers >= 1 and self.yolo_train >= 0,
+             "shard_size and workers must be >= 1 and yolo_train >= 0"),
+            (self.context_length >= 3, f"context_length must be >= 3, got {self.context_length}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"synthetic world: {msg}; fix the recipe's data settings")
+
+
+# ---------------------------------------------------------------------------------------- scenes
+
+def sample_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
+    """Distinct cells (so objects never overlap) and distinct colour-shape pairs (so every region
+    label is unique in its image); object 0 is the one large object."""
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    cells = rng.sample(range(len(CELLS)), n)
+    kinds = rng.sample(_KINDS, n)
+    cell_w = cfg.image_size / 3
+    objects = []
+    for i, (cell, (colour, shape)) in enumerate(zip(cells, kinds)):
+        large = i == 0
+        r = cell_w * (rng.uniform(0.36, 0.44) if large else rng.uniform(0.20, 0.25))
+        row, col = divmod(cell, 3)
+        # Jitter the centre but keep the whole object (plus half a pixel) inside its cell.
+        cx = rng.uniform(col * cell_w + r + 0.5, (col + 1) * cell_w - r - 0.5)
+        cy = rng.uniform(row * cell_w + r + 0.5, (row + 1) * cell_w - r - 0.5)
+        objects.append(Obj(colour, shape, "large" if large else "small", cell, cx, cy, r))
+    return Scene(rng.choice(list(BACKGROUNDS)), tuple(objects))
+
+
+def _scene_rng(cfg: SynthConfig, split: str, index: int, attempt: int = 0) -> random.Random:
+    # A string seed is hashed with SHA-512: stable across processes and Python runs.
+    return random.Random(f"vla-synth/{cfg.seed}/{split}/{index}/{attempt}")
+
+
+def _scenes(cfg: SynthConfig, split: str, n: int, stats: Counter) -> Iterator[tuple[int, Scene]]:
+    """Scenes of a split in index order. Test scenes are resampled until their long-caption content
+    is new, so every long caption identifies exactly one test image."""
+    seen: set[tuple] = set()
+    for index in range(n):
+        scene = sample_scene(_scene_rng(cfg, split, index), cfg)
+        if split == "test":
+            attempt = 0
+            while scene.signature() in seen:
+                attempt += 1
+                if attempt > _MAX_RESAMPLES:
+                    raise UserError(f"synthetic world: too few distinct scenes for n_test={cfg.n_test}; "
+                                    "lower n_test or raise max_objects")
+                scene = sample_scene(_scene_rng(cfg, split, index, attempt), cfg)
+            stats["test_resampled"] += attempt > 0
+            seen.add(scene.signature())
+        yield index, scene
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon of a shape centred at (cx, cy) whose extent is about 2r (pixel coordinates)."""
+    def ring(k: int, radii: tuple[float, ...], start: float) -> list[tuple[float, float]]:
+        return [(cx + radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / k),
+                 cy + radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / k)) for i in range(k)]
+
+    if shape == "circle":
+        return ring(48, (r,), 0.0)
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
+    if shape == "star":
+        return ring(10, (r, 0.45 * r), -math.pi / 2)
+    if shape == "hexagon":
+        return ring(6, (r,), 0.0)
+    if shape == "cross":
+        a = 0.35 * r
+        return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a),
+                (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a),
+                (cx - r, cy - a), (cx - a, cy - a)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _coverage(obj: Obj, size: int) -> tuple[int, int, np.ndarray]:
+    """(x0, y0, alpha): the fraction of each pixel the object covers, on a small window at (x0, y0)."""
+    x0, y0 = max(0, math.floor(obj.cx - obj.r) - 1), max(0, math.floor(obj.cy - obj.r) - 1)
+    x1, y1 = min(size, math.ceil(obj.cx + obj.r) + 1), min(size, math.ceil(obj.cy + obj.r) + 1)
+    s = SUPERSAMPLE
+    mask = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
+    points = [((x - x0) * s, (y - y0) * s) for x, y in _outline(obj.shape, obj.cx, obj.cy, obj.r)]
+    ImageDraw.Draw(mask).polygon(points, fill=255)
+    return x0, y0, np.asarray(mask.reduce(s), dtype=np.float32) / 255.0
+
+
+def render(scene: Scene, size: int, noise_seed: list[int]) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    """The image and each object's box (x0, y0, x1, y1), x1/y1 exclusive.
+
+    A box is the extent of the pixels the object covers at least half of — taken from the drawn
+    coverage itself, so it is exact by construction rather than predicted from the geometry.
+    """
+    rng = np.random.default_rng(noise_seed)
+    # Light texture: a soft linear shading in a random direction plus uniform pixel noise of +-7
+    # (integer noise: a third of the cost of Gaussian noise, and rendering is the hot loop).
+    theta = rng.uniform(0, 2 * math.pi)
+    ramp = np.linspace(-8.0, 8.0, size, dtype=np.float32)
+    shading = ramp[None, :] * math.cos(theta) + ramp[:, None] * math.sin(theta)
+    noise = rng.integers(0, 15, (size, size, 3), dtype=np.uint8).astype(np.float32) - 7.0
+    img = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32) + shading[..., None] + noise
+    boxes = []
+    for obj in scene.objects:
+        x0, y0, alpha = _coverage(obj, size)
+        h, w = alpha.shape
+        window = img[y0:y0 + h, x0:x0 + w]
+        a = alpha[..., None]
+        window[:] = window * (1.0 - a) + np.asarray(COLOURS[obj.colour], dtype=np.float32) * a
+        ys, xs = np.nonzero(alpha >= 0.5)
+        boxes.append((x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
+    pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB"), boxes
+
+
+# ------------------------------------------------------------------------------------ one sample
+
+@dataclass(frozen=True)
+class _Task:
+    seed: int
+    split: str
+    index: int
+    scene: Scene
+    image_size: int
+    captions_per_image: int
+
+
+@dataclass(frozen=True)
+class _Made:
+    split: str
+    index: int
+    key: str
+    jpg: bytes
+    meta: dict[str, Any]  # the Sample's JSON
+    yolo: str  # YOLO label lines: "shape_index cx cy w h", normalised
+
+
+def make_sample(task: _Task) -> tuple[Sample, list[Obj]]:
+    """Render one scene and write its texts; pure in (seed, split, index, scene)."""
+    scene = task.scene
+    noise_seed = [task.seed, SPLITS.index(task.split), task.index]
+    image, boxes = render(scene, task.image_size, noise_seed)
+    text_rng = random.Random(f"vla-synth-text/{task.seed}/{task.split}/{task.index}")
+    regions = [Region(box=tuple(float(v) for v in box), label=o.name, caption=region_caption(o))
+               for o, box in zip(scene.objects, boxes)]
+    sample = Sample(key=f"{task.split}{task.index:07d}", image=image,
+                    captions=short_captions(scene, text_rng, task.captions_per_image),
+                    long_caption=long_caption(scene, text_rng), regions=regions, label=scene.label,
+                    meta={"background": scene.background, "n_objects": len(scene.objects)})
+    return sample, list(scene.objects)
+
+
+def _make(task: _Task) -> _Made:
+    sample, objects = make_sample(task)
+    buf = io.BytesIO()
+    sample.image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    s = float(task.image_size)
+    yolo = "".join(
+        f"{SHAPES.index(o.shape)} {(x0 + x1) / 2 / s:.6f} {(y0 + y1) / 2 / s:.6f} {(x1 - x0) / s:.6f} {(y1 - y0) / s:.6f}\n"
+        for o, (x0, y0, x1, y1) in zip(objects, (r.box for r in sample.regions)))
+    return _Made(task.split, task.index, sample.key, buf.getvalue(), sample.to_json(), yolo)
+
+
+def _tasks(cfg: SynthConfig, stats: Counter) -> Iterator[_Task]:
+    for split, n in zip(SPLITS, (cfg.n_train, cfg.n_val, cfg.n_test)):
+        for index, scene in _scenes(cfg, split, n, stats):
+            yield _Task(cfg.seed, split, index, scene, cfg.image_size, cfg.captions_per_image)
+
+
+# --------------------------------------------------------------------------------------- writing
+
+def _json_bytes(d: dict[str, Any]) -> bytes:
+    return json.dumps(d, ensure_ascii=False).encode("utf-8")
+
+
+class _EvalSets:
+    """The five CLIP_benchmark-layout evaluation sets, filled from the test split in one pass."""
+
+    def __init__(self, root: Path, shard_size: int):
+        self.root = root
+        self.writers = {t: ShardWriter(root / t / "test", maxcount=shard_size) for t in EVAL_TASKS}
+        self.n_texts = Counter()
+
+    def add(self, m: _Made) -> None:
+        captions = m.meta.get("captions", [m.meta["caption"]])
+        region_captions = [r["caption"] for r in m.meta["regions"]]
+        texts = {"retrieval": captions, "long_retrieval": [m.meta["long_caption"]],
+                 "regional": region_captions, "captioning": captions}
+        for task, lines in texts.items():
+            self.writers[task].write_raw(m.key, {"jpg": m.jpg, "txt": "\n".join(lines).encode("utf-8"),
+                                                 "json": _json_bytes(m.meta)})
+            self.n_texts[task] += len(lines)
+        self.writers["zeroshot"].write_raw(m.key, {"jpg": m.jpg, "cls": str(m.meta["label"]).encode(),
+                                                   "json": _json_bytes(m.meta)})
+
+    def close(self) -> dict[str, dict[str, int]]:
+        (self.root / "zeroshot" / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+        (self.root / "zeroshot" / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+        self.n_texts["zeroshot"] = len(CLASSNAMES)
+        counts = {}
+        for task, w in self.writers.items():
+            w.close()
+            info = {"task": task, "n_images": w.total, "n_texts": self.n_texts[task]}
+            if task == "zeroshot":
+                info.update(n_classes=len(CLASSNAMES), n_templates=len(TEMPLATES))
+            (self.root / task / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+            counts[task] = {"n_images": w.total, "n_texts": self.n_texts[task]}
+        return counts
+
+
+def _write_yolo_yaml(root: Path) -> None:
+    # No `path:` key: ultralytics then resolves train/val against this file's folder, so the copy
+    # stays valid when the artifact directory is renamed into place or moved.
+    names = "\n".join(f"  {i}: {s}" for i, s in enumerate(SHAPES))
+    (root / "data.yaml").write_text(f"train: images/train\nval: images/val\nnames:\n{names}\n")
+
+
+def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
+    """Write the world into `out` (an existing, empty directory); return its counts and metrics."""
+    out = Path(out)
+    if not out.is_dir() or any(out.iterdir()):
+        raise UserError(f"{out}: the synthetic world needs an existing empty directory; create it or empty it")
+    cfg.validate()
+    stats: Counter = Counter()
+    writers = {split: ShardWriter(out / split, maxcount=cfg.shard_size) for split in SPLITS}
+    evals = _EvalSets(out / "eval", cfg.shard_size)
+    yolo_root = out / "yolo"
+    yolo_n = {"train": min(cfg.n_train, cfg.yolo_train), "val": cfg.n_val}
+    for sub in ("images", "labels"):
+        for split in yolo_n:
+            (yolo_root / sub / split).mkdir(parents=True)
+    test_texts: dict[str, list[str]] = {"short": [], "long": []}
+
+    def consume(made: Iterator[_Made]) -> None:
+        for m in made:
+            writers[m.split].write_raw(m.key, {"jpg": m.jpg, "txt": m.meta["caption"].encode("utf-8"),
+                                               "json": _json_bytes(m.meta)})
+            if m.index < yolo_n.get(m.split, 0):
+                (yolo_root / "images" / m.split / f"{m.key}.jpg").write_bytes(m.jpg)
+                (yolo_root / "labels" / m.split / f"{m.key}.txt").write_text(m.yolo)
+            if m.split == "test":
+                evals.add(m)
+                test_texts["short"] += m.meta.get("captions", [m.meta["caption"]])
+                test_texts["long"].append(m.meta["long_caption"])
+
+    tasks = _tasks(cfg, stats)
+    if cfg.workers == 1:
+        consume(map(_make, tasks))
+    else:
+        # fork on Linux: callers need no `__main__` guard and workers skip re-importing; workers
+        # only run PIL and numpy, never the parent's torch/OpenMP thread pools.
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ctx.Pool(cfg.workers) as pool:
+            consume(pool.imap(_make, tasks, chunksize=64))
+    for w in writers.values():
+        w.close()
+    _write_yolo_yaml(yolo_root)
+
+    counts = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "classes": len(CLASSNAMES),
+              "test_resampled": stats["test_resampled"],
+              "yolo_train": yolo_n["train"], "yolo_val": yolo_n["val"], "eval": evals.close()}
+    return {"counts": counts, "metrics": text_metrics(test_texts["short"], test_texts["long"], cfg.context_length)}
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+def text_metrics(short: list[str], long: list[str], context_length: int) -> dict[str, float]:
+    """What a `context_length`-token CLIP can read of the test texts, with open_clip's CLIP BPE.
+
+    The visible text is exactly what open_clip feeds the model: start token, the first
+    context_length-2 BPE tokens, end token. `long_text_prefix_ambiguous_fraction` is the fraction
+    of long captions whose visible text is shared by another test image's long caption;
+    `long_text_full_unique_fraction` the fraction whose full caption belongs to one image only.
+    """
+    from open_clip.tokenizer import SimpleTokenizer  # imports torch: only when metrics are needed
+
+    tok = SimpleTokenizer()
+
+    def lengths(texts: list[str]) -> list[int]:
+        return [len(tok.encode(t)) + 2 for t in texts]  # + start and end tokens, as CLIP counts
+
+    short_len, long_len = lengths(short), lengths(long)
+    visible = [tuple(row) for row in tok(long, context_length=context_length).tolist()]
+    visible_count, full_count = Counter(visible), Counter(long)
+    n = len(long)
+    return {
+        "long_text_prefix_ambiguous_fraction": sum(visible_count[v] >= 2 for v in visible) / n,
+        "long_text_full_unique_fraction": sum(full_count[t] == 1 for t in long) / n,
+        "short_caption_truncated_fraction": sum(k > context_length for k in short_len) / len(short),
+        "long_caption_truncated_fraction": sum(k > context_length for k in long_len) / n,
+        "short_caption_mean_tokens": sum(short_len) / len(short),
+        "long_caption_mean_tokens": sum(long_len) / n,
+    }

@@ -1,0 +1,155 @@
+"""The synthetic world's vocabulary and grammar: what a scene is, and how it is described.
+
+A scene is a background plus 1–9 objects, each a (colour, shape, size) in its own cell of a 3x3
+grid. Object 0 is the *primary* object: the only large one, so "the largest object" is always
+well defined and its "colour shape" is the image's class for zero-shot classification.
+
+Three kinds of text describe a scene:
+- short captions: paraphrases about the primary object (and maybe one more), short enough for a
+  16-token CLIP context — what the small CLIP is pre-trained on;
+- a long caption: every object with colour, size, shape and position, plus relations. It opens
+  with a generic preamble (style, background, object count) that alone fills the first 14 BPE
+  tokens, so a 16-token CLIP sees only what many images share and the deciding details lie past
+  its context — the analogue of 77-token CLIP on DOCCI / Urban-1k captions;
+- region captions: one per object, e.g. "a small blue star in the center".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+SHAPES = ("circle", "cross", "diamond", "hexagon", "square", "star", "triangle")
+# Saturated colours far apart in RGB and from every background, so a colour word names a pixel colour.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 220, 40),
+    "green": (40, 170, 70), "cyan": (40, 200, 220), "blue": (40, 80, 220),
+    "purple": (140, 60, 190), "pink": (245, 120, 190),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (238, 238, 238), "grey": (128, 128, 128), "black": (24, 24, 24), "beige": (205, 190, 160),
+}
+CELLS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom middle", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Zero-shot classes: every "colour shape", sorted so class indices are stable across runs.
+CLASSNAMES: tuple[str, ...] = tuple(sorted(f"{c} {s}" for c in COLOURS for s in SHAPES))
+# CLIP-style prompt ensemble (METHODS §4: never a single prompt).
+TEMPLATES = (
+    "a photo of a {c}.",
+    "a drawing of a {c}.",
+    "a rendering of the {c}.",
+    "an image showing a {c}.",
+    "a picture of a large {c}.",
+    "a simple illustration of a {c}.",
+    "a {c} on a plain background.",
+    "a close-up of the {c}.",
+)
+
+# Short-caption paraphrases. {p}: primary "colour shape", {a_p}: the same with its article,
+# {q}: a second object. Each fits in 14 BPE tokens (16 with start/end) for every word above.
+_SHORT_COMMON = (
+    "a large {p}.",
+    "{a_p} on a {bg} background.",
+    "a big {p} in the {pos}.",
+    "a picture of {a_p}.",
+    "a simple drawing of a large {p}.",
+    "the {p} is the biggest shape here.",
+)
+_SHORT_MANY = ("{a_p} and a small {q}.", "{n} shapes, mostly a big {p}.")
+_SHORT_ALONE = ("a single {p} and nothing else.", "only one shape: {a_p}.")
+MAX_CAPTIONS_PER_IMAGE = len(_SHORT_COMMON) + len(_SHORT_MANY)
+
+# Each preamble spends at least 14 BPE tokens before saying anything beyond style, background
+# and count (checked by the generator's long-text metrics).
+_PREAMBLES = (
+    "This is a synthetic picture with a plain {bg} background, and it contains {n} {shapes} in total.",
+    "Here is a simple computer drawing on a flat {bg} background that shows {n} geometric {shapes}.",
+    "The following image was rendered on a uniform {bg} background and has {n} {shapes} in it.",
+)
+_OTHER_OBJECT = ("There is also a {d} in the {pos}.", "A {d} sits in the {pos}.",
+                 "In the {pos} there is a {d}.")
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One drawn object: its words, its grid cell, and its geometry in pixels (centre, half-extent)."""
+
+    colour: str
+    shape: str
+    size: str  # "large" (the primary object) or "small"
+    cell: int  # 0..8, row-major over the 3x3 grid
+    cx: float
+    cy: float
+    r: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def position(self) -> str:
+        return CELLS[self.cell]
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[Obj, ...]  # objects[0] is the primary object
+
+    @property
+    def primary(self) -> Obj:
+        return self.objects[0]
+
+    @property
+    def label(self) -> int:
+        return CLASSNAMES.index(self.primary.name)
+
+    def described_order(self) -> list[Obj]:
+        """Primary first, then the others in reading order: the order the long caption uses."""
+        return [self.primary] + sorted(self.objects[1:], key=lambda o: o.cell)
+
+    def signature(self) -> tuple:
+        """Everything the long caption states; two scenes with equal signatures read the same."""
+        return (self.background,) + tuple((o.colour, o.shape, o.size, o.cell) for o in self.described_order())
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def region_caption(obj: Obj) -> str:
+    return f"a {obj.size} {obj.name} in the {obj.position}"
+
+
+def short_captions(scene: Scene, rng: random.Random, k: int) -> list[str]:
+    """`k` distinct paraphrases about the primary object, in random order."""
+    others = scene.described_order()[1:]
+    pool = _SHORT_COMMON + (_SHORT_MANY if others else _SHORT_ALONE)
+    p = scene.primary.name
+    fields = dict(p=p, a_p=_with_article(p), q=others[0].name if others else "", bg=scene.background,
+                  pos=scene.primary.position, n=NUMBERS[len(scene.objects)])
+    return [t.format(**fields) for t in rng.sample(pool, k)]
+
+
+def _relation(a: Obj, b: Obj) -> str:
+    """Where `a` is relative to `b` on the grid, e.g. "above and to the left of"."""
+    (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
+    vertical = "above" if ra < rb else "below" if ra > rb else ""
+    horizontal = "to the left of" if ca < cb else "to the right of" if ca > cb else ""
+    return " and ".join(p for p in (vertical, horizontal) if p)
+
+
+def long_caption(scene: Scene, rng: random.Random) -> str:
+    """Preamble, every object (colour, size, shape, position), then relations of consecutive objects."""
+    objs = scene.described_order()
+    n = len(objs)
+    parts = [rng.choice(_PREAMBLES).format(bg=scene.background, n=NUMBERS[n],
+                                           shapes="shape" if n == 1 else "shapes")]
+    parts.append(f"The largest one is a {objs[0].size} {objs[0].name} in the {objs[0].position}.")
+    for o in objs[1:]:
+        parts.append(rng.choice(_OTHER_OBJECT).format(d=f"{o.size} {o.name}", pos=o.position))
+    for a, b in zip(objs, objs[1:]):
+        parts.append(f"The {a.name} is {_relation(a, b)} the {b.name}.")
+    return " ".join(parts)
