@@ -13,6 +13,61 @@ export TRANSFORMERS_OFFLINE ?= 1
 export YOLO_OFFLINE ?= 1
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.yolo
 
+# ---- the ProCLIP curriculum -------------------------------------------------------------
+# Embedded default (no arguments): synthetic world → small CLIP → distill (MiniLM) →
+# contrast-tune → LLM2CLIP baseline → eval side by side → export.
+# Real models:  make proclip TEACHER=clip-vit-l EMBEDDER=qwen DATA=/path/to/shards EVAL=/path/to/evalsets \
+#                            RECIPES=recipes/proclip RUNS=runs/proclip-vitl
+RUNS ?= runs/proclip
+RECIPES ?= recipes/embedded
+WORLD ?= data/toy
+DATA ?= $(WORLD)
+EVAL ?= $(DATA)
+EMBEDDER ?= minilm
+EXPORT ?= exports/proclip
+SYNTH_RECIPE ?= recipes/synth.yaml
+VLA_FLAGS ?=
+
+# the world is built only when DATA is the embedded one
+DATA_DEP := $(if $(filter $(WORLD),$(DATA)),$(WORLD)/manifest.json,)
+# with no TEACHER the curriculum pre-trains its own small CLIP first
+ifeq ($(origin TEACHER),undefined)
+TEACHER := $(RUNS)/clip
+TEACHER_DEP := $(RUNS)/clip/manifest.json
+endif
+
+.PHONY: proclip world
+proclip: $(EXPORT)/manifest.json
+	@$(VLA) inspect $(RUNS)/eval >/dev/null
+	@echo; echo "ProCLIP curriculum ($(RUNS)) — evaluation:"; cat $(RUNS)/eval/results.md
+
+world: $(WORLD)/manifest.json
+
+$(WORLD)/manifest.json: | $(STAMP)
+	$(VLA) synth --out $(WORLD) --recipe $(SYNTH_RECIPE) $(VLA_FLAGS)
+
+$(RUNS)/clip/manifest.json: $(DATA_DEP) | $(STAMP)
+	$(VLA) pretrain --data $(DATA) --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml $(VLA_FLAGS)
+
+$(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) | $(STAMP)
+	$(VLA) distill --data $(DATA) --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
+	  --recipe $(RECIPES)/distill.yaml $(VLA_FLAGS)
+
+$(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json | $(STAMP)
+	$(VLA) contrast-tune --data $(DATA) --init $(RUNS)/distill --out $(RUNS)/contrast \
+	  --recipe $(RECIPES)/contrast-tune.yaml $(VLA_FLAGS)
+
+$(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) | $(STAMP)
+	$(VLA) contrast-tune --data $(DATA) --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
+	  --out $(RUNS)/llm2clip --recipe $(RECIPES)/llm2clip.yaml $(VLA_FLAGS)
+
+$(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP)
+	$(VLA) eval $(TEACHER) $(RUNS)/llm2clip $(RUNS)/contrast --data $(EVAL) --out $(RUNS)/eval \
+	  --recipe $(RECIPES)/eval.yaml --force $(VLA_FLAGS)
+
+$(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.json
+	$(VLA) export $(RUNS)/contrast --out $(EXPORT) --force
+
 .PHONY: install test test-fast bench clean help
 help:
 	@echo "make install   create .venv with everything vla needs"

@@ -127,6 +127,129 @@ def _print_counts(m: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 @app.command()
 @handles_errors
+def pretrain(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or a directory of WebDataset shards."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="CLIP to start from (registry name, name:pretrained, or a pretrain artifact)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Train or fine-tune a CLIP with InfoNCE on image-text pairs."""
+    from vla.recipes import load_recipe
+    from vla.stages.pretrain import PretrainRecipe, run
+
+    overrides = list(set_ or []) + ([f"model={model}"] if model else [])
+    cfg = load_recipe(PretrainRecipe, recipe, overrides, kind="pretrain")
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    models: List[str] = typer.Argument(..., help="Models to compare: registry names, artifacts or exports."),
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or a directory of eval sets."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    sets: Optional[str] = typer.Option(None, help="Comma-separated eval sets (default: the recipe's)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Score models on retrieval, long-text retrieval and zero-shot sets; compare them in one table."""
+    from vla.recipes import load_recipe
+    from vla.stages.evaluate import EvalRecipe, run
+
+    overrides = list(set_ or []) + ([f"sets=[{sets}]"] if sets else [])
+    cfg = load_recipe(EvalRecipe, recipe, overrides, kind="eval")
+    art = run(cfg, models, data, out, force=force, command=_command())
+    console.print((art.path / "results.md").read_text(), highlight=False)
+    console.print(f"[green]✓[/] eval → {out}")
+
+
+@app.command()
+@handles_errors
+def distill(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact, WebDataset shards or a JSONL of captions."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="CLIP whose text encoder is distilled (clip-vit-l, a pretrain artifact, ...)."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder (qwen, minilm, a hub id or path)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Embedder pooling: mean | last | cls | token:<tok>."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """ProCLIP stage 1: distil a CLIP text encoder into an LLM embedder + MLP adapter."""
+    from vla.recipes import load_recipe
+    from vla.stages.distill import DistillRecipe, run
+
+    overrides = list(set_ or [])
+    overrides += [f"teacher={teacher}"] if teacher else []
+    overrides += [f"embedder.name={embedder}"] if embedder else []
+    overrides += [f"embedder.pooling={pooling}"] if pooling else []
+    cfg = load_recipe(DistillRecipe, recipe, overrides, kind="distill")
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+    console.print(f"  teacher truncated: {art.manifest['counts']['teacher_truncated']}   "
+                  f"held-out agreement: {art.manifest['metrics']['val']}", highlight=False)
+
+
+@app.command("contrast-tune")
+@handles_errors
+def contrast_tune(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards of image-text pairs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    init: Optional[str] = typer.Option(None, "--init", help="A distill artifact, or 'random' for the LLM2CLIP baseline."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP whose image tower is tuned (default: the distill's teacher)."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder, with --init random."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """ProCLIP stage 2: contrastive tuning with self-distillation (--init random: LLM2CLIP)."""
+    from vla.recipes import load_recipe
+    from vla.stages.contrast_tune import ContrastTuneRecipe, run
+
+    overrides = list(set_ or [])
+    overrides += [f"init={init}"] if init else []
+    overrides += [f"clip={clip}"] if clip else []
+    overrides += [f"embedder.name={embedder}"] if embedder else []
+    cfg = load_recipe(ContrastTuneRecipe, recipe, overrides, kind="contrast-tune")
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+
+
+@app.command()
+@handles_errors
+def export(
+    src: Path = typer.Argument(..., help="A contrast-tune (or pretrain) artifact."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export directory to write."),
+    copy_embedder: bool = typer.Option(False, "--copy-embedder", help="Copy the embedder's weights into the export."),
+    force: bool = ForceOpt,
+) -> None:
+    """Write a self-contained model directory (open_clip image tower, adapter, model card) for vla.load."""
+    from vla.export import ExportRecipe, run
+
+    art = run(ExportRecipe(copy_embedder=copy_embedder), src, out, force=force, command=_command())
+    console.print(f"[green]✓[/] export → {art.path}  ({len(art.manifest['outputs'])} files); "
+                  f"load it with vla.load({str(art.path)!r})")
+
+
+def _print_done(art) -> None:
+    m = art.manifest
+    sps = m["timings"].get("samples_per_s")
+    console.print(f"[green]✓[/] {m['kind']} → {art.path}  ({m['timings']['wall_s']:.1f} s"
+                  + (f", {sps:.0f} samples/s" if sps else "") + ")")
+    for set_name, metrics in (m.get("metrics", {}).get("eval") or {}).items():
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and
+                 k in ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc1",
+                       "mean_per_class_recall", "text_truncated_fraction")}
+        console.print(f"  {set_name}: {shown}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
 def inspect(
     path: Path = typer.Argument(..., help="An artifact directory."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every output and compare with the manifest."),

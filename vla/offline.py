@@ -37,6 +37,9 @@ def configure_offline() -> None:
         sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
     if is_offline():
         os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS probes, downloads or analytics
+    # model-loading progress bars and advisories are noise in a stage's output
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config_dir = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "vla" / "yolo")))
     _install_fonts(config_dir.expanduser() / "Ultralytics")
 

@@ -195,7 +195,7 @@ def render(scene: Scene, size: int, noise_seed: list[int]) -> tuple[Image.Image,
 # ------------------------------------------------------------------------------------ one sample
 
 @dataclass(frozen=True)
-class _Task:
+class SampleTask:
     seed: int
     split: str
     index: int
@@ -214,7 +214,7 @@ class _Made:
     yolo: str  # YOLO label lines: "shape_index cx cy w h", normalised
 
 
-def make_sample(task: _Task) -> tuple[Sample, list[Obj]]:
+def make_sample(task: SampleTask) -> tuple[Sample, list[Obj]]:
     """Render one scene and write its texts; pure in (seed, split, index, scene)."""
     scene = task.scene
     noise_seed = [task.seed, SPLITS.index(task.split), task.index]
@@ -229,27 +229,33 @@ def make_sample(task: _Task) -> tuple[Sample, list[Obj]]:
     return sample, list(scene.objects)
 
 
-def _make(task: _Task) -> _Made:
+def _make(task: SampleTask) -> _Made:
     sample, objects = make_sample(task)
     buf = io.BytesIO()
     sample.image.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    s = float(task.image_size)
-    yolo = "".join(
-        f"{SHAPES.index(o.shape)} {(x0 + x1) / 2 / s:.6f} {(y0 + y1) / 2 / s:.6f} {(x1 - x0) / s:.6f} {(y1 - y0) / s:.6f}\n"
-        for o, (x0, y0, x1, y1) in zip(objects, (r.box for r in sample.regions)))
+    yolo = ""
+    for o, r in zip(objects, sample.regions):
+        x0, y0, x1, y1 = (v / task.image_size for v in r.box)
+        yolo += f"{SHAPES.index(o.shape)} {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} {x1 - x0:.6f} {y1 - y0:.6f}\n"
     return _Made(task.split, task.index, sample.key, buf.getvalue(), sample.to_json(), yolo)
 
 
-def _tasks(cfg: SynthConfig, stats: Counter) -> Iterator[_Task]:
+def sample_tasks(cfg: SynthConfig, stats: Counter | None = None) -> Iterator[SampleTask]:
+    """Every sample to make, split by split in index order; `stats` counts test resamples."""
+    stats = Counter() if stats is None else stats
     for split, n in zip(SPLITS, (cfg.n_train, cfg.n_val, cfg.n_test)):
         for index, scene in _scenes(cfg, split, n, stats):
-            yield _Task(cfg.seed, split, index, scene, cfg.image_size, cfg.captions_per_image)
+            yield SampleTask(cfg.seed, split, index, scene, cfg.image_size, cfg.captions_per_image)
 
 
 # --------------------------------------------------------------------------------------- writing
 
 def _json_bytes(d: dict[str, Any]) -> bytes:
     return json.dumps(d, ensure_ascii=False).encode("utf-8")
+
+
+def _captions(meta: dict[str, Any]) -> list[str]:
+    return meta.get("captions", [meta["caption"]])  # Sample.to_json drops a list of one
 
 
 class _EvalSets:
@@ -261,7 +267,7 @@ class _EvalSets:
         self.n_texts = Counter()
 
     def add(self, m: _Made) -> None:
-        captions = m.meta.get("captions", [m.meta["caption"]])
+        captions = _captions(m.meta)
         region_captions = [r["caption"] for r in m.meta["regions"]]
         texts = {"retrieval": captions, "long_retrieval": [m.meta["long_caption"]],
                  "regional": region_captions, "captioning": captions}
@@ -319,10 +325,10 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
                 (yolo_root / "labels" / m.split / f"{m.key}.txt").write_text(m.yolo)
             if m.split == "test":
                 evals.add(m)
-                test_texts["short"] += m.meta.get("captions", [m.meta["caption"]])
+                test_texts["short"] += _captions(m.meta)
                 test_texts["long"].append(m.meta["long_caption"])
 
-    tasks = _tasks(cfg, stats)
+    tasks = sample_tasks(cfg, stats)
     if cfg.workers == 1:
         consume(map(_make, tasks))
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 from dataclasses import asdict, dataclass
@@ -220,12 +221,16 @@ def load_clip(name: str, *, device: str = "cpu", precision: str = "fp32") -> Cli
                 image_interpolation=tag_cfg.get("interpolation"),
                 image_resize_mode=tag_cfg.get("resize_mode"),
             )
+    quiet = _NoRandomInitWarning()  # random init is what a small config asks for, not a problem
+    logging.getLogger().addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, device=device, precision=precision, **kwargs
         )
     except pickle.UnpicklingError as err:  # open_clip loads .bin/.pt files weights-only too
         raise UserError(refused_pickle_message(Path(weights_file or name))) from err
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if spec.checkpoint is not None:
         weights_file = spec.checkpoint
         _load_checkpoint(model, spec)
@@ -326,6 +331,11 @@ def _load_checkpoint(model: torch.nn.Module, spec: ClipSpec) -> None:
             f"{spec.name}: {spec.checkpoint} does not fit architecture {spec.arch} ({first}); "
             "name the architecture it was trained with"
         ) from err
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def save_clip(clip: ClipModel, out_dir: str | Path) -> Path:

@@ -12,6 +12,10 @@ from typing import Any
 
 RECIPES: dict[str, str] = {
     "synth": "vla.data.synth:SynthConfig",
+    "pretrain": "vla.stages.pretrain:PretrainRecipe",
+    "eval": "vla.stages.evaluate:EvalRecipe",
+    "distill": "vla.stages.distill:DistillRecipe",
+    "contrast-tune": "vla.stages.contrast_tune:ContrastTuneRecipe",
 }
 
 

@@ -24,7 +24,12 @@ def run(cfg: SynthConfig, out: Path, *, force: bool = False, command: Sequence[s
         for child in art.dir.iterdir():
             if child.name != "resume.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        result = generate_world(art.dir, cfg)
+        world = art.dir / "world"  # generate_world wants an empty directory of its own
+        world.mkdir()
+        result = generate_world(world, cfg)
+        for child in world.iterdir():
+            child.rename(art.dir / child.name)
+        world.rmdir()
         art.counts.update(result["counts"])
         art.metrics.update(result["metrics"])
         frac = art.metrics.get("long_text_prefix_ambiguous_fraction")

@@ -1,0 +1,49 @@
+"""`make bench`: vla's speed measured side by side with the straightforward way of doing the same.
+
+Three parts, each a module with `run(quick) -> Part`:
+    a  trainer.py    training samples/s of `vla pretrain` against open_clip's own trainer
+    b  cache.py      contrast-tune steps with the frozen embedder's features cached vs re-encoded
+    c  retrieval.py  chunked retrieval metrics vs CLIP_benchmark's full matrices: time and memory
+
+These are measurements, not tests: figures depend on the machine and on whatever else runs on it,
+so every part records its sizes and conditions next to its numbers in `bench/results.json`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: outputs and scratch (the generated world, run directories, logs); gitignored
+BENCH_DIR = Path(os.environ.get("VLA_BENCH_DIR", "bench"))
+
+
+@dataclass
+class Figure:
+    """One row of the table: vla's figure, the baseline's, and how they compare to the goal."""
+
+    what: str
+    unit: str
+    vla: float
+    baseline: float
+    ratio: float        # the comparison, as `ratio_is` says (e.g. vla / baseline)
+    ratio_is: str       # how the ratio is formed, for the table header and the JSON
+    goal: float         # the ratio aimed for
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool:
+        return self.ratio >= self.goal if self.higher_is_better else self.ratio <= self.goal
+
+
+@dataclass
+class Part:
+    """What one part measured: its table rows and everything needed to read them."""
+
+    name: str
+    title: str
+    baseline: str                                        # what vla is compared with
+    figures: list[Figure] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # sizes, conditions, raw numbers

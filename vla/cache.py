@@ -1,0 +1,104 @@
+"""Feature cache for frozen models.
+
+A frozen tower's output depends only on the model and the input, so it is computed once and
+reused by every later stage and rerun, the way LLM2CLIP stores its LLM embeddings beside the
+image shards. An entry is keyed by (what was encoded, the model's digest, the data's digest):
+change any of them and a new entry is computed; nothing is ever silently stale.
+
+Entries live beside the data in `<data dir>/.vla-features/` (or `$VLA_CACHE_DIR` when the data
+directory is read-only): `<name>-<key>.npy` (float16 rows, in `keys` order) and `.json` (keys
+and metadata). Writes are atomic, so an interrupted computation leaves no entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+CACHE_DIRNAME = ".vla-features"
+
+
+@dataclass
+class FeatureTable:
+    """Rows of features addressed by sample key (and text variant)."""
+
+    keys: list[str]
+    features: np.ndarray  # (N, D) float16
+    meta: dict
+
+    def __post_init__(self) -> None:
+        self.index = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def lookup(self, keys: Sequence[str]) -> torch.Tensor:
+        rows = [self.index[k] for k in keys]
+        return torch.from_numpy(self.features[rows].astype(np.float32))
+
+
+def cache_key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_dir_for(data_dir: Path) -> Path:
+    override = os.environ.get("VLA_CACHE_DIR")
+    if override:
+        return Path(override) / cache_key(str(Path(data_dir).resolve()))
+    return Path(data_dir) / CACHE_DIRNAME
+
+
+def cached_features(
+    data_dir: Path,
+    name: str,
+    *,
+    model_digest: str,
+    data_digest: str,
+    keys: Sequence[str],
+    inputs: Sequence,
+    encode: Callable[[Sequence], torch.Tensor],
+    batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[FeatureTable, bool]:
+    """Return (table, hit). On a miss, encode `inputs` in batches and store them under the key.
+
+    `keys[i]` names the row of `inputs[i]`; `name` says what was encoded (e.g.
+    "minilm.long_caption"), so several text variants of one data set get separate entries.
+    """
+    root = cache_dir_for(data_dir)
+    key = cache_key(name, model_digest, data_digest)
+    stem = f"{name.replace('/', '_')}-{key}"
+    npy, meta_path = root / f"{stem}.npy", root / f"{stem}.json"
+    if npy.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return FeatureTable(meta.pop("keys"), np.load(npy, mmap_mode="r"), meta), True
+
+    chunks = []
+    for start in range(0, len(inputs), batch_size):
+        with torch.no_grad():
+            chunks.append(encode(inputs[start:start + batch_size]).float().cpu().numpy().astype(np.float16))
+        if progress:
+            progress(min(start + batch_size, len(inputs)), len(inputs))
+    feats = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float16)
+    meta = {"name": name, "model_digest": model_digest, "data_digest": data_digest,
+            "count": len(keys), "dim": int(feats.shape[1]) if feats.size else 0}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{stem}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+        os.replace(tmp, npy)
+        tmp = root / f".{stem}.json.tmp"
+        tmp.write_text(json.dumps({**meta, "keys": list(keys)}))
+        os.replace(tmp, meta_path)
+    except OSError:
+        pass  # a read-only data directory: the features are still returned, just not kept
+    return FeatureTable(list(keys), feats, meta), False

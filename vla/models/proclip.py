@@ -1,0 +1,127 @@
+"""The ProCLIP / LLM2CLIP dual encoder: a CLIP image tower and an LLM embedder Φ + adapter g.
+
+    image → E_I(x)                   (open_clip visual tower, normalised)
+    text  → norm(g(Φ(T)))            (frozen LLM embedder, trainable adapter)
+
+On disk (a contrast-tune artifact or an export):
+    model/            open_clip `local-dir` layout (open_clip_config.json + open_clip_model.safetensors)
+    adapter.safetensors, adapter.json   the adapter's weights and config
+    embedder.json     the embedder's spec (name, pooling, instruction, max_length); with
+                      `--copy-embedder` an export also holds the embedder itself in embedder/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vla.models.adapter import Adapter, AdapterConfig
+
+
+class ImageTextAligner(nn.Module):
+    """What contrast-tune trains: the image tower, the adapter and the logit scale, plus (for
+    L_reg) the teacher image tower, frozen or EMA-updated.
+
+    Text enters as cached embedder features `phi` (Φ is frozen), so forward never runs the LLM.
+    The teacher is a submodule so that it moves with the model, is checkpointed with it (an EMA
+    teacher must survive a resume) and runs inside DDP's forward; it has no trainable parameters.
+    """
+
+    def __init__(self, visual: nn.Module, adapter: Adapter, logit_scale: nn.Module,
+                 teacher: nn.Module | None = None):
+        super().__init__()
+        self.visual = visual
+        self.adapter = adapter
+        self.logit_scale = logit_scale
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ImageTextAligner":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher is a fixed target, never in training mode
+        return self
+
+    def forward(self, images: torch.Tensor, phi: torch.Tensor):
+        img = F.normalize(self.visual(images), dim=-1)
+        txt = F.normalize(self.adapter(phi), dim=-1)
+        img_t = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                img_t = F.normalize(self.teacher(images), dim=-1)
+        return img, txt, self.logit_scale(), img_t
+
+
+def save_adapter(adapter: Adapter, out_dir: Path) -> None:
+    from vla.models.weights import save_state_dict
+
+    save_state_dict(adapter.state_dict(), out_dir / "adapter.safetensors")
+    (out_dir / "adapter.json").write_text(json.dumps(dataclasses.asdict(adapter.config), indent=1))
+
+
+def load_adapter(path: Path) -> Adapter:
+    from vla.models.weights import load_state_dict
+
+    adapter = Adapter.from_config(AdapterConfig(**json.loads((path / "adapter.json").read_text())))
+    adapter.load_state_dict(load_state_dict(path / "adapter.safetensors"))
+    return adapter.eval()
+
+
+class ProCLIPModel:
+    """A DualEncoder (see vla/models/encoder.py) over an image tower and embedder + adapter."""
+
+    def __init__(self, clip, embedder, adapter: Adapter, name: str = "proclip"):
+        self.clip = clip            # vla.models.clip.ClipModel (its image side is used)
+        self.embedder = embedder    # vla.models.embedder.TextEmbedder (frozen)
+        self.adapter = adapter.eval()
+        self.name = name
+        self.text_context_length = embedder.max_length
+
+    @property
+    def preprocess(self):
+        return self.clip.preprocess
+
+    def tokenize(self, texts: Sequence[str]):
+        """The embedder's tokenizer, at its own context (the text side reads long captions)."""
+        return self.embedder.tokenizer(list(texts), padding=True, truncation=True,
+                                       max_length=self.embedder.max_length, return_tensors="pt")
+
+    def encode_image(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.clip.encode_image(images)
+
+    @torch.no_grad()
+    def encode_text_features(self, phi: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter(phi.float()), dim=-1)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encode_text_features(self.embedder.embed(list(texts)))
+
+    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
+        return self.embedder.token_counts(list(texts))
+
+
+def embedder_from_spec(path: Path):
+    """Load the embedder a directory names in embedder.json (or holds in embedder/)."""
+    from vla.models.embedder import load_embedder
+
+    spec = json.loads((path / "embedder.json").read_text())
+    source = str(path / "embedder") if (path / "embedder").is_dir() else spec["name"]
+    return load_embedder(source, pooling=spec.get("pooling"), instruction=spec.get("instruction"),
+                         max_length=spec.get("max_length"))
+
+
+def load_proclip_dir(path: Path, name: str | None = None, model_dir: Path | None = None) -> ProCLIPModel:
+    """A contrast-tune artifact (CLIP in model/) or an export (CLIP at the top level)."""
+    from vla.models.clip import load_clip
+
+    path = Path(path)
+    clip = load_clip("local-dir:" + str(model_dir or path / "model"))
+    return ProCLIPModel(clip, embedder_from_spec(path), load_adapter(path), name=name or path.name)

@@ -1,0 +1,61 @@
+"""`vla eval`: score one or more models on the evaluation sets and compare them in one table.
+
+Story: each model (a registry name, a training artifact or an export) → the eval sets (from a
+synth artifact's `eval/` or any directory in CLIP_benchmark's WebDataset layout) → retrieval,
+long-text retrieval, zero-shot metrics computed exactly as CLIP_benchmark does → an eval artifact
+with results.json, a markdown table and figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.errors import UserError
+
+KIND = "eval"
+
+
+@dataclass
+class EvalRecipe:
+    sets: list[str] = field(default_factory=lambda: ["retrieval", "long_retrieval", "zeroshot"])
+    batch_size: int = 256
+    examples: int = 4            # text queries shown in the retrieval-examples figure
+
+
+def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
+    """A synth artifact (its `eval/`), or a directory holding eval sets."""
+    if (data / "manifest.json").exists():
+        art = open_artifact(data, "synth", role="--data")
+        return data / "eval", {"data": art}
+    if not data.is_dir():
+        raise UserError(f"--data {data} does not exist; pass a synth artifact or a directory of eval sets")
+    return data, {"data": {"path": str(data), "kind": "eval-sets"}}
+
+
+def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force: bool = False,
+        command: Sequence[str] | None = None) -> Artifact:
+    from vla.evaluate.report import write_report
+    from vla.evaluate.run import evaluate_model
+    from vla.models.load import load_encoder
+    from vla.stages.common import eval_sets
+
+    if not models:
+        raise UserError("vla eval needs at least one model (a registry name, an artifact or an export)")
+    eval_dir, inputs = resolve_eval_dir(Path(data))
+    sets = eval_sets(eval_dir, cfg.sets)  # fail on a missing set before loading any model
+    for i, ref in enumerate(models):
+        if (Path(ref) / "manifest.json").exists():
+            inputs[f"model{i}"] = open_artifact(ref)
+    encoders = [load_encoder(ref) for ref in models]
+    names = [e.name for e in encoders]
+    if len(set(names)) != len(names):  # two artifacts with the same directory name
+        names = [f"{n} ({ref})" for n, ref in zip(names, models)]
+    with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
+        results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size) for name, enc in zip(names, encoders)}
+        write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)), examples=cfg.examples)
+        art.metrics.update(results)
+        art.counts.update({s.name: {"images": len(s.images)} for s in sets})
+    return art.artifact

@@ -1,0 +1,129 @@
+"""`vla pretrain`: train or fine-tune a CLIP with symmetric InfoNCE on image–text pairs.
+
+Story: the data (a synth artifact or shards) → a CLIP from the registry (the embedded default's
+small CLIP, any open_clip model, or a previous artifact) → ClipLoss (local loss + gather-with-grad
+under torchrun) → the shared training loop → the model in open_clip's `local-dir` layout, scored
+on the eval sets, in the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vla.artifacts import Artifact, ArtifactBuilder
+from vla.stages.common import EvalConfig, evaluate_into, training_data
+from vla.train import TrainConfig, train
+
+KIND = "pretrain"
+
+
+@dataclass
+class DataConfig:
+    """How training pairs stream from shards."""
+
+    num_workers: int = 0
+    shuffle_buffer: int = 2000
+    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
+
+
+@dataclass
+class PretrainRecipe:
+    model: str = "vla-tiny-clip"    # a registry name, open_clip `name:pretrained`, or a pretrain artifact
+    lock_image: bool = False        # freeze the image tower
+    lock_text: bool = False         # freeze the text tower
+    local_loss: bool = True         # open_clip's local loss: local rows × all columns
+    gather_with_grad: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_start_model(name: str):
+    """A registry name, or a previous pretrain/contrast artifact's CLIP to continue from."""
+    from vla.artifacts import open_artifact
+    from vla.models.clip import load_clip
+
+    if (Path(name) / "manifest.json").exists():
+        art = open_artifact(name, KIND, role="--model")
+        return load_clip("local-dir:" + str(art.path / "model")), {"init": art}
+    return load_clip(name), {}
+
+
+def clip_batch_transform(clip, seed: int):
+    """Sample → tensors. Each sample contributes one of its captions, chosen by its key and the
+    seed, so the choice is the same after a resume (and in every DataLoader worker)."""
+
+    def transform(sample) -> dict:
+        caption = random.Random(f"{seed}:{sample.key}").choice(sample.captions)
+        return {"image": clip.preprocess(sample.image), "text": clip.tokenizer([caption])[0], "key": sample.key}
+
+    return transform
+
+
+def clip_features(model, batch):
+    """Run the (possibly DDP-wrapped) open_clip model's forward: normalised features and scale."""
+    out = model(batch["image"], batch["text"])
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
+        command: Sequence[str] | None = None) -> Artifact:
+    from vla.data.stream import make_loader, resolve_data
+    from vla.data.skips import SkipCounter
+    from vla.distributed import init_distributed
+    from vla.losses import ClipLoss
+    from vla.models.clip import save_clip
+
+    td = training_data(data)
+    clip, init = load_start_model(cfg.model)
+    dist = init_distributed()
+    source = resolve_data(td.path)
+    model = clip.model
+    for name, p in model.named_parameters():
+        tower_locked = (cfg.lock_image and name.startswith("visual.")) or (
+            cfg.lock_text and not name.startswith("visual.") and name != "logit_scale")
+        p.requires_grad_(not tower_locked)
+
+    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                       rank=dist.rank, world_size=dist.world_size)
+    skips = SkipCounter()
+
+    def batches(start_step: int):
+        loader = make_loader(source, clip_batch_transform(clip, cfg.train.seed), cfg.train.batch_size,
+                             num_workers=cfg.data.num_workers, rank=dist.rank, world_size=dist.world_size,
+                             seed=cfg.train.seed, start_batch=start_step * cfg.train.grad_accum, repeat=True,
+                             shuffle_buffer=cfg.data.shuffle_buffer)
+        for batch, skipped in loader:
+            skips.add_counts(skipped)
+            skips.check(cfg.data.max_skip_fraction, str(td.path))
+            yield batch
+
+    def step(m, batch):
+        img, txt, scale = clip_features(m, batch)
+        return {"loss": loss_fn(img, txt, scale), "logit_scale": scale.detach()}
+
+    def clamp_scale(m, _step):
+        # open_clip clamps after each optimizer step, so the temperature never goes below 0.01
+        with torch.no_grad():
+            m.logit_scale.clamp_(0, math.log(100))
+
+    with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, **init}, force=force,
+                         command=command) as art:
+        result = train(cfg.train, model, step, batches, art.dir, after_step=clamp_scale,
+                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
+        art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
+        art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
+        art.metrics["train"] = result.metrics
+        if dist.rank == 0:
+            model.eval()
+            save_clip(clip, art.dir / "model")
+            evaluate_into(art, clip, td.eval_dir, cfg.eval)
+    return art.artifact
