@@ -8,10 +8,10 @@
     eval/zeroshot/classnames.txt, eval/zeroshot/zeroshot_classification_templates.txt
     yolo/data.yaml, yolo/{images,labels}/{train,val}/   a detection copy ultralytics trains on
 
-Every sample is a pure function of (seed, split, index): scenes are sampled in the parent, where
-the test split is also de-duplicated (no two test images share a long caption's content), and
-rendered in a worker pool whose results come back in index order, so shards are byte-identical
-for a seed whatever the number of workers.
+Every sample is a pure function of (seed, split, index) (test scenes also of the earlier test
+scenes: the test split is de-duplicated so that no two test images share a long caption's
+content). Scenes are sampled in the parent and rendered in a worker pool whose results come back
+in index order, so shards are byte-identical for a seed whatever the number of workers.
 """
 
 from __future__ import annotations

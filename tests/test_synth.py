@@ -1,0 +1,211 @@
+"""The embedded synthetic world: determinism, exact boxes, the long-text property, layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vla.data.synth import SHAPES, SynthConfig, generate_world, sample_tasks, make_sample
+from vla.data.synth_text import BACKGROUNDS, CLASSNAMES, COLOURS, TEMPLATES
+from vla.errors import UserError
+
+CFG = SynthConfig(n_train=200, n_val=40, n_test=100, shard_size=64, yolo_train=60, workers=1)
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes}, in tar order."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.rsplit(".", 1)
+            samples[key][ext] = tar.extractfile(m).read()
+    return dict(samples)
+
+
+def read_dir(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(path.glob("*.tar")):
+        out.update(read_tar(shard))
+    return out
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("world")
+    return out, generate_world(out, CFG)
+
+
+def test_same_seed_is_byte_identical_whatever_the_workers_and_other_seeds_differ(world, tmp_path):
+    out, _ = world
+    again = tmp_path / "again"
+    again.mkdir()
+    generate_world(again, replace(CFG, workers=2))
+    assert digests(again) == digests(out)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    generate_world(other, replace(CFG, seed=1, n_train=20, n_val=5, n_test=10))
+    first = (out / "train" / "00000.tar").read_bytes()
+    assert (other / "train" / "00000.tar").read_bytes() != first
+    a, b = read_tar(out / "train" / "00000.tar"), read_tar(other / "train" / "00000.tar")
+    assert [a[k]["txt"] for k in list(b)[:10]] != [b[k]["txt"] for k in list(b)[:10]]
+
+
+def test_split_shards_hold_complete_samples(world):
+    out, result = world
+    assert result["counts"]["train"] == 200 and result["counts"]["test"] == 100
+    assert len(list((out / "train").glob("*.tar"))) == math.ceil(200 / CFG.shard_size)
+    train = read_dir(out / "train")
+    assert list(train) == [f"train{i:07d}" for i in range(200)]
+    for key, members in list(train.items())[:20]:
+        assert set(members) == {"jpg", "txt", "json"}
+        meta = json.loads(members["json"])
+        assert meta["key"] == key and meta["width"] == meta["height"] == CFG.image_size
+        assert members["txt"].decode() == meta["caption"] == meta["captions"][0]
+        assert len(set(meta["captions"])) == CFG.captions_per_image
+        primary = meta["regions"][0]["label"]
+        assert CLASSNAMES[meta["label"]] == primary and all(primary in c for c in meta["captions"])
+        assert meta["background"] in meta["long_caption"]
+        for r in meta["regions"]:  # the long caption names every object with its size and place
+            assert r["caption"].split(" in the ")[0][2:] in meta["long_caption"]
+
+
+def test_boxes_are_exact_and_tight():
+    cfg = replace(CFG, n_train=60, n_val=0)
+    cell = cfg.image_size / 3
+    checked = 0
+    for task in list(sample_tasks(cfg))[:60]:
+        sample, objects = make_sample(task)
+        img = np.asarray(sample.image, dtype=np.float32)
+        bg = np.asarray(BACKGROUNDS[task.scene.background], dtype=np.float32)
+        for obj, region in zip(objects, sample.regions):
+            x0, y0, x1, y1 = (int(v) for v in region.box)
+            assert region.box == (x0, y0, x1, y1) and 0 <= x0 < x1 <= cfg.image_size and 0 <= y0 < y1
+            assert region.label == obj.name and obj.position in region.caption
+            # Pixels nearer the object's colour than the background's, inside its own grid cell
+            # (objects never leave their cell, so no other object can be there).
+            row, col = divmod(obj.cell, 3)
+            cy0, cy1 = math.ceil(row * cell), math.floor((row + 1) * cell)
+            cx0, cx1 = math.ceil(col * cell), math.floor((col + 1) * cell)
+            assert cx0 <= x0 and x1 <= cx1 and cy0 <= y0 and y1 <= cy1
+            window = img[cy0:cy1, cx0:cx1]
+            colour = np.asarray(COLOURS[obj.colour], dtype=np.float32)
+            near = np.abs(window - colour).max(-1) < np.abs(window - bg).max(-1)
+            ys, xs = np.nonzero(near)
+            found = (cx0 + xs.min(), cy0 + ys.min(), cx0 + xs.max() + 1, cy0 + ys.max() + 1)
+            assert np.abs(np.subtract(found, (x0, y0, x1, y1))).max() <= 1, (obj, found, region.box)
+            # The box's interior is mostly the object's colour (not just an edge case).
+            inside = np.abs(img[y0:y1, x0:x1] - colour).max(-1) < 40
+            assert inside.mean() > 0.3
+            checked += 1
+    assert checked > 100
+
+
+def test_long_text_property(world):
+    out, result = world
+    m = result["metrics"]
+    assert m["long_text_prefix_ambiguous_fraction"] >= 0.5
+    assert m["long_text_full_unique_fraction"] == 1.0
+    assert m["short_caption_truncated_fraction"] <= 0.01
+    assert m["long_caption_truncated_fraction"] == 1.0
+    assert m["short_caption_mean_tokens"] <= CFG.context_length < 2 * CFG.context_length < m["long_caption_mean_tokens"]
+    longs = [json.loads(s["json"])["long_caption"] for s in read_dir(out / "test").values()]
+    assert len(set(longs)) == len(longs) == CFG.n_test
+
+
+def test_eval_sets_follow_the_clip_benchmark_layout(world):
+    out, result = world
+    test_keys = list(read_dir(out / "test"))
+    expected_members = {"retrieval": {"jpg", "txt", "json"}, "long_retrieval": {"jpg", "txt", "json"},
+                        "zeroshot": {"jpg", "cls", "json"}, "regional": {"jpg", "txt", "json"},
+                        "captioning": {"jpg", "txt", "json"}}
+    for task, members in expected_members.items():
+        info = json.loads((out / "eval" / task / "info.json").read_text())
+        samples = read_dir(out / "eval" / task / "test")
+        assert info["task"] == task and info["n_images"] == CFG.n_test and list(samples) == test_keys
+        assert result["counts"]["eval"][task] == {"n_images": info["n_images"], "n_texts": info["n_texts"]}
+        n_texts = 0
+        for s in samples.values():
+            assert set(s) == members
+            meta = json.loads(s["json"])
+            if task == "zeroshot":
+                assert int(s["cls"]) == meta["label"]
+                continue
+            lines = s["txt"].decode().split("\n")
+            n_texts += len(lines)
+            wanted = {"retrieval": meta["captions"], "captioning": meta["captions"],
+                      "long_retrieval": [meta["long_caption"]],
+                      "regional": [r["caption"] for r in meta["regions"]]}[task]
+            assert lines == wanted
+        assert n_texts == info["n_texts"] or task == "zeroshot"
+    classnames = (out / "eval" / "zeroshot" / "classnames.txt").read_text().splitlines()
+    assert classnames == sorted(classnames) == list(CLASSNAMES) and len(classnames) == len(COLOURS) * len(SHAPES)
+    templates = (out / "eval" / "zeroshot" / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates == list(TEMPLATES) and len(templates) >= 6 and all("{c}" in t for t in templates)
+
+
+def test_yolo_copy_matches_boxes_and_loads_in_ultralytics(world, tmp_path):
+    out, result = world
+    yolo = out / "yolo"
+    assert result["counts"]["yolo_train"] == CFG.yolo_train and result["counts"]["yolo_val"] == CFG.n_val
+    for split, n in (("train", CFG.yolo_train), ("val", CFG.n_val)):
+        images = sorted((yolo / "images" / split).glob("*.jpg"))
+        assert [p.stem for p in images] == [f"{split}{i:07d}" for i in range(n)]
+        shards = read_dir(out / split)
+        for img in images:
+            meta = json.loads(shards[img.stem]["json"])
+            assert img.read_bytes() == shards[img.stem]["jpg"]
+            rows = [line.split() for line in (yolo / "labels" / split / f"{img.stem}.txt").read_text().splitlines()]
+            assert len(rows) == len(meta["regions"])
+            for row, r in zip(rows, meta["regions"]):
+                x0, y0, x1, y1 = (v / CFG.image_size for v in r["box"])
+                assert SHAPES[int(row[0])] == r["label"].split()[1]
+                assert np.allclose([float(v) for v in row[1:]], [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0],
+                                   atol=1e-6)
+
+    # ultralytics' own dataset check, in a fresh process so its offline settings apply before import.
+    config = tmp_path / "yolo-config"
+    (config / "Ultralytics").mkdir(parents=True)
+    import matplotlib
+    font = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    shutil.copy(font, config / "Ultralytics" / "Arial.ttf")
+    env = dict(os.environ, YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(config))
+    code = ("import json, sys; from ultralytics.data.utils import check_det_dataset; "
+            "d = check_det_dataset(sys.argv[1], autodownload=False); "
+            "print(json.dumps({'nc': d['nc'], 'names': d['names'], 'train': d['train'], 'val': d['val']}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(yolo / "data.yaml")], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert data["nc"] == len(SHAPES) and list(data["names"].values()) == list(SHAPES)
+    assert Path(data["train"]) == (yolo / "images" / "train").resolve()
+    assert Path(data["val"]) == (yolo / "images" / "val").resolve()
+
+
+def test_refuses_a_non_empty_directory_and_bad_settings(tmp_path):
+    (tmp_path / "stale.txt").write_text("x")
+    with pytest.raises(UserError, match="empty directory"):
+        generate_world(tmp_path, CFG)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="max_objects"):
+        generate_world(empty, replace(CFG, max_objects=10))
+    with pytest.raises(UserError, match="captions_per_image"):
+        generate_world(empty, replace(CFG, captions_per_image=99))
