@@ -189,7 +189,10 @@ class ArtifactBuilder:
         self.timings: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         self.resumed = False
-        self.artifact: Artifact | None = None  # set once finished
+        self.artifact: Artifact | None = None  # set once finished (on rank 0)
+        # Under torchrun every rank runs the stage, but only rank 0 writes and finishes the
+        # artifact; the other ranks train in lock-step and return no artifact.
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
         self._t0 = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -201,6 +204,9 @@ class ArtifactBuilder:
             if not self.force:
                 raise UserError(f"{self.out} exists and is not a vla artifact; choose another --out or "
                                 f"pass --force to replace it")
+        self._t0 = time.time()
+        if not self.is_main:  # rank 0 alone touches the filesystem
+            return self
         if self.force and self.dir.exists():
             shutil.rmtree(self.dir)
         state = self.dir / "resume.json"
@@ -215,7 +221,6 @@ class ArtifactBuilder:
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe}, indent=1))
-        self._t0 = time.time()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -230,7 +235,9 @@ class ArtifactBuilder:
             return "?"
 
     # -- finishing -----------------------------------------------------------------------------
-    def finish(self) -> Artifact:
+    def finish(self) -> Artifact | None:
+        if not self.is_main:
+            return None
         if not self.keep_checkpoints:
             shutil.rmtree(self.dir / CHECKPOINTS, ignore_errors=True)
         (self.dir / "resume.json").unlink(missing_ok=True)

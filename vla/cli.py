@@ -236,6 +236,8 @@ def export(
 
 
 def _print_done(art) -> None:
+    if art is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     m = art.manifest
     sps = m["timings"].get("samples_per_s")
     console.print(f"[green]✓[/] {m['kind']} → {art.path}  ({m['timings']['wall_s']:.1f} s"

@@ -47,10 +47,14 @@ class SkipCounter:
         return {"seen": self.seen, "used": self.used,
                 "skipped": {k: v for k, v in sorted(self.skipped.items()) if v}}
 
-    def check(self, max_fraction: float, what: str, setting: str = "data.max_skip_fraction") -> None:
-        """Raise StageError when more than `max_fraction` of the samples seen were skipped."""
+    def check(self, max_fraction: float, what: str, setting: str = "data.max_skip_fraction",
+              min_seen: int = 0) -> None:
+        """Raise StageError when more than `max_fraction` of the samples seen were skipped.
+
+        While streaming, pass `min_seen` so that a few bad samples early on (14 in a first batch
+        of 256) do not stop a stage whose data is fine overall."""
         total = self.seen - self.used
-        if self.seen == 0 or total / self.seen <= max_fraction:
+        if self.seen == 0 or self.seen < min_seen or total / self.seen <= max_fraction:
             return
         reasons = ", ".join(f"{k}: {v}" for k, v in self.skipped.most_common() if v)
         raise StageError(f"{total} of {self.seen} samples in {what} skipped ({reasons}), above "

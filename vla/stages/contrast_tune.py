@@ -27,7 +27,7 @@ from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
 from vla.stages.common import EvalConfig, evaluate_into, training_data
 from vla.stages.distill import EmbedderConfig, model_identity
-from vla.stages.pretrain import DataConfig
+from vla.stages.pretrain import MIN_SEEN, DataConfig
 from vla.train import TrainConfig, train
 
 KIND = "contrast-tune"
@@ -127,7 +127,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
                              shuffle_buffer=cfg.data.shuffle_buffer)
         for batch, skipped in loader:
             skips.add_counts(skipped)
-            skips.check(cfg.data.max_skip_fraction, str(td.path))
+            skips.check(cfg.data.max_skip_fraction, str(td.path), min_seen=MIN_SEEN)
             long = torch.as_tensor(batch["long"])[:, None]
             batch["phi"] = torch.where(long, phi["second"].lookup(batch["key"]), phi["short"].lookup(batch["key"]))
             yield batch
@@ -150,6 +150,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
                          command=command) as art:
         result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
                        samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
+        skips.check(cfg.data.max_skip_fraction, str(td.path))
         art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
         art.metrics["train"] = result.metrics
         art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)

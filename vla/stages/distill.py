@@ -143,6 +143,7 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     n_val = min(cfg.val_rows, len(table.keys) // 5)
     n_train = len(table.keys) - n_val
     preset = getattr(AdapterConfig, cfg.adapter)
+    torch.manual_seed(cfg.train.seed)
     adapter = Adapter.from_config(preset(embedder.dim, feats["teacher.short"].shape[1], dropout=cfg.adapter_dropout))
     two = "phi.second" in feats
 

@@ -21,6 +21,7 @@ from vla.stages.common import EvalConfig, evaluate_into, training_data
 from vla.train import TrainConfig, train
 
 KIND = "pretrain"
+MIN_SEEN = 1000  # samples streamed before the skip-fraction limit is enforced
 
 
 @dataclass
@@ -83,6 +84,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.models.clip import save_clip
 
     td = training_data(data)
+    torch.manual_seed(cfg.train.seed)  # a random init (the small configs) is part of the recipe
     clip, init = load_start_model(cfg.model)
     dist = init_distributed()
     source = resolve_data(td.path)
@@ -103,7 +105,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
                              shuffle_buffer=cfg.data.shuffle_buffer)
         for batch, skipped in loader:
             skips.add_counts(skipped)
-            skips.check(cfg.data.max_skip_fraction, str(td.path))
+            skips.check(cfg.data.max_skip_fraction, str(td.path), min_seen=MIN_SEEN)
             yield batch
 
     def step(m, batch):
@@ -119,6 +121,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
                          command=command) as art:
         result = train(cfg.train, model, step, batches, art.dir, after_step=clamp_scale,
                        samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
+        skips.check(cfg.data.max_skip_fraction, str(td.path))
         art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
         art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
         art.metrics["train"] = result.metrics
