@@ -27,6 +27,8 @@ EMBEDDER ?= minilm
 EXPORT ?= exports/proclip
 SYNTH_RECIPE ?= recipes/synth.yaml
 VLA_FLAGS ?=
+# training stages can run under torchrun: make proclip LAUNCH=".venv/bin/torchrun --nproc-per-node 8"
+LAUNCH ?=
 
 # the world is built only when DATA is the embedded one
 DATA_DEP := $(if $(filter $(WORLD),$(DATA)),$(WORLD)/manifest.json,)
@@ -47,18 +49,18 @@ $(WORLD)/manifest.json: | $(STAMP)
 	$(VLA) synth --out $(WORLD) --recipe $(SYNTH_RECIPE) $(VLA_FLAGS)
 
 $(RUNS)/clip/manifest.json: $(DATA_DEP) | $(STAMP)
-	$(VLA) pretrain --data $(DATA) --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml $(VLA_FLAGS)
+	$(LAUNCH) $(VLA) pretrain --data $(DATA) --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml $(VLA_FLAGS)
 
 $(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) | $(STAMP)
-	$(VLA) distill --data $(DATA) --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
+	$(LAUNCH) $(VLA) distill --data $(DATA) --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
 	  --recipe $(RECIPES)/distill.yaml $(VLA_FLAGS)
 
 $(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json | $(STAMP)
-	$(VLA) contrast-tune --data $(DATA) --init $(RUNS)/distill --out $(RUNS)/contrast \
+	$(LAUNCH) $(VLA) contrast-tune --data $(DATA) --init $(RUNS)/distill --out $(RUNS)/contrast \
 	  --recipe $(RECIPES)/contrast-tune.yaml $(VLA_FLAGS)
 
 $(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) | $(STAMP)
-	$(VLA) contrast-tune --data $(DATA) --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
+	$(LAUNCH) $(VLA) contrast-tune --data $(DATA) --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
 	  --out $(RUNS)/llm2clip --recipe $(RECIPES)/llm2clip.yaml $(VLA_FLAGS)
 
 $(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP)
@@ -89,6 +91,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# figures and ratios side by side (bench/results.json); BENCH_FLAGS="--quick" or "--only a,c"
+bench: $(STAMP)
+	$(BIN)/python -m vla.bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf runs data bench .yolo

@@ -270,10 +270,9 @@ def inspect(
         console.print(f"created {m['created']}   digest {m['digest'][:16]}   "
                       f"{len(m['outputs'])} files   {m['timings'].get('wall_s', 0):.1f} s")
         console.print("command: " + " ".join(m.get("command", [])), highlight=False)
-        if m.get("counts"):
-            console.print("counts:  " + json.dumps(m["counts"]), highlight=False)
-        if m.get("metrics"):
-            console.print("metrics: " + json.dumps(m["metrics"]), highlight=False)
+        for section in ("counts", "metrics"):
+            for line in _summary_lines(m.get(section) or {}):
+                console.print(f"{section}: {line}", highlight=False)
         tree = Tree(f"[cyan]{m['kind']}[/] {path}")
         nodes = {-1: tree}
         for depth, role, ref in lineage(m):
@@ -287,6 +286,19 @@ def inspect(
                 err_console.print(f"[red]✗[/] {p}")
             raise VlaError(f"{path}: {len(problems)} output(s) do not match the manifest; rebuild with --force")
         console.print(f"[green]✓[/] all {len(m['outputs'])} outputs match their sha256")
+
+
+def _summary_lines(d: dict, prefix: str = "") -> list[str]:
+    """One line per group of a nested counts/metrics dict, floats rounded, for reading at a glance."""
+    flat = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    lines = []
+    if flat:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items())
+        lines.append(f"{prefix.rstrip('.') or '-'}: {shown}" if prefix else shown)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += _summary_lines(v, f"{prefix}{k}.")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,20 @@ def load_adapter(path: Path) -> Adapter:
     return adapter.eval()
 
 
+# Φ(text) by (embedder digest, text): the frozen embedder gives the same features to every model
+# that shares it, so `vla eval` comparing ProCLIP with LLM2CLIP runs the LLM over the texts once.
+_PHI_MEMO: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def frozen_text_features(embedder, texts: Sequence[str]) -> torch.Tensor:
+    ident = embedder.digest()
+    missing = [t for t in dict.fromkeys(texts) if (ident, t) not in _PHI_MEMO]
+    if missing:
+        for text, feat in zip(missing, embedder.embed(missing)):
+            _PHI_MEMO[(ident, text)] = feat
+    return torch.stack([_PHI_MEMO[(ident, t)] for t in texts])
+
+
 class ProCLIPModel:
     """A DualEncoder (see vla/models/encoder.py) over an image tower and embedder + adapter."""
 
@@ -102,7 +116,7 @@ class ProCLIPModel:
         return F.normalize(self.adapter(phi.float()), dim=-1)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.encode_text_features(self.embedder.embed(list(texts)))
+        return self.encode_text_features(frozen_text_features(self.embedder, list(texts)))
 
     def text_token_counts(self, texts: Sequence[str]) -> list[int]:
         return self.embedder.token_counts(list(texts))

@@ -70,3 +70,33 @@ def evaluate_into(art, model, eval_dir: Path | None, cfg: EvalConfig) -> dict[st
     results = evaluate_model(model, sets, batch_size=cfg.batch_size)
     art.metrics["eval"] = results
     return results
+
+
+MIN_SEEN = 1000  # samples streamed before the skip-fraction limit is enforced
+
+
+def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what: str):
+    """`batches(start_step)` for the training loop over image–text shards: batch k of the run is
+    always the same samples, so a resumed run continues exactly; corrupt samples are counted in
+    `skips` and the stage stops once they pass `data_cfg.max_skip_fraction`."""
+    from vla.data.stream import make_loader
+
+    def batches(start_step: int):
+        loader = make_loader(source, transform, train_cfg.batch_size, num_workers=data_cfg.num_workers,
+                             rank=dist.rank, world_size=dist.world_size, seed=train_cfg.seed,
+                             start_batch=start_step * train_cfg.grad_accum, repeat=True,
+                             shuffle_buffer=data_cfg.shuffle_buffer)
+        for batch, skipped in loader:
+            skips.add_counts(skipped)
+            skips.check(data_cfg.max_skip_fraction, what, min_seen=MIN_SEEN)
+            yield batch
+
+    return batches
+
+
+def record_training(art, result, skips, max_skip_fraction: float, what: str) -> None:
+    """Put a finished training run's counts, metrics and throughput into the artifact's manifest."""
+    skips.check(max_skip_fraction, what)
+    art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
+    art.metrics["train"] = result.metrics
+    art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)

@@ -25,9 +25,9 @@ import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
-from vla.stages.common import EvalConfig, evaluate_into, training_data
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, record_training, training_data
 from vla.stages.distill import EmbedderConfig, model_identity
-from vla.stages.pretrain import MIN_SEEN, DataConfig
+from vla.stages.pretrain import DataConfig
 from vla.train import TrainConfig, train
 
 KIND = "contrast-tune"
@@ -71,7 +71,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.cache import cached_features
     from vla.data.skips import SkipCounter
-    from vla.data.stream import make_loader, resolve_data
+    from vla.data.stream import resolve_data
     from vla.distributed import init_distributed
     from vla.losses import ClipLoss, LogitScale, self_distillation_loss
     from vla.models.adapter import Adapter, AdapterConfig
@@ -120,14 +120,10 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         long = random.Random(f"{seed}:{sample.key}").random() < cfg.long_caption_prob
         return {"image": clip.preprocess(sample.image), "key": sample.key, "long": long}
 
+    image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
+
     def batches(start_step: int):
-        loader = make_loader(source, transform, cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                             rank=dist.rank, world_size=dist.world_size, seed=seed,
-                             start_batch=start_step * cfg.train.grad_accum, repeat=True,
-                             shuffle_buffer=cfg.data.shuffle_buffer)
-        for batch, skipped in loader:
-            skips.add_counts(skipped)
-            skips.check(cfg.data.max_skip_fraction, str(td.path), min_seen=MIN_SEEN)
+        for batch in image_batches(start_step):
             long = torch.as_tensor(batch["long"])[:, None]
             batch["phi"] = torch.where(long, phi["second"].lookup(batch["key"]), phi["short"].lookup(batch["key"]))
             yield batch
@@ -150,10 +146,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
                          command=command) as art:
         result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
                        samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
-        skips.check(cfg.data.max_skip_fraction, str(td.path))
-        art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
-        art.metrics["train"] = result.metrics
-        art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
+        record_training(art, result, skips, cfg.data.max_skip_fraction, str(td.path))
         if dist.rank == 0:
             model.eval()
             save_clip(clip, art.dir / "model")

@@ -17,11 +17,10 @@ from typing import Sequence
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder
-from vla.stages.common import EvalConfig, evaluate_into, training_data
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, record_training, training_data
 from vla.train import TrainConfig, train
 
 KIND = "pretrain"
-MIN_SEEN = 1000  # samples streamed before the skip-fraction limit is enforced
 
 
 @dataclass
@@ -77,7 +76,7 @@ def clip_features(model, batch):
 
 def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.data.stream import make_loader, resolve_data
+    from vla.data.stream import resolve_data
     from vla.data.skips import SkipCounter
     from vla.distributed import init_distributed
     from vla.losses import ClipLoss
@@ -98,15 +97,8 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
                        rank=dist.rank, world_size=dist.world_size)
     skips = SkipCounter()
 
-    def batches(start_step: int):
-        loader = make_loader(source, clip_batch_transform(clip, cfg.train.seed), cfg.train.batch_size,
-                             num_workers=cfg.data.num_workers, rank=dist.rank, world_size=dist.world_size,
-                             seed=cfg.train.seed, start_batch=start_step * cfg.train.grad_accum, repeat=True,
-                             shuffle_buffer=cfg.data.shuffle_buffer)
-        for batch, skipped in loader:
-            skips.add_counts(skipped)
-            skips.check(cfg.data.max_skip_fraction, str(td.path), min_seen=MIN_SEEN)
-            yield batch
+    batches = image_text_batches(source, clip_batch_transform(clip, cfg.train.seed), cfg.train, cfg.data,
+                                 dist, skips, str(td.path))
 
     def step(m, batch):
         img, txt, scale = clip_features(m, batch)
@@ -121,10 +113,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
                          command=command) as art:
         result = train(cfg.train, model, step, batches, art.dir, after_step=clamp_scale,
                        samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
-        skips.check(cfg.data.max_skip_fraction, str(td.path))
-        art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
-        art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
-        art.metrics["train"] = result.metrics
+        record_training(art, result, skips, cfg.data.max_skip_fraction, str(td.path))
         if dist.rank == 0:
             model.eval()
             save_clip(clip, art.dir / "model")
