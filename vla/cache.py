@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 CACHE_DIRNAME = ".vla-features"
 
@@ -66,7 +68,6 @@ def cached_features(
     inputs: Sequence,
     encode: Callable[[Sequence], torch.Tensor],
     batch_size: int = 256,
-    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[FeatureTable, bool]:
     """Return (table, hit). On a miss, encode `inputs` in batches and store them under the key.
 
@@ -82,11 +83,13 @@ def cached_features(
         return FeatureTable(meta.pop("keys"), np.load(npy, mmap_mode="r"), meta), True
 
     chunks = []
-    for start in range(0, len(inputs), batch_size):
-        with torch.no_grad():
-            chunks.append(encode(inputs[start:start + batch_size]).float().cpu().numpy().astype(np.float16))
-        if progress:
-            progress(min(start + batch_size, len(inputs)), len(inputs))
+    # computing a cache entry can take minutes (an LLM over every caption): show it on a terminal
+    quiet = os.environ.get("VLA_NO_PROGRESS", "") not in ("", "0") or not sys.stderr.isatty()
+    with tqdm(total=len(inputs), desc=f"caching {name}", unit="text", disable=quiet, leave=False) as bar:
+        for start in range(0, len(inputs), batch_size):
+            with torch.no_grad():
+                chunks.append(encode(inputs[start:start + batch_size]).float().cpu().numpy().astype(np.float16))
+            bar.update(min(batch_size, len(inputs) - start))
     feats = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float16)
     meta = {"name": name, "model_digest": model_digest, "data_digest": data_digest,
             "count": len(keys), "dim": int(feats.shape[1]) if feats.size else 0}
