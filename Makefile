@@ -45,25 +45,25 @@ proclip: $(EXPORT)/manifest.json
 
 world: $(WORLD)/manifest.json
 
-$(WORLD)/manifest.json: | $(STAMP)
-	$(VLA) synth --out $(WORLD) --recipe $(SYNTH_RECIPE) $(VLA_FLAGS)
+$(WORLD)/manifest.json: $(SYNTH_RECIPE) | $(STAMP)
+	$(VLA) synth --out $(WORLD) --recipe $(SYNTH_RECIPE) --force $(VLA_FLAGS)
 
-$(RUNS)/clip/manifest.json: $(DATA_DEP) | $(STAMP)
-	$(LAUNCH) $(VLA) pretrain --data $(DATA) --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml $(VLA_FLAGS)
+$(RUNS)/clip/manifest.json: $(DATA_DEP) $(RECIPES)/pretrain.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) pretrain --data $(DATA) --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) | $(STAMP)
+$(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(RECIPES)/distill.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) distill --data $(DATA) --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
-	  --recipe $(RECIPES)/distill.yaml $(VLA_FLAGS)
+	  --recipe $(RECIPES)/distill.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json | $(STAMP)
+$(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json $(RECIPES)/contrast-tune.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) contrast-tune --data $(DATA) --init $(RUNS)/distill --out $(RUNS)/contrast \
-	  --recipe $(RECIPES)/contrast-tune.yaml $(VLA_FLAGS)
+	  --recipe $(RECIPES)/contrast-tune.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) | $(STAMP)
+$(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(RECIPES)/llm2clip.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) contrast-tune --data $(DATA) --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
-	  --out $(RUNS)/llm2clip --recipe $(RECIPES)/llm2clip.yaml $(VLA_FLAGS)
+	  --out $(RUNS)/llm2clip --recipe $(RECIPES)/llm2clip.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP)
+$(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP) $(RECIPES)/eval.yaml
 	$(VLA) eval $(TEACHER) $(RUNS)/llm2clip $(RUNS)/contrast --data $(EVAL) --out $(RUNS)/eval \
 	  --recipe $(RECIPES)/eval.yaml --force $(VLA_FLAGS)
 

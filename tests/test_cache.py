@@ -19,10 +19,10 @@ def test_features_are_computed_once_and_keyed_by_model_and_data(tmp_path):
     table, hit = cached_features(tmp_path, "phi.short", **kw)
     assert hit and calls == [2, 1]  # reused, not recomputed
     assert table.lookup(["b"]).tolist() == [[2.0, 1.0]]
-    for change in ({"model_digest": "m2"}, {"data_digest": "d2"}):
+    for change in ({"model_digest": "m2"}, {"data_digest": "d2"}, {"inputs": ["x", "yy", "other"]}):
         _, hit = cached_features(tmp_path, "phi.short", **{**kw, **change})
         assert not hit
-    assert len(list(cache_dir_for(tmp_path).glob("*.npy"))) == 3
+    assert len(list(cache_dir_for(tmp_path).glob("*.npy"))) == 4
 
 
 def test_interrupted_computation_leaves_no_entry(tmp_path):

@@ -207,20 +207,22 @@ class ArtifactBuilder:
         self._t0 = time.time()
         if not self.is_main:  # rank 0 alone touches the filesystem
             return self
-        if self.force and self.dir.exists():
-            shutil.rmtree(self.dir)
+        # --force replaces a finished artifact; an interrupted run with the same settings is still
+        # resumed (so `make`, which passes --force for stale targets, resumes after a crash too)
         state = self.dir / "resume.json"
         if self.dir.exists() and state.exists():
             started = json.loads(state.read_text())
-            if started.get("kind") != self.kind or started.get("recipe") != self.recipe:
+            if started.get("kind") == self.kind and started.get("recipe") == self.recipe:
+                self.resumed = True
+                return self
+            if not self.force:
                 what = ("kind " + started.get("kind", "?") if started.get("kind") != self.kind
                         else _recipe_diff(started.get("recipe", {}), self.recipe))
                 raise UserError(f"{self.dir} holds an interrupted run with other settings ({what}); "
                                 f"rerun with the same settings to resume it, or pass --force to start over")
-            self.resumed = True
-        else:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe}, indent=1))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe}, indent=1))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

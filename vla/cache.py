@@ -75,7 +75,10 @@ def cached_features(
     "minilm.long_caption"), so several text variants of one data set get separate entries.
     """
     root = cache_dir_for(data_dir)
-    key = cache_key(name, model_digest, data_digest)
+    # the inputs themselves are part of the key: two variants of one data set (first caption,
+    # second caption, long caption) can never be confused, whatever they are named
+    texts_digest = hashlib.sha256("\0".join(map(str, inputs)).encode()).hexdigest()
+    key = cache_key(name, model_digest, data_digest, texts_digest)
     stem = f"{name.replace('/', '_')}-{key}"
     npy, meta_path = root / f"{stem}.npy", root / f"{stem}.json"
     if npy.exists() and meta_path.exists():

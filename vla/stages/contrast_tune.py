@@ -97,10 +97,10 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
 
     table, _ = read_captions(td.path, "long_caption", cfg.data.max_skip_fraction)
     phi = {}
-    for variant, texts in (("short", table.short), ("second", table.second)):
-        phi[variant], _ = cached_features(td.path, f"phi.{variant}", model_digest=embedder.digest(),
-                                          data_digest=source.digest() + ":" + variant, keys=table.keys,
-                                          inputs=texts, encode=embedder.embed, batch_size=cfg.embedder.batch_size)
+    for variant, field, texts in (("short", "caption", table.short), ("long", "long_caption", table.second)):
+        phi[variant], _ = cached_features(td.path, f"phi.{field}", model_digest=embedder.digest(),
+                                          data_digest=source.digest(), keys=table.keys, inputs=texts,
+                                          encode=embedder.embed, batch_size=cfg.embedder.batch_size)
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage
         p.requires_grad_(False)
@@ -125,7 +125,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     def batches(start_step: int):
         for batch in image_batches(start_step):
             long = torch.as_tensor(batch["long"])[:, None]
-            batch["phi"] = torch.where(long, phi["second"].lookup(batch["key"]), phi["short"].lookup(batch["key"]))
+            batch["phi"] = torch.where(long, phi["long"].lookup(batch["key"]), phi["short"].lookup(batch["key"]))
             yield batch
 
     def step(m, batch):

@@ -54,8 +54,9 @@ class DistillRecipe:
 @dataclass
 class CaptionTable:
     keys: list[str]
-    short: list[str]
-    second: list[str] | None
+    short: list[str]                 # each sample's first caption
+    second: list[str] | None         # the second text variant, if any
+    second_field: str = ""           # what the second variant is: "long_caption" or "caption2"
 
 
 def read_captions(path: Path, second: str, max_skip_fraction: float) -> tuple[CaptionTable, dict]:
@@ -73,7 +74,8 @@ def read_captions(path: Path, second: str, max_skip_fraction: float) -> tuple[Ca
         elif second == "caption":
             other.append(s.captions[1] if len(s.captions) > 1 else s.captions[0])
     skips.check(max_skip_fraction, str(path))
-    return CaptionTable(keys, short, other if second != "none" else None), skips.as_dict()
+    field = {"long_caption": "long_caption", "caption": "caption2"}.get(second, "")
+    return CaptionTable(keys, short, other if second != "none" else None, field), skips.as_dict()
 
 
 def model_identity(ref: str) -> str:
@@ -95,14 +97,14 @@ def frozen_text_features(data_dir: Path, data_digest: str, table: CaptionTable, 
     from vla.cache import cached_features
 
     out = {}
-    variants = {"short": table.short, **({"second": table.second} if table.second is not None else {})}
-    for variant, texts in variants.items():
-        for role, model, ident, encode in (
-                ("phi", embedder, embedder.digest(), embedder.embed),
-                ("teacher", teacher, teacher_id, teacher.encode_text)):
-            tab, _hit = cached_features(
-                data_dir, f"{role}.{variant}", model_digest=ident, data_digest=data_digest + ":" + variant,
-                keys=table.keys, inputs=texts, encode=encode, batch_size=batch_size)
+    variants = {"short": ("caption", table.short)}
+    if table.second is not None:
+        variants["second"] = (table.second_field, table.second)
+    for variant, (field, texts) in variants.items():
+        for role, ident, encode in (("phi", embedder.digest(), embedder.embed),
+                                    ("teacher", teacher_id, teacher.encode_text)):
+            tab, _hit = cached_features(data_dir, f"{role}.{field}", model_digest=ident, data_digest=data_digest,
+                                        keys=table.keys, inputs=texts, encode=encode, batch_size=batch_size)
             out[f"{role}.{variant}"] = torch.from_numpy(tab.features[:].astype("float32"))
     return out
 
