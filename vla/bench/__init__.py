@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 #: outputs and scratch (the generated world, run directories, logs); gitignored
 BENCH_DIR = Path(os.environ.get("VLA_BENCH_DIR", "bench"))
@@ -47,3 +49,14 @@ class Part:
     baseline: str                                        # what vla is compared with
     figures: list[Figure] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # sizes, conditions, raw numbers
+
+
+def alternate(first: Callable[[], T], second: Callable[[], T], rounds: int) -> tuple[list[T], list[T]]:
+    """Run two measurements `rounds` times each in the order A B B A A B …, so that a steady
+    drift in the machine's load (other jobs starting or ending) favours neither side."""
+    a: list[T] = []
+    b: list[T] = []
+    for r in range(rounds):
+        for run, out in ((first, a), (second, b))[:: 1 if r % 2 == 0 else -1]:
+            out.append(run())
+    return a, b

@@ -96,6 +96,7 @@ def image_to_text_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to
         rank = at_least_best - positives_at_least_best
         rank[torch.bincount(row, minlength=c) == 0] = n_texts
         ranks[start:start + c] = rank.cpu()
+        del scores  # free this block before the next is computed: peak memory is one block
     return ranks
 
 

@@ -1,0 +1,21 @@
+"""`python -m vla.bench` end to end on its smallest part: the JSON it writes is complete and sane."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_retrieval_quick(tmp_path):
+    env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path)}  # leave the repo's bench/ alone
+    subprocess.run([sys.executable, "-m", "vla.bench", "--only", "c", "--quick"], env=env, check=True,
+                   capture_output=True)
+    part = json.loads((tmp_path / "results.json").read_text())["parts"]["c"]
+    details = part["details"]
+    assert details["metrics_equal"]
+    chunked, reference = details["chunked"]["metrics"], details["reference"]["metrics"]
+    assert chunked.keys() == reference.keys()
+    assert all(abs(chunked[k] - reference[k]) < 1e-6 for k in chunked)
+    assert 0 < chunked["mean_recall"] < 1  # the embeddings carry signal, so the check is not vacuous
+    assert details["chunked"]["seconds"] > 0 and details["reference"]["seconds"] > 0
+    assert {f["what"] for f in part["figures"]} == {"time", "peak memory"}

@@ -1,0 +1,153 @@
+"""Part a: training throughput of `vla pretrain` against open_clip's own trainer, like for like.
+
+Both train `vla-tiny-clip` from scratch on the same WebDataset shards of the synthetic world, for
+the same number of steps, with the same batch, precision (fp32 on CPU), optimizer (AdamW, betas
+0.9/0.98, eps 1e-6, weight decay 0.1), gradient clipping (1.0), warmup + cosine schedule and one
+DataLoader worker. Each runs in its own process; the full run measures each side twice in the
+order vla, open_clip, open_clip, vla (so that a drift in the machine's load favours neither) and
+keeps each side's best run. The first step (warm-up) is left out on both
+sides: vla's manifest reports samples/s from the end of step 1 to the end of the run, and
+open_clip is run with `--log-every-n-steps 1`, whose per-step "Batch (t)" (end of one step to the
+end of the next, data wait included) is summed over steps 2..N.
+
+The wrapper below also makes two known incompatibilities harmless without changing what is
+measured: open_clip_train imports pandas for its CSV datasets only (where pandas is not installed,
+an empty module stands in; the webdataset path never touches it), and webdataset >= 0.2.96 ends
+each shard with an `{}` marker that open_clip_train's grouping cannot read (webdataset#384,
+open_clip#935); the fix given there, `eof_value=None`, is applied.
+
+    python -m vla.bench.trainer <open_clip_train arguments>   # the wrapper: vla's configs + main()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vla.bench import BENCH_DIR, Figure, Part, alternate
+
+BATCH = 128
+LR = 5e-4
+WARMUP = 10
+MODEL = "vla-tiny-clip"
+WORLD_TRAIN = 6000   # synthetic training pairs: enough for 40 steps of 128 without repeating
+SHARD_SIZE = 500     # part b trains on one shard: its feature cache fill stays short
+# "Train Epoch: 0 [  256/5120 (5%)] Data (t): 0.012 Batch (t): 0.850, 150.6/s, 150.6/s/gpu ..."
+_BATCH_TIME = re.compile(r"Batch \(t\): ([\d.]+),")
+
+
+def ensure_world() -> Path:
+    """The benchmark's synthetic world (bench/world), generated once and reused."""
+    from vla.data.synth import SynthConfig, generate_world
+
+    world = BENCH_DIR / "world"
+    cfg = SynthConfig(n_train=WORLD_TRAIN, n_val=0, n_test=100, shard_size=SHARD_SIZE, yolo_train=0)
+    stamp = BENCH_DIR / "world.json"  # the config it was made with: a changed config remakes it
+    wanted = json.dumps(cfg.__dict__, sort_keys=True)
+    if world.is_dir() and stamp.exists() and stamp.read_text() == wanted:
+        return world
+    tmp = BENCH_DIR / ".world.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(world, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    generate_world(tmp, cfg)
+    tmp.rename(world)
+    stamp.write_text(wanted)
+    return world
+
+
+def _env() -> dict[str, str]:
+    # offline (no hub retries), no progress bar: both sides log to files, not to a terminal
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "WANDB_MODE": "disabled"}
+
+
+def _check(proc: subprocess.CompletedProcess, who: str) -> None:
+    if proc.returncode != 0:
+        raise RuntimeError(f"{who} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def run_vla(world: Path, steps: int) -> dict:
+    out = BENCH_DIR / "runs" / "pretrain"
+    for stale in (out, out.parent / f".{out.name}.partial"):  # never resume an earlier run
+        shutil.rmtree(stale, ignore_errors=True)
+    sets = {"model": MODEL, "train.steps": steps, "train.batch_size": BATCH, "train.lr": LR,
+            "train.warmup_steps": WARMUP, "train.precision": "fp32", "train.device": "cpu",
+            "train.grad_clip": 1.0, "train.weight_decay": 0.1, "data.num_workers": 1,
+            "eval.sets": "[]"}
+    cmd = [sys.executable, "-m", "vla", "pretrain", "--data", str(world / "train"), "--out", str(out),
+           "--force", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    _check(proc, "vla pretrain")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"samples_per_s": manifest["timings"]["samples_per_s"], "steps": manifest["counts"]["train"]["steps"],
+            "process_wall_s": time.perf_counter() - start, "command": cmd}
+
+
+def run_open_clip(world: Path, steps: int) -> dict:
+    logs, name = BENCH_DIR / "openclip_logs", "bench"
+    shutil.rmtree(logs / name, ignore_errors=True)  # open_clip refuses an existing experiment
+    shards = sorted(p.stem for p in (world / "train").glob("*.tar"))
+    argv = ["--train-data", str(world / "train" / f"{{{shards[0]}..{shards[-1]}}}.tar"),
+            "--dataset-type", "webdataset", "--train-num-samples", str(steps * BATCH),
+            "--batch-size", str(BATCH), "--epochs", "1", "--workers", "1", "--model", MODEL,
+            "--precision", "fp32", "--lr", str(LR), "--warmup", str(WARMUP), "--wd", "0.1",
+            "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
+            "--report-to", "", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
+            "--save-frequency", "0", "--device", "cpu", "--seed", "0"]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "vla.bench.trainer", *argv], capture_output=True,
+                          text=True, env=_env())
+    _check(proc, "open_clip_train")
+    log = (logs / name / "out.log").read_text()
+    per_step = [float(t) for t in _BATCH_TIME.findall(log)]
+    if len(per_step) != steps:
+        raise RuntimeError(f"open_clip_train logged {len(per_step)} of {steps} steps; log:\n{log[-3000:]}")
+    return {"samples_per_s": BATCH * (steps - 1) / sum(per_step[1:]), "steps": steps,
+            "step_seconds": per_step, "process_wall_s": time.perf_counter() - start,
+            "argv": argv}
+
+
+def run(quick: bool) -> Part:
+    steps = 15 if quick else 40
+    world = ensure_world()
+    runs = dict(zip(("vla", "open_clip"), alternate(lambda: run_vla(world, steps),
+                                                    lambda: run_open_clip(world, steps),
+                                                    rounds=1 if quick else 2)))
+    best = {side: max(r["samples_per_s"] for r in rs) for side, rs in runs.items()}
+    part = Part("a", f"pretrain {MODEL}, batch {BATCH}, fp32, {steps} steps", "open_clip_train")
+    part.figures = [Figure("training throughput", "samples/s", best["vla"], best["open_clip"],
+                           best["vla"] / best["open_clip"], "vla / baseline", 1.0)]
+    part.details = {"steps": steps, "batch": BATCH, "model": MODEL, "world_train_pairs": WORLD_TRAIN,
+                    "warmup_excluded_steps": 1, "kept": "best run per side", **runs}
+    return part
+
+
+def open_clip_main(argv: list[str]) -> None:
+    """open_clip_train's entry point with vla's model configs registered."""
+    import functools
+    import importlib.util
+    import types
+
+    import open_clip  # before the pandas stand-in: torch's import machinery probes for pandas
+
+    from vla.models.clip import CONFIG_DIR
+
+    open_clip.add_model_config(CONFIG_DIR)
+    if importlib.util.find_spec("pandas") is None:
+        sys.modules["pandas"] = types.ModuleType("pandas")
+    import open_clip_train.data as oc_data
+    from open_clip_train.main import main
+
+    oc_data.tar_file_expander = functools.partial(oc_data.tar_file_expander, eof_value=None)
+    main(argv)
+
+
+if __name__ == "__main__":
+    open_clip_main(sys.argv[1:])
