@@ -70,7 +70,7 @@ $(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/mani
 $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.json
 	$(VLA) export $(RUNS)/contrast --out $(EXPORT) --force
 
-.PHONY: install test test-fast bench clean help
+.PHONY: install test bench clean help
 help:
 	@echo "make install   create .venv with everything vla needs"
 	@echo "make test      install (if needed) and run the test suite (offline, CPU)"

@@ -12,7 +12,8 @@ from PIL import Image
 
 from vla.data.sample import Sample
 from vla.data.shards import ShardWriter
-from vla.data.stream import SampleStream, collate_with_skips, make_loader, resolve_data
+from vla.data.stream import (SampleStream, _pack_chunk, _unpack_chunk, collate_with_skips, make_loader,
+                             resolve_data)
 from vla.errors import StageError, UserError
 
 
@@ -86,6 +87,40 @@ def test_start_batch_gives_exactly_the_rest_of_the_uninterrupted_run(tmp_path):
     one_epoch = dict(kw, repeat=False)
     assert _same(_take(make_loader(source, transform, 4, start_batch=1, **one_epoch)), full[1:3])
     assert _take(make_loader(source, transform, 4, start_batch=4, **one_epoch)) == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_chunk_size_changes_no_batch(tmp_path, workers):
+    # 23 records (divisible by none of the chunk sizes), every 4th skipped: skips fall inside chunks
+    # and chunks straddle batch and epoch boundaries
+    source = _write(tmp_path, 23, 23, bad_every=4)
+    kw = dict(seed=5, shuffle_buffer=5, repeat=True)
+    ref = _take(make_loader(source, transform, 4, chunk_size=1, **kw), 12)  # 18 usable per epoch
+    for chunk in (3, 7, 32):
+        assert _same(_take(make_loader(source, transform, 4, num_workers=workers, chunk_size=chunk, **kw), 12), ref)
+    resumed = make_loader(source, transform, 4, num_workers=workers, chunk_size=3, start_batch=5, **kw)
+    assert _same(_take(resumed, 7), ref[5:])
+    once = dict(kw, repeat=False, drop_last=False)
+    tail = _take(make_loader(source, transform, 4, num_workers=workers, chunk_size=5, **once))
+    assert _same(tail, _take(make_loader(source, transform, 4, chunk_size=1, **once)))
+    assert [len(b["key"]) for b, _ in tail] == [4, 4, 4, 4, 2]
+    assert sum(c["seen"] for _, c in tail) == 23 and sum(c["skipped"].get("empty_caption", 0) for _, c in tail) == 5
+
+
+def test_a_packed_chunk_unpacks_to_its_items():
+    def skips(used):
+        return {"seen": 1, "used": used, "skipped": {} if used else {"bad_json": 1}}
+
+    items = [{"x": torch.ones(2), "n": torch.ones(1), "key": "a", "__skips__": skips(1), "__pos__": (0, 0)},
+             {"__skips__": skips(0), "__pos__": (0, 1)},
+             {"x": torch.zeros(2), "n": torch.ones(3), "key": "b", "__skips__": skips(1), "__pos__": (0, 2)}]
+    copies = [dict(item) for item in items]
+    packed = _pack_chunk(copies)
+    assert list(packed["stacked"]) == ["x"]  # "n" differs in shape, "key" is no tensor
+    unpacked = _unpack_chunk(packed)
+    assert [list(u) for u in unpacked] == [list(i) for i in items]  # same keys, same order
+    assert all(torch.equal(u["x"], i["x"]) and u["key"] == i["key"] for u, i in zip(unpacked[::2], items[::2]))
+    assert unpacked[1] == items[1] and _unpack_chunk(_pack_chunk([dict(items[1])])) == [items[1]]
 
 
 def test_each_epoch_order_is_fixed_by_seed_and_epoch(tmp_path):

@@ -11,14 +11,18 @@ DataLoader workers, and so that a resume is exact:
    holds the same records every epoch; an epoch reorders them: the rank's shards are shuffled
    and the records go through a shuffle buffer, both seeded by (seed, epoch, rank). Shuffling
    works on record handles (tar offsets or manifest lines), so it reads no image bytes.
-2. Workers. Each of the rank's records is one item, at position `pos` of its epoch. Worker w of
-   W decodes only the records numbered w, w+W, w+2W, ...; a record that fails validation still
-   yields an item (a placeholder carrying only its skip count). Since every worker yields exactly
-   one item per record it owns, PyTorch's DataLoader, which takes items from its workers in
-   turn, returns them in exactly the single-process order.
-3. Batches. The main process drops placeholders and cuts the usable samples into batches of
-   `batch_size`; in `repeat` mode epochs follow one another and batches run across their
-   boundary. Each batch comes with the skip counts of the records it consumed.
+2. Workers. Each of the rank's records is one item, at position `pos` of its epoch; a record that
+   fails validation still yields an item (a placeholder carrying only its skip count). The
+   records, numbered from the resume point on, form chunks of C consecutive records (C =
+   `chunk_size`); worker w of W decodes only chunks w, w+W, w+2W, ... and hands each over as ONE
+   object: its items, with their equal-shaped tensors stacked (a sample crossing the process
+   boundary on its own costs more than decoding it). Since every worker yields exactly one
+   object per chunk it owns, PyTorch's DataLoader, which takes objects from its workers in turn,
+   returns the chunks in record order; without workers the same chunks are made in-process, so
+   the order is the same by construction, and C does not change any batch.
+3. Batches. The main process unpacks the chunks, drops placeholders and cuts the usable
+   samples into batches of `batch_size`; in `repeat` mode epochs follow one another and batches
+   run across their boundary. Each batch comes with the skip counts of the records it consumed.
 4. Resume. `start_batch=k` means "after the k*batch_size-th usable sample". Where that sample
    lies depends on which records were skipped, so the records before it are validated again
    (decoded, not transformed) to find its (epoch, pos); the rank holds the same records every
@@ -51,6 +55,7 @@ from vla.data.skips import SkipCounter
 from vla.errors import StageError, UserError, VlaError
 
 Record = ShardRecord | ManifestLine
+CHUNK = 32  # records per worker→main transfer at most: the per-object cost is paid once per chunk
 _DIGESTS: dict[tuple, str] = {}
 
 
@@ -126,18 +131,20 @@ class SampleStream(IterableDataset):
 
     `start_index` records of epoch `epoch` are passed over unread (an exact resume point);
     `repeat` walks epoch, epoch+1, ... forever. `shuffle_buffer=0` keeps the files' order.
+    With `chunk_size=C > 0` the stream yields packed chunks of C records instead (see
+    `_pack_chunk`; `_unpack_chunk` gives their items back).
     """
 
     def __init__(self, source: DataSource, transform: Callable[[Sample], dict] | None = None, *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 0,
                  epoch: int = 0, start_index: int = 0, repeat: bool = False,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, chunk_size: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.source, self.transform = source, transform
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.epoch, self.start_index, self.repeat = shuffle_buffer, epoch, start_index, repeat
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.chunk_size = max_image_pixels, chunk_size
 
     def rank_records(self, epoch: int) -> Iterator[Record]:
         """This rank's records in epoch `epoch`'s order (handles only: nothing is decoded)."""
@@ -155,8 +162,12 @@ class SampleStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         try:
-            yield from self._items(*((info.id, info.num_workers) if info else (0, 1)))
+            if self.chunk_size:
+                yield from map(_pack_chunk, self._chunks(worker, workers, self.chunk_size))
+            else:  # single items: chunks of one record, unpacked
+                yield from itertools.chain.from_iterable(self._chunks(worker, workers, 1))
         except VlaError as err:
             if info is None:
                 raise
@@ -164,17 +175,29 @@ class SampleStream(IterableDataset):
             # passing ours as an item keeps the one-line message the CLI shows.
             yield {"__error__": err}
 
-    def _items(self, worker: int, workers: int) -> Iterator[dict]:
-        epoch, skip, n = self.epoch, self.start_index, 0
+    def _chunks(self, worker: int, workers: int, size: int) -> Iterator[list[dict]]:
+        """The items of this worker's chunks: records n (counted from the resume point) with
+        n // size % workers == worker, `size` consecutive ones at a time (the stream's last
+        chunk may be shorter)."""
+        chunk: list[dict] = []
+        for n, (record, epoch, pos) in enumerate(self._positions()):
+            if n // size % workers == worker:
+                chunk.append(self._item(record, epoch, pos))
+                if len(chunk) == size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+    def _positions(self) -> Iterator[tuple[Record, int, int]]:
+        """(record, epoch, pos) of every record from the resume point on (handles only)."""
+        epoch, skip = self.epoch, self.start_index
         while True:
             count = 0
             for pos, record in enumerate(self.rank_records(epoch)):
                 count += 1
-                if pos < skip:
-                    continue
-                if n % workers == worker:
-                    yield self._item(record, epoch, pos)
-                n += 1
+                if pos >= skip:
+                    yield record, epoch, pos
             if not self.repeat:
                 return
             if count == 0:
@@ -190,8 +213,12 @@ class SampleStream(IterableDataset):
         elif self.transform is None:
             item = {"sample": sample}
         else:
+            seed = hash((self.seed, epoch, self.rank, pos)) & 0x7FFF_FFFF_FFFF_FFFF
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, epoch, self.rank, pos)) & 0x7FFF_FFFF_FFFF_FFFF)
+                # The CPU generator only (transforms run on the CPU): torch.manual_seed would also
+                # seed every accelerator's generators, which outlive fork_rng and, while CUDA is
+                # not initialised, cost a recorded Python traceback (~2 ms) per call.
+                torch.default_generator.manual_seed(seed)
                 item = self.transform(sample)
         item["__skips__"] = skips.as_dict()
         item["__pos__"] = (epoch, pos)
@@ -210,6 +237,33 @@ def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
         yield item
     rng.shuffle(buf)
     yield from buf
+
+
+def _pack_chunk(items: list[dict]) -> dict:
+    """A chunk as one object for the trip from worker to main process: each tensor that every
+    usable item has, with one shape and dtype, is stacked (one shared-memory block instead of one
+    per sample) and left as None in the items, which keep everything else."""
+    usable = [item for item in items if item["__skips__"]["used"]]
+    stacked = {}
+    for key, value in (usable[0].items() if usable else ()):
+        values = [item.get(key) for item in usable]
+        if all(isinstance(v, torch.Tensor) and v.shape == value.shape and v.dtype == value.dtype
+               for v in values):
+            stacked[key] = torch.stack(values)
+            for item in usable:
+                item[key] = None  # keeps the key's place, so batches keep their key order
+    return {"items": items, "stacked": stacked}
+
+
+def _unpack_chunk(chunk: dict) -> list[dict]:
+    """The items of a packed chunk, each usable one given its rows (views) of the stacked tensors."""
+    rows = itertools.count()
+    for item in chunk["items"]:
+        if item["__skips__"]["used"]:
+            row = next(rows)
+            for key, values in chunk["stacked"].items():
+                item[key] = values[row]
+    return chunk["items"]
 
 
 def collate_with_skips(batch: list[dict]) -> tuple[dict | None, dict]:
@@ -236,17 +290,22 @@ def _collate(values: list) -> Any:
 def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, batch_size: int, *,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_batch: int = 0, repeat: bool = False, drop_last: bool = True,
-                shuffle_buffer: int = 0, epoch: int = 0,
-                max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[dict, dict]]:
+                shuffle_buffer: int = 0, epoch: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                chunk_size: int | None = None) -> Iterator[tuple[dict, dict]]:
     """`(batch, skip_counts)` pairs of this rank: epoch `epoch` (or, with `repeat`, epochs
     `epoch`, `epoch+1`, ... forever) from batch `start_batch` on. The batches do not depend on
     `num_workers`; `start_batch=k` gives exactly what the uninterrupted loader gives from batch k
     on. The skip counts cover the records consumed since the previous batch (a tail dropped by
-    `drop_last` is not reported). Raises StageError when a whole epoch has no usable sample."""
+    `drop_last` is not reported). Raises StageError when a whole epoch has no usable sample.
+    `chunk_size`: records a worker hands over at once (default min(CHUNK, batch_size)); it
+    changes only speed, never a batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+    chunk_size = chunk_size or min(CHUNK, batch_size)
     kw = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
-              max_image_pixels=max_image_pixels)
+              max_image_pixels=max_image_pixels, chunk_size=chunk_size)
     return _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw)
 
 
@@ -271,13 +330,15 @@ def _batches(source, transform, batch_size, num_workers, start_batch, repeat, dr
 
 
 def _items(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[dict]:
+    """The items of a chunked `stream`, in record order, from `num_workers` workers (or none)."""
+    per_worker = -(-batch_size // (stream.chunk_size * max(num_workers, 1)))  # chunks of a batch
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                        # items are single samples: keep about two batches in flight
-                        prefetch_factor=max(2, -(-2 * batch_size // num_workers)) if num_workers else None)
-    for item in loader:
-        if "__error__" in item:
-            raise item["__error__"]
-        yield item
+                        # each worker holds chunks worth about two batches in flight
+                        prefetch_factor=max(2, 2 * per_worker) if num_workers else None)
+    for chunk in loader:
+        if "__error__" in chunk:
+            raise chunk["__error__"]
+        yield from _unpack_chunk(chunk)
 
 
 def _no_usable(source: DataSource, rank: int, counts: dict) -> StageError:
