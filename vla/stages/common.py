@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vla.artifacts import Artifact, open_artifact
+from vla.artifacts import open_artifact
 from vla.errors import UserError
 
 
@@ -24,7 +24,6 @@ class TrainingData:
     path: Path                      # the shard directory (or .jsonl) actually read
     inputs: dict[str, Any]          # what the manifest records as the data input
     eval_dir: Path | None           # `<synth>/eval` when the data is a synth artifact
-    synth: Artifact | None = None
 
 
 def training_data(path: Path, split: str = "train") -> TrainingData:
@@ -35,8 +34,8 @@ def training_data(path: Path, split: str = "train") -> TrainingData:
     path = Path(path)
     if (path / "manifest.json").exists():
         art = open_artifact(path, "synth", role="--data")
-        source = resolve_data(path / split)
-        return TrainingData(path / split, {"data": art}, path / "eval", art)
+        resolve_data(path / split)  # fail now, naming the split, if it holds no shards
+        return TrainingData(path / split, {"data": art}, path / "eval")
     if not path.exists():
         raise UserError(f"--data {path} does not exist; make the embedded world with `vla synth --out {path}` "
                         f"or point --data at a directory of WebDataset shards")
