@@ -51,7 +51,6 @@ class ContrastTuneRecipe:
 
 def _starting_point(cfg: ContrastTuneRecipe):
     """(clip name, embedder, adapter, inputs) from the distill artifact or, for init=random, the recipe."""
-    from vla.models.adapter import Adapter, AdapterConfig
     from vla.models.embedder import load_embedder
     from vla.models.proclip import embedder_from_spec, load_adapter
 
