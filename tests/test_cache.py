@@ -33,3 +33,20 @@ def test_interrupted_computation_leaves_no_entry(tmp_path):
         cached_features(tmp_path, "phi.long", model_digest="m", data_digest="d", keys=["a"], inputs=["x"],
                         encode=failing)
     assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_texts_are_encoded_in_length_sorted_batches_and_rows_keep_their_order(tmp_path):
+    batches = []
+
+    def encode(texts):
+        batches.append(list(texts))
+        return torch.tensor([[float(len(t))] for t in texts])
+
+    texts = ["a" * n for n in (5, 1, 4, 2, 3)]
+    keys = [f"k{i}" for i in range(len(texts))]
+    table, _ = cached_features(tmp_path, "phi.long", model_digest="m", data_digest="d", keys=keys,
+                               inputs=texts, encode=encode, batch_size=2)
+    # each batch holds texts of neighbouring lengths (less padding) ...
+    assert [[len(t) for t in b] for b in batches] == [[1, 2], [3, 4], [5]]
+    # ... and every row is still the feature of its own key
+    assert table.lookup(keys).flatten().tolist() == [5.0, 1.0, 4.0, 2.0, 3.0]

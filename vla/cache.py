@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vla.textbatch import encode_length_sorted
+
 CACHE_DIRNAME = ".vla-features"
 
 
@@ -85,15 +87,10 @@ def cached_features(
         meta = json.loads(meta_path.read_text())
         return FeatureTable(meta.pop("keys"), np.load(npy, mmap_mode="r"), meta), True
 
-    chunks = []
     # computing a cache entry can take minutes (an LLM over every caption): show it on a terminal
     quiet = os.environ.get("VLA_NO_PROGRESS", "") not in ("", "0") or not sys.stderr.isatty()
     with tqdm(total=len(inputs), desc=f"caching {name}", unit="text", disable=quiet, leave=False) as bar:
-        for start in range(0, len(inputs), batch_size):
-            with torch.no_grad():
-                chunks.append(encode(inputs[start:start + batch_size]).float().cpu().numpy().astype(np.float16))
-            bar.update(min(batch_size, len(inputs) - start))
-    feats = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float16)
+        feats = _encode_all(encode, inputs, batch_size, bar.update)
     meta = {"name": name, "model_digest": model_digest, "data_digest": data_digest,
             "count": len(keys), "dim": int(feats.shape[1]) if feats.size else 0}
     try:
@@ -108,3 +105,24 @@ def cached_features(
     except OSError:
         pass  # a read-only data directory: the features are still returned, just not kept
     return FeatureTable(list(keys), feats, meta), False
+
+
+def _encode_all(encode: Callable[[Sequence], torch.Tensor], inputs: Sequence, batch_size: int,
+                on_batch: Callable[[int], None]) -> np.ndarray:
+    """(N, D) float16 features of `inputs`; texts go in length-sorted batches (less padding)."""
+    if not len(inputs):
+        return np.zeros((0, 0), np.float16)
+
+    def run(batch: Sequence) -> torch.Tensor:
+        with torch.no_grad():
+            return encode(batch).float().cpu()
+
+    if all(isinstance(x, str) for x in inputs):
+        feats = encode_length_sorted(run, inputs, batch_size, on_batch)
+    else:
+        parts = []
+        for start in range(0, len(inputs), batch_size):
+            parts.append(run(inputs[start:start + batch_size]))
+            on_batch(len(parts[-1]))
+        feats = torch.cat(parts)
+    return feats.numpy().astype(np.float16)

@@ -20,6 +20,7 @@ from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet
 from vla.evaluate.retrieval import retrieval_metrics
 from vla.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from vla.models.encoder import DualEncoder
+from vla.textbatch import encode_length_sorted
 
 
 @runtime_checkable
@@ -35,8 +36,9 @@ def _batched_images(model: DualEncoder, images: Sequence[Image.Image], batch: in
 
 
 def _batched_texts(model: DualEncoder, texts: Sequence[str], batch: int) -> torch.Tensor:
-    return F.normalize(torch.cat([model.encode_text(texts[i:i + batch])
-                                  for i in range(0, len(texts), batch)]).float(), dim=-1)
+    # length-sorted batches: an embedder that reads long captions pads each batch far less
+    return F.normalize(encode_length_sorted(lambda b: model.encode_text(b).float(), texts, batch),
+                       dim=-1)
 
 
 def truncation(model: DualEncoder, texts: Sequence[str]) -> dict[str, float | int | None]:
