@@ -96,7 +96,7 @@ def test_chunk_size_changes_no_batch(tmp_path, workers):
     source = _write(tmp_path, 23, 23, bad_every=4)
     kw = dict(seed=5, shuffle_buffer=5, repeat=True)
     ref = _take(make_loader(source, transform, 4, chunk_size=1, **kw), 12)  # 18 usable per epoch
-    for chunk in (3, 7, 32):
+    for chunk in (3, 4, 7, 32):  # 4 = the batch: chunks without a skip are taken whole
         assert _same(_take(make_loader(source, transform, 4, num_workers=workers, chunk_size=chunk, **kw), 12), ref)
     resumed = make_loader(source, transform, 4, num_workers=workers, chunk_size=3, start_batch=5, **kw)
     assert _same(_take(resumed, 7), ref[5:])
@@ -161,3 +161,16 @@ def test_data_with_no_usable_sample_fails_instead_of_spinning(tmp_path):
         _take(make_loader(source, transform, 2, repeat=True, start_batch=3), 1)
     with pytest.raises(StageError, match="rank 1 of 2 has no samples"):
         _take(make_loader(_write(tmp_path / "one", 1, 1), transform, 1, rank=1, world_size=2, repeat=True), 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_whole_chunk_batches_equal_item_by_item_batches(tmp_path, workers):
+    # no skipped record: with the default chunk (= the batch) every batch is one chunk taken whole
+    source = _write(tmp_path, 24, 6, bad_every=10**6)
+    kw = dict(seed=3, shuffle_buffer=4, repeat=True)
+    ref = _take(make_loader(source, transform, 4, chunk_size=1, **kw), 15)  # across epoch boundaries
+    whole = _take(make_loader(source, transform, 4, num_workers=workers, **kw), 15)
+    assert _same(whole, ref)
+    for (a, _), (b, _) in zip(whole, ref):
+        assert torch.equal(a["red"], b["red"]) and a.keys() == b.keys()
+    assert _same(_take(make_loader(source, transform, 4, num_workers=workers, start_batch=7, **kw), 8), ref[7:])

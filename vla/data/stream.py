@@ -21,7 +21,9 @@ DataLoader workers, and so that a resume is exact:
    returns the chunks in record order; without workers the same chunks are made in-process, so
    the order is the same by construction, and C does not change any batch.
 3. Batches. The main process unpacks the chunks, drops placeholders and cuts the usable
-   samples into batches of `batch_size`; in `repeat` mode epochs follow one another and batches
+   samples into batches of `batch_size`; a chunk of exactly `batch_size` usable records that
+   starts a batch (the default chunk size, whenever no record was skipped) is taken whole, its
+   stacked tensors being the batch's; in `repeat` mode epochs follow one another and batches
    run across their boundary. Each batch comes with the skip counts of the records it consumed.
 4. Resume. `start_batch=k` means "after the k*batch_size-th usable sample". Where that sample
    lies depends on which records were skipped, so the records before it are validated again
@@ -55,7 +57,6 @@ from vla.data.skips import SkipCounter
 from vla.errors import StageError, UserError, VlaError
 
 Record = ShardRecord | ManifestLine
-CHUNK = 32  # records per worker→main transfer at most: the per-object cost is paid once per chunk
 _DIGESTS: dict[tuple, str] = {}
 
 
@@ -297,13 +298,13 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
     `num_workers`; `start_batch=k` gives exactly what the uninterrupted loader gives from batch k
     on. The skip counts cover the records consumed since the previous batch (a tail dropped by
     `drop_last` is not reported). Raises StageError when a whole epoch has no usable sample.
-    `chunk_size`: records a worker hands over at once (default min(CHUNK, batch_size)); it
-    changes only speed, never a batch."""
+    `chunk_size`: records a worker hands over at once (default `batch_size`: a chunk with no
+    skipped record then is a batch as it is); it changes only speed, never a batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
-    chunk_size = chunk_size or min(CHUNK, batch_size)
+    chunk_size = chunk_size or batch_size
     kw = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
               max_image_pixels=max_image_pixels, chunk_size=chunk_size)
     return _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw)
@@ -316,21 +317,28 @@ def _batches(source, transform, batch_size, num_workers, start_batch, repeat, dr
     first_epoch, start_index = start
     stream = SampleStream(source, transform, epoch=first_epoch, start_index=start_index, repeat=repeat, **kw)
     pending, usable, ever_usable = [], 0, False
-    for item in _items(stream, num_workers, batch_size):
-        pending.append(item)
-        usable += item["__skips__"]["used"]
-        ever_usable = ever_usable or usable > 0
-        if not ever_usable and item["__pos__"][0] >= first_epoch + 2:  # epoch first+1 walked whole
-            raise _no_usable(source, kw["rank"], collate_with_skips(pending)[1])
-        if usable == batch_size:
-            yield collate_with_skips(pending)
-            pending, usable = [], 0
+    for chunk in _chunks(stream, num_workers, batch_size):
+        if not pending:
+            whole = _chunk_as_batch(chunk, batch_size)
+            if whole is not None:  # the common case: no copy, no per-item collation
+                ever_usable = True
+                yield whole
+                continue
+        for item in _unpack_chunk(chunk):
+            pending.append(item)
+            usable += item["__skips__"]["used"]
+            ever_usable = ever_usable or usable > 0
+            if not ever_usable and item["__pos__"][0] >= first_epoch + 2:  # epoch first+1 walked whole
+                raise _no_usable(source, kw["rank"], collate_with_skips(pending)[1])
+            if usable == batch_size:
+                yield collate_with_skips(pending)
+                pending, usable = [], 0
     if usable and not drop_last:
         yield collate_with_skips(pending)
 
 
-def _items(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[dict]:
-    """The items of a chunked `stream`, in record order, from `num_workers` workers (or none)."""
+def _chunks(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[dict]:
+    """The packed chunks of `stream`, in record order, from `num_workers` workers (or none)."""
     per_worker = -(-batch_size // (stream.chunk_size * max(num_workers, 1)))  # chunks of a batch
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                         # each worker holds chunks worth about two batches in flight
@@ -338,7 +346,27 @@ def _items(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[
     for chunk in loader:
         if "__error__" in chunk:
             raise chunk["__error__"]
+        yield chunk
+
+
+def _items(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[dict]:
+    """The items of a chunked `stream`, in record order."""
+    for chunk in _chunks(stream, num_workers, batch_size):
         yield from _unpack_chunk(chunk)
+
+
+def _chunk_as_batch(chunk: dict, batch_size: int) -> tuple[dict, dict] | None:
+    """A chunk of exactly `batch_size` usable records as the batch `collate_with_skips` would make
+    of its items, using the stacked tensors as they are; None for any other chunk."""
+    items = chunk["items"]
+    if len(items) != batch_size or not all(item["__skips__"]["used"] for item in items):
+        return None
+    counts = SkipCounter()
+    for item in items:
+        counts.add_counts(item["__skips__"])
+    batch = {k: chunk["stacked"][k] if k in chunk["stacked"] else _collate([item[k] for item in items])
+             for k in items[0] if k not in ("__skips__", "__pos__")}
+    return batch, counts.as_dict()
 
 
 def _no_usable(source: DataSource, rank: int, counts: dict) -> StageError:
