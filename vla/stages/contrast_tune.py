@@ -48,6 +48,19 @@ class ContrastTuneRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        for name, value in (("long_caption_prob", self.long_caption_prob), ("ema_momentum", self.ema_momentum)):
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{name} must be between 0 and 1, not {value}")
+        if self.reg_weight < 0:
+            raise UserError(f"reg_weight must be 0 or more, not {self.reg_weight}")
+
+
+def _trains_on_long(seed: int, key: str, prob: float) -> bool:
+    """Whether sample `key` trains on its long caption: fixed by (seed, key), so every epoch, every
+    DataLoader worker and a resumed run make the same choice, and the cache holds just those."""
+    return random.Random(f"{seed}:{key}").random() < prob
+
 
 def _starting_point(cfg: ContrastTuneRecipe):
     """(clip name, embedder, adapter, inputs) from the distill artifact or, for init=random, the recipe."""
@@ -95,11 +108,22 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.stages.distill import read_captions
 
     table, _ = read_captions(td.path, "long_caption", cfg.data.max_skip_fraction)
+    seed = cfg.train.seed
+    # A sample trains on its long caption or on its short one, fixed by its key: only the long
+    # captions that will be drawn are encoded (about long_caption_prob of them; MiniLM reads a
+    # long caption ~7× slower than a short one). The short ones are all kept: `vla distill`
+    # cached exactly that entry, so it is a cache hit.
+    wants_long = [_trains_on_long(seed, k, cfg.long_caption_prob) for k in table.keys]
+    variants = {"short": ("caption", table.keys, table.short),
+                "long": ("long_caption", [k for k, w in zip(table.keys, wants_long) if w],
+                         [t for t, w in zip(table.second, wants_long) if w])}
+    long_keys = set(variants["long"][1])
     phi = {}
-    for variant, field, texts in (("short", "caption", table.short), ("long", "long_caption", table.second)):
-        phi[variant], _ = cached_features(td.path, f"phi.{field}", model_digest=embedder.digest(),
-                                          data_digest=source.digest(), keys=table.keys, inputs=texts,
-                                          encode=embedder.embed, batch_size=cfg.embedder.batch_size)
+    for variant, (field, keys, texts) in variants.items():
+        if keys:
+            phi[variant], _ = cached_features(td.path, f"phi.{field}", model_digest=embedder.digest(),
+                                              data_digest=source.digest(), keys=keys, inputs=texts,
+                                              encode=embedder.embed, batch_size=cfg.embedder.batch_size)
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage
         p.requires_grad_(False)
@@ -112,19 +136,19 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                        rank=dist.rank, world_size=dist.world_size)
     skips = SkipCounter()
-    seed = cfg.train.seed
 
     def transform(sample) -> dict:
-        # fixed per key (and seed), so a resumed run and every worker make the same choice
-        long = random.Random(f"{seed}:{sample.key}").random() < cfg.long_caption_prob
-        return {"image": clip.preprocess(sample.image), "key": sample.key, "long": long}
+        return {"image": clip.preprocess(sample.image), "key": sample.key}
 
     image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
 
     def batches(start_step: int):
         for batch in image_batches(start_step):
-            long = torch.as_tensor(batch["long"])[:, None]
-            batch["phi"] = torch.where(long, phi["long"].lookup(batch["key"]), phi["short"].lookup(batch["key"]))
+            keys = batch["key"]
+            batch["phi"] = phi["short"].lookup(keys)
+            rows = [i for i, k in enumerate(keys) if k in long_keys]
+            if rows:
+                batch["phi"][rows] = phi["long"].lookup([keys[i] for i in rows])
             yield batch
 
     def step(m, batch):
