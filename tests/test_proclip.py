@@ -67,6 +67,25 @@ def test_artifacts_chain_by_manifest(curriculum):
         assert set(m["metrics"]["eval"]) == {"retrieval", "long_retrieval", "zeroshot"}
 
 
+def test_only_the_long_captions_drawn_are_encoded(curriculum):
+    """contrast-tune trains each sample on its long or its short caption (fixed by key); the long
+    captions of the others are never read, so they are not cached either."""
+    from vla.stages.contrast_tune import _trains_on_long
+
+    tmp, _, _ = curriculum
+    features = tmp / "world" / "train" / ".vla-features"
+    long_entries = [json.loads(p.read_text()) for p in features.glob("phi.long_caption-*.json")]
+    short_entries = [json.loads(p.read_text()) for p in features.glob("phi.caption-*.json")]
+    assert len(short_entries) == 1  # distill, ProCLIP and the baseline share it
+    every_key = short_entries[0]["keys"]
+    drawn = [k for k in every_key if _trains_on_long(0, k, 0.5)]
+    assert 0 < len(drawn) < len(every_key)
+    # the smoke distill recipe reads every long caption (its L_ins second variant); contrast-tune
+    # (ProCLIP and the baseline alike) added one entry holding just the drawn ones
+    assert sorted(e["count"] for e in long_entries) == [len(drawn), len(every_key)]
+    assert drawn in [e["keys"] for e in long_entries]
+
+
 def test_export_loads_with_vla_and_open_clip_alike(curriculum):
     import open_clip
 
@@ -88,3 +107,33 @@ def test_export_loads_with_vla_and_open_clip_alike(curriculum):
         feats = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
     assert torch.allclose(feats, exported.encode_image(images), atol=1e-5)
     assert "## Lineage" in (tmp / "export" / "README.md").read_text()
+
+
+def test_stages_run_under_torchrun(curriculum, tmp_path):
+    """`torchrun --nproc-per-node 2 -m vla STAGE` (gloo on the CPU): one artifact, written by rank 0,
+    counting both ranks' samples; the contrastive losses gather features across ranks."""
+    import sys
+
+    world, runs = curriculum[0] / "world", curriculum[0] / "runs"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+                "-m", "vla"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    stages = {
+        "pretrain": ["pretrain", "--data", str(world), "--recipe", "recipes/smoke/pretrain.yaml"],
+        "contrast": ["contrast-tune", "--data", str(world), "--init", str(runs / "distill"),
+                     "--recipe", "recipes/smoke/contrast-tune.yaml"],
+    }
+    for name, args in stages.items():
+        out = tmp_path / name
+        sets = ["--set", "train.batch_size=16", "--set", "train.steps=4", "--set", "eval.sets=[retrieval]"]
+        proc = subprocess.run([*torchrun, *args, "--out", str(out), *sets], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        m = manifest(out)
+        assert m["counts"]["train"]["steps"] == 4
+        assert m["counts"]["train"]["samples"] == 4 * 16 * 2  # both ranks' batches
+        assert "retrieval" in m["metrics"]["eval"]
+        assert sorted(p.name for p in tmp_path.iterdir() if name in p.name) == [name]  # no partial left
+        check = subprocess.run([sys.executable, "-m", "vla", "inspect", str(out), "--verify"], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
