@@ -19,3 +19,8 @@ def test_bench_retrieval_quick(tmp_path):
     assert 0 < chunked["mean_recall"] < 1  # the embeddings carry signal, so the check is not vacuous
     assert details["chunked"]["seconds"] > 0 and details["reference"]["seconds"] > 0
     assert {f["what"] for f in part["figures"]} == {"time", "peak memory"}
+    # --table reprints the last run's table from results.json without measuring again
+    table = subprocess.run([sys.executable, "-m", "vla.bench", "--table"], env=env, check=True,
+                           capture_output=True, text=True).stdout
+    ratio = next(f["ratio"] for f in part["figures"] if f["what"] == "time")
+    assert "peak memory (MB)" in table and f"{ratio:.2f}× speed-up" in table

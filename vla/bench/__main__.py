@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -15,7 +16,7 @@ from importlib.metadata import version
 from rich.console import Console
 from rich.table import Table
 
-from vla.bench import BENCH_DIR, Part
+from vla.bench import BENCH_DIR, Figure, Part
 
 PARTS = {"a": "trainer", "b": "cache", "c": "retrieval"}
 
@@ -45,13 +46,19 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma-separated parts: a (trainer), b (feature cache), c (retrieval eval)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not figures")
+    parser.add_argument("--table", action="store_true",
+                        help=f"measure nothing: print the table of the last run ({BENCH_DIR / 'results.json'})")
     args = parser.parse_args()
+    # a log file or pipe gets the table at full width, not wrapped at rich's default 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    if args.table:
+        _print(console, _load(BENCH_DIR / "results.json"))
+        return
     chosen = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
-    console = Console()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     results = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "quick": args.quick, "conditions": _conditions(), "parts": {}}
@@ -67,9 +74,23 @@ def main() -> None:
                                   "figures": [{**dataclasses.asdict(f), "met": f.met} for f in part.figures]}
         # written after every part, so an interrupted run keeps what it measured
         (BENCH_DIR / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    _print(console, results)
+
+
+def _load(path) -> dict:
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run `make bench` first")
+    return json.loads(path.read_text())
+
+
+def _print(console: Console, results: dict) -> None:
+    """The table of a results dict (as written to results.json) and the conditions it ran under."""
+    parts = [Part(**{**p, "figures": [Figure(**{k: v for k, v in f.items() if k != "met"}) for f in p["figures"]]})
+             for p in results["parts"].values()]
     console.print(_table(parts))
-    console.print(f"[dim]load average (1 min) at start {results['conditions']['load_avg_1m']:.1f} on "
-                  f"{results['conditions']['cpus']} CPUs; details in {BENCH_DIR / 'results.json'}[/]")
+    console.print(f"[dim]started {results['started']}; load average (1 min) at start "
+                  f"{results['conditions']['load_avg_1m']:.1f} on {results['conditions']['cpus']} CPUs; "
+                  f"details in {BENCH_DIR / 'results.json'}[/]")
 
 
 if __name__ == "__main__":
