@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
@@ -61,3 +62,14 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_recipe(Recipe, tmp_path / "nope.yaml")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(Recipe, write(tmp_path, "train: [\n"))
+
+
+@pytest.mark.parametrize("override,named", [("long_caption_prob=1.5", "long_caption_prob"),
+                                            ("ema_momentum=-0.1", "ema_momentum"),
+                                            ("reg_weight=-1", "reg_weight")])
+def test_contrast_tune_recipe_values_out_of_range_are_refused(override, named):
+    from vla.stages.contrast_tune import ContrastTuneRecipe
+
+    with pytest.raises(UserError, match=named):
+        recipe = Path(__file__).resolve().parent.parent / "recipes" / "embedded" / "contrast-tune.yaml"
+        load_recipe(ContrastTuneRecipe, recipe, [override])
