@@ -117,12 +117,5 @@ def _encode_all(encode: Callable[[Sequence], torch.Tensor], inputs: Sequence, ba
         with torch.no_grad():
             return encode(batch).float().cpu()
 
-    if all(isinstance(x, str) for x in inputs):
-        feats = encode_length_sorted(run, inputs, batch_size, on_batch)
-    else:
-        parts = []
-        for start in range(0, len(inputs), batch_size):
-            parts.append(run(inputs[start:start + batch_size]))
-            on_batch(len(parts[-1]))
-        feats = torch.cat(parts)
-    return feats.numpy().astype(np.float16)
+    texts = all(isinstance(x, str) for x in inputs)
+    return encode_length_sorted(run, inputs, batch_size, on_batch, by_length=texts).numpy().astype(np.float16)

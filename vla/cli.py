@@ -94,6 +94,15 @@ def _command() -> list[str]:
     return ["vla", *sys.argv[1:]]
 
 
+def _load_recipe(cls, kind: str, recipe: Optional[Path], set_: Optional[List[str]], options: dict):
+    """The stage's typed recipe: the file, then `--set` overrides, then the command's own options
+    (`{recipe key: value}`; those not given, None or empty, are left to the recipe)."""
+    from vla.recipes import load_recipe
+
+    given = [f"{key}={value}" for key, value in options.items() if value is not None and value != ""]
+    return load_recipe(cls, recipe, list(set_ or []) + given, kind=kind)
+
+
 # ---------------------------------------------------------------------------------------------
 @app.command()
 @handles_errors
@@ -106,11 +115,9 @@ def synth(
 ) -> None:
     """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy."""
     from vla.data.synth import SynthConfig
-    from vla.recipes import load_recipe
     from vla.stages.synth import run
 
-    overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
-    cfg = load_recipe(SynthConfig, recipe, overrides, kind="synth")
+    cfg = _load_recipe(SynthConfig, "synth", recipe, set_, {"seed": seed})
     art = run(cfg, out, force=force, command=_command())
     m = art.manifest
     console.print(f"[green]✓[/] synth → {out}  ({m['timings']['wall_s']:.1f} s)")
@@ -136,11 +143,9 @@ def pretrain(
     force: bool = ForceOpt,
 ) -> None:
     """Train or fine-tune a CLIP with InfoNCE on image-text pairs."""
-    from vla.recipes import load_recipe
     from vla.stages.pretrain import PretrainRecipe, run
 
-    overrides = list(set_ or []) + ([f"model={model}"] if model else [])
-    cfg = load_recipe(PretrainRecipe, recipe, overrides, kind="pretrain")
+    cfg = _load_recipe(PretrainRecipe, "pretrain", recipe, set_, {"model": model})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
 
@@ -157,11 +162,9 @@ def eval_(
     force: bool = ForceOpt,
 ) -> None:
     """Score models on retrieval, long-text retrieval and zero-shot sets; compare them in one table."""
-    from vla.recipes import load_recipe
     from vla.stages.evaluate import EvalRecipe, run
 
-    overrides = list(set_ or []) + ([f"sets=[{sets}]"] if sets else [])
-    cfg = load_recipe(EvalRecipe, recipe, overrides, kind="eval")
+    cfg = _load_recipe(EvalRecipe, "eval", recipe, set_, {"sets": f"[{sets}]" if sets else None})
     art = run(cfg, models, data, out, force=force, command=_command())
     console.print((art.path / "results.md").read_text(), highlight=False)
     console.print(f"[green]✓[/] eval → {out}")
@@ -180,14 +183,10 @@ def distill(
     force: bool = ForceOpt,
 ) -> None:
     """ProCLIP stage 1: distil a CLIP text encoder into an LLM embedder + MLP adapter."""
-    from vla.recipes import load_recipe
     from vla.stages.distill import DistillRecipe, run
 
-    overrides = list(set_ or [])
-    overrides += [f"teacher={teacher}"] if teacher else []
-    overrides += [f"embedder.name={embedder}"] if embedder else []
-    overrides += [f"embedder.pooling={pooling}"] if pooling else []
-    cfg = load_recipe(DistillRecipe, recipe, overrides, kind="distill")
+    cfg = _load_recipe(DistillRecipe, "distill", recipe, set_,
+                       {"teacher": teacher, "embedder.name": embedder, "embedder.pooling": pooling})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
     console.print(f"  teacher truncated: {art.manifest['counts']['teacher_truncated']}   "
@@ -207,14 +206,10 @@ def contrast_tune(
     force: bool = ForceOpt,
 ) -> None:
     """ProCLIP stage 2: contrastive tuning with self-distillation (--init random: LLM2CLIP)."""
-    from vla.recipes import load_recipe
     from vla.stages.contrast_tune import ContrastTuneRecipe, run
 
-    overrides = list(set_ or [])
-    overrides += [f"init={init}"] if init else []
-    overrides += [f"clip={clip}"] if clip else []
-    overrides += [f"embedder.name={embedder}"] if embedder else []
-    cfg = load_recipe(ContrastTuneRecipe, recipe, overrides, kind="contrast-tune")
+    cfg = _load_recipe(ContrastTuneRecipe, "contrast-tune", recipe, set_,
+                       {"init": init, "clip": clip, "embedder.name": embedder})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
 

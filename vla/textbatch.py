@@ -13,13 +13,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def encode_length_sorted(encode: Callable[[list[str]], torch.Tensor], texts: Sequence[str],
-                         batch_size: int, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+def encode_length_sorted(encode: Callable[[list], torch.Tensor], texts: Sequence,
+                         batch_size: int, on_batch: Callable[[int], None] | None = None, *,
+                         by_length: bool = True) -> torch.Tensor:
     """encode(batch) over `texts` sorted by length, `batch_size` at a time; (N, D) rows in the
-    order of `texts`. `on_batch(n)` is told after each batch of n texts (for a progress bar)."""
+    order of `texts`. `on_batch(n)` is told after each batch of n texts (for a progress bar).
+    `by_length=False` keeps the given order (for inputs that are not texts)."""
     if not texts:
         raise ValueError("no texts to encode")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if by_length else list(range(len(texts)))
     out: torch.Tensor | None = None
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]

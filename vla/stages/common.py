@@ -93,6 +93,18 @@ def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what
     return batches
 
 
+def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, after_step=None):
+    """The shared loop for a stage over image–text batches (from `image_text_batches`, each with
+    its samples' `key`s), into the artifact being built; its counts, metrics and throughput then
+    go into the manifest. `cfg` is the stage's recipe (its `train` and `data` blocks)."""
+    from vla.train import train
+
+    result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
+                   samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
+    record_training(art, result, skips, cfg.data.max_skip_fraction, what)
+    return result
+
+
 def record_training(art, result, skips, max_skip_fraction: float, what: str) -> None:
     """Put a finished training run's counts, metrics and throughput into the artifact's manifest."""
     skips.check(max_skip_fraction, what)

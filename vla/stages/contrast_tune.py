@@ -25,10 +25,10 @@ import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
-from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, record_training, training_data
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.stages.distill import EmbedderConfig, model_identity
 from vla.stages.pretrain import DataConfig
-from vla.train import TrainConfig, train
+from vla.train import TrainConfig
 
 KIND = "contrast-tune"
 
@@ -113,17 +113,17 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     # captions that will be drawn are encoded (about long_caption_prob of them; MiniLM reads a
     # long caption ~7× slower than a short one). The short ones are all kept: `vla distill`
     # cached exactly that entry, so it is a cache hit.
-    wants_long = [_trains_on_long(seed, k, cfg.long_caption_prob) for k in table.keys]
-    variants = {"short": ("caption", table.keys, table.short),
-                "long": ("long_caption", [k for k, w in zip(table.keys, wants_long) if w],
-                         [t for t, w in zip(table.second, wants_long) if w])}
-    long_keys = set(variants["long"][1])
-    phi = {}
-    for variant, (field, keys, texts) in variants.items():
-        if keys:
-            phi[variant], _ = cached_features(td.path, f"phi.{field}", model_digest=embedder.digest(),
-                                              data_digest=source.digest(), keys=keys, inputs=texts,
-                                              encode=embedder.embed, batch_size=cfg.embedder.batch_size)
+    long_keys = {k for k in table.keys if _trains_on_long(seed, k, cfg.long_caption_prob)}
+
+    def phi_features(column: str, keys: list[str], texts: list[str]):
+        return cached_features(td.path, f"phi.{column}", model_digest=embedder.digest(),
+                               data_digest=source.digest(), keys=keys, inputs=texts,
+                               encode=embedder.embed, batch_size=cfg.embedder.batch_size)[0]
+
+    phi = {"short": phi_features("caption", table.keys, table.short)}
+    if long_keys:
+        drawn = [(k, t) for k, t in zip(table.keys, table.second) if k in long_keys]
+        phi["long"] = phi_features("long_caption", [k for k, _ in drawn], [t for _, t in drawn])
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage
         p.requires_grad_(False)
@@ -167,9 +167,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     recipe = {**asdict(cfg), "clip_identity": model_identity(clip_ref)}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs={**td.inputs, **inputs}, force=force,
                          command=command) as art:
-        result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
-                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
-        record_training(art, result, skips, cfg.data.max_skip_fraction, str(td.path))
+        train_on_pairs(art, cfg, model, step, batches, dist, skips, str(td.path), after_step=after_step)
         if dist.rank == 0:
             model.eval()
             save_clip(clip, art.dir / "model")

@@ -74,8 +74,8 @@ def read_captions(path: Path, second: str, max_skip_fraction: float) -> tuple[Ca
         elif second == "caption":
             other.append(s.captions[1] if len(s.captions) > 1 else s.captions[0])
     skips.check(max_skip_fraction, str(path))
-    field = {"long_caption": "long_caption", "caption": "caption2"}.get(second, "")
-    return CaptionTable(keys, short, other if second != "none" else None, field), skips.as_dict()
+    column = {"long_caption": "long_caption", "caption": "caption2"}.get(second, "")
+    return CaptionTable(keys, short, other if second != "none" else None, column), skips.as_dict()
 
 
 def model_identity(ref: str) -> str:
@@ -100,10 +100,10 @@ def frozen_text_features(data_dir: Path, data_digest: str, table: CaptionTable, 
     variants = {"short": ("caption", table.short)}
     if table.second is not None:
         variants["second"] = (table.second_field, table.second)
-    for variant, (field, texts) in variants.items():
+    for variant, (column, texts) in variants.items():
         for role, ident, encode in (("phi", embedder.digest(), embedder.embed),
                                     ("teacher", teacher_id, teacher.encode_text)):
-            tab, _hit = cached_features(data_dir, f"{role}.{field}", model_digest=ident, data_digest=data_digest,
+            tab, _hit = cached_features(data_dir, f"{role}.{column}", model_digest=ident, data_digest=data_digest,
                                         keys=table.keys, inputs=texts, encode=encode, batch_size=batch_size)
             out[f"{role}.{variant}"] = torch.from_numpy(tab.features[:].astype("float32"))
     return out

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder
-from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, record_training, training_data
-from vla.train import TrainConfig, train
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
+from vla.train import TrainConfig
 
 KIND = "pretrain"
 
@@ -111,9 +111,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
 
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, **init}, force=force,
                          command=command) as art:
-        result = train(cfg.train, model, step, batches, art.dir, after_step=clamp_scale,
-                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
-        record_training(art, result, skips, cfg.data.max_skip_fraction, str(td.path))
+        train_on_pairs(art, cfg, model, step, batches, dist, skips, str(td.path), after_step=clamp_scale)
         if dist.rank == 0:
             model.eval()
             save_clip(clip, art.dir / "model")
