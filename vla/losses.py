@@ -9,7 +9,7 @@ teacher model are detached here, so a caller can never train through a target by
 - ProCLIP: `instance_alignment_loss`, `structure_alignment_loss`, `distill_loss`,
   `self_distillation_loss`.
 - DCLIP: `infonce`, `dclip_student_loss`.
-- MM-GEM: `caption_loss`, `mmgem_loss`.
+- MM-GEM: `caption_loss`, `mmgem_loss`, `mmgem_objective_loss`.
 """
 
 from __future__ import annotations
@@ -305,3 +305,45 @@ def mmgem_loss(
     emb = (contrastive or ClipLoss())(image, text, logit_scale)
     gen = caption_loss(logits, targets, ignore_index=ignore_index)
     return {"loss": emb + gen, "emb": emb, "gen": gen}
+
+
+#: MM-GEM's recipe switch: both paths (the method), or one alone (the paper's same-budget ablation)
+MMGEM_OBJECTIVES = ("joint", "embed", "caption")
+
+
+def mmgem_objective_loss(
+    objective: str,
+    *,
+    image: Tensor | None = None,
+    text: Tensor | None = None,
+    logit_scale: Tensor | None = None,
+    logits: Tensor | None = None,
+    targets: Tensor | None = None,
+    contrastive: ClipLoss | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """MM-GEM's loss under the recipe's ``objective``:
+
+        joint:    L = L_emb + L_gen          (`mmgem_loss`)
+        embed:    L = L_emb                  (CLIP-only ablation)
+        caption:  L = L_gen                  (caption-only ablation)
+
+    with L_emb = ClipLoss(v, t, s), s = exp(min(θ, ln 100)) from `LogitScale` (τ₀ = 0.07,
+    τ ≥ 0.01), and L_gen = `caption_loss` (next-token CE on caption tokens only). Only the
+    inputs the objective needs are required, so an ablation run skips the other path's compute.
+    Returns ``{"loss"}`` plus the terms computed (``"emb"``, ``"gen"``).
+    """
+    if objective not in MMGEM_OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(MMGEM_OBJECTIVES)}")
+    needs_emb, needs_gen = objective != "caption", objective != "embed"
+    if needs_emb and (image is None or text is None or logit_scale is None):
+        raise ValueError(f"objective {objective!r} needs image, text and logit_scale")
+    if needs_gen and (logits is None or targets is None):
+        raise ValueError(f"objective {objective!r} needs logits and targets")
+    if objective == "joint":
+        return mmgem_loss(image, text, logit_scale, logits, targets, contrastive, ignore_index)  # type: ignore[arg-type]
+    if objective == "embed":
+        emb = (contrastive or ClipLoss())(image, text, logit_scale)
+        return {"loss": emb, "emb": emb}
+    gen = caption_loss(logits, targets, ignore_index=ignore_index)  # type: ignore[arg-type]
+    return {"loss": gen, "gen": gen}

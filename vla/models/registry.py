@@ -8,7 +8,9 @@ A name is one of:
   FILE (`.safetensors`, `.pt`) loaded into architecture ARCH (`ViT-L-14-quickgelu@ft.safetensors`);
 - a text embedder (`vla.models.embedder.load_embedder`): a hub id `ORG/NAME` or a directory with a
   transformers `config.json`;
-- a detector (`vla.models.detector.load_detector`): an ultralytics `.pt` file or model `.yaml`.
+- a detector (`vla.models.detector.load_detector`): an ultralytics `.pt` file or model `.yaml`;
+- a causal LM for MM-GEM (`vla.models.causal_lm.load_causal_lm`): an `llm` alias, a hub id or a
+  transformers model directory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Literal
 
 from vla.errors import UserError
 
-Kind = Literal["clip", "embedder", "detector"]
+Kind = Literal["clip", "embedder", "detector", "llm"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ ALIASES: dict[str, Alias] = {
         "tiny random-weight Qwen3 with an in-process byte-level BPE (tests; last-token pooling)",
         pooling="last",
         max_length=64,
+    ),
+    "tinyllama": Alias(
+        "llm",
+        "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+        "TinyLlama 1.1B base (3T tokens), MM-GEM's causal LM",
     ),
     "yolov8x": Alias("detector", "yolov8x.pt", "ultralytics YOLOv8x, COCO weights (DCLIP's region detector)"),
     "yolov8n-scratch": Alias("detector", "yolov8n.yaml", "ultralytics YOLOv8n architecture, random init (offline)"),

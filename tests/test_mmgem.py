@@ -1,0 +1,301 @@
+"""MM-GEM's model (h1–h4, the PoolAggregator, [EMB]/[CAP], captioning) and losses, on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vla.errors import UserError
+from vla.losses import caption_loss, mmgem_objective_loss
+from vla.models.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens
+from vla.models.clip import load_clip
+from vla.models.mmgem import (
+    IGNORE_INDEX,
+    MMGEM,
+    MMGEMConfig,
+    greedy_decode_without_cache,
+)
+from vla.models.pool_aggregator import RoIPool, boxes_to_input_frame, check_boxes, mean_pool
+
+CAPTIONS = [
+    "a small red circle on a white background",
+    "a large blue square to the left of a green triangle",
+    "two yellow stars above a purple rectangle",
+    "the orange circle is below the big black square",
+]
+PREFIX = 2  # P: V_in vectors
+SOFT = 3  # n: soft prompts
+
+
+def _model(**config: object) -> MMGEM:
+    """vla-micro-clip's tower (32 px, patch 8 → a 4×4 grid, width 32, D 32) + a tiny Llama (d 64)."""
+    clip = load_clip("vla-micro-clip")
+    lm, tokenizer = build_tiny_llama(CAPTIONS)
+    cfg = MMGEMConfig(**{"prefix_length": PREFIX, "soft_prompts": SOFT, "max_text_tokens": 24, **config})
+    return MMGEM(clip.model.visual, lm, tokenizer, cfg, preprocess=clip.preprocess)
+
+
+@pytest.fixture(scope="module")
+def model() -> MMGEM:
+    return _model().eval()
+
+
+def _pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+BOXES = [torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 4.0, 32.0, 30.0]]), torch.tensor([[4.0, 4.0, 20.0, 28.0]])]
+
+
+# --- h1–h4 ---------------------------------------------------------------------------------------
+
+
+def test_h1_to_h4_shapes(model: MMGEM) -> None:
+    px = _pixels()
+    with torch.no_grad():
+        fmap = model.tower(px)
+        v = model.image_embedding(px)
+        regions = model.region_embedding(px, BOXES)
+        v_in = model.visual_prefix(v)
+        t = model.text_embedding(CAPTIONS[:3])
+    assert fmap.shape == (2, 32, 4, 4)  # (B, width, 32/8, 32/8): the patch-token feature map
+    assert v.shape == (2, 32)  # h1: D = the CLIP's embed_dim
+    assert regions.shape == (3, 32)  # h4 ∘ h1 ∘ RoIAlign: one row per box, in image order
+    assert v_in.shape == (2, PREFIX, 64)  # h3: P vectors in the LM's input-embedding space
+    assert t.shape == (3, 32)  # h2 on the [EMB] state
+
+
+def test_h1_starts_as_the_clip_projection_of_the_mean_pooled_tokens() -> None:
+    clip = load_clip("vla-micro-clip")
+    proj = clip.model.visual.proj.detach().clone()
+    lm, tokenizer = build_tiny_llama(CAPTIONS)
+    model = MMGEM(clip.model.visual, lm, tokenizer, MMGEMConfig(max_text_tokens=8))
+    px = _pixels()
+    with torch.no_grad():
+        expected = mean_pool(model.tower(px)) @ proj
+        assert torch.allclose(model.image_embedding(px), expected, atol=1e-6)
+    assert clip.model.visual.proj is None  # moved into h1: no gradient-less parameter left for DDP
+
+
+def test_h4_is_initialised_to_the_identity(model: MMGEM) -> None:
+    assert torch.equal(model.h4.weight, torch.eye(32)) and torch.equal(model.h4.bias, torch.zeros(32))
+    px = _pixels()
+    with torch.no_grad():
+        assert torch.equal(model.region_embedding(px, BOXES), model.image_embedding(px, BOXES))
+
+
+# --- the PoolAggregator: RoIAlign against hand computations ---------------------------------------
+
+
+def test_roi_align_on_a_known_feature_map_matches_a_hand_computed_value() -> None:
+    # One channel, 2×2 patches of 8 px: feature (row i, col j) sits at pixel ((j+½)·8, (i+½)·8).
+    fmap = torch.tensor([[[[0.0, 1.0], [2.0, 7.0]]]])
+    pool = RoIPool(patch_size=8, output_size=1, sampling_ratio=1)
+    # Box (4,4)-(8,8) px → feature coordinates (4/8 − ½ …) = (0, 0)-(0.5, 0.5); one bin, one
+    # sample at its centre (0.25, 0.25). Bilinear: (1−x)(1−y)·f00 + x(1−y)·f01 + (1−x)y·f10 + xy·f11
+    x = y = 0.25
+    hand = (1 - x) * (1 - y) * 0 + x * (1 - y) * 1 + (1 - x) * y * 2 + x * y * 7  # = 1.0
+    got = pool(fmap, [torch.tensor([[4.0, 4.0, 8.0, 8.0]])])
+    assert got.shape == (1, 1) and got.item() == pytest.approx(hand, abs=1e-6) and hand == pytest.approx(1.0)
+
+
+def test_roi_align_of_a_linear_map_is_its_value_at_the_box_centre() -> None:
+    # f(i, j) = 3j − 2i + 1 on a 4×4 grid (patch 8): bilinear sampling is exact on a linear
+    # function, so the mean over bins is f at the box centre in feature coordinates.
+    i, j = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    fmap = (3 * j - 2 * i + 1)[None, None]
+    box = [9.0, 6.0, 25.0, 22.0]  # centre (17, 14) px → feature (17/8 − ½, 14/8 − ½) = (1.625, 1.25)
+    got = RoIPool(patch_size=8, output_size=2, sampling_ratio=2)(fmap, [torch.tensor([box])])
+    assert got.item() == pytest.approx(3 * 1.625 - 2 * 1.25 + 1, abs=1e-5)
+
+
+def test_roi_align_of_the_whole_image_with_one_bin_per_patch_is_the_mean_pool() -> None:
+    fmap = torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(1))
+    whole = [torch.tensor([[0.0, 0.0, 32.0, 32.0]])] * 2
+    got = RoIPool(patch_size=8, output_size=4, sampling_ratio=1)(fmap, whole)
+    assert torch.allclose(got, mean_pool(fmap), atol=1e-6)
+
+
+def test_bad_region_boxes_are_refused_with_the_sample_key() -> None:
+    for bad, why in [([1.0, 1.0, 1.0, 5.0], "empty"), ([0.0, float("nan"), 4.0, 4.0], "not finite"),
+                     ([0.0, 0.0, 40.0, 8.0], "outside")]:
+        with pytest.raises(UserError, match=f"sample-7.*{why}"):
+            check_boxes(torch.tensor([bad]), 32, 32, "sample-7")
+    check_boxes(torch.tensor([[0.0, 0.0, 32.0, 32.0]]), 32, 32, "sample-7")
+
+
+def test_boxes_map_into_the_resized_and_centre_cropped_input() -> None:
+    # 128×64 image, shortest side → 32: 64×32, centre crop 32 wide drops 16 px on the left.
+    box = torch.tensor([[40.0, 8.0, 88.0, 40.0]])
+    got = boxes_to_input_frame(box, (128, 64), 32, "shortest")
+    assert got.tolist() == [[40 / 2 - 16, 8 / 2, 88 / 2 - 16, 40 / 2]]
+    assert boxes_to_input_frame(box, (128, 64), 32, "squash").tolist() == [[10.0, 4.0, 22.0, 20.0]]
+
+
+# --- tokens and the embedding table ----------------------------------------------------------------
+
+
+def test_emb_and_cap_tokens_are_added_and_the_embedding_table_resized() -> None:
+    lm, tokenizer = build_tiny_llama(CAPTIONS)
+    base = len(tokenizer)
+    assert lm.get_input_embeddings().weight.shape[0] == base
+    ids = add_mode_tokens(lm, tokenizer, ["[CAP_1]", "[CAP_2]"])
+    assert len(tokenizer) == base + 4 and sorted(ids.values()) == list(range(base, base + 4))
+    assert lm.get_input_embeddings().weight.shape[0] == base + 4
+    assert lm.get_output_embeddings().weight.shape[0] == base + 4
+    # special tokens stay whole inside text, and a second call (stage 2 reloading stage 1) changes nothing
+    assert tokenizer("red [EMB]", add_special_tokens=False)["input_ids"][-1] == ids["[EMB]"]
+    table = lm.get_input_embeddings().weight.detach().clone()
+    assert add_mode_tokens(lm, tokenizer, ["[CAP_1]", "[CAP_2]"]) == ids
+    assert torch.equal(lm.get_input_embeddings().weight, table)
+    with pytest.raises(UserError, match=r"lacks \[CAP_3\]"):
+        check_mode_tokens(tokenizer, ["[EMB]", "[CAP_3]"], "runs/x")
+
+
+# --- the one LM call and the losses ----------------------------------------------------------------
+
+
+def test_one_lm_call_gives_the_same_embeddings_and_logits_as_separate_forwards(model: MMGEM) -> None:
+    px = _pixels()
+    caps = CAPTIONS[:2]
+    with torch.no_grad():
+        out = model(px, caps)
+        text_alone = F.normalize(model.text_embedding(caps), dim=-1)
+        prefix = model.visual_prefix(model.image_embedding(px))
+        for b, row in enumerate(model.tokenize(caps)[0]):  # row 0 is the shorter, padded one
+            tokens = model._token_embeddings(row + [model.eos_id])
+            gen_row = torch.cat([prefix[b], model.prompt_embeddings(False), tokens])
+            logits_alone = model.lm(inputs_embeds=gen_row[None]).logits[0]
+            assert torch.allclose(out["logits"][b, : gen_row.shape[0]], logits_alone, atol=1e-4)
+    assert torch.allclose(out["text"], text_alone, atol=1e-5)  # padding and stacking leak nothing
+
+
+def test_lgen_targets_cover_caption_tokens_only(model: MMGEM) -> None:
+    caps = ["red circle", "a large blue square to the left"]
+    ids, _ = model.tokenize(caps)
+    assert len(ids[0]) < len(ids[1])
+    with torch.no_grad():
+        out = model(_pixels(), caps, objective="caption")
+    targets, head = out["targets"], PREFIX + 1  # [V_in (P), [CAP]]
+    for b, row in enumerate(ids):
+        assert (targets[b, :head] == IGNORE_INDEX).all()  # the prefix and the prompt
+        assert targets[b, head : head + len(row) + 1].tolist() == row + [model.eos_id]
+        assert (targets[b, head + len(row) + 1 :] == IGNORE_INDEX).all()  # padding
+    assert out["logits"].shape[:2] == targets.shape
+
+
+def test_lgen_ignores_prefix_and_padding_positions_by_hand() -> None:
+    # Inputs [V_in, V_in, [CAP], c1, c2, eos] and a shorter row [V_in, V_in, [CAP], c1, eos, pad].
+    targets = torch.tensor([[-100, -100, -100, 4, 1, 0], [-100, -100, -100, 2, 0, -100]])
+    logits = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def nll(b: int, pos: int) -> float:  # position pos−1 predicts the token at pos
+        row = logits[b, pos - 1].tolist()
+        return math.log(sum(math.exp(x) for x in row)) - row[targets[b, pos].item()]
+
+    hand = (nll(0, 3) + nll(0, 4) + nll(0, 5) + nll(1, 3) + nll(1, 4)) / 5
+    assert caption_loss(logits, targets).item() == pytest.approx(hand, rel=1e-12)
+    # the logits at positions that predict prefix, prompt or padding tokens do not matter
+    scrambled = logits.clone()
+    scrambled[:, :2] = 100 * torch.randn(2, 2, 5, dtype=torch.float64)
+    scrambled[1, 4:] = -50.0
+    assert caption_loss(scrambled, targets).item() == pytest.approx(hand, rel=1e-12)
+
+
+def test_objective_switch_computes_only_the_paths_it_needs(model: MMGEM) -> None:
+    px, caps = _pixels(), CAPTIONS[:2]
+    with torch.no_grad():
+        joint = model(px, caps, objective="joint")
+        embed = model(px, caps, objective="embed")
+        cap = model(px, caps, objective="caption")
+    assert "logits" not in embed and "text" not in cap
+    keys = ("image", "text", "logit_scale", "logits", "targets")
+    l_joint = mmgem_objective_loss("joint", **{k: joint[k] for k in keys})
+    l_embed = mmgem_objective_loss("embed", **{k: embed[k] for k in keys if k in embed})
+    l_cap = mmgem_objective_loss("caption", **{k: cap[k] for k in keys if k in cap})
+    assert set(l_embed) == {"loss", "emb"} and set(l_cap) == {"loss", "gen"}
+    assert l_joint["loss"].item() == pytest.approx(l_embed["loss"].item() + l_cap["loss"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs logits"):
+        mmgem_objective_loss("joint", image=joint["image"], text=joint["text"], logit_scale=joint["logit_scale"])
+    with pytest.raises(UserError, match="objective"):
+        model(px, caps, objective="both")
+
+
+def test_temperature_starts_at_0_07_and_is_bounded_below_by_0_01() -> None:
+    model = _model(max_text_tokens=8)
+    assert model.logit_scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(math.log(1 / 0.001))  # τ = 0.001 asked for
+    scale = model.logit_scale()
+    assert scale.item() == pytest.approx(100.0, rel=1e-6)  # τ clamped at 0.01
+    scale.backward()
+    assert model.logit_scale.log_scale.grad.item() == 0.0  # no push past the bound
+
+
+def test_long_captions_are_cut_at_max_text_tokens_and_counted(model: MMGEM) -> None:
+    long = " ".join(CAPTIONS * 3)
+    with torch.no_grad():
+        out = model(_pixels(), [long, "red"], objective="caption")
+    assert out["truncated"] == 1
+    assert (out["targets"][0] != IGNORE_INDEX).sum().item() == 24 + 1  # max_text_tokens + end of text
+    assert model.text_token_counts([long])[0] > 24
+
+
+# --- what each phase trains ------------------------------------------------------------------------
+
+
+def test_stage2_phases_train_only_h4_or_h3_and_the_soft_prompts() -> None:
+    model = _model(max_text_tokens=8)
+    groups = model.trainable_parameters("region-retrieval")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["h4.weight", "h4.bias"]
+    assert sum(len(g) for g in groups.values()) == 2
+
+    model.trainable_parameters("region-caption")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"h3.weight", "h3.bias", "soft_prompts"}
+    with torch.no_grad():
+        model.soft_prompts.add_(1.0)
+    expected = model.soft_prompts.detach().clone()
+    model.merge_soft_prompts()
+    table = model.lm.get_input_embeddings().weight
+    assert model.soft_prompts is None and torch.equal(table[model.soft_prompt_ids], expected)
+
+
+# --- captioning ------------------------------------------------------------------------------------
+
+
+def test_greedy_caption_with_kv_cache_equals_token_by_token_decoding_without_cache() -> None:
+    model = _model(max_text_tokens=12).double().eval()  # float64: no argmax ties flipped by rounding
+    px = _pixels(3).double()
+    cached = model.generate_ids(px, max_new_tokens=10)
+    with torch.no_grad():
+        naive = greedy_decode_without_cache(model, model.caption_inputs(px), max_new_tokens=10)
+    assert cached == naive and all(len(row) > 0 for row in cached)
+    # regions decode through the soft prompts, batched over all boxes
+    region_ids = model.generate_ids(px[:2], BOXES, max_new_tokens=6)
+    with torch.no_grad():
+        region_naive = greedy_decode_without_cache(model, model.caption_inputs(px[:2], BOXES), max_new_tokens=6)
+    assert region_ids == region_naive and len(region_ids) == 3
+    beams = model.caption(px, num_beams=3, max_new_tokens=6)
+    assert len(beams) == 3 and all(isinstance(c, str) for c in beams)
+
+
+def test_lm_save_pretrained_reloads_with_identical_logits(model: MMGEM, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model.lm.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    text = "a red circle [CAP] [EMB]"
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    check_mode_tokens(tokenizer, ["[EMB]", "[CAP]", "[CAP_1]", "[CAP_3]"], str(tmp_path))
+    with torch.no_grad():
+        before = model.lm(torch.tensor([ids])).logits
+        after = lm(torch.tensor([ids])).logits
+    assert torch.equal(before, after)
