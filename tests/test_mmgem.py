@@ -299,3 +299,48 @@ def test_lm_save_pretrained_reloads_with_identical_logits(model: MMGEM, tmp_path
         before = model.lm(torch.tensor([ids])).logits
         after = lm(torch.tensor([ids])).logits
     assert torch.equal(before, after)
+
+
+# --- on disk and the DualEncoder interface ---------------------------------------------------------
+
+
+def _images(n: int) -> list:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(5)
+    return [Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_saved_mmgem_reloads_with_identical_embeddings_and_greedy_captions(tmp_path) -> None:
+    from vla.models.encoder import DualEncoder
+    from vla.models.mmgem import build_mmgem, load_mmgem, save_mmgem
+
+    model = build_mmgem("vla-micro-clip", None, CAPTIONS, MMGEMConfig(soft_prompts=2, max_text_tokens=10)).eval()
+    model.trainable_parameters("region-caption")
+    with torch.no_grad():
+        model.soft_prompts.mul_(3.0)  # a "trained" soft prompt must survive the export
+    images, boxes = _images(2), [torch.tensor([[0.0, 0.0, 20.0, 20.0]]), torch.tensor([[8.0, 8.0, 32.0, 24.0]])]
+    regions_before = model.caption(images, boxes, max_new_tokens=6)
+    save_mmgem(model, tmp_path / "m")
+    loaded = load_mmgem(tmp_path / "m")
+
+    assert isinstance(loaded, DualEncoder)
+    for a, b in [(model.encode_image(images), loaded.encode_image(images)),
+                 (model.encode_text(CAPTIONS), loaded.encode_text(CAPTIONS)),
+                 (model.encode_regions(images, boxes), loaded.encode_regions(images, boxes))]:
+        assert torch.equal(a, b) and torch.allclose(a.norm(dim=-1), torch.ones(len(a)))
+    assert loaded.caption(images, max_new_tokens=6) == model.caption(images, max_new_tokens=6)
+    assert loaded.caption(images, boxes, max_new_tokens=6) == regions_before
+
+
+def test_a_tokenizer_without_the_recorded_tokens_is_refused(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from vla.models.mmgem import build_mmgem, load_mmgem, save_mmgem
+
+    save_mmgem(build_mmgem("vla-micro-clip", None, CAPTIONS, MMGEMConfig(max_text_tokens=8)), tmp_path / "m")
+    base_tokenizer = build_tiny_llama(CAPTIONS)[1]  # the base LM's tokenizer: no [EMB], no [CAP]
+    base_tokenizer.save_pretrained(tmp_path / "m" / "lm")
+    assert "[EMB]" not in AutoTokenizer.from_pretrained(tmp_path / "m" / "lm").get_vocab()
+    with pytest.raises(UserError, match=r"lacks \[EMB\], \[CAP\]"):
+        load_mmgem(tmp_path / "m")
