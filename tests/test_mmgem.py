@@ -86,6 +86,20 @@ def test_h4_is_initialised_to_the_identity(model: MMGEM) -> None:
     with torch.no_grad():
         assert torch.equal(model.region_embedding(px, BOXES), model.image_embedding(px, BOXES))
 
+def test_the_training_forward_matches_regions_to_captions_through_h4() -> None:
+    model = _model(max_text_tokens=8).eval()
+    px = _pixels()
+    with torch.no_grad():
+        model.h4.weight.copy_(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))
+        out = model(px, CAPTIONS[:3], objective="joint", boxes=BOXES)
+        assert torch.allclose(out["image"], F.normalize(model.region_embedding(px, BOXES), dim=-1), atol=1e-6)
+        assert not torch.allclose(out["image"], F.normalize(model.image_embedding(px, BOXES), dim=-1), atol=1e-3)
+        # while the caption path reads h3(h1(RoIAlign)), without h4
+        prefix = model.visual_prefix(model.image_embedding(px, BOXES))
+        row = torch.cat([prefix[2], model.prompt_embeddings(True),  # regions: the soft prompts by default
+                         model._token_embeddings(model.tokenize(CAPTIONS[2:3])[0][0] + [model.eos_id])])
+        assert torch.allclose(out["logits"][2, : row.shape[0]], model.lm(inputs_embeds=row[None]).logits[0], atol=1e-4)
+
 
 # --- the PoolAggregator: RoIAlign against hand computations ---------------------------------------
 

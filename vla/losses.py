@@ -341,7 +341,9 @@ def mmgem_objective_loss(
     if needs_gen and (logits is None or targets is None):
         raise ValueError(f"objective {objective!r} needs logits and targets")
     if objective == "joint":
-        return mmgem_loss(image, text, logit_scale, logits, targets, contrastive, ignore_index)  # type: ignore[arg-type]
+        return mmgem_loss(
+            image, text, logit_scale, logits, targets, contrastive, ignore_index  # type: ignore[arg-type]
+        )
     if objective == "embed":
         emb = (contrastive or ClipLoss())(image, text, logit_scale)
         return {"loss": emb, "emb": emb}

@@ -125,9 +125,16 @@ def add_mode_tokens(lm: torch.nn.Module, tokenizer: Any, extra: Sequence[str] = 
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it explains mean_resizing at warning level on every call
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:  # Llama tokenizers have none; padding is masked, any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return {t: tokenizer.convert_tokens_to_ids(t) for t in wanted}

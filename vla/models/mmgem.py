@@ -206,6 +206,10 @@ class MMGEM(nn.Module):
             return self.soft_prompts
         return self._token_embeddings(self.soft_prompt_ids)
 
+    def _use_soft_prompts(self, boxes: Sequence[Tensor] | None, soft: bool | None) -> bool:
+        """As asked; by default the soft prompts for regions when the model has them, else [CAP]."""
+        return soft if soft is not None else boxes is not None and bool(self.soft_prompt_ids)
+
     def split_soft_prompts(self) -> nn.Parameter:
         """Stage 2: train ``[CAP_1..CAP_n]`` as a parameter of their own; `merge_soft_prompts` after.
 
@@ -261,16 +265,18 @@ class MMGEM(nn.Module):
         captions: Sequence[str],
         objective: str = "joint",
         boxes: Sequence[Tensor] | None = None,
-        soft_prompts: bool = False,
+        soft_prompts: bool | None = None,
     ) -> dict[str, Any]:
         """One training step's model outputs, for `vla.losses.mmgem_objective_loss`.
 
         ``objective``: ``joint`` (both paths), ``embed`` (InfoNCE path only) or ``caption``
         (generation path only) — the paper's ablation at the same budget. With ``boxes`` the
-        captions are region captions, one per box in image order.
+        captions are region captions, one per box in image order, and the image side of the
+        InfoNCE is the region embedding h4(v).
         Returns ``image``, ``text`` (L2-normalised, embed/joint), ``logit_scale``, ``logits``
         (generation rows, (B, L, V)), ``targets`` (aligned with the inputs, ``IGNORE_INDEX`` on
         the prefix, the prompt and padding), and ``truncated`` (captions cut at max_text_tokens).
+        ``soft_prompts``: the caption prompt, as in `caption_inputs`.
         """
         if objective not in ("joint", "embed", "caption"):
             raise UserError(f"objective {objective!r} is not one of joint, embed, caption")
@@ -286,7 +292,7 @@ class MMGEM(nn.Module):
         start = len(rows)
         if want_gen:
             prefix = self.visual_prefix(v)
-            prompt = self.prompt_embeddings(soft_prompts)
+            prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft_prompts))
             for b, r in enumerate(ids):
                 rows.append(torch.cat([prefix[b], prompt, self._token_embeddings(r + [self.eos_id])]))
         states, _ = self._lm_states(rows)
@@ -295,7 +301,8 @@ class MMGEM(nn.Module):
         if want_emb:
             last = torch.tensor([len(self._embedding_row(r)) - 1 for r in ids], device=states.device)
             t = self.h2(states[torch.arange(len(ids), device=states.device), last])
-            out["image"] = F.normalize(v, dim=-1)
+            # regions are matched through h4 (stage-2 regional retrieval); V_in below stays h3(v)
+            out["image"] = F.normalize(self.h4(v) if boxes is not None else v, dim=-1)
             out["text"] = F.normalize(t, dim=-1)
         if want_gen:
             head = prefix.shape[1] + prompt.shape[0]
@@ -318,10 +325,8 @@ class MMGEM(nn.Module):
 
     def caption_inputs(self, pixels: Tensor, boxes: Sequence[Tensor] | None = None, soft: bool | None = None) -> Tensor:
         """``[V_in, prompt]`` (N, P+k, d_lm); soft prompts by default for regions when the model has them."""
-        if soft is None:
-            soft = boxes is not None and bool(self.soft_prompt_ids)
         prefix = self.visual_prefix(self.image_embedding(pixels, boxes))
-        prompt = self.prompt_embeddings(soft)
+        prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft))
         return torch.cat([prefix, prompt.unsqueeze(0).expand(prefix.shape[0], -1, -1)], dim=1)
 
     def generate_ids(

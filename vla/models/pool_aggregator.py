@@ -51,7 +51,7 @@ class RoIPool(nn.Module):
         """``boxes[b]`` (K_b, 4) are image b's boxes in input pixels → (ΣK_b, C), in image order."""
         if len(boxes) != feature_map.shape[0]:
             raise ValueError(f"{len(boxes)} box lists for {feature_map.shape[0]} images")
-        boxes = [b.to(feature_map.dtype) for b in boxes]
+        boxes = [b.to(feature_map.device, feature_map.dtype) for b in boxes]
         bins = roi_align(
             feature_map,
             boxes,
