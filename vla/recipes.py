@@ -11,6 +11,7 @@ a typo such as `lr_warmup: 100` silently ignored would cost a whole run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -128,13 +129,30 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "") -> T:
     return _build(cls, data, "", f"{source}: " if source else "")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as a user means it: PyYAML follows YAML 1.1, where a float needs a dot, so `1e-3`
+    and `1.0e3` would be strings; here they are numbers, as in YAML 1.2 (and JSON, and Python).
+    Integers stay integers: their resolver comes first."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` → (['a', 'b'], yaml-parsed c), so `--set train.lr=1e-3` gives a float."""
     if "=" not in item:
         raise RecipeError(f"--set {item!r} must look like key=value (e.g. --set train.lr=1e-3)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and value.lower() in ("none", "null"):
@@ -146,7 +164,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {path} is not a text file (byte {e.start} is not UTF-8); "
+                        f"pass a YAML recipe") from None
+    except OSError as e:
+        raise UserError(f"recipe {path} cannot be read ({e.strerror}); pass a YAML recipe you can read") from None
+    try:
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
