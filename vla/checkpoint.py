@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to resume a run bit-for-bit, and nothing pickled.
 
 One file, `checkpoints/last.pt`, replaced atomically (write a temporary sibling, fsync, rename),
-so a crash mid-write leaves the previous checkpoint intact. It holds plain tensors, numbers and
+so a crash mid-write leaves the previous checkpoint intact. Beside it, `last.json` says its step,
+so that a message can say where a rerun resumes without loading torch or the checkpoint. It holds plain tensors, numbers and
 dicts only, and is read back with `torch.load(weights_only=True)`, so loading a checkpoint can
 never run code. RNG states are therefore stored as tensors, one entry per rank (dropout differs
 between ranks).
@@ -9,7 +10,9 @@ between ranks).
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla.errors import StageError
+from vla.errors import StageError, UserError
 
 FORMAT = "vla-train-checkpoint"
 VERSION = 1
@@ -63,6 +66,7 @@ class Resumed:
     step: int  # optimizer steps completed
     samples: int  # samples seen over all ranks
     rng: list[dict[str, Any]]  # capture_rng() of each rank, by rank
+    data: list[dict[str, Any]] | None = None  # each rank's data counts (SkipCounter.as_dict())
 
 
 def save_checkpoint(
@@ -74,6 +78,7 @@ def save_checkpoint(
     step: int,
     samples: int,
     rng: list[dict[str, Any]],
+    data: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write the full training state to `path` atomically (call on rank 0 only)."""
     state = {
@@ -85,6 +90,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng,
+        "data": data,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -93,6 +99,10 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    info = path.with_suffix(".json")
+    tmp_info = info.with_name(info.name + ".tmp")
+    tmp_info.write_text(json.dumps({"step": step, "samples": samples}))
+    os.replace(tmp_info, info)
 
 
 def load_checkpoint(
@@ -105,10 +115,15 @@ def load_checkpoint(
     """Load `path` into model, optimizer and scaler (in place); return where to resume."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...
-        raise StageError(f"cannot read checkpoint {path} ({e}); delete it to start over") from e
+    except pickle.UnpicklingError as e:
+        # torch's message advises turning weights_only off, i.e. running the file's code: never relay it
+        raise UserError(f"{path} is not a vla checkpoint (a pickle that would run code to load; vla "
+                        f"does not load those); delete it to start the run over") from e
+    except Exception as e:  # truncated file, not a torch file, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path} ({first}); delete it to start the run over") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise StageError(f"{path} is not a vla training checkpoint; delete it to start over")
+        raise UserError(f"{path} is not a vla checkpoint; delete it to start the run over")
     if state["version"] != VERSION:
         raise StageError(
             f"checkpoint {path} has format version {state['version']}, this vla reads "
@@ -125,4 +140,5 @@ def load_checkpoint(
         ) from e
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    return Resumed(step=int(state["step"]), samples=int(state["samples"]), rng=state["rng"])
+    return Resumed(step=int(state["step"]), samples=int(state["samples"]), rng=state["rng"],
+                   data=state.get("data"))

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -241,6 +242,9 @@ def _from_pretrained(name: str, source: str, trust_remote_code: bool) -> tuple[A
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{name}: cannot load {source} ({first})") from err
+    except pickle.UnpicklingError as err:  # torch's message advises running the pickle: never relay it
+        raise UserError(f"{name}: {source} holds pickled weights that would run code to load; vla loads "
+                        f"safetensors or plain-tensor files only: convert them to model.safetensors") from err
     return model, tokenizer
 
 
