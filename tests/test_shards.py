@@ -97,7 +97,10 @@ def test_good_samples_read_back_and_each_corrupt_kind_is_skipped_by_reason(tmp_p
     expected: dict[str, int] = {}
     for _, reason in CORRUPT.values():
         expected[reason] = expected.get(reason, 0) + 1
-    assert skips.as_dict() == {"seen": 2 + len(CORRUPT), "used": 2, "skipped": expected}
+    # the first few skipped samples are named by shard and key, so a user can find them
+    named = [f"{'00000' if i < 4 else '00001'}.tar key {key} ({reason})"
+             for i, (key, (_, reason)) in enumerate(list(CORRUPT.items())[:5])]
+    assert skips.as_dict() == {"seen": 2 + len(CORRUPT), "used": 2, "skipped": expected, "examples": named}
 
 
 def test_a_plain_img2dataset_shard_reads(tmp_path):
@@ -144,6 +147,24 @@ def test_a_truncated_or_non_tar_shard_is_a_user_error_naming_it(tmp_path):
         next(iter_shard_samples(junk, SkipCounter()))
 
 
+def test_a_shard_cut_between_members_or_with_a_damaged_header_is_truncated(tmp_path):
+    """Python's tarfile stops quietly at the end of the file or at a bad header, as if the archive
+    ended there; without its end-of-archive blocks a shard is truncated, not shorter."""
+    (shard,) = _write_mixed(tmp_path / "full")[:1]
+    with tarfile.open(shard) as tar:
+        third = tar.getmembers()[3].offset  # a header, at a 512-byte boundary
+    data = shard.read_bytes()
+    cut = tmp_path / "00005.tar"
+    cut.write_bytes(data[:third])
+    with pytest.raises(UserError, match=rf"00005\.tar is truncated \(it ends at byte {third}, after 1 sample, "
+                                        r"without the tar end-of-archive blocks\)"):
+        next(iter_shard_samples(cut, SkipCounter()))
+    damaged = tmp_path / "00006.tar"
+    damaged.write_bytes(data[:third] + b"\x01" * 512 + data[third + 512:])
+    with pytest.raises(UserError, match=r"00006\.tar is truncated \(it has a damaged header at byte"):
+        next(iter_shard_samples(damaged, SkipCounter()))
+
+
 def test_skip_counter_merges_and_enforces_the_limit():
     a, b = SkipCounter(seen=600), SkipCounter()
     a.skipped.update(undecodable_image=250)
@@ -155,7 +176,8 @@ def test_skip_counter_merges_and_enforces_the_limit():
     with pytest.raises(StageError) as err:
         a.check(0.05, "data/x")
     assert str(err.value) == ("412 of 1000 samples in data/x skipped (undecodable_image: 400, empty_caption: 12), "
-                              "above data.max_skip_fraction=0.05; fix the data or raise the limit")
+                              "above data.max_skip_fraction=0.05; fix the data or raise the limit "
+                              "(--set data.max_skip_fraction=0.42; a rerun resumes)")
     with pytest.raises(ValueError):
         a.skip("no_such_reason")
 
@@ -185,7 +207,9 @@ def test_jsonl_manifest_resolves_relative_paths_and_skips_bad_lines(tmp_path):
     _assert_same(got[1], g1)
     assert got[0].captions == ["a red square"] and np.array_equal(np.asarray(got[0].image), np.asarray(GOOD[0].image))
     assert skips.as_dict() == {"seen": 6, "used": 2,
-                               "skipped": {"bad_json": 2, "empty_caption": 1, "missing_image": 1}}
+                               "skipped": {"bad_json": 2, "empty_caption": 1, "missing_image": 1},
+                               "examples": ["train.jsonl line 4 (missing_image)", "train.jsonl line 5 (bad_json)",
+                                            "train.jsonl line 6 (empty_caption)", "train.jsonl line 7 (bad_json)"]}
 
 
 def test_resolve_data_accepts_three_forms_and_digests_content(tmp_path):

@@ -90,6 +90,19 @@ def test_start_batch_gives_exactly_the_rest_of_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_each_record_is_counted_once_however_many_epochs(tmp_path, workers):
+    """A repeating stream walks the same records every epoch: its counts must not grow per pass
+    (one bad sample was reported as two after two epochs), before or after a resume."""
+    source = _write(tmp_path, 20, 5)  # 16 usable, 4 skipped
+    kw = dict(seed=2, shuffle_buffer=4, repeat=True, num_workers=workers)
+    counts = [c for _, c in _take(make_loader(source, transform, 4, **kw), 12)]  # 48 samples: 3 epochs
+    total = {"seen": sum(c["seen"] for c in counts), "skipped": sum(c["skipped"].get("empty_caption", 0) for c in counts)}
+    assert total == {"seen": 20, "skipped": 4}
+    # from a resume point in the second epoch on, nothing more is counted
+    assert all(c["seen"] == 0 for _, c in _take(make_loader(source, transform, 4, start_batch=5, **kw), 7))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_chunk_size_changes_no_batch(tmp_path, workers):
     # 23 records (divisible by none of the chunk sizes), every 4th skipped: skips fall inside chunks
     # and chunks straddle batch and epoch boundaries

@@ -52,17 +52,18 @@ def line_image(line: ManifestLine, meta: dict[str, Any] | None = None) -> Path |
 
 
 def sample_from_line(line: ManifestLine, skips: SkipCounter, **kw: Any) -> Sample | None:
+    where = f"{line.manifest.name} line {line.lineno}"
     meta = _parse(line)
     if meta is None:
         skips.seen += 1
-        skips.skip("bad_json")
+        skips.skip("bad_json", where)
         return None
     path = line_image(line, meta)
     image = path.read_bytes() if path is not None and path.is_file() else None
     meta.pop("image", None)
     key = meta.get("key")
     return sample_from_parts(str(key) if key is not None else f"{line.lineno:08d}", image, None, meta,
-                             skips, **kw)
+                             skips, where=where, **kw)
 
 
 def iter_jsonl_samples(path: Path, skips: SkipCounter, **kw: Any) -> Iterator[Sample]:

@@ -138,6 +138,11 @@ class ShardRecord:
     key: str
     members: dict[str, tuple[int, int]]
 
+    @property
+    def where(self) -> str:
+        """How a skip count names this sample."""
+        return f"{self.shard.name} key {self.key}"
+
     def read(self, f: BinaryIO) -> dict[str, bytes]:
         """The members' bytes, read from `f`, the shard opened in binary mode."""
         out = {}
@@ -165,6 +170,7 @@ def scan_shard(shard: Path) -> list[ShardRecord]:
                 if not records or records[-1].key != key:
                     records.append(ShardRecord(shard, key, {}))
                 records[-1].members.setdefault(ext, (m.offset_data, m.size))
+            end = tar.offset  # where tarfile stopped reading: the block after the last member
     except tarfile.ReadError as err:
         size = shard.stat().st_size
         if "unexpected end of data" in str(err) or "truncated" in str(err):
@@ -172,7 +178,24 @@ def scan_shard(shard: Path) -> list[ShardRecord]:
                             f"re-write or re-download that shard") from None
         raise UserError(f"{shard} is not a readable tar archive ({err}); "
                         f"re-write or re-download that shard") from None
+    _check_end_of_archive(shard, end, len(records))
     return records
+
+
+def _check_end_of_archive(shard: Path, end: int, n_records: int) -> None:
+    """A tar ends with zero blocks; Python's tarfile stops quietly at the end of the file, or at a
+    damaged header, as if the archive ended there. So a shard cut exactly between two members
+    would read as a shorter shard: what follows the last member must be a zero block."""
+    with open(shard, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return
+    what = "ends" if not block else ("is cut inside a header" if len(block) < tarfile.BLOCKSIZE
+                                     else "has a damaged header")
+    samples = f"{n_records} sample{'' if n_records == 1 else 's'}"
+    raise UserError(f"{shard} is truncated (it {what} at byte {end}, after {samples}, without the tar "
+                    f"end-of-archive blocks); re-write or re-download that shard")
 
 
 def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
@@ -184,7 +207,7 @@ def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
     with open(shard, "rb") as f:
         for record in records:
             sample = sample_from_members(record.key, record.read(f), skips, decode=decode,
-                                         max_image_pixels=max_image_pixels)
+                                         max_image_pixels=max_image_pixels, where=record.where)
             if sample is not None:
                 yield sample
 
@@ -197,7 +220,8 @@ def iter_samples(paths: Sequence[Path], skips: SkipCounter, **kw: Any) -> Iterat
 
 def sample_from_members(key: str, members: dict[str, bytes], skips: SkipCounter,
                         **kw: Any) -> Sample | None:
-    """A sample from its tar members `{ext: bytes}`: the image, `txt` and `json`."""
+    """A sample from its tar members `{ext: bytes}`: the image, `txt` and `json`; `where` (see
+    `sample_from_parts`) defaults to the key."""
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     return sample_from_parts(key, members.get(image_ext) if image_ext else None, members.get("txt"),
                              members.get("json"), skips, **kw)
@@ -213,19 +237,21 @@ class _Skip(Exception):
 
 def sample_from_parts(key: str, image: bytes | None, txt: bytes | None,
                       meta: bytes | dict[str, Any] | None, skips: SkipCounter, *,
-                      decode: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Sample | None:
+                      decode: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                      where: str | None = None) -> Sample | None:
     """Validate one sample's parts and build it, or count why it is skipped and return None.
 
     `txt` is the caption file's bytes; `meta` the JSON (bytes, or already parsed). The caption
     is `meta["captions"]` when present, else `txt`, else `meta["caption"]`. With `decode=False`
     the image is only opened (its header read, so its size is known and checked) and corrupt
     pixel data go undetected; with `decode=True` it is fully decoded and converted to RGB.
+    `where` names the sample in the skip counts (default: its key).
     """
     skips.seen += 1
     try:
         return _build(key, image, txt, meta, decode, max_image_pixels)
     except _Skip as skip:
-        skips.skip(skip.reason)
+        skips.skip(skip.reason, where or f"key {key}")
         return None
 
 

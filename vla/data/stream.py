@@ -24,7 +24,8 @@ DataLoader workers, and so that a resume is exact:
    samples into batches of `batch_size`; a chunk of exactly `batch_size` usable records that
    starts a batch (the default chunk size, whenever no record was skipped) is taken whole, its
    stacked tensors being the batch's; in `repeat` mode epochs follow one another and batches
-   run across their boundary. Each batch comes with the skip counts of the records it consumed.
+   run across their boundary. Each batch comes with the skip counts of the records it consumed,
+   counted in the first epoch only, so that each record is counted once however many epochs run.
 4. Resume. `start_batch=k` means "after the k*batch_size-th usable sample". Where that sample
    lies depends on which records were skipped, so the records before it are validated again
    (decoded, not transformed) to find its (epoch, pos); the rank holds the same records every
@@ -40,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +85,7 @@ class DataSource:
         if isinstance(record, ManifestLine):
             return sample_from_line(record, skips, **kw)
         with open(record.shard, "rb") as f:
-            return sample_from_members(record.key, record.read(f), skips, **kw)
+            return sample_from_members(record.key, record.read(f), skips, where=record.where, **kw)
 
     def digest(self) -> str:
         """sha256 (hex) of the data's content: each file's name and bytes, and for a manifest the
@@ -164,6 +166,10 @@ class SampleStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # A Ctrl-C reaches the whole process group. The main process answers it by finishing
+            # its step and saving a checkpoint, which needs the workers alive until then.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             if self.chunk_size:
                 yield from map(_pack_chunk, self._chunks(worker, workers, self.chunk_size))
@@ -267,18 +273,27 @@ def _unpack_chunk(chunk: dict) -> list[dict]:
     return chunk["items"]
 
 
-def collate_with_skips(batch: list[dict]) -> tuple[dict | None, dict]:
+def collate_with_skips(batch: list[dict], count_epoch: int | None = None) -> tuple[dict | None, dict]:
     """Collate the usable items of `batch` (None when there are none) and sum the skip counts of
-    all of them, placeholders included. Values torch cannot stack (PIL images, Samples) stay lists."""
-    counts = SkipCounter()
+    all of them, placeholders included (with `count_epoch`, of those from that epoch only: later
+    epochs repeat its records). Values torch cannot stack (PIL images, Samples) stay lists."""
+    counts = _counts(batch, count_epoch)
     usable = []
     for item in batch:
-        counts.add_counts(item["__skips__"])
         if item["__skips__"]["used"]:
             usable.append({k: v for k, v in item.items() if k not in ("__skips__", "__pos__")})
     if not usable:
         return None, counts.as_dict()
     return {k: _collate([u[k] for u in usable]) for k in usable[0]}, counts.as_dict()
+
+
+def _counts(items: list[dict], count_epoch: int | None) -> SkipCounter:
+    """The summed skip counts of `items`; with `count_epoch`, of those from that epoch only."""
+    counts = SkipCounter()
+    for item in items:
+        if count_epoch is None or item["__pos__"][0] == count_epoch:
+            counts.add_counts(item["__skips__"])
+    return counts
 
 
 def _collate(values: list) -> Any:
@@ -296,8 +311,9 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
     """`(batch, skip_counts)` pairs of this rank: epoch `epoch` (or, with `repeat`, epochs
     `epoch`, `epoch+1`, ... forever) from batch `start_batch` on. The batches do not depend on
     `num_workers`; `start_batch=k` gives exactly what the uninterrupted loader gives from batch k
-    on. The skip counts cover the records consumed since the previous batch (a tail dropped by
-    `drop_last` is not reported). Raises StageError when a whole epoch has no usable sample.
+    on. The skip counts cover the records of epoch `epoch` consumed since the previous batch (a
+    tail dropped by `drop_last` is not reported): the later epochs hold the same records again, so
+    over a whole run each record is counted once. Raises StageError when a whole epoch has no usable sample.
     `chunk_size`: records a worker hands over at once (default `batch_size`: a chunk with no
     skipped record then is a batch as it is); it changes only speed, never a batch."""
     if batch_size < 1:
@@ -319,7 +335,7 @@ def _batches(source, transform, batch_size, num_workers, start_batch, repeat, dr
     pending, usable, ever_usable = [], 0, False
     for chunk in _chunks(stream, num_workers, batch_size):
         if not pending:
-            whole = _chunk_as_batch(chunk, batch_size)
+            whole = _chunk_as_batch(chunk, batch_size, epoch)
             if whole is not None:  # the common case: no copy, no per-item collation
                 ever_usable = True
                 yield whole
@@ -331,10 +347,10 @@ def _batches(source, transform, batch_size, num_workers, start_batch, repeat, dr
             if not ever_usable and item["__pos__"][0] >= first_epoch + 2:  # epoch first+1 walked whole
                 raise _no_usable(source, kw["rank"], collate_with_skips(pending)[1])
             if usable == batch_size:
-                yield collate_with_skips(pending)
+                yield collate_with_skips(pending, epoch)
                 pending, usable = [], 0
     if usable and not drop_last:
-        yield collate_with_skips(pending)
+        yield collate_with_skips(pending, epoch)
 
 
 def _chunks(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[dict]:
@@ -355,15 +371,13 @@ def _items(stream: SampleStream, num_workers: int, batch_size: int) -> Iterator[
         yield from _unpack_chunk(chunk)
 
 
-def _chunk_as_batch(chunk: dict, batch_size: int) -> tuple[dict, dict] | None:
+def _chunk_as_batch(chunk: dict, batch_size: int, count_epoch: int | None = None) -> tuple[dict, dict] | None:
     """A chunk of exactly `batch_size` usable records as the batch `collate_with_skips` would make
     of its items, using the stacked tensors as they are; None for any other chunk."""
     items = chunk["items"]
     if len(items) != batch_size or not all(item["__skips__"]["used"] for item in items):
         return None
-    counts = SkipCounter()
-    for item in items:
-        counts.add_counts(item["__skips__"])
+    counts = _counts(items, count_epoch)
     batch = {k: chunk["stacked"][k] if k in chunk["stacked"] else _collate([item[k] for item in items])
              for k in items[0] if k not in ("__skips__", "__pos__")}
     return batch, counts.as_dict()
