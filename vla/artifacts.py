@@ -5,6 +5,15 @@ sibling `.NAME.partial/` and renames that into place only when everything is wri
 never leaves something that looks finished; the partial directory keeps the stage's checkpoints,
 and a rerun of the same command resumes from them.
 
+What a stage may write, checked by `claim_out` before any compute:
+- never an input: an `--out` that is, contains or lies inside an input (or an artifact in an
+  input's lineage) is refused, `--force` or not;
+- `--force` replaces only a vla artifact or an empty directory, never other files;
+- one writer per `--out`: the builder holds an exclusive `flock` on the sibling `.NAME.lock`
+  (rank 0 under torchrun); a second writer is refused, naming the process that holds it.
+A partial whose run stopped records why in `stopped.json`, so that `open_artifact` (and so
+`vla inspect`) can tell a run being built, a run that stopped and a run that was killed apart.
+
     with ArtifactBuilder(out, "pretrain", recipe=cfg, inputs={"data": data}) as art:
         ...write files into art.dir...
         art.metrics["eval"] = {...}
@@ -17,20 +26,23 @@ directory of the wrong kind or a newer format before any compute is spent.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from vla import __version__
-from vla.errors import UserError
+from vla.errors import Interrupted, StageError, UserError, VlaError
 
 FORMAT = "vla-artifact"
 FORMAT_VERSION = 1
@@ -38,6 +50,12 @@ MANIFEST = "manifest.json"
 # Resume state lives here while a stage runs; it is dropped when the artifact is finished, since
 # a finished artifact is never resumed and optimizer state would triple its size.
 CHECKPOINTS = "checkpoints"
+RESUME = "resume.json"  # in a partial: the kind and recipe of the run it holds
+STOPPED = "stopped.json"  # in a partial: why its run stopped
+# Settings that change no result (how often to log or checkpoint, how many data workers read the
+# batches, the skip limit): a rerun may change them and still resume.
+NEUTRAL_SETTINGS = frozenset({"data.max_skip_fraction", "max_skip_fraction", "data.num_workers",
+                              "train.log_every", "train.tensorboard", "train.checkpoint_every"})
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -51,6 +69,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def partial_dir(out: Path) -> Path:
     """Where `out` is built: a hidden sibling, on the same filesystem so the final rename is atomic."""
     return out.parent / f".{out.name}.partial"
+
+
+def lock_path(out: Path) -> Path:
+    """The file whose `flock` makes one process the writer of `out` (beside its partial)."""
+    return out.parent / f".{out.name}.lock"
 
 
 @lru_cache(maxsize=1)
@@ -118,7 +141,7 @@ def open_artifact(path: str | Path, expect: str | Sequence[str] | None = None, *
     want = " or ".join(f"'{k}'" for k in kinds) or "a vla"
     if not p.exists():
         if partial_dir(p).exists():
-            raise UserError(f"{p} is unfinished (its stage was interrupted); rerun that stage to resume it")
+            raise UserError(unfinished(p))
         raise UserError(f"{p} does not exist; {role} expects {want} artifact — run the stage that makes it first")
     mpath = p / MANIFEST
     if not mpath.is_file():
@@ -136,6 +159,239 @@ def open_artifact(path: str | Path, expect: str | Sequence[str] | None = None, *
     if kinds and manifest.get("kind") not in kinds:
         raise UserError(f"{p} is a '{manifest.get('kind')}' artifact; {role} expects {want}")
     return Artifact(p, manifest)
+
+
+# -- where a stage may write ------------------------------------------------------------------
+
+def is_artifact(path: Path) -> bool:
+    """Whether `path` is a finished vla artifact (a directory with a manifest of this format)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _input_paths(inputs: Mapping[str, Any]) -> list[tuple[str, Path]]:
+    """(what, resolved path) of each input that exists on disk, and of each artifact recorded in
+    its lineage. Inputs: `Artifact`s, reference dicts (`{"path", ...}`), or plain paths or model
+    names (a name that is no path on disk is not a place vla could overwrite)."""
+    found: list[tuple[str, Path]] = []
+
+    def add(what: str, ref: Any) -> None:
+        if ref is None or ref == "":
+            return
+        path = Path(str(ref)).expanduser()
+        if path.exists():
+            found.append((what, path.resolve()))
+
+    for role, ref in inputs.items():
+        if isinstance(ref, Artifact):
+            path, manifest = ref.path, ref.manifest
+        elif isinstance(ref, dict):
+            path, manifest = ref.get("path"), ref
+        else:
+            path, manifest = ref, None
+            if path is not None and is_artifact(Path(str(path))):
+                manifest = json.loads((Path(str(path)) / MANIFEST).read_text())
+        add(role, path)
+        for _, ancestor, r in lineage(manifest or {}):
+            add(f"{ancestor} (in the lineage of {role})", r.get("path"))
+    return found
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def claim_out(out: str | Path, *, force: bool, inputs: Mapping[str, Any] | None = None) -> None:
+    """Refuse an `--out` this stage must not write, before any compute, with one line naming it;
+    then (on rank 0) take the `--out`'s writer lock, held until the artifact is finished.
+
+    Refused: an existing file; a parent that is a file or not writable; an `--out` that is,
+    contains or lies inside an input or its lineage; a finished artifact without `--force`; a
+    directory with content that is not a vla artifact, even with `--force` (vla deletes only what
+    it made). Calling it again in the same process re-checks and keeps the lock."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; --out names a directory for the artifact: "
+                        f"choose another path")
+    anchor = _nearest_existing(out.parent.resolve())
+    if not anchor.is_dir():
+        raise UserError(f"--out {out}: {anchor} is a file, not a directory; choose an --out in a directory")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot create it, {anchor} is not writable for this user; "
+                        f"choose an --out in a directory you can write to")
+    target = out.resolve()
+    for what, path in _input_paths(inputs or {}):
+        for place in (target, partial_dir(target)):
+            if place == path or path.is_relative_to(place) or place.is_relative_to(path):
+                how = ("is" if place == path else "contains" if path.is_relative_to(place) else "lies inside")
+                raise UserError(f"--out {out} {how} the {what} input {path}; vla never writes over its "
+                                f"inputs: choose an --out outside them")
+    if out.is_dir():
+        if (out / MANIFEST).exists() and is_artifact(out):
+            if not force:
+                raise UserError(f"{out} is already a finished '{_kind_of(out)}' artifact; "
+                                f"pass --force to rebuild it")
+        elif any(out.iterdir()):
+            entries = sorted(p.name for p in out.iterdir())
+            raise UserError(f"{out} exists and is not a vla artifact ({len(entries)} entries, e.g. "
+                            f"{entries[0]!r}); vla replaces only its own artifacts or an empty "
+                            f"directory: choose another --out")
+    if _rank() == 0:
+        _lock(out)
+
+
+def _kind_of(out: Path) -> str:
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("kind", "?")
+    except (OSError, ValueError):
+        return "?"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+class _WriterLock:
+    """An exclusive `flock` on `.NAME.lock`, whose content names the holder (pid, host, command).
+
+    The file is removed when the artifact is finished. A process that opened the file before
+    it was removed could lock the removed file: it checks, after locking, that the path still
+    leads to the file it locked, and retries otherwise."""
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.fd = out, lock_path(out), None
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"--out {self.out}: cannot create {self.path} ({e.strerror}); choose an "
+                                f"--out in a directory you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UserError(f"{self.out} is being built by another vla run ({_describe(read_holder(self.out))}); "
+                                f"wait for it to finish, or choose another --out") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still held, so no other process can hold the removed file
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+_HELD: dict[Path, _WriterLock] = {}  # the writer locks this process holds, by resolved --out
+
+
+def _lock(out: Path) -> None:
+    key = out.resolve()
+    if key not in _HELD:
+        lock = _WriterLock(out)
+        lock.acquire()
+        _HELD[key] = lock
+
+
+def release(out: str | Path) -> None:
+    """Give up this process' writer lock on `out` (when its build ends, finished or not)."""
+    lock = _HELD.pop(Path(out).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+def release_all() -> None:
+    """Give up every writer lock this process holds (the CLI calls it when a command ends)."""
+    for key in list(_HELD):
+        _HELD.pop(key).release()
+
+
+def read_holder(out: Path) -> dict[str, Any] | None:
+    """Who holds `out`'s writer lock, or None when no live process does."""
+    out = Path(out)
+    if out.resolve() in _HELD:
+        return {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        fd = os.open(lock_path(out), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held: read who holds it
+            try:
+                return json.loads(os.read(fd, 65536) or b"{}")
+            except ValueError:
+                return {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None  # a stale file left by a killed run
+    finally:
+        os.close(fd)
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "a process that has just started"
+    where = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    return where + (f", since {holder['started']}" if holder.get("started") else "")
+
+
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the training checkpoint in `out`'s partial, if it holds one."""
+    ckpt = partial_dir(Path(out)) / CHECKPOINTS
+    try:
+        if (ckpt / "last.pt").exists():
+            return int(json.loads((ckpt / "last.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def rerun_hint(out: Path) -> str:
+    """What rerunning the command that builds `out` does now."""
+    step = checkpoint_step(out)
+    if step is not None:
+        return f"rerun the same command to resume from step {step}"
+    if (partial_dir(Path(out)) / RESUME).exists():
+        return "no checkpoint was written yet: rerunning the same command starts it from the beginning"
+    return "nothing was saved: rerunning the same command starts from the beginning"
+
+
+def unfinished(out: Path) -> str:
+    """One line on the state of `out`'s partial: being built now, stopped (and why), or killed."""
+    holder = read_holder(out)
+    if holder is not None:
+        return f"{out} is being built right now ({_describe(holder)}); wait for it to finish"
+    try:
+        stopped = json.loads((partial_dir(out) / STOPPED).read_text())
+        why = f"its run stopped: {stopped['reason']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "its run was killed before it finished"
+    return f"{out} is unfinished ({why}); {rerun_hint(out)}"
 
 
 def _jsonable(obj: Any) -> Any:
@@ -197,54 +453,83 @@ class ArtifactBuilder:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "ArtifactBuilder":
-        if (self.out / MANIFEST).exists() and not self.force:
-            raise UserError(f"{self.out} is already a finished '{self._existing_kind()}' artifact; "
-                            f"pass --force to rebuild it")
-        if self.out.exists() and not (self.out / MANIFEST).exists() and any(self.out.iterdir()):
-            if not self.force:
-                raise UserError(f"{self.out} exists and is not a vla artifact; choose another --out or "
-                                f"pass --force to replace it")
+        """Rank 0 checks `--out`, takes its writer lock and resumes or starts the partial; every
+        rank then waits for it, so none reads a partial (a checkpoint) that rank 0 is about to
+        replace, and every rank raises rank 0's error if it had one."""
         self._t0 = time.time()
-        if not self.is_main:  # rank 0 alone touches the filesystem
-            return self
-        # --force replaces a finished artifact; an interrupted run with the same settings is still
-        # resumed (so `make`, which passes --force for stale targets, resumes after a crash too)
-        state = self.dir / "resume.json"
-        if self.dir.exists() and state.exists():
-            started = json.loads(state.read_text())
-            if started.get("kind") == self.kind and started.get("recipe") == self.recipe:
-                self.resumed = True
-                return self
-            if not self.force:
-                what = ("kind " + started.get("kind", "?") if started.get("kind") != self.kind
-                        else _recipe_diff(started.get("recipe", {}), self.recipe))
-                raise UserError(f"{self.dir} holds an interrupted run with other settings ({what}); "
-                                f"rerun with the same settings to resume it, or pass --force to start over")
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe}, indent=1))
+        error = None
+        if self.is_main:
+            try:
+                self._start()
+            except Exception as e:
+                error = e
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from vla.distributed import from_main
+
+            # the message crosses, not the exception: a user error is a user error on every rank
+            said = from_main(None if error is None else (isinstance(error, UserError), str(error)))
+            if error is None and said is not None:
+                user, message = said
+                error = UserError(message) if user else StageError(f"rank 0 failed: {message}")
+        if error is not None:
+            release(self.out)
+            raise error
         return self
+
+    def _start(self) -> None:
+        claim_out(self.out, force=self.force, inputs=self.inputs)
+        # --force replaces a finished artifact; an unfinished run with the same settings is still
+        # resumed (so `make`, which passes --force for stale targets, resumes after a crash too)
+        state = self.dir / RESUME
+        if self.dir.exists() and state.exists():
+            try:
+                started = json.loads(state.read_text())
+            except (OSError, ValueError):
+                started = {}
+            diff = (f"kind {started.get('kind', '?')}" if started.get("kind") != self.kind
+                    else _recipe_diff(_results_only(started.get("recipe", {})), _results_only(self.recipe)))
+            if diff is None:
+                self.resumed = True
+                (self.dir / STOPPED).unlink(missing_ok=True)
+                return
+            if not self.force:
+                raise UserError(f"{self.dir} holds an unfinished run with other settings ({diff}); "
+                                f"rerun with the same settings to resume it, or pass --force to start over")
+        try:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe}, indent=1))
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write {self.dir} ({e.strerror}); choose an --out "
+                            f"in a directory you can write to") from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            return  # keep the partial directory: its checkpoints let a rerun resume
+            # keep the partial directory: its checkpoints let a rerun resume; say why it stopped
+            if self.is_main and self.dir.is_dir():
+                reason = ("interrupted (Ctrl-C)" if exc_type is KeyboardInterrupt
+                          else str(exc).split(";")[0] if isinstance(exc, Interrupted)  # what follows is the rerun
+                          else str(exc) if isinstance(exc, VlaError) else f"{exc_type.__name__}: {exc}")
+                stopped = {"reason": reason.strip().splitlines()[0] if reason.strip() else exc_type.__name__,
+                           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                try:
+                    (self.dir / STOPPED).write_text(json.dumps(stopped, ensure_ascii=False) + "\n")
+                except OSError:
+                    pass
+            release(self.out)
+            return
         self.finish()
-
-    def _existing_kind(self) -> str:
-        try:
-            return json.loads((self.out / MANIFEST).read_text()).get("kind", "?")
-        except (OSError, json.JSONDecodeError):
-            return "?"
 
     # -- finishing -----------------------------------------------------------------------------
     def finish(self) -> Artifact | None:
+        """Write the manifest and rename the partial into place. The resume state is removed only
+        after the rename: a kill before it leaves a partial that a rerun resumes at its last step."""
         if not self.is_main:
             return None
-        if not self.keep_checkpoints:
-            shutil.rmtree(self.dir / CHECKPOINTS, ignore_errors=True)
-        (self.dir / "resume.json").unlink(missing_ok=True)
-        outputs = {str(p.relative_to(self.dir)): sha256_file(p)
-                   for p in sorted(self.dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        internal = {RESUME, STOPPED} | ({CHECKPOINTS} if not self.keep_checkpoints else set())
+        outputs = {rel: sha256_file(p) for p in sorted(self.dir.rglob("*"))
+                   if p.is_file() and p.name != MANIFEST
+                   and (rel := str(p.relative_to(self.dir))).split("/")[0] not in internal}
         digest = hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()
         self.timings.setdefault("wall_s", round(time.time() - self._t0, 3))
         manifest = {
@@ -269,6 +554,9 @@ class ArtifactBuilder:
         tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, self.dir / MANIFEST)
         if self.out.exists():  # --force: the old artifact goes only once the new one is complete
+            if not (is_artifact(self.out) or (self.out.is_dir() and not any(self.out.iterdir()))):
+                raise UserError(f"{self.out} is no longer a vla artifact or an empty directory; vla does "
+                                f"not replace it: the finished run is kept in {self.dir}")
             trash = self.out.parent / f".{self.out.name}.old"
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(self.out, trash)
@@ -276,8 +564,21 @@ class ArtifactBuilder:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.dir, self.out)
+        for name in internal:  # resume state: a finished artifact is never resumed
+            p = self.out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        release(self.out)
         self.artifact = Artifact(self.out, manifest)
         return self.artifact
+
+
+def _results_only(recipe: Any) -> Any:
+    """`recipe` without the settings that change no result (NEUTRAL_SETTINGS)."""
+    def strip(d: Any, prefix: str) -> Any:
+        if not isinstance(d, dict):
+            return d
+        return {k: strip(v, f"{prefix}{k}.") for k, v in d.items() if f"{prefix}{k}" not in NEUTRAL_SETTINGS}
+    return strip(recipe, "")
 
 
 def verify(art: Artifact) -> list[str]:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.tree import Tree
 
 from vla import __version__
-from vla.errors import UserError, VlaError
+from vla.errors import Interrupted, UserError, VlaError
 
 app = typer.Typer(
     name="vla",
@@ -45,19 +45,27 @@ def _debug() -> bool:
 
 
 def handles_errors(fn: Callable) -> Callable:
-    """Turn vla's errors into one red line and the right exit code (2 user, 1 run time)."""
+    """Turn vla's errors into one red line and the right exit code (2 user, 1 run time, 128 + the
+    signal for a run stopped by Ctrl-C or SIGTERM); give up this process' `--out` locks."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:  # the training loop stopped on a signal and said what a rerun does
+            err_console.print(f"[yellow]interrupted:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
         except VlaError as e:
             if _debug():
                 raise
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: rerun the same command to resume from the last checkpoint")
+        except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C inside it
+            from vla.artifacts import rerun_hint
+
+            out = kwargs.get("out")
+            hint = rerun_hint(Path(out)) if out else "rerun the same command to start again"
+            err_console.print(f"[yellow]interrupted[/]: {hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -68,6 +76,10 @@ def handles_errors(fn: Callable) -> Callable:
                               f"(rerun with --debug for the traceback and report it)",
                               highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        finally:
+            from vla.artifacts import release_all
+
+            release_all()
 
     return wrapper
 

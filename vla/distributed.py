@@ -101,3 +101,21 @@ def gather_to_main(obj: object) -> list[object] | None:
     out = [None] * dist.get_world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather(obj: object) -> list[object]:
+    """Every rank's `obj`, by rank, on every rank; `[obj]` in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a synchronisation point); `obj` itself in a single process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

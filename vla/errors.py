@@ -25,3 +25,17 @@ class StageError(VlaError):
     """A stage failed while running (exit 1); finished artifacts and checkpoints are kept."""
 
     exit_code = 1
+
+
+class Interrupted(VlaError):
+    """A run stopped on request (Ctrl-C, or SIGTERM from a scheduler preempting the job) after
+    saving what a rerun needs; the message says what a rerun does. Exit code 128 + the signal,
+    as a shell reports a process the signal ended (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+    def __reduce__(self):  # picklable, like the other errors
+        return type(self), (str(self), self.signum)

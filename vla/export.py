@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from vla.artifacts import Artifact, ArtifactBuilder, lineage, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, lineage, open_artifact
 
 KIND = "export"
 SOURCES = ("contrast-tune", "pretrain")
@@ -35,6 +35,7 @@ class ExportRecipe:
 
 def run(cfg: ExportRecipe, src: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
+    claim_out(out, force=force, inputs={"model": src})
     art = open_artifact(src, SOURCES, role="vla export")
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={"model": art}, force=force, command=command) as b:
         for f in (art.path / "model").iterdir():

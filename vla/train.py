@@ -5,6 +5,8 @@ deterministic `batches(start_step)`; the loop does the rest: AdamW with open_cli
 split, warmup + cosine lr, fp32 / bf16 / fp16 (with GradScaler), gradient accumulation, clipping,
 gradient checkpointing, torch.compile, DDP under torchrun, NaN stops, samples/s, metrics.jsonl,
 TensorBoard, a progress bar, and checkpoints from which a rerun resumes bit-for-bit.
+Ctrl-C or SIGTERM (a scheduler preempting the job) ends the current step, saves a checkpoint and
+raises `Interrupted`, whose message says the step a rerun resumes from.
 
 Conventions:
 - Steps are optimizer steps. `batches(s)` yields the micro-batches of steps s, s+1, … (grad_accum
@@ -17,6 +19,10 @@ Conventions:
   inside the model stays in eval. Anything `after_step` updates must live in the model (a
   parameter or buffer) to be checkpointed.
 - Only rank 0 writes (checkpoints, metrics.jsonl, TensorBoard, the progress bar).
+- The data's skip counts (`skips`, each rank's own) travel in the checkpoints, so a resumed run
+  reports what an uninterrupted one would, and `skip_limit` is checked on the counts of all ranks
+  before each checkpoint is written: a run over the limit never saves a checkpoint that a rerun
+  would take as done.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ import logging
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -41,8 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from vla import optim
 from vla.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from vla.distributed import all_reduce_mean, barrier, gather_to_main, init_distributed
-from vla.errors import StageError, UserError
+from vla.data.skips import SkipCounter, SkipLimit
+from vla.distributed import all_gather, all_reduce_mean, barrier, gather_to_main, init_distributed
+from vla.errors import Interrupted, StageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,7 @@ class TrainResult:
     samples_per_s: float  # this call's throughput, its first step (warm-up, compile) excluded
     metrics: dict[str, float] = field(default_factory=dict)  # means over the last steps
     resumed_from: int | None = None  # the checkpoint step this call resumed from
+    data: dict[str, Any] | None = None  # the skip counts of all ranks, summed (with `skips`)
 
 
 def train(
@@ -118,6 +129,8 @@ def train(
     param_groups: Callable[[nn.Module], list[dict]] | None = None,
     samples_per_batch: Callable[[Any], int] | None = None,
     stop_at_step: int | None = None,
+    skips: SkipCounter | None = None,
+    skip_limit: SkipLimit | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.steps` optimizer steps, resuming from workdir/checkpoints/last.pt.
 
@@ -127,6 +140,8 @@ def train(
     samples_per_batch(batch): samples a micro-batch stands for over all ranks; default: its leading
         dimension times the world size.
     stop_at_step: return after this many steps, without a final checkpoint, as a crash would.
+    skips: the counter `batches` adds its skip counts to (see the module docstring).
+    skip_limit: checked on all ranks' `skips` before each checkpoint (the final one: every sample).
     """
     wall_start = time.perf_counter()
     info = init_distributed(cfg.device)
@@ -159,6 +174,12 @@ def train(
     start = resumed.step if resumed else 0
     samples = resumed.samples if resumed else 0
     last_saved = start if resumed else None
+    if skips is not None and resumed and resumed.data is not None:
+        skips.restore(resumed.data, info.rank, info.world_size)
+    if resumed and info.is_main:
+        # say it: a rerun that silently starts at step 10 looks like a run that lost its start
+        done = "; training is done, finishing the stage" if start >= cfg.steps else ""
+        print(f"resuming from step {start} of {cfg.steps} ({ckpt_path}){done}", file=sys.stderr, flush=True)
 
     ddp = None
     if info.world_size > 1:
@@ -184,8 +205,23 @@ def train(
     recent: deque[dict[str, float]] = deque(maxlen=FINAL_WINDOW)
     data = iter(batches(start))
     optimizer.zero_grad(set_to_none=True)
+
+    def save(at: int, rng: dict, counts: dict | None, samples_at: int) -> None:
+        """Checkpoint step `at` (a collective: every rank calls it), once the skip limit holds."""
+        by_rank = all_gather(counts) if skips is not None else None
+        if by_rank is not None and skip_limit is not None:
+            skip_limit.check(SkipCounter.total(by_rank), final=at == cfg.steps)
+        rngs = gather_to_main(rng)
+        if info.is_main:
+            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scaler=scaler,
+                            step=at, samples=samples_at, rng=rngs, data=by_rank)
+
+    signals = _StopSignals(announce=info.is_main)
     try:
+        signals.install()
         for step in range(start + 1, end + 1):  # 1-based: `step` is the step being computed
+            # The state after the last step, should a signal cut this one short (see below).
+            before = (capture_rng(), skips.as_dict() if skips else None, samples) if info.world_size == 1 else None
             lr = optim.lr_at(step - 1, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              schedule=cfg.schedule, min_lr=cfg.min_lr)
             optim.set_lr(optimizer, lr)
@@ -196,6 +232,16 @@ def train(
                 except StopIteration:
                     raise StageError(f"the data ran out at step {step} of {cfg.steps}; "
                                      "lower train.steps or make the data repeat") from None
+                except Exception:
+                    # The signal that stopped us may have ended the DataLoader workers too, and so
+                    # this step: the model is still as the last step left it; save that.
+                    if signals.signum is None:
+                        raise
+                    done = step - 1
+                    if before is not None and done > 0 and done != last_saved:
+                        save(done, *before)
+                        last_saved = done
+                    raise signals.interrupted(done, cfg.steps, last_saved) from None
                 samples += count(batch)
                 # Gradients are all-reduced only on the last micro-step of a step.
                 sync = ddp is None or micro == cfg.grad_accum - 1
@@ -207,8 +253,11 @@ def train(
                 values = torch.stack([torch.as_tensor(out[k]).detach().float().to(info.device)
                                       for k in keys])
                 totals = values if totals is None else totals + values
-            # One collective and one host sync per step: the global means, for logs and NaN checks.
-            stats = dict(zip(keys, all_reduce_mean(totals / cfg.grad_accum).tolist()))
+            # One collective and one host sync per step: the global means, for logs and NaN checks,
+            # and whether any rank was asked to stop (so that all stop after the same step).
+            asked = torch.tensor([float(signals.signum is not None)], device=info.device)
+            means = all_reduce_mean(torch.cat([totals / cfg.grad_accum, asked])).tolist()
+            stats, stop = dict(zip(keys, means[:-1])), means[-1] > 0
             if not math.isfinite(stats["loss"]):
                 kept = (f"last good checkpoint (step {last_saved}) kept in {ckpt_path}"
                         if last_saved is not None else "no checkpoint had been written yet")
@@ -228,15 +277,16 @@ def train(
             clock.tick(samples)
             recent.append(stats)
             reporter.step(step, stats, lr, samples, grad_norm)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                rng = gather_to_main(capture_rng())
-                if info.is_main:
-                    save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scaler=scaler,
-                                    step=step, samples=samples, rng=rng)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                save(step, capture_rng(), skips.as_dict() if skips else None, samples)
                 last_saved = step
+            if stop:
+                raise signals.interrupted(step, cfg.steps, last_saved)
     finally:
+        signals.restore()
         reporter.close()
     barrier()
+    total = SkipCounter.total(all_gather(skips.as_dict())).as_dict() if skips is not None else None
 
     wall = time.perf_counter() - wall_start
     sps = clock.overall(samples)
@@ -249,7 +299,56 @@ def train(
         samples_per_s=sps,
         metrics={k: float(np.mean([r[k] for r in recent])) for k in (recent[0] if recent else {})},
         resumed_from=resumed.step if resumed else None,
+        data=total,
     )
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM during training: the loop finishes its step, saves a checkpoint and
+    raises `Interrupted`. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, *, announce: bool) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; its own handlers stay
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
+            # DataLoader workers may die of the same SIGTERM, and torch's SIGCHLD handler would then
+            # raise from whatever line of the step runs (optimizer.step() included). Without it the
+            # loop notices dead workers when it next asks for data, between steps' states.
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint"
+                  + (" (Ctrl-C again stops at once, losing the steps since the last checkpoint)"
+                     if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+    def interrupted(self, step: int, steps: int, saved: int | None) -> Interrupted:
+        signum = self.signum or signal.SIGTERM  # another rank's signal stopped this one
+        name = signal.Signals(signum).name
+        if saved == step and step > 0:
+            rerun = f"checkpoint saved: rerun the same command to resume from step {step}"
+        elif saved:
+            rerun = f"rerun the same command to resume from step {saved}, the last checkpoint"
+        else:
+            rerun = "no checkpoint was saved: rerunning the same command starts from step 0"
+        return Interrupted(f"stopped by {name} at step {step} of {steps}; {rerun}", signum)
 
 
 class _Clock:

@@ -74,11 +74,21 @@ def evaluate_into(art, model, eval_dir: Path | None, cfg: EvalConfig) -> dict[st
 MIN_SEEN = 1000  # samples streamed before the skip-fraction limit is enforced
 
 
+def skip_limit(data_cfg, what: str):
+    """The stage's `data.max_skip_fraction` over the samples of `what`."""
+    from vla.data.skips import SkipLimit
+
+    return SkipLimit(data_cfg.max_skip_fraction, what, min_seen=MIN_SEEN)
+
+
 def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what: str):
     """`batches(start_step)` for the training loop over image–text shards: batch k of the run is
     always the same samples, so a resumed run continues exactly; corrupt samples are counted in
-    `skips` and the stage stops once they pass `data_cfg.max_skip_fraction`."""
+    `skips` (each once, however many epochs) and this rank stops once they pass
+    `data_cfg.max_skip_fraction` (the loop checks all ranks' counts at each checkpoint)."""
     from vla.data.stream import make_loader
+
+    limit = skip_limit(data_cfg, what)
 
     def batches(start_step: int):
         loader = make_loader(source, transform, train_cfg.batch_size, num_workers=data_cfg.num_workers,
@@ -87,7 +97,7 @@ def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what
                              shuffle_buffer=data_cfg.shuffle_buffer)
         for batch, skipped in loader:
             skips.add_counts(skipped)
-            skips.check(data_cfg.max_skip_fraction, what, min_seen=MIN_SEEN)
+            limit.check(skips)
             yield batch
 
     return batches
@@ -99,15 +109,20 @@ def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, af
     go into the manifest. `cfg` is the stage's recipe (its `train` and `data` blocks)."""
     from vla.train import train
 
+    limit = skip_limit(cfg.data, what)
     result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
-                   samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
-    record_training(art, result, skips, cfg.data.max_skip_fraction, what)
+                   samples_per_batch=lambda b: len(b["key"]) * dist.world_size, skips=skips, skip_limit=limit)
+    record_training(art, result, limit)
     return result
 
 
-def record_training(art, result, skips, max_skip_fraction: float, what: str) -> None:
-    """Put a finished training run's counts, metrics and throughput into the artifact's manifest."""
-    skips.check(max_skip_fraction, what)
-    art.counts["train"] = {"steps": result.steps, "samples": result.samples, **skips.as_dict()}
+def record_training(art, result, limit) -> None:
+    """Put a finished training run's counts (all ranks', a resumed run's earlier part included),
+    metrics and throughput into the artifact's manifest; the skip limit holds over all of them."""
+    from vla.data.skips import SkipCounter
+
+    counts = SkipCounter.total([result.data])
+    limit.check(counts, final=True)
+    art.counts["train"] = {"steps": result.steps, "samples": result.samples, **counts.as_dict()}
     art.metrics["train"] = result.metrics
     art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)

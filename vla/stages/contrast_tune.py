@@ -23,7 +23,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
 from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.stages.distill import EmbedderConfig, model_identity
@@ -92,6 +92,8 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.models.proclip import ImageTextAligner, ProCLIPModel, save_adapter
     from vla.models.clip import save_clip
 
+    claim_out(out, force=force, inputs={"data": data, "init": cfg.init, "clip": cfg.clip,
+                                        "embedder": cfg.embedder.name})
     td = training_data(data)
     clip_ref, embedder, adapter, inputs = _starting_point(cfg)
     clip = load_encoder(clip_ref)

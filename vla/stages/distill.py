@@ -21,7 +21,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from vla.artifacts import Artifact, ArtifactBuilder
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
 
@@ -131,6 +131,7 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.models.embedder import load_embedder
     from vla.models.proclip import save_adapter
 
+    claim_out(out, force=force, inputs={"data": data, "teacher": cfg.teacher, "embedder": cfg.embedder.name})
     td = training_data(data)
     teacher = load_teacher(cfg.teacher)
     embedder = load_embedder(cfg.embedder.name, pooling=cfg.embedder.pooling,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
 
 KIND = "eval"
@@ -44,6 +44,7 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
 
     if not models:
         raise UserError("vla eval needs at least one model (a registry name, an artifact or an export)")
+    claim_out(out, force=force, inputs={"data": data, **{f"model{i}": ref for i, ref in enumerate(models)}})
     eval_dir, inputs = resolve_eval_dir(Path(data))
     sets = eval_sets(eval_dir, cfg.sets)  # fail on a missing set before loading any model
     for i, ref in enumerate(models):

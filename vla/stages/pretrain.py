@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from vla.artifacts import Artifact, ArtifactBuilder
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.train import TrainConfig
 
@@ -82,6 +82,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.losses import ClipLoss
     from vla.models.clip import save_clip
 
+    claim_out(out, force=force, inputs={"data": data, "model": cfg.model})
     td = training_data(data)
     torch.manual_seed(cfg.train.seed)  # a random init (the small configs) is part of the recipe
     clip, init = load_start_model(cfg.model)

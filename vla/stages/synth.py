@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from vla.artifacts import Artifact, ArtifactBuilder
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.data.synth import SynthConfig, generate_world
 from vla.errors import StageError
 
@@ -19,6 +19,7 @@ KIND = "synth"
 
 
 def run(cfg: SynthConfig, out: Path, *, force: bool = False, command: Sequence[str] | None = None) -> Artifact:
+    claim_out(out, force=force)
     with ArtifactBuilder(out, KIND, recipe=cfg, force=force, command=command) as art:
         # Generation is fast and deterministic, so a rerun after a crash starts it again.
         for child in art.dir.iterdir():
