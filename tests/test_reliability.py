@@ -188,12 +188,12 @@ def test_two_writers_on_one_out(tmp_path):
         while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.1)
-        assert lock_path(out).exists()
 
         second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         assert second.returncode == 2, second.stderr
         line = one_line_error(second.stderr)
         assert f"{out} is being built by another vla run (pid {first.pid} on " in line, line
+        assert lock_path(out).exists()
 
         r = invoke("inspect", out)
         assert r.exit_code == 2
