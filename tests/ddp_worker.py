@@ -10,8 +10,10 @@ the same trajectory as one process on B.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,10 +54,21 @@ def step_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return {"loss": F.mse_loss(model(x), y)}
 
 
-def main(workdir: Path) -> None:
+def main(workdir: Path, preemptible: bool = False) -> None:
+    """`preemptible`: a run far too long to finish, a little slowed, logging every step, for a
+    signal to stop (tests/test_ddp.py)."""
     info = init_distributed("cpu")
-    train(CFG, make_model(), step_fn, batches_for(info.rank, info.world_size), workdir)
+    cfg, batches = CFG, batches_for(info.rank, info.world_size)
+    if preemptible:
+        cfg = dataclasses.replace(CFG, steps=100_000, checkpoint_every=100_000)
+        fast = batches
+
+        def batches(start_step: int):
+            for batch in fast(start_step):
+                time.sleep(0.01)
+                yield batch
+    train(cfg, make_model(), step_fn, batches, workdir)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), preemptible=sys.argv[2:] == ["preemptible"])

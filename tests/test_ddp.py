@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,3 +54,26 @@ def test_two_ranks_match_one_process_with_the_doubled_batch(tmp_path):
         assert torch.allclose(ck_ddp["model"][name], w, atol=1e-6), name
     # Training moved the weights: equality above is not the trivial kind.
     assert not torch.allclose(ck_single["model"]["0.weight"], worker.make_model()[0].weight)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    """Slurm preemption under torchrun: torchrun passes SIGTERM to its workers; the stop request
+    travels in the step's all-reduce, so both ranks stop after the same step and save one checkpoint
+    together (both ranks' RNG states in it), and rank 0 says where a rerun resumes."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLA_NO_PROGRESS": "1"}
+    workdir = tmp_path / "ddp"
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", str(WORKER), str(workdir),
+                             "preemptible"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    ckpt = torch.load(workdir / "checkpoints/last.pt", weights_only=True)
+    last = _records(workdir)[-1]["step"]
+    assert ckpt["step"] == last and len(ckpt["rng"]) == 2, err[-3000:]
+    assert f"stopped by SIGTERM at step {last} of 100000; checkpoint saved: rerun the same command to resume " \
+           f"from step {last}" in err
