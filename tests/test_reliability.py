@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vla.artifacts import ArtifactBuilder, checkpoint_step, claim_out, lock_path, partial_dir
+from vla.artifacts import ArtifactBuilder, checkpoint_step, claim_out, lock_path, partial_dir, release_all
 from vla.cli import app
 from vla.data.sample import Sample
 from vla.data.shards import ShardWriter
@@ -121,9 +121,12 @@ def test_force_replaces_only_a_vla_artifact_or_an_empty_directory(tmp_path):
     r = invoke("pretrain", "--data", data, "--out", data.parent, "--force", *PRETRAIN)
     assert r.exit_code == 2 and "contains the data input" in one_line_error(r.output)
     assert data.exists()
-    # what --force may replace: an empty directory, a vla artifact
+    # what --force may replace: an empty directory, a vla artifact; an --out in new directories is fine
     (tmp_path / "empty").mkdir()
     claim_out(tmp_path / "empty", force=True)
+    claim_out(tmp_path / "new" / "dirs" / "run", force=False)
+    assert lock_path(tmp_path / "new" / "dirs" / "run").exists()
+    release_all()
     with ArtifactBuilder(tmp_path / "art", "eval", recipe={}, command=["test"]) as art:
         (art.dir / "r.json").write_text("{}")
     claim_out(tmp_path / "art", force=True)

@@ -269,6 +269,7 @@ class _WriterLock:
     def acquire(self) -> None:
         while True:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # --out may name new directories
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise UserError(f"--out {self.out}: cannot create {self.path} ({e.strerror}); choose an "
