@@ -80,14 +80,14 @@ def test_sigterm_saves_a_checkpoint_at_that_step_and_the_rerun_resumes_exactly(w
                             env={**os.environ, "VLA_NO_PROGRESS": "1"})
     metrics = tmp_path / ".preempted.partial" / "metrics.jsonl"
     deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # early: leave the run time to stop
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err
     step = json.loads((tmp_path / ".preempted.partial" / "checkpoints" / "last.json").read_text())["step"]
-    assert 2 <= step < 24
+    assert 1 <= step < 24
     assert f"stopped by SIGTERM at step {step} of 24; checkpoint saved: rerun the same command to resume " \
            f"from step {step}" in err
 
