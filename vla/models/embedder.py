@@ -20,7 +20,7 @@ import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,22 @@ from vla.offline import is_offline
 #: the token cap when neither the alias, a recipe nor the model's sentence-transformers config sets one
 DEFAULT_MAX_LENGTH = 512
 _POOLINGS = ("mean", "last", "cls")
+
+
+@dataclass
+class EmbedderConfig:
+    """The `embedder:` block of a stage's recipe."""
+
+    name: str = "qwen"                      # registry alias, hub id or local path
+    pooling: Optional[str] = None           # mean | last | cls | token:<tok>; default: the alias's
+    instruction: Optional[str] = None       # prefix for queries (Qwen3-Embedding style)
+    max_length: int = 512                   # tokens the embedder reads (long captions fit)
+    batch_size: int = 64                    # for computing the cached features
+
+
+def embedder_from_config(cfg: EmbedderConfig, device: str = "cpu") -> "TextEmbedder":
+    return load_embedder(cfg.name, pooling=cfg.pooling, instruction=cfg.instruction,
+                         max_length=cfg.max_length, device=device)
 
 
 @dataclass(frozen=True)

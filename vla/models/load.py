@@ -22,3 +22,12 @@ def load_encoder(ref: str) -> DualEncoder:
         encoder.name = Path(ref).name
         return encoder
     return load_clip(ref)
+
+
+def model_identity(ref: str) -> str:
+    """What a cache key or a manifest calls a model: an artifact's content digest, else its name."""
+    import json
+
+    if (Path(ref) / "manifest.json").exists():
+        return json.loads((Path(ref) / "manifest.json").read_text())["digest"]
+    return ref

@@ -12,6 +12,15 @@ from vla.errors import UserError
 
 
 @dataclass
+class DataConfig:
+    """How training pairs stream from shards."""
+
+    num_workers: int = 0
+    shuffle_buffer: int = 2000
+    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
+
+
+@dataclass
 class EvalConfig:
     """Which evaluation sets a training stage scores itself on when it finishes."""
 

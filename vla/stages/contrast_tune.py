@@ -25,9 +25,11 @@ import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
-from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
-from vla.stages.distill import EmbedderConfig, model_identity
-from vla.stages.pretrain import DataConfig
+from vla.data.captions import read_captions
+from vla.models.embedder import EmbedderConfig
+from vla.models.load import model_identity
+from vla.stages.common import (DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs,
+                               training_data)
 from vla.train import TrainConfig
 
 KIND = "contrast-tune"
@@ -105,8 +107,6 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     source = resolve_data(td.path)
 
     # Φ is frozen: its features for every caption come from the cache (shared with `vla distill`)
-    from vla.stages.distill import read_captions
-
     table, _ = read_captions(td.path, "long_caption", cfg.data.max_skip_fraction)
     seed = cfg.train.seed
     # A sample trains on its long caption or on its short one, fixed by its key: only the long

@@ -16,25 +16,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vla.artifacts import Artifact, ArtifactBuilder
+from vla.data.captions import CaptionTable, read_captions
+from vla.models.embedder import EmbedderConfig
+from vla.models.load import model_identity
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
 
 KIND = "distill"
-
-
-@dataclass
-class EmbedderConfig:
-    name: str = "qwen"                      # registry alias, hub id or local path
-    pooling: Optional[str] = None           # mean | last | cls | token:<tok>; default: the alias's
-    instruction: Optional[str] = None       # prefix for queries (Qwen3-Embedding style)
-    max_length: int = 512                   # tokens the embedder reads (long captions fit)
-    batch_size: int = 64                    # for computing the cached features
 
 
 @dataclass
@@ -49,40 +43,6 @@ class DistillRecipe:
     max_skip_fraction: float = 0.01
     val_rows: int = 1000                    # held-out captions for the agreement metrics
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass
-class CaptionTable:
-    keys: list[str]
-    short: list[str]                 # each sample's first caption
-    second: list[str] | None         # the second text variant, if any
-    second_field: str = ""           # what the second variant is: "long_caption" or "caption2"
-
-
-def read_captions(path: Path, second: str, max_skip_fraction: float) -> tuple[CaptionTable, dict]:
-    """Every sample's captions, without decoding images (distillation is text only)."""
-    from vla.data.skips import SkipCounter
-    from vla.data.stream import resolve_data
-
-    skips = SkipCounter()
-    keys, short, other = [], [], []
-    for s in resolve_data(path).iter_samples(skips, decode=False):
-        keys.append(s.key)
-        short.append(s.captions[0])
-        if second == "long_caption":
-            other.append(s.long_caption or s.captions[0])
-        elif second == "caption":
-            other.append(s.captions[1] if len(s.captions) > 1 else s.captions[0])
-    skips.check(max_skip_fraction, str(path))
-    column = {"long_caption": "long_caption", "caption": "caption2"}.get(second, "")
-    return CaptionTable(keys, short, other if second != "none" else None, column), skips.as_dict()
-
-
-def model_identity(ref: str) -> str:
-    """What a cache key calls a model: an artifact's content digest, else its name."""
-    if (Path(ref) / "manifest.json").exists():
-        return json.loads((Path(ref) / "manifest.json").read_text())["digest"]
-    return ref
 
 
 def load_teacher(ref: str):

@@ -17,19 +17,10 @@ from typing import Sequence
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder
-from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
+from vla.stages.common import DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.train import TrainConfig
 
 KIND = "pretrain"
-
-
-@dataclass
-class DataConfig:
-    """How training pairs stream from shards."""
-
-    num_workers: int = 0
-    shuffle_buffer: int = 2000
-    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
 
 
 @dataclass
