@@ -110,6 +110,10 @@ class TextEmbedder:
         """Tokens each text needs (instruction and special tokens included) before truncation."""
         return [len(x) for x in self._encode(texts, truncate=False)]
 
+    def truncated(self, texts: Sequence[str]) -> int:
+        """How many of `texts` `embed` cuts at max_length (it reads only their beginning)."""
+        return sum(n > self.max_length for n in self.token_counts(texts))
+
     def cache_identity(self) -> dict[str, Any]:
         """Everything that decides the vector a text gets; feature caches key on its digest."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vla.artifacts import open_artifact
 from vla.errors import UserError
@@ -18,6 +18,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 2000
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
+    # training images: open_clip's train transform (RandomResizedCrop, scale 0.9–1), or "eval":
+    # the eval preprocessing (resize + centre crop), e.g. where aspect or position is the label
+    train_preprocess: Literal["open_clip", "eval"] = "open_clip"
 
 
 @dataclass
@@ -111,6 +114,7 @@ def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, af
     result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
                    samples_per_batch=lambda b: len(b["key"]) * dist.world_size)
     record_training(art, result, skips, cfg.data.max_skip_fraction, what)
+    art.extra["device"] = str(dist.device)  # where it trained: "cpu", "cuda:0"
     return result
 
 
