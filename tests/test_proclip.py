@@ -152,8 +152,8 @@ def test_distill_batch_larger_than_the_data_is_a_user_error(curriculum, tmp_path
     """Before, `row_batches` divided by zero when there were fewer training rows than the batch."""
     world, runs = curriculum[0] / "world", curriculum[0] / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "vla", "distill", "--data", str(world), "--teacher", str(runs / "clip"),
-                           "--embedder", "minilm", "--recipe", "recipes/smoke/distill.yaml",
+    proc = subprocess.run([sys.executable, "-m", "vla", "distill", "--data", str(world),
+                           "--teacher", str(runs / "clip"), "--embedder", "minilm", "--recipe", "recipes/smoke/distill.yaml",
                            "--set", "train.batch_size=100000", "--out", str(tmp_path / "d")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
