@@ -70,12 +70,13 @@ $(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/mani
 $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.json
 	$(VLA) export $(RUNS)/contrast --out $(EXPORT) --force
 
-.PHONY: install test bench clean help
+.PHONY: install test bench gpu-check clean help
 help:
 	@echo "make install   create .venv with everything vla needs"
 	@echo "make test      install (if needed) and run the test suite (offline, CPU)"
 	@echo "make proclip   the ProCLIP curriculum on the embedded synthetic world"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
+	@echo "make gpu-check on a GPU machine: CUDA tests, bf16 curriculum, torchrun/NCCL, compile, ViT-B/16 MFU"
 
 install: $(STAMP)
 
@@ -95,6 +96,11 @@ test: $(STAMP)
 # figures and ratios side by side (bench/results.json); BENCH_FLAGS="--quick" or "--only a,c"
 bench: $(STAMP)
 	$(BIN)/python -m vla.bench $(BENCH_FLAGS)
+
+# the checks only a GPU can make (see vla/gpucheck.py); without a GPU it says so and exits 0.
+# GPU_CHECK_FLAGS="--device cpu" self-tests the script at tiny sizes on the CPU.
+gpu-check: $(STAMP)
+	$(BIN)/python -m vla.gpucheck $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf runs data bench .yolo

@@ -63,9 +63,13 @@ def test_pool_picks_the_right_token_with_left_and_right_padding():
 def test_tiny_qwen_last_token_independent_of_padding_side(tiny_qwen):
     tokenizer = tiny_qwen.tokenizer
     assert tiny_qwen.config.pooling == "last" and tiny_qwen.dim == 32
-    # end-of-text is appended (the tokenizer does not add it) and is what gets pooled
+    # what the tokenizer itself ends with (Qwen3-Embedding: <|endoftext|>) is pooled; nothing is
+    # appended, and never the eos token <|im_end|>
     ids = tiny_qwen._encode(TINY_TEXTS, truncate=True)
-    assert all(x[-1] == tokenizer.eos_token_id for x in ids)
+    eot, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert all(x[-1] == eot and x[-2] != eot and im_end not in x for x in ids)
+    assert ids == tokenizer(TINY_TEXTS)["input_ids"]
     assert tiny_qwen.token_counts(TINY_TEXTS) == [len(x) for x in ids]
     alone = torch.cat([tiny_qwen.embed([t]) for t in TINY_TEXTS])
     try:
@@ -77,15 +81,75 @@ def test_tiny_qwen_last_token_independent_of_padding_side(tiny_qwen):
     assert torch.cdist(alone, alone).triu(1).max() > 0.1, "different texts must embed differently"
 
 
-def test_tiny_qwen_truncation_keeps_end_of_text_and_instruction_counts():
-    short = load_embedder("vla-tiny-qwen", max_length=8)
-    long_text = "a large blue square to the left of a green triangle " * 4
-    (ids,) = short._encode([long_text], truncate=True)
-    assert len(ids) == 8 and ids[-1] == short.tokenizer.eos_token_id
-    assert short.token_counts([long_text])[0] > 8
-    instructed = load_embedder("vla-tiny-qwen", instruction="Find the image")
-    assert instructed.token_counts(["x"])[0] > short.token_counts(["x"])[0]
-    assert not torch.allclose(instructed.embed(["x"]), short.embed(["x"]))
+def _qwen3_embedding_dir(path):
+    """A tiny Qwen3 saved as Qwen/Qwen3-Embedding-0.6B is laid out: config.json (Qwen3), and a
+    Qwen2Tokenizer with eos <|im_end|>, pad <|endoftext|>, left padding and a tokenizer.json whose
+    TemplateProcessing post-processor appends <|endoftext|>."""
+    from vla.models.embedder import build_tiny_qwen
+
+    model, tokenizer = build_tiny_qwen(seed=3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    return path
+
+
+def test_qwen3_embedding_layout_embeds_as_its_readme_does(tmp_path):
+    """Loaded from disk like the real model (AutoTokenizer → Qwen2Tokenizer, AutoModel → Qwen3Model),
+    vla's vector for a text is the one Qwen3-Embedding's README computes: tokenizer(texts,
+    padding, truncation) → model → last_token_pool → normalize. Before the fix vla appended the
+    eos token <|im_end|> after the tokenizer's own <|endoftext|> and pooled that."""
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _qwen3_embedding_dir(tmp_path / "qwen3-embedding")
+    emb = load_embedder(str(path), pooling="last", max_length=12)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer" and tokenizer.eos_token == "<|im_end|>"
+
+    def last_token_pool(hidden, mask):  # Qwen3-Embedding README
+        if mask[:, -1].sum() == mask.shape[0]:
+            return hidden[:, -1]
+        lengths = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0]), lengths]
+
+    texts = TINY_TEXTS + ["a large blue square to the left of a green triangle " * 3]  # the last is truncated
+    reference = []
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding, so positions match exactly
+            batch = tokenizer([text], padding=True, truncation=True, max_length=12, return_tensors="pt")
+            reference.append(F.normalize(last_token_pool(model(**batch).last_hidden_state,
+                                                         batch["attention_mask"]), dim=-1))
+    torch.testing.assert_close(emb.embed(texts), torch.cat(reference), atol=1e-5, rtol=0)
+    assert emb.cache_identity()["tokenizer_ends_with"] == ["<|endoftext|>"]
+    assert emb.token_counts(texts)[-1] > 12  # the truncated one is counted as such
+
+
+def test_cache_identity_changes_with_what_decides_the_vector(tiny_qwen, monkeypatch):
+    """The feature-cache key (digest of cache_identity) moves with pooling, instruction, max length
+    and vla's embedding code version; rebuilding from the spec gives the same key."""
+    import vla.models.embedder as embedder_module
+
+    s = tiny_qwen.spec
+    assert load_embedder(s["name"], pooling=s["pooling"], max_length=s["max_length"]).digest() == tiny_qwen.digest()
+    others = [load_embedder("vla-tiny-qwen", pooling="mean"),
+              load_embedder("vla-tiny-qwen", pooling="token:<|im_end|>"),
+              load_embedder("vla-tiny-qwen", instruction="Retrieve the image"),
+              load_embedder("vla-tiny-qwen", max_length=32)]
+    digests = {tiny_qwen.digest(), *(e.digest() for e in others)}
+    assert len(digests) == 5
+    monkeypatch.setattr(embedder_module, "EMBED_CODE_VERSION", embedder_module.EMBED_CODE_VERSION + 1)
+    assert load_embedder("vla-tiny-qwen").digest() not in digests
+
+
+def test_token_pooling_appends_its_token_once_and_keeps_it_on_truncation():
+    e = load_embedder("vla-tiny-qwen", pooling="token:<|im_end|>", max_length=8)
+    im_end = e.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = e._encode(["x", "a large blue square to the left of a green triangle " * 4], truncate=True)
+    assert [x[-1] for x in ids] == [im_end, im_end] and len(ids[1]) == 8
+    assert all(x.count(im_end) == 1 for x in ids)
 
 
 def test_tiny_tokenizer_is_deterministic():

@@ -4,6 +4,7 @@ a user runs `make proclip` (recipes/smoke/), then the export checked against its
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,29 +62,29 @@ def test_artifacts_chain_by_manifest(curriculum):
     assert {r["digest"] for k, r in ev["inputs"].items() if k.startswith("model")} == {
         clip["digest"], baseline["digest"], contrast["digest"]}
     assert export["inputs"]["model"]["digest"] == contrast["digest"]
-    # the teacher's truncation is counted: every long caption exceeds the 16-token context
-    assert distill["counts"]["teacher_truncated"]["second"] == distill["counts"]["captions"]
+    # truncation is counted: by the teacher (16 tokens) and the embedder, for each text variant
+    # distill encoded (the short caption and a second short caption) and each contrast-tune drew from
+    assert distill["counts"]["teacher_truncated"] == {"context_length": 16, "short": 0, "second": 0}
+    assert distill["counts"]["embedder_truncated"] == {"max_length": 128, "short": 0, "second": 0}
+    assert contrast["counts"]["embedder_truncated"] == {"max_length": 128, "captions": 0, "long_captions": 0}
     for m in (clip, contrast, baseline):
         assert set(m["metrics"]["eval"]) == {"retrieval", "long_retrieval", "zeroshot"}
 
 
-def test_only_the_long_captions_drawn_are_encoded(curriculum):
-    """contrast-tune trains each sample on its long or its short caption (fixed by key); the long
-    captions of the others are never read, so they are not cached either."""
-    from vla.stages.contrast_tune import _trains_on_long
-
+def test_every_caption_that_can_be_drawn_is_encoded_once(curriculum):
+    """contrast-tune draws a sample's caption anew each epoch, so Φ of each of its captions and of
+    its long caption is cached: one entry per caption column, shared by distill (first and second
+    caption), ProCLIP and the baseline."""
     tmp, _, _ = curriculum
     features = tmp / "world" / "train" / ".vla-features"
-    long_entries = [json.loads(p.read_text()) for p in features.glob("phi.long_caption-*.json")]
-    short_entries = [json.loads(p.read_text()) for p in features.glob("phi.caption-*.json")]
-    assert len(short_entries) == 1  # distill, ProCLIP and the baseline share it
-    every_key = short_entries[0]["keys"]
-    drawn = [k for k in every_key if _trains_on_long(0, k, 0.5)]
-    assert 0 < len(drawn) < len(every_key)
-    # the smoke distill recipe reads every long caption (its L_ins second variant); contrast-tune
-    # (ProCLIP and the baseline alike) added one entry holding just the drawn ones
-    assert sorted(e["count"] for e in long_entries) == [len(drawn), len(every_key)]
-    assert drawn in [e["keys"] for e in long_entries]
+    entries = {}
+    for p in features.glob("phi.*.json"):
+        meta = json.loads(p.read_text())
+        entries.setdefault(meta["name"], []).append(meta)
+    assert sorted(entries) == ["phi.caption", "phi.caption2", "phi.caption3", "phi.caption4", "phi.caption5",
+                               "phi.long_caption"]
+    assert all(len(v) == 1 for v in entries.values())  # computed once, then cache hits
+    assert {v[0]["count"] for v in entries.values()} == {manifest(tmp / "runs" / "distill")["counts"]["captions"]}
 
 
 def test_export_loads_with_vla_and_open_clip_alike(curriculum):
@@ -112,28 +113,48 @@ def test_export_loads_with_vla_and_open_clip_alike(curriculum):
 def test_stages_run_under_torchrun(curriculum, tmp_path):
     """`torchrun --nproc-per-node 2 -m vla STAGE` (gloo on the CPU): one artifact, written by rank 0,
     counting both ranks' samples; the contrastive losses gather features across ranks."""
-    import sys
-
     world, runs = curriculum[0] / "world", curriculum[0] / "runs"
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
                 "-m", "vla"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     stages = {
+        # before the fix, ranks other than 0 crashed reading the manifest of the artifact they
+        # do not write (cli.py), after training
+        "distill": ["distill", "--data", str(world), "--teacher", str(runs / "clip"), "--embedder", "minilm",
+                    "--recipe", "recipes/smoke/distill.yaml"],
         "pretrain": ["pretrain", "--data", str(world), "--recipe", "recipes/smoke/pretrain.yaml"],
         "contrast": ["contrast-tune", "--data", str(world), "--init", str(runs / "distill"),
                      "--recipe", "recipes/smoke/contrast-tune.yaml"],
     }
     for name, args in stages.items():
         out = tmp_path / name
-        sets = ["--set", "train.batch_size=16", "--set", "train.steps=4", "--set", "eval.sets=[retrieval]"]
+        sets = ["--set", "train.batch_size=16", "--set", "train.steps=4"]
+        if name != "distill":
+            sets += ["--set", "eval.sets=[retrieval]"]
         proc = subprocess.run([*torchrun, *args, "--out", str(out), *sets], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         m = manifest(out)
-        assert m["counts"]["train"]["steps"] == 4
-        assert m["counts"]["train"]["samples"] == 4 * 16 * 2  # both ranks' batches
-        assert "retrieval" in m["metrics"]["eval"]
+        if name == "distill":  # 16 rows a step over both ranks
+            assert m["metrics"]["val"]["rows"] > 0 and m["resumed"] is False
+            assert "teacher truncated" in proc.stdout and proc.stdout.count("✓ distill") == 1
+        else:
+            assert m["counts"]["train"]["steps"] == 4
+            assert m["counts"]["train"]["samples"] == 4 * 16 * 2  # both ranks' batches
+            assert "retrieval" in m["metrics"]["eval"]
         assert sorted(p.name for p in tmp_path.iterdir() if name in p.name) == [name]  # no partial left
         check = subprocess.run([sys.executable, "-m", "vla", "inspect", str(out), "--verify"], cwd=ROOT,
                                env=env, capture_output=True, text=True, timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_distill_batch_larger_than_the_data_is_a_user_error(curriculum, tmp_path):
+    """Before, `row_batches` divided by zero when there were fewer training rows than the batch."""
+    world, runs = curriculum[0] / "world", curriculum[0] / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vla", "distill", "--data", str(world),
+                           "--teacher", str(runs / "clip"), "--embedder", "minilm", "--recipe", "recipes/smoke/distill.yaml",
+                           "--set", "train.batch_size=100000", "--out", str(tmp_path / "d")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.batch_size 100000 is more than the 224 training captions" in proc.stderr

@@ -201,8 +201,11 @@ def distill(
                        {"teacher": teacher, "embedder.name": embedder, "embedder.pooling": pooling})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
-    console.print(f"  teacher truncated: {art.manifest['counts']['teacher_truncated']}   "
-                  f"held-out agreement: {art.manifest['metrics']['val']}", highlight=False)
+    if art is not None:  # None on torchrun ranks other than 0: rank 0 reports
+        counts = art.manifest["counts"]
+        console.print(f"  teacher truncated: {counts['teacher_truncated']}   embedder truncated: "
+                      f"{counts['embedder_truncated']}   held-out agreement: {art.manifest['metrics']['val']}",
+                      highlight=False)
 
 
 @app.command("contrast-tune")

@@ -76,7 +76,7 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float | None = 1.0  # max global grad norm; None = off
     precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
-    grad_checkpointing: bool = False  # via model.set_grad_checkpointing(True) when it has one
+    grad_checkpointing: bool = False  # via model.set_grad_checkpointing(True); an error when it has none
     compile: bool = False  # torch.compile the (wrapped) model
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     log_every: int = 10  # steps between metrics.jsonl records
@@ -154,12 +154,11 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
 
     model.to(info.device)
-    if cfg.grad_checkpointing:
-        if hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
-        else:
-            log.warning("%s has no set_grad_checkpointing(); training without it",
-                        type(model).__name__)
+    if cfg.grad_checkpointing:  # a setting that cannot be honoured is an error, never a warning
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UserError(f"train.grad_checkpointing: {type(model).__name__} cannot checkpoint "
+                            "activations; set train.grad_checkpointing=false")
+        model.set_grad_checkpointing(True)
     groups = param_groups(model) if param_groups else optim.param_groups(model, cfg.weight_decay)
     optimizer = optim.build_optimizer(
         groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,

@@ -257,6 +257,30 @@ def sample_from_parts(key: str, image: bytes | None, txt: bytes | None,
 
 def _build(key: str, image: bytes | None, txt: bytes | None, meta: bytes | dict[str, Any] | None,
            decode: bool, max_image_pixels: int) -> Sample:
+    captions, long_caption, regions, label, meta = _texts(image is not None, txt, meta)
+    img = _open_image(image, decode, max_image_pixels)
+    width, height = img.size
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise _Skip("box_outside_image")
+    return Sample(key=key, image=img, captions=captions, long_caption=long_caption, regions=regions,
+                  label=label, meta={k: v for k, v in meta.items() if k not in SAMPLE_FIELDS})
+
+
+def text_fields(has_image: bool, txt: bytes | None,
+                meta: bytes | dict[str, Any] | None) -> tuple[list[str], str | None] | str:
+    """A sample's (captions, long caption), validated as `sample_from_parts` does but without
+    opening its image; or the skip reason. For reading captions at the cost of text alone."""
+    try:
+        captions, long_caption, *_ = _texts(has_image, txt, meta)
+    except _Skip as skip:
+        return skip.reason
+    return captions, long_caption
+
+
+def _texts(has_image: bool, txt: bytes | None, meta: bytes | dict[str, Any] | None):
+    """(captions, long caption, regions, label, meta dict) of a sample, checked; raises _Skip."""
     if isinstance(meta, bytes):
         try:
             meta = json.loads(meta)
@@ -266,7 +290,7 @@ def _build(key: str, image: bytes | None, txt: bytes | None, meta: bytes | dict[
     if not isinstance(meta, dict):
         raise _Skip("bad_json")
     captions, long_caption, regions, label = _json_fields(meta)
-    if image is None:
+    if not has_image:
         raise _Skip("missing_image")
     if txt is not None:
         try:
@@ -280,14 +304,7 @@ def _build(key: str, image: bytes | None, txt: bytes | None, meta: bytes | dict[
         raise _Skip("missing_caption")
     if any(not c.strip() for c in captions):
         raise _Skip("empty_caption")
-    img = _open_image(image, decode, max_image_pixels)
-    width, height = img.size
-    for r in regions:
-        x0, y0, x1, y1 = r.box
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise _Skip("box_outside_image")
-    return Sample(key=key, image=img, captions=captions, long_caption=long_caption, regions=regions,
-                  label=label, meta={k: v for k, v in meta.items() if k not in SAMPLE_FIELDS})
+    return captions, long_caption, regions, label, meta
 
 
 def _json_fields(meta: dict[str, Any]) -> tuple[list[str], str | None, list[Region], int | None]:

@@ -150,13 +150,30 @@ class ClipModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def train_preprocess(self, kind: str = "open_clip") -> Any:
+        """The training transform: open_clip's own (RandomResizedCrop at scale 0.9–1 and aspect
+        3/4–4/3 to the model's size, bicubic, its normalisation), or "eval": `preprocess`
+        (resize + centre crop). Its random draws come from torch's generator, which the data
+        stream seeds per sample."""
+        if kind == "eval":
+            return self.preprocess
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        return image_transform_v2(PreprocessCfg(**self.model.visual.preprocess_cfg), is_train=True)
+
+    def to(self, device: str | torch.device) -> "ClipModel":
+        """Move the whole model (both towers); encode_* still return CPU tensors."""
+        self.model.to(device)
+        return self
+
     def encode_image(self, images: Sequence[Image.Image], batch_size: int = 256) -> torch.Tensor:
-        dtype = next(self.model.visual.parameters()).dtype
+        # the image tower's own device and dtype: a stage may have moved only that tower
+        first = next(self.model.visual.parameters())
         out = []
         with _inference(self.model):
             for start in range(0, len(images), batch_size):
                 pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
-                feats = self.model.encode_image(pixels.to(self.device, dtype), normalize=True)
+                feats = self.model.encode_image(pixels.to(first.device, first.dtype), normalize=True)
                 out.append(feats.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 

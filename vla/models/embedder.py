@@ -2,14 +2,24 @@
 
 Pooling is a property of the embedder (METHODS.md §1):
 - `mean`: average of the hidden states under the attention mask (sentence-transformers, MiniLM);
-- `last`: the state of the last real token, with the tokenizer's end-of-text token appended when the
-  tokenizer does not add it itself (Qwen3-Embedding's `tokenize` + `last_token_pool`);
+- `last`: the state of the last token of what the tokenizer itself produces — for
+  Qwen3-Embedding the `<|endoftext|>` its post-processor appends (not its `eos_token`,
+  `<|im_end|>`), exactly as its README's `last_token_pool` and sentence-transformers'
+  `lasttoken` pooling do. Nothing is appended: a tokenizer that ends texts with no special token
+  is pooled at the last text token (as sentence-transformers does);
 - `cls`: the state of the first real token (BERT's [CLS]);
-- `token:<tok>`: `<tok>` is appended like `last` appends end-of-text, and its state is taken.
+- `token:<tok>`: `<tok>`'s state, `<tok>` appended unless the tokenizer already ends with it
+  (for a tokenizer that does not add the token the model was trained to pool at, e.g. the first
+  Qwen3-Embedding release: `token:<|endoftext|>`); truncation keeps its place.
 Padding may be on either side: positions come from the attention mask, so a text embeds the same
 whatever else is in its batch.
 
-Qwen-style instructions: with `instruction` set, each text becomes `Instruct: {instruction}\\nQuery:{text}`.
+Qwen-style instructions: with `instruction` set, each text becomes
+`Instruct: {instruction}\nQuery:{text}` (Qwen puts it on queries only; none by default).
+
+Feature caches key an embedder by `cache_identity()`: its weights, tokenizer, pooling, the token
+the tokenizer ends with, instruction, max length, dtype and `EMBED_CODE_VERSION`, so that any
+change to how a text becomes a vector makes new entries instead of reusing stale ones.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import json
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +42,27 @@ from vla.offline import is_offline
 
 #: the token cap when neither the alias, a recipe nor the model's sentence-transformers config sets one
 DEFAULT_MAX_LENGTH = 512
+#: bump whenever vla's own code changes what vector a text gets (tokenising, pooling, batching),
+#: so cached features from older code are not reused. 2: `last` pools the tokenizer's own end
+#: token instead of appending `eos_token`.
+EMBED_CODE_VERSION = 2
 _POOLINGS = ("mean", "last", "cls")
+
+
+@dataclass
+class EmbedderConfig:
+    """The `embedder:` block of a stage's recipe."""
+
+    name: str = "qwen"                      # registry alias, hub id or local path
+    pooling: Optional[str] = None           # mean | last | cls | token:<tok>; default: the alias's
+    instruction: Optional[str] = None       # prefix for queries (Qwen3-Embedding style)
+    max_length: int = 512                   # tokens the embedder reads (long captions fit)
+    batch_size: int = 64                    # for computing the cached features
+
+
+def embedder_from_config(cfg: EmbedderConfig, device: str = "cpu") -> "TextEmbedder":
+    return load_embedder(cfg.name, pooling=cfg.pooling, instruction=cfg.instruction,
+                         max_length=cfg.max_length, device=device)
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,7 @@ class TextEmbedder:
         self.max_length = config.max_length
         self._files = files
         self._digest: str | None = None
+        self._tokenizer_end = tokenizer_end_tokens(tokenizer)
         self._pool_token = _pool_token_id(tokenizer, config.pooling, name)
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
@@ -80,12 +111,31 @@ class TextEmbedder:
         """Tokens each text needs (instruction and special tokens included) before truncation."""
         return [len(x) for x in self._encode(texts, truncate=False)]
 
+    def truncated(self, texts: Sequence[str]) -> int:
+        """How many of `texts` `embed` cuts at max_length (it reads only their beginning)."""
+        return sum(n > self.max_length for n in self.token_counts(texts))
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Everything that decides the vector a text gets; feature caches key on its digest."""
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return {"code_version": EMBED_CODE_VERSION, **asdict(self.config), "dtype": dtype,
+                "tokenizer_ends_with": self.tokenizer.convert_ids_to_tokens(self._tokenizer_end),
+                "tokenizer": self._tokenizer_identity(), "weights": self._weights_identity()}
+
     def digest(self) -> str:
-        """Stable identity for feature caches: what the model is, plus how it pools and truncates."""
+        """sha256 of `cache_identity()`: what feature caches and artifacts call this embedder."""
         if self._digest is None:
-            identity = {"config": asdict(self.config), "weights": self._weights_identity()}
-            self._digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+            self._digest = hashlib.sha256(json.dumps(self.cache_identity(), sort_keys=True).encode()).hexdigest()
         return self._digest
+
+    def _tokenizer_identity(self) -> str | None:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer: its files are part of the weights identity
+            return None
+        # vocabulary, normaliser, pre- and post-processor; not the truncation/padding state that
+        # each call sets on the backend
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        return "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     def _weights_identity(self) -> str:
         if self._files is not None and self._files.parent.name == "snapshots":
@@ -104,6 +154,8 @@ class TextEmbedder:
         return f"sha256:{h.hexdigest()}"
 
     def _encode(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
+        """Token ids as the model reads them: the tokenizer's own special tokens (truncation keeps
+        them), plus the `token:<tok>` pooling token when the tokenizer does not end with it."""
         if self.config.instruction:
             texts = [f"Instruct: {self.config.instruction}\nQuery:{t}" for t in texts]
         limit = self.max_length if truncate else None
@@ -144,17 +196,27 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+def tokenizer_end_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens a tokenizer appends after a text by itself ([SEP] for BERT,
+    `<|endoftext|>` for Qwen3-Embedding, none for GPT-2): its output minus the plain text's."""
+    probe = "a b"
+    full = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[start + len(plain):])
+    return []
+
+
 def _pool_token_id(tokenizer: Any, pooling: str, name: str) -> int | None:
-    """The token appended for pooling: end-of-text for `last`, `<tok>` for `token:<tok>`, else none."""
-    if pooling == "last":
-        return tokenizer.eos_token_id
-    if pooling.startswith("token:"):
-        token = pooling.removeprefix("token:")
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == tokenizer.unk_token_id:
-            raise UserError(f"{name}: pooling token {token!r} is not in the tokenizer's vocabulary")
-        return tid
-    return None
+    """The token `token:<tok>` pooling appends (when the tokenizer does not end with it); else none."""
+    if not pooling.startswith("token:"):
+        return None
+    token = pooling.removeprefix("token:")
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise UserError(f"{name}: pooling token {token!r} is not in the tokenizer's vocabulary")
+    return tid
 
 
 def load_embedder(
@@ -276,32 +338,43 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384) -> Any:
-    """A byte-level BPE trained in-process on a fixed corpus (deterministic, milliseconds).
+#: Qwen3-Embedding's special tokens: `<|endoftext|>` is its pad token and the token its
+#: tokenizer.json post-processor appends to every text (the model pools there); `<|im_end|>` is
+#: its `eos_token` (a chat-turn end, never appended by the tokenizer).
+QWEN_END_OF_TEXT, QWEN_IM_START, QWEN_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
-    Like the first Qwen3-Embedding release, it adds no end-of-text token itself: `last` pooling
-    appends it.
+
+def build_tiny_tokenizer(vocab_size: int = 384) -> Any:
+    """A byte-level BPE trained in-process on a fixed corpus (deterministic, milliseconds), set up
+    as Qwen3-Embedding-0.6B's tokenizer is: the same special tokens, eos `<|im_end|>`, pad
+    `<|endoftext|>`, a TemplateProcessing post-processor appending `<|endoftext|>`, left padding.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
+    specials = [QWEN_END_OF_TEXT, QWEN_IM_START, QWEN_IM_END]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(_TINY_CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left"
-    )
+    eot = (QWEN_END_OF_TEXT, bpe.token_to_id(QWEN_END_OF_TEXT))
+    bpe.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"$A:0 {eot[0]}:0", pair=f"$A:0 {eot[0]}:0 $B:1 {eot[0]}:1",
+                                      special_tokens=[eot]),
+    ])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=QWEN_IM_END, pad_token=QWEN_END_OF_TEXT,
+                                   additional_special_tokens=[QWEN_IM_START], padding_side="left")
 
 
 def build_tiny_qwen(seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """Qwen3 (hidden 32, 2 layers) with seeded random weights, and its tokenizer."""
+    """Qwen3 (hidden 32, 2 layers) with seeded random weights, and its Qwen3-Embedding-like tokenizer."""
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tiny_tokenizer()
@@ -314,6 +387,7 @@ def build_tiny_qwen(seed: int = 0) -> tuple[torch.nn.Module, Any]:
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=256,
+        bos_token_id=tokenizer.pad_token_id,  # as Qwen3's config: both special ids set
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

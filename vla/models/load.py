@@ -4,14 +4,19 @@ an export — into something `vla eval` can score (a `DualEncoder`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vla.models.encoder import DualEncoder
+
+if TYPE_CHECKING:
+    import torch
 
 # artifact kinds that hold a scorable model; all of them are opened by vla.export.load
 MODEL_KINDS = ("pretrain", "contrast-tune", "export")
 
 
-def load_encoder(ref: str) -> DualEncoder:
+def load_encoder(ref: str, device: str | torch.device = "cpu") -> DualEncoder:
+    """The model `ref` names, its networks on `device` (its encode_* still return CPU tensors)."""
     from vla.artifacts import open_artifact
     from vla.export import load
     from vla.models.clip import load_clip
@@ -20,5 +25,15 @@ def load_encoder(ref: str) -> DualEncoder:
         open_artifact(ref, MODEL_KINDS, role="a model argument")  # refuse other kinds clearly
         encoder = load(ref)
         encoder.name = Path(ref).name
-        return encoder
-    return load_clip(ref)
+    else:
+        encoder = load_clip(ref)
+    return encoder.to(device)
+
+
+def model_identity(ref: str) -> str:
+    """What a cache key or a manifest calls a model: an artifact's content digest, else its name."""
+    import json
+
+    if (Path(ref) / "manifest.json").exists():
+        return json.loads((Path(ref) / "manifest.json").read_text())["digest"]
+    return ref

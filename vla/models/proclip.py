@@ -44,6 +44,19 @@ class ImageTextAligner(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the trained image tower's activations (open_clip's own switch); the teacher
+        runs without grad, so it has none to save. A tower that cannot is an error, not a no-op."""
+        from vla.errors import UserError
+
+        switch = getattr(self.visual, "set_grad_checkpointing", None)
+        if switch is not None:
+            switch(enable)
+        # open_clip's ModifiedResNet accepts the call and does nothing: check that a block took it
+        if enable and not any(getattr(m, "grad_checkpointing", False) for m in self.visual.modules()):
+            raise UserError(f"train.grad_checkpointing: the image tower ({type(self.visual).__name__}) cannot "
+                            f"checkpoint activations; set train.grad_checkpointing=false")
+
     def train(self, mode: bool = True) -> "ImageTextAligner":
         super().train(mode)
         if self.teacher is not None:
@@ -103,6 +116,13 @@ class ProCLIPModel:
     def preprocess(self):
         return self.clip.preprocess
 
+    def to(self, device: str | torch.device) -> "ProCLIPModel":
+        """Move the CLIP, the embedder and the adapter; encode_* still return CPU tensors."""
+        self.clip.to(device)
+        self.embedder.model.to(device)
+        self.adapter.to(device)
+        return self
+
     def tokenize(self, texts: Sequence[str]):
         """The embedder's tokenizer, at its own context (the text side reads long captions)."""
         return self.embedder.tokenizer(list(texts), padding=True, truncation=True,
@@ -113,7 +133,9 @@ class ProCLIPModel:
 
     @torch.no_grad()
     def encode_text_features(self, phi: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.adapter(phi.float()), dim=-1)
+        """Adapter outputs for cached embedder features, computed on the adapter's device."""
+        device = next(self.adapter.parameters()).device
+        return F.normalize(self.adapter(phi.to(device, torch.float32)), dim=-1).float().cpu()
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encode_text_features(frozen_text_features(self.embedder, list(texts)))
@@ -122,14 +144,14 @@ class ProCLIPModel:
         return self.embedder.token_counts(list(texts))
 
 
-def embedder_from_spec(path: Path):
+def embedder_from_spec(path: Path, device: str | torch.device = "cpu"):
     """Load the embedder a directory names in embedder.json (or holds in embedder/)."""
     from vla.models.embedder import load_embedder
 
     spec = json.loads((path / "embedder.json").read_text())
     source = str(path / "embedder") if (path / "embedder").is_dir() else spec["name"]
     return load_embedder(source, pooling=spec.get("pooling"), instruction=spec.get("instruction"),
-                         max_length=spec.get("max_length"))
+                         max_length=spec.get("max_length"), device=device)
 
 
 def load_proclip_dir(path: Path, name: str | None = None, model_dir: Path | None = None) -> ProCLIPModel:

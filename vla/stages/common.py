@@ -5,10 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vla.artifacts import open_artifact
 from vla.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """How training pairs stream from shards."""
+
+    num_workers: int = 0
+    shuffle_buffer: int = 2000
+    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
+    # training images: open_clip's train transform (RandomResizedCrop, scale 0.9–1), or "eval":
+    # the eval preprocessing (resize + centre crop), e.g. where aspect or position is the label
+    train_preprocess: Literal["open_clip", "eval"] = "open_clip"
 
 
 @dataclass
@@ -113,6 +125,7 @@ def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, af
     result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
                    samples_per_batch=lambda b: len(b["key"]) * dist.world_size, skips=skips, skip_limit=limit)
     record_training(art, result, limit)
+    art.extra["device"] = str(dist.device)  # where it trained: "cpu", "cuda:0"
     return result
 
 

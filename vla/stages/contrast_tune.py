@@ -10,13 +10,18 @@ embedder Φ (cached features only) and the adapter g (from `vla distill`, or ran
     L_reg  = ‖E_I(x) − E_I^t(x)‖² + smoothL1(pdist(E_I(x)), pdist(E_I^t(x)))
     E_I^t  ← m·E_I^t + (1−m)·E_I after every step    (m = 1.0: the frozen copy of the public code)
 
+Each time a sample is read it trains on a caption drawn anew: its long caption with probability
+`long_caption_prob` (when it has one), else one of its short captions, uniformly. The draw comes
+from torch's generator, which the data stream seeds per sample by (seed, epoch, rank, position),
+so it is the same with any number of DataLoader workers and after a resume, and new every epoch.
+Φ of every caption that can be drawn is therefore cached (LLM2CLIP precomputes them likewise).
+
 → the tuned image tower in open_clip's layout, the adapter, the embedder named, eval metrics.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -25,9 +30,11 @@ import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
-from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
-from vla.stages.distill import EmbedderConfig, model_identity
-from vla.stages.pretrain import DataConfig
+from vla.data.captions import read_captions
+from vla.models.embedder import EmbedderConfig
+from vla.models.load import model_identity
+from vla.stages.common import (DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs,
+                               training_data)
 from vla.train import TrainConfig
 
 KIND = "contrast-tune"
@@ -39,7 +46,9 @@ class ContrastTuneRecipe:
     clip: Optional[str] = None              # the CLIP whose image tower is tuned; default: distill's teacher
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)  # used with init=random
     adapter: Literal["proclip", "llm2clip"] = "llm2clip"  # adapter shape when init=random
-    reg_weight: float = 1.0                 # λ; 0 turns L_reg off (the LLM2CLIP baseline)
+    # λ; 0 turns L_reg off. Default: 1 from a distill artifact (ProCLIP), 0 with init=random, so
+    # that `--init random` alone is the LLM2CLIP baseline
+    reg_weight: Optional[float] = None
     ema_momentum: float = 1.0               # teacher image encoder: 1.0 = frozen copy, <1 = EMA
     long_caption_prob: float = 0.5          # share of samples that train on their long caption
     local_loss: bool = True
@@ -52,31 +61,37 @@ class ContrastTuneRecipe:
         for name, value in (("long_caption_prob", self.long_caption_prob), ("ema_momentum", self.ema_momentum)):
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"{name} must be between 0 and 1, not {value}")
+        if self.reg_weight is None:
+            self.reg_weight = 0.0 if self.init == "random" else 1.0
         if self.reg_weight < 0:
             raise UserError(f"reg_weight must be 0 or more, not {self.reg_weight}")
 
 
-def _trains_on_long(seed: int, key: str, prob: float) -> bool:
-    """Whether sample `key` trains on its long caption: fixed by (seed, key), so every epoch, every
-    DataLoader worker and a resumed run make the same choice, and the cache holds just those."""
-    return random.Random(f"{seed}:{key}").random() < prob
+#: what `caption_index` says when a sample drew its long caption
+LONG = -1
 
 
-def _starting_point(cfg: ContrastTuneRecipe):
+def draw_caption(sample, long_caption_prob: float) -> int:
+    """The caption a sample trains on this time: LONG, or the index of one of its short captions.
+    Draws from torch's generator (seeded per sample and epoch by the data stream)."""
+    if sample.long_caption and float(torch.rand(())) < long_caption_prob:
+        return LONG
+    return int(torch.randint(len(sample.captions), ()))
+
+
+def _starting_point(cfg: ContrastTuneRecipe, device):
     """(clip name, embedder, adapter, inputs) from the distill artifact or, for init=random, the recipe."""
-    from vla.models.embedder import load_embedder
+    from vla.models.embedder import embedder_from_config
     from vla.models.proclip import embedder_from_spec, load_adapter
 
     if cfg.init == "random":
         if not cfg.clip:
             raise UserError("contrast-tune --init random needs the CLIP to tune: pass --clip (e.g. --clip clip-vit-l)")
-        e = cfg.embedder
-        embedder = load_embedder(e.name, pooling=e.pooling, instruction=e.instruction, max_length=e.max_length)
-        return cfg.clip, embedder, None, {}
+        return cfg.clip, embedder_from_config(cfg.embedder, device=device), None, {}
     art = open_artifact(cfg.init, "distill", role="--init")
     clip_ref = cfg.clip or json.loads((art.path / "teacher.json").read_text())["teacher"]
     adapter = load_adapter(art.path).train()
-    return clip_ref, embedder_from_spec(art.path), adapter, {"init": art}
+    return clip_ref, embedder_from_spec(art.path, device=device), adapter, {"init": art}
 
 
 def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
@@ -95,37 +110,35 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     claim_out(out, force=force, inputs={"data": data, "init": cfg.init, "clip": cfg.clip,
                                         "embedder": cfg.embedder.name})
     td = training_data(data)
-    clip_ref, embedder, adapter, inputs = _starting_point(cfg)
-    clip = load_encoder(clip_ref)
+    dist = init_distributed(cfg.train.device)  # the one place the device is decided
+    clip_ref, embedder, adapter, inputs = _starting_point(cfg, dist.device)
+    clip = load_encoder(clip_ref)  # the training loop moves what trains to the device
     if adapter is None:
         torch.manual_seed(cfg.train.seed)
         preset = getattr(AdapterConfig, cfg.adapter)
         adapter = Adapter.from_config(preset(embedder.dim, clip.embed_dim))
     if (Path(clip_ref) / "manifest.json").exists():
         inputs["clip"] = open_artifact(clip_ref)
-    dist = init_distributed()
     source = resolve_data(td.path)
 
-    # Φ is frozen: its features for every caption come from the cache (shared with `vla distill`)
-    from vla.stages.distill import read_captions
-
-    table, _ = read_captions(td.path, "long_caption", cfg.data.max_skip_fraction)
-    seed = cfg.train.seed
-    # A sample trains on its long caption or on its short one, fixed by its key: only the long
-    # captions that will be drawn are encoded (about long_caption_prob of them; MiniLM reads a
-    # long caption ~7× slower than a short one). The short ones are all kept: `vla distill`
-    # cached exactly that entry, so it is a cache hit.
-    long_keys = {k for k in table.keys if _trains_on_long(seed, k, cfg.long_caption_prob)}
+    # Φ is frozen: its features for every caption that can be drawn come from the cache, one entry
+    # per caption column (the first and second are `vla distill`'s entries, so cache hits)
+    table, _ = read_captions(td.path, cfg.data.max_skip_fraction)
 
     def phi_features(column: str, keys: list[str], texts: list[str]):
         return cached_features(td.path, f"phi.{column}", model_digest=embedder.digest(),
                                data_digest=source.digest(), keys=keys, inputs=texts,
                                encode=embedder.embed, batch_size=cfg.embedder.batch_size)[0]
 
-    phi = {"short": phi_features("caption", table.keys, table.short)}
-    if long_keys:
-        drawn = [(k, t) for k, t in zip(table.keys, table.second) if k in long_keys]
-        phi["long"] = phi_features("long_caption", [k for k, _ in drawn], [t for _, t in drawn])
+    columns, encoded = {}, {"captions": [], "long_captions": []}
+    for i in range(table.max_captions):
+        column, keys, texts = table.caption_column(i)
+        columns[i] = phi_features(column, keys, texts)
+        encoded["captions"] += texts
+    long_keys, long_texts = table.long_column()
+    if long_keys and cfg.long_caption_prob > 0:
+        columns[LONG] = phi_features("long_caption", long_keys, long_texts)
+        encoded["long_captions"] = long_texts
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage
         p.requires_grad_(False)
@@ -139,18 +152,21 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
                        rank=dist.rank, world_size=dist.world_size)
     skips = SkipCounter()
 
+    image_transform = clip.train_preprocess(cfg.data.train_preprocess)
+
     def transform(sample) -> dict:
-        return {"image": clip.preprocess(sample.image), "key": sample.key}
+        return {"image": image_transform(sample.image), "key": sample.key,
+                "caption_index": draw_caption(sample, cfg.long_caption_prob)}
 
     image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
 
     def batches(start_step: int):
         for batch in image_batches(start_step):
-            keys = batch["key"]
-            batch["phi"] = phi["short"].lookup(keys)
-            rows = [i for i, k in enumerate(keys) if k in long_keys]
-            if rows:
-                batch["phi"][rows] = phi["long"].lookup([keys[i] for i in rows])
+            keys, drawn = batch["key"], batch.pop("caption_index").tolist()
+            batch["phi"] = torch.empty(len(keys), embedder.dim)
+            for column in set(drawn):
+                rows = [i for i, c in enumerate(drawn) if c == column]
+                batch["phi"][rows] = columns[column].lookup([keys[i] for i in rows])
             yield batch
 
     def step(m, batch):
@@ -175,5 +191,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
             save_clip(clip, art.dir / "model")
             save_adapter(adapter, art.dir)
             (art.dir / "embedder.json").write_text(json.dumps(embedder.spec, indent=1))
+            art.counts["embedder_truncated"] = {"max_length": embedder.max_length,
+                                                **{k: embedder.truncated(v) for k, v in encoded.items()}}
             evaluate_into(art, ProCLIPModel(clip, embedder, adapter, name=out.name), td.eval_dir, cfg.eval)
     return art.artifact

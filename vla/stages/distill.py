@@ -8,7 +8,7 @@ adapter g trained with
     s_i = norm(g(Φ(T_i))),  u_i = norm(E_T(T_i))   (the teacher sees at most its own context)
 
 → the adapter in safetensors, the embedder named, and in the manifest how many captions the
-teacher truncated and how closely the student follows it on held-out captions.
+teacher and the embedder truncated and how closely the student follows it on held-out captions.
 """
 
 from __future__ import annotations
@@ -16,25 +16,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
+from vla.errors import UserError
+from vla.data.captions import CaptionTable, read_captions
+from vla.models.embedder import EmbedderConfig
+from vla.models.load import model_identity
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
 
 KIND = "distill"
-
-
-@dataclass
-class EmbedderConfig:
-    name: str = "qwen"                      # registry alias, hub id or local path
-    pooling: Optional[str] = None           # mean | last | cls | token:<tok>; default: the alias's
-    instruction: Optional[str] = None       # prefix for queries (Qwen3-Embedding style)
-    max_length: int = 512                   # tokens the embedder reads (long captions fit)
-    batch_size: int = 64                    # for computing the cached features
 
 
 @dataclass
@@ -43,68 +38,41 @@ class DistillRecipe:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     adapter: Literal["proclip", "llm2clip"] = "proclip"   # 1 block ×8, or 4 blocks ×2
     adapter_dropout: float = 0.0
-    # the second text variant for L_ins: the long caption (ProCLIP's official code uses a second,
-    # perturbed text), a second short caption, or none
-    second_text: Literal["long_caption", "caption", "none"] = "long_caption"
+    # the second text variant for L_ins: a second short caption (ProCLIP's official code uses a
+    # second, perturbed short text; a sample with one caption repeats it), the long caption (which
+    # pulls Φ(long) toward the teacher's embedding of its truncated preamble: see the README), or none
+    second_text: Literal["long_caption", "caption", "none"] = "caption"
     max_skip_fraction: float = 0.01
     val_rows: int = 1000                    # held-out captions for the agreement metrics
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass
-class CaptionTable:
-    keys: list[str]
-    short: list[str]                 # each sample's first caption
-    second: list[str] | None         # the second text variant, if any
-    second_field: str = ""           # what the second variant is: "long_caption" or "caption2"
-
-
-def read_captions(path: Path, second: str, max_skip_fraction: float) -> tuple[CaptionTable, dict]:
-    """Every sample's captions, without decoding images (distillation is text only)."""
-    from vla.data.skips import SkipCounter
-    from vla.data.stream import resolve_data
-
-    skips = SkipCounter()
-    keys, short, other = [], [], []
-    for s in resolve_data(path).iter_samples(skips, decode=False):
-        keys.append(s.key)
-        short.append(s.captions[0])
-        if second == "long_caption":
-            other.append(s.long_caption or s.captions[0])
-        elif second == "caption":
-            other.append(s.captions[1] if len(s.captions) > 1 else s.captions[0])
-    skips.check(max_skip_fraction, str(path))
-    column = {"long_caption": "long_caption", "caption": "caption2"}.get(second, "")
-    return CaptionTable(keys, short, other if second != "none" else None, column), skips.as_dict()
-
-
-def model_identity(ref: str) -> str:
-    """What a cache key calls a model: an artifact's content digest, else its name."""
-    if (Path(ref) / "manifest.json").exists():
-        return json.loads((Path(ref) / "manifest.json").read_text())["digest"]
-    return ref
-
-
-def load_teacher(ref: str):
+def load_teacher(ref: str, device):
     from vla.models.load import load_encoder
 
-    return load_encoder(ref)
+    return load_encoder(ref, device=device)
 
 
-def frozen_text_features(data_dir: Path, data_digest: str, table: CaptionTable, teacher, teacher_id: str,
+def text_variants(table: CaptionTable, second: str) -> dict[str, tuple[str, list[str]]]:
+    """{variant: (cache column, text per sample)}: the short caption, and the second text if any."""
+    variants = {"short": ("caption", table.short)}
+    if second != "none":
+        variants["second"] = table.variant(second)
+    return variants
+
+
+def frozen_text_features(data_dir: Path, data_digest: str, keys: list[str],
+                         variants: dict[str, tuple[str, list[str]]], teacher, teacher_id: str,
                          embedder, batch_size: int) -> dict[str, torch.Tensor]:
-    """Φ(T) and E_T(T) for both text variants, from the cache (computed on a miss)."""
+    """Φ(T) and E_T(T) for every text variant, from the cache (computed on a miss)."""
     from vla.cache import cached_features
 
     out = {}
-    variants = {"short": ("caption", table.short)}
-    if table.second is not None:
-        variants["second"] = (table.second_field, table.second)
     for variant, (column, texts) in variants.items():
         for role, ident, encode in (("phi", embedder.digest(), embedder.embed),
                                     ("teacher", teacher_id, teacher.encode_text)):
             tab, _hit = cached_features(data_dir, f"{role}.{column}", model_digest=ident, data_digest=data_digest,
-                                        keys=table.keys, inputs=texts, encode=encode, batch_size=batch_size)
+                                        keys=keys, inputs=texts, encode=encode, batch_size=batch_size)
             out[f"{role}.{variant}"] = torch.from_numpy(tab.features[:].astype("float32"))
     return out
 
@@ -112,6 +80,9 @@ def frozen_text_features(data_dir: Path, data_digest: str, table: CaptionTable, 
 def row_batches(n: int, batch_size: int, seed: int, start_step: int, world_size: int = 1, rank: int = 0):
     """Global batches of row indices, reshuffled every epoch from (seed, epoch): step s always
     gets the same rows, which is what makes a resume exact. Rank r takes every world_size-th row."""
+    if not 1 <= batch_size <= n:
+        raise UserError(f"train.batch_size {batch_size} is more than the {n} training captions; "
+                        f"lower train.batch_size (e.g. --set train.batch_size={max(1, n)}) or add data")
     per_epoch = n // batch_size
     step = start_step
     while True:
@@ -128,23 +99,24 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.distributed import init_distributed
     from vla.losses import distill_loss
     from vla.models.adapter import Adapter, AdapterConfig
-    from vla.models.embedder import load_embedder
+    from vla.models.embedder import embedder_from_config
     from vla.models.proclip import save_adapter
 
     claim_out(out, force=force, inputs={"data": data, "teacher": cfg.teacher, "embedder": cfg.embedder.name})
     td = training_data(data)
-    teacher = load_teacher(cfg.teacher)
-    embedder = load_embedder(cfg.embedder.name, pooling=cfg.embedder.pooling,
-                             instruction=cfg.embedder.instruction, max_length=cfg.embedder.max_length)
-    dist = init_distributed()
-    table, skip_counts = read_captions(td.path, cfg.second_text, cfg.max_skip_fraction)
-    teacher_id = model_identity(cfg.teacher)
-    feats = frozen_text_features(td.path, resolve_data(td.path).digest(), table, teacher, teacher_id,
-                                 embedder, cfg.embedder.batch_size)
-
+    dist = init_distributed(cfg.train.device)  # the one place the device is decided
+    teacher = load_teacher(cfg.teacher, dist.device)
+    embedder = embedder_from_config(cfg.embedder, device=dist.device)
+    table, skip_counts = read_captions(td.path, cfg.max_skip_fraction)
+    variants = text_variants(table, cfg.second_text)
     # hold out the last rows for the agreement metrics (shards are already in random order)
     n_val = min(cfg.val_rows, len(table.keys) // 5)
     n_train = len(table.keys) - n_val
+    row_batches(n_train, cfg.train.batch_size, 0, 0)  # refuse a batch larger than the data now
+    teacher_id = model_identity(cfg.teacher)
+    feats = frozen_text_features(td.path, resolve_data(td.path).digest(), table.keys, variants, teacher,
+                                 teacher_id, embedder, cfg.embedder.batch_size)
+
     preset = getattr(AdapterConfig, cfg.adapter)
     torch.manual_seed(cfg.train.seed)
     adapter = Adapter.from_config(preset(embedder.dim, feats["teacher.short"].shape[1], dropout=cfg.adapter_dropout))
@@ -169,18 +141,26 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
             save_adapter(adapter, art.dir)
             (art.dir / "embedder.json").write_text(json.dumps(embedder.spec, indent=1))
             (art.dir / "teacher.json").write_text(json.dumps({"teacher": cfg.teacher, "identity": teacher_id}))
-            counts = teacher.text_token_counts(table.short)
             art.counts.update(captions=len(table.keys), train_rows=n_train, val_rows=n_val, data=skip_counts)
-            ctx = teacher.text_context_length
-            art.counts["teacher_truncated"] = {
-                "context_length": ctx,
-                "short": sum(c > ctx for c in counts) if ctx else 0,
-                **({"second": sum(c > ctx for c in teacher.text_token_counts(table.second))}
-                   if table.second is not None and ctx else {})}
+            art.counts.update(truncation(variants, teacher, embedder))
             art.metrics["train"] = result.metrics
             art.metrics["val"] = agreement(adapter, feats, slice(n_train, None))
+            art.extra["device"] = str(dist.device)
             art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
     return art.artifact
+
+
+def truncation(variants: dict[str, tuple[str, list[str]]], teacher, embedder) -> dict[str, dict]:
+    """How many captions of each variant the teacher (at its text context) and the embedder (at
+    its max_length) cut short: what they encoded is each caption's beginning only."""
+    texts = {variant: t for variant, (_, t) in variants.items()}
+    ctx = teacher.text_context_length
+    return {
+        "teacher_truncated": {"context_length": ctx, **{
+            k: sum(c > ctx for c in teacher.text_token_counts(v)) if ctx else 0 for k, v in texts.items()}},
+        "embedder_truncated": {"max_length": embedder.max_length,
+                               **{k: embedder.truncated(v) for k, v in texts.items()}},
+    }
 
 
 def _inputs(td, teacher: str) -> dict:
@@ -198,11 +178,19 @@ def _inputs(td, teacher: str) -> dict:
 def agreement(adapter, feats: dict[str, torch.Tensor], rows: slice) -> dict[str, float]:
     """How well the student follows the teacher on held-out captions: mean cosine, and how often
     a student embedding's nearest teacher embedding is its own caption's (top-1 agreement)."""
+    cosine, top1, n = agreement_tensors(adapter, feats, rows)
+    return {"cosine": cosine.item(), "top1_agreement": top1.item(), "rows": n}
+
+
+def agreement_tensors(adapter, feats: dict[str, torch.Tensor], rows: slice):
+    """(mean cosine, top-1 agreement, rows) computed on the adapter's device, wherever the
+    features are (they stay on the CPU; the adapter may have trained on a GPU)."""
     adapter.eval()
-    s = F.normalize(adapter(feats["phi.short"][rows]), dim=-1)
-    u = feats["teacher.short"][rows]
+    device = next(adapter.parameters()).device
+    s = F.normalize(adapter(feats["phi.short"][rows].to(device)), dim=-1)
+    u = feats["teacher.short"][rows].to(device)
     sims = s @ u.T
     own = sims.diagonal()
     # pessimistic on ties: a caption whose teacher embedding duplicates another's counts as a miss
-    top1 = (sims >= own[:, None]).sum(1).eq(1).float().mean().item()
-    return {"cosine": own.mean().item(), "top1_agreement": top1, "rows": int(s.shape[0])}
+    top1 = (sims >= own[:, None]).sum(1).eq(1).float().mean()
+    return own.mean(), top1, int(s.shape[0])

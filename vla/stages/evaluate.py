@@ -23,6 +23,7 @@ class EvalRecipe:
     sets: list[str] = field(default_factory=lambda: ["retrieval", "long_retrieval", "zeroshot"])
     batch_size: int = 256
     examples: int = 4            # text queries shown in the retrieval-examples figure
+    device: str = "auto"         # "auto" (the GPU when there is one) | "cpu" | "cuda"
 
 
 def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
@@ -37,6 +38,7 @@ def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
 
 def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
+    from vla.distributed import resolve_device
     from vla.evaluate.report import write_report
     from vla.evaluate.run import evaluate_model
     from vla.models.load import load_encoder
@@ -45,12 +47,13 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
     if not models:
         raise UserError("vla eval needs at least one model (a registry name, an artifact or an export)")
     claim_out(out, force=force, inputs={"data": data, **{f"model{i}": ref for i, ref in enumerate(models)}})
+    device = resolve_device(cfg.device)
     eval_dir, inputs = resolve_eval_dir(Path(data))
     sets = eval_sets(eval_dir, cfg.sets)  # fail on a missing set before loading any model
     for i, ref in enumerate(models):
         if (Path(ref) / "manifest.json").exists():
             inputs[f"model{i}"] = open_artifact(ref)
-    encoders = [load_encoder(ref) for ref in models]
+    encoders = [load_encoder(ref, device=device) for ref in models]
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):  # two artifacts with the same directory name
         names = [f"{n} ({ref})" for n, ref in zip(names, models)]
@@ -58,5 +61,6 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
         results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size) for name, enc in zip(names, encoders)}
         write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)), examples=cfg.examples)
         art.metrics.update(results)
+        art.extra["device"] = str(device)
         art.counts.update({s.name: {"images": len(s.images)} for s in sets})
     return art.artifact

@@ -9,7 +9,6 @@ on the eval sets, in the manifest.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,19 +16,10 @@ from typing import Sequence
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
-from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
+from vla.stages.common import DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.train import TrainConfig
 
 KIND = "pretrain"
-
-
-@dataclass
-class DataConfig:
-    """How training pairs stream from shards."""
-
-    num_workers: int = 0
-    shuffle_buffer: int = 2000
-    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
 
 
 @dataclass
@@ -55,13 +45,17 @@ def load_start_model(name: str):
     return load_clip(name), {}
 
 
-def clip_batch_transform(clip, seed: int):
-    """Sample → tensors. Each sample contributes one of its captions, chosen by its key and the
-    seed, so the choice is the same after a resume (and in every DataLoader worker)."""
+def clip_batch_transform(clip, preprocess: str = "open_clip"):
+    """Sample → tensors: the training transform of the image, and one of the sample's captions
+    drawn anew each time it is read. Both draw from torch's generator, which the data stream
+    seeds per sample by (seed, epoch, rank, position): the same draws with any number of
+    DataLoader workers and after a resume, new draws every epoch."""
+    image_transform = clip.train_preprocess(preprocess)
 
     def transform(sample) -> dict:
-        caption = random.Random(f"{seed}:{sample.key}").choice(sample.captions)
-        return {"image": clip.preprocess(sample.image), "text": clip.tokenizer([caption])[0], "key": sample.key}
+        image = image_transform(sample.image)
+        caption = sample.captions[int(torch.randint(len(sample.captions), ()))]
+        return {"image": image, "text": clip.tokenizer([caption])[0], "key": sample.key}
 
     return transform
 
@@ -86,7 +80,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     td = training_data(data)
     torch.manual_seed(cfg.train.seed)  # a random init (the small configs) is part of the recipe
     clip, init = load_start_model(cfg.model)
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
     model = clip.model
     for name, p in model.named_parameters():
@@ -98,7 +92,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
                        rank=dist.rank, world_size=dist.world_size)
     skips = SkipCounter()
 
-    batches = image_text_batches(source, clip_batch_transform(clip, cfg.train.seed), cfg.train, cfg.data,
+    batches = image_text_batches(source, clip_batch_transform(clip, cfg.data.train_preprocess), cfg.train, cfg.data,
                                  dist, skips, str(td.path))
 
     def step(m, batch):

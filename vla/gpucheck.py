@@ -1,0 +1,375 @@
+"""`make gpu-check`: the checks only a GPU machine can make, in one command, in under 8 minutes.
+
+    python -m vla.gpucheck                 # on a CUDA machine; without a GPU it says so and stops
+    python -m vla.gpucheck --device cpu    # the same logic at tiny sizes on the CPU (the suite's self-test)
+
+Five checks, one table, one JSON (`--out`, default runs/gpu-check/gpu-check.json):
+1. cuda-tests: the test suite's `cuda`-marked tests (device placement of distill, contrast-tune
+   and eval; a bf16 autocast step), `pytest -m cuda`.
+2. curriculum: the smoke ProCLIP curriculum (synth → pretrain → distill → contrast-tune →
+   LLM2CLIP → eval) through the CLI, trained in bf16; every manifest must say where it trained.
+3. torchrun: `torchrun --nproc-per-node N` (N = every visible GPU, NCCL; 2 gloo ranks on the
+   CPU) of distill and contrast-tune: one artifact counting every rank's samples. With one GPU
+   the launcher runs one rank and no collective is exercised: the row says so.
+4. compile: three steps of the training loop with `train.compile` against the same steps eager
+   (inductor on the GPU; on the CPU dynamo's tracing with the eager backend, as inductor's C++
+   build would take minutes there): the losses must agree.
+5. throughput: contrast-tune's training step on open_clip's ViT-B-16 (random init, no weights)
+   with an LLM2CLIP adapter from 1024-d features and the frozen teacher tower, batch 256, bf16:
+   samples/s, and MFU = FLOPs counted by torch's FlopCounterMode for one step (forward and
+   backward of the student, forward of the teacher) × steps/s ÷ the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "recipes" / "smoke"
+#: dense bf16 peak FLOP/s by device name (NVIDIA's data sheets), for MFU; `--peak-tflops` overrides
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+             "L40S": 362e12, "A10": 125e12}
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool = False
+    seconds: float = 0.0
+    summary: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sizes:
+    """What each check runs at: real sizes on the GPU, tiny ones for the CPU self-test."""
+
+    device: str
+    precision: str
+    synth: list[str]
+    steps: int
+    batch: int
+    embedder: str
+    eval_sets: str
+    throughput_arch: str
+    throughput_batch: int
+    throughput_steps: int
+    embed_dim: int                       # the frozen embedder's width the adapter reads (Qwen: 1024)
+
+
+def sizes_for(device: str) -> Sizes:
+    if device == "cuda":
+        return Sizes("cuda", "bf16", [], steps=6, batch=32, embedder="minilm",
+                     eval_sets="[retrieval,long_retrieval,zeroshot]", throughput_arch="ViT-B-16",
+                     throughput_batch=256, throughput_steps=30, embed_dim=1024)
+    return Sizes("cpu", "fp32", ["--set", "n_train=48", "--set", "n_val=0", "--set", "n_test=64",
+                                 "--set", "shard_size=24", "--set", "yolo_train=0"],
+                 steps=2, batch=8, embedder="vla-tiny-qwen", eval_sets="[retrieval]",
+                 throughput_arch="vla-micro-clip", throughput_batch=8, throughput_steps=3, embed_dim=32)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "VLA_NO_PROGRESS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _run(cmd: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
+        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+def _vla(*args: str) -> str:
+    """`vla ARGS` through the CLI itself, in this process (stages share the imports: the CPU
+    self-test would otherwise spend most of its time importing torch again for every stage)."""
+    from typer.testing import CliRunner
+
+    from vla.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"VLA_NO_PROGRESS": "1"})
+    if result.exit_code != 0:
+        raise RuntimeError(f"vla {' '.join(args[:3])} … exited {result.exit_code}: {result.output[-2500:]}"
+                           + (f" ({type(result.exception).__name__}: {result.exception})"
+                              if result.exception and not isinstance(result.exception, SystemExit) else ""))
+    return result.output
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------------------------- the checks
+
+def check_cuda_tests(s: Sizes, work: Path) -> str:
+    # only the files that hold cuda-marked tests: collecting the whole suite costs half a minute
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                   if "mark.cuda" in p.read_text())
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=480)
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode not in (0, 5):  # 5: none selected
+        raise RuntimeError(f"pytest -m cuda: {last}\n{proc.stdout[-3000:]}")
+    passed = int(m.group(1)) if (m := re.search(r"(\d+) passed", last)) else 0
+    skipped = int(m.group(1)) if (m := re.search(r"(\d+) skipped", last)) else 0
+    if s.device == "cuda" and (passed == 0 or skipped):
+        raise RuntimeError(f"pytest -m cuda on a GPU: {last}")
+    return f"{passed} passed, {skipped} skipped" + ("" if s.device == "cuda" else " (no GPU: skipped by design)")
+
+
+def check_curriculum(s: Sizes, work: Path) -> str:
+    world, runs = work / "world", work / "runs"
+    on = ["--set", f"train.precision={s.precision}", "--set", f"train.device={s.device}",
+          "--set", f"train.steps={s.steps}", "--set", f"train.batch_size={s.batch}"]
+    evals = ["--set", f"eval.sets={s.eval_sets}"]
+    _vla("synth", "--out", str(world), "--recipe", str(SMOKE / "synth.yaml"), "--force", *s.synth)
+    _vla("pretrain", "--data", str(world), "--out", str(runs / "clip"), "--recipe", str(SMOKE / "pretrain.yaml"),
+         "--force", *on, *evals)
+    _vla("distill", "--data", str(world), "--teacher", str(runs / "clip"), "--embedder", s.embedder,
+         "--out", str(runs / "distill"), "--recipe", str(SMOKE / "distill.yaml"), "--force", *on,
+         "--set", "val_rows=8", "--set", "embedder.max_length=64")
+    _vla("contrast-tune", "--data", str(world), "--init", str(runs / "distill"), "--out", str(runs / "contrast"),
+         "--recipe", str(SMOKE / "contrast-tune.yaml"), "--force", *on, *evals,
+         "--set", "train.grad_checkpointing=true")
+    _vla("contrast-tune", "--data", str(world), "--init", "random", "--clip", str(runs / "clip"),
+         "--embedder", s.embedder, "--out", str(runs / "llm2clip"), "--recipe", str(SMOKE / "llm2clip.yaml"),
+         "--force", *on, *evals, "--set", "embedder.max_length=64")
+    _vla("eval", str(runs / "clip"), str(runs / "llm2clip"), str(runs / "contrast"), "--data", str(world),
+         "--out", str(runs / "eval"), "--recipe", str(SMOKE / "eval.yaml"), "--force",
+         "--set", f"sets={s.eval_sets}", "--set", f"device={s.device}")
+    devices = {name: _manifest(runs / name).get("device", "?")
+               for name in ("clip", "distill", "contrast", "llm2clip", "eval")}
+    wrong = {k: v for k, v in devices.items() if not v.startswith(s.device)}
+    if wrong:
+        raise RuntimeError(f"stages ran off {s.device}: {wrong}")
+    mr = _manifest(runs / "eval")["metrics"]["contrast"]["retrieval"]["mean_recall"]
+    return f"6 stages on {s.device} in {s.precision}; ProCLIP retrieval mR {mr:.3f}"
+
+
+def check_torchrun(s: Sizes, work: Path) -> str:
+    import torch
+
+    world, runs = work / "world", work / "runs"
+    if not (runs / "distill" / "manifest.json").exists():
+        raise RuntimeError("needs the curriculum check's world and distill artifact")
+    n = torch.cuda.device_count() if s.device == "cuda" else 2
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(n),
+                "-m", "vla"]
+    on = ["--set", f"train.precision={s.precision}", "--set", f"train.device={s.device}",
+          "--set", f"train.steps={s.steps}", "--set", f"train.batch_size={s.batch}", "--force"]
+    _run([*torchrun, "distill", "--data", str(world), "--teacher", str(runs / "clip"), "--embedder", s.embedder,
+          "--out", str(work / "ddp-distill"), "--recipe", str(SMOKE / "distill.yaml"), *on,
+          "--set", "val_rows=8", "--set", "embedder.max_length=64"])
+    _run([*torchrun, "contrast-tune", "--data", str(world), "--init", str(runs / "distill"),
+          "--out", str(work / "ddp-contrast"), "--recipe", str(SMOKE / "contrast-tune.yaml"), *on,
+          "--set", "eval.sets=[]"])
+    m = _manifest(work / "ddp-contrast")
+    want = s.steps * s.batch * n
+    if m["counts"]["train"]["samples"] != want or not m["device"].startswith(s.device):
+        raise RuntimeError(f"contrast-tune under torchrun: {m['counts']['train']['samples']} samples on "
+                           f"{m['device']}, expected {want} on {s.device}")
+    backend = "nccl" if s.device == "cuda" else "gloo"
+    note = "" if n > 1 else " (1 GPU: one rank, no collective exercised; NCCL needs 2+ GPUs)"
+    return f"{n} ranks ({backend if n > 1 else 'no process group'}): distill + contrast-tune, one artifact each{note}"
+
+
+def _aligner(arch: str, embed_dim: int, teacher: bool):
+    import torch
+
+    from vla.losses import LogitScale
+    from vla.models.adapter import Adapter, AdapterConfig
+    from vla.models.clip import load_clip
+    from vla.models.ema import make_ema_teacher
+    from vla.models.proclip import ImageTextAligner
+
+    torch.manual_seed(0)
+    clip = load_clip(arch)  # a bare architecture name: random init, no weights
+    visual = clip.model.visual
+    adapter = Adapter.from_config(AdapterConfig.llm2clip(embed_dim, clip.embed_dim))
+    model = ImageTextAligner(visual, adapter, LogitScale(), make_ema_teacher(visual) if teacher else None)
+    return model.train(), clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
+
+
+def _contrast_step(use_reg: bool):
+    from vla.losses import ClipLoss, self_distillation_loss
+
+    loss_fn = ClipLoss()
+
+    def step(m, batch):
+        img, txt, scale, img_t = m(batch["image"], batch["phi"])
+        loss = loss_fn(img, txt, scale)
+        if use_reg:
+            loss = loss + self_distillation_loss(img, img_t)["loss"]
+        return {"loss": loss}
+
+    return step
+
+
+def _synthetic_batches(batch: int, size: int, dim: int, device: str):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(batch, 3, size, size, device=device, generator=g)
+    phi = torch.randn(batch, dim, device=device, generator=g)
+
+    def batches(_start: int):
+        while True:
+            yield {"image": images, "phi": phi}
+
+    return batches
+
+
+def check_compile(s: Sizes, work: Path) -> str:
+    import torch
+
+    from vla.train import TrainConfig, train
+
+    backend = "inductor" if s.device == "cuda" else "eager"
+    losses = {}
+    for compiled in (False, True):
+        model, size = _aligner("vla-micro-clip", s.embed_dim, teacher=True)
+        cfg = TrainConfig(steps=3, warmup_steps=0, lr=1e-4, precision=s.precision, device=s.device,
+                          compile=compiled, log_every=1, checkpoint_every=1000)
+        real = torch.compile
+        with _patched(torch, "compile", lambda m, **kw: real(m, backend=backend, **kw)):
+            out = work / f"compile-{compiled}"
+            train(cfg, model, _contrast_step(True), _synthetic_batches(16, size, s.embed_dim, s.device), out)
+        losses[compiled] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tol = 5e-2 if s.precision == "bf16" else 1e-4
+    diff = max(abs(a - b) for a, b in zip(losses[False], losses[True]))
+    if len(losses[True]) != 3 or diff > tol:
+        raise RuntimeError(f"compiled losses {losses[True]} vs eager {losses[False]} (tolerance {tol})")
+    return f"torch.compile ({backend}) = eager over 3 steps (max |Δloss| {diff:.2e})"
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, peak in PEAK_BF16.items():  # longest names first in the table where they overlap
+        if key in device_name:
+            return peak
+    return None
+
+
+def check_throughput(s: Sizes, work: Path, peak_override: float | None) -> tuple[str, dict]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vla.train import TrainConfig, train
+
+    model, size = _aligner(s.throughput_arch, s.embed_dim, teacher=True)
+    model.to(s.device)
+    batches = _synthetic_batches(s.throughput_batch, size, s.embed_dim, s.device)
+    step = _contrast_step(True)
+    autocast = torch.autocast(s.device, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+    with FlopCounterMode(display=False) as counter:  # one step's model FLOPs, measured
+        with autocast:
+            out = step(model, next(batches(0)))
+        out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    flops_per_step = counter.get_total_flops()
+    cfg = TrainConfig(steps=s.throughput_steps, warmup_steps=0, lr=1e-5, precision=s.precision,
+                      device=s.device, checkpoint_every=10**6, log_every=10**6)
+    result = train(cfg, model, step, batches, work / "throughput")
+    sps = result.samples_per_s
+    name = torch.cuda.get_device_name() if s.device == "cuda" else "cpu"
+    peak = peak_override or (peak_flops(name) if s.device == "cuda" else None)
+    achieved = flops_per_step * sps / s.throughput_batch
+    mfu = achieved / peak if peak else None
+    details = {"arch": s.throughput_arch, "batch": s.throughput_batch, "steps": s.throughput_steps,
+               "precision": s.precision, "device_name": name, "samples_per_s": sps,
+               "flops_per_sample": flops_per_step / s.throughput_batch, "achieved_flops": achieved,
+               "peak_flops": peak, "mfu": mfu}
+    summary = (f"{s.throughput_arch} contrast-tune, batch {s.throughput_batch} {s.precision}: {sps:,.0f} samples/s, "
+               f"{flops_per_step / s.throughput_batch / 1e9:.3g} GFLOP/sample, "
+               + (f"MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s" if mfu is not None else "MFU n/a (no known peak)"))
+    return summary, details
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+def run_checks(device: str, out: Path, peak_override: float | None = None,
+               only: set[str] | None = None) -> list[Check]:
+    s = sizes_for(device)
+    work = Path(tempfile.mkdtemp(prefix="vla-gpucheck-"))
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("cuda-tests", lambda: check_cuda_tests(s, work)),
+        ("curriculum", lambda: check_curriculum(s, work)),
+        ("torchrun", lambda: check_torchrun(s, work)),
+        ("compile", lambda: check_compile(s, work)),
+        ("throughput", lambda: check_throughput(s, work, peak_override)),
+    ]
+    checks = []
+    for name, fn in steps:
+        if only and name not in only:
+            continue
+        c = Check(name)
+        start = time.perf_counter()
+        try:
+            result = fn()
+            c.summary, c.details = result if isinstance(result, tuple) else (result, {})
+            c.ok = True
+        except Exception as err:  # a failed check is a row of the table, not the end of the run
+            c.summary = f"FAILED: {type(err).__name__}: {str(err).strip()[:1500]}"
+        c.seconds = round(time.perf_counter() - start, 1)
+        checks.append(c)
+        print(f"  {'ok  ' if c.ok else 'FAIL'} {name} ({c.seconds:.0f} s)", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "work_dir": str(work), "checks": [asdict(c) for c in checks]},
+                              indent=1) + "\n")
+    return checks
+
+
+def print_table(checks: list[Check], device: str) -> None:
+    print(f"\nvla gpu-check ({device})\n")
+    print("| check | result | s | summary |\n|---|---|---:|---|")
+    for c in checks:
+        summary = c.summary.splitlines()[0] if c.summary else ""
+        print(f"| {c.name} | {'ok' if c.ok else 'FAILED'} | {c.seconds:.0f} | {summary} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vla.gpucheck", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (default): the real check; cpu: the same logic at tiny sizes (self-test)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check" / "gpu-check.json")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU, if not known")
+    parser.add_argument("--only", default="", help="comma-separated checks to run (default: all)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU is visible here, so there is nothing to check; run it on a GPU "
+              "machine (`python -m vla.gpucheck --device cpu` self-tests the script at tiny sizes).")
+        return 0
+    start = time.perf_counter()
+    checks = run_checks(args.device, args.out, args.peak_tflops * 1e12 if args.peak_tflops else None,
+                        {x for x in args.only.split(",") if x} or None)
+    print_table(checks, args.device)
+    print(f"\n{sum(c.ok for c in checks)}/{len(checks)} checks passed in {time.perf_counter() - start:.0f} s; "
+          f"JSON: {args.out}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
