@@ -17,7 +17,7 @@ def curriculum(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proclip")
     make_vars = [f"WORLD={tmp}/world", f"RUNS={tmp}/runs", f"EXPORT={tmp}/export", "RECIPES=recipes/smoke",
                  "SYNTH_RECIPE=recipes/smoke/synth.yaml"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "VLA_CACHE_DIR": str(tmp / "cache")}
     first = subprocess.run(["make", "proclip", *make_vars], cwd=ROOT, capture_output=True, text=True, env=env,
                            timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -73,17 +73,28 @@ def test_only_the_long_captions_drawn_are_encoded(curriculum):
     from vla.stages.contrast_tune import _trains_on_long
 
     tmp, _, _ = curriculum
-    features = tmp / "world" / "train" / ".vla-features"
-    long_entries = [json.loads(p.read_text()) for p in features.glob("phi.long_caption-*.json")]
-    short_entries = [json.loads(p.read_text()) for p in features.glob("phi.caption-*.json")]
+    from vla.cache import FeatureTable
+
+    entries = [FeatureTable(p.parent) for p in (tmp / "cache" / "features").glob("*/meta.json")]
+    assert not list((tmp / "world").rglob("*.npy"))  # nothing is written into the data directory
+    long_entries = [e for e in entries if e.meta["name"] == "phi.long_caption"]
+    short_entries = [e for e in entries if e.meta["name"] == "phi.caption"]
     assert len(short_entries) == 1  # distill, ProCLIP and the baseline share it
-    every_key = short_entries[0]["keys"]
+    every_key = [s.key for s in _samples(tmp / "world" / "train")]
     drawn = [k for k in every_key if _trains_on_long(0, k, 0.5)]
-    assert 0 < len(drawn) < len(every_key)
+    assert 0 < len(drawn) < len(every_key) == len(short_entries[0])
     # the smoke distill recipe reads every long caption (its L_ins second variant); contrast-tune
     # (ProCLIP and the baseline alike) added one entry holding just the drawn ones
-    assert sorted(e["count"] for e in long_entries) == [len(drawn), len(every_key)]
-    assert drawn in [e["keys"] for e in long_entries]
+    assert sorted(len(e) for e in long_entries) == [len(drawn), len(every_key)]
+    subset = next(e for e in long_entries if len(e) == len(drawn))
+    assert sorted(subset.rows_of(drawn).tolist()) == list(range(len(drawn)))  # every drawn key, each once
+
+
+def _samples(path):
+    from vla.data.skips import SkipCounter
+    from vla.data.stream import resolve_data
+
+    return list(resolve_data(path).iter_samples(SkipCounter(), decode=False))
 
 
 def test_export_loads_with_vla_and_open_clip_alike(curriculum):

@@ -113,17 +113,17 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     # captions that will be drawn are encoded (about long_caption_prob of them; MiniLM reads a
     # long caption ~7× slower than a short one). The short ones are all kept: `vla distill`
     # cached exactly that entry, so it is a cache hit.
-    long_keys = {k for k in table.keys if _trains_on_long(seed, k, cfg.long_caption_prob)}
+    prob = cfg.long_caption_prob
 
-    def phi_features(column: str, keys: list[str], texts: list[str]):
-        return cached_features(td.path, f"phi.{column}", model_digest=embedder.digest(),
-                               data_digest=source.digest(), keys=keys, inputs=texts,
-                               encode=embedder.embed, batch_size=cfg.embedder.batch_size)[0]
+    def phi_features(column: str, rows):
+        return cached_features(f"phi.{column}", rows, model_identity=embedder.digest(), data_digest=source.digest(),
+                               encode=embedder.embed, batch_size=cfg.embedder.batch_size,
+                               model=embedder.model, device=dist.device)[0]
 
-    phi = {"short": phi_features("caption", table.keys, table.short)}
-    if long_keys:
-        drawn = [(k, t) for k, t in zip(table.keys, table.second) if k in long_keys]
-        phi["long"] = phi_features("long_caption", [k for k, _ in drawn], [t for _, t in drawn])
+    phi = {"short": phi_features("caption", lambda: table.rows("short"))}
+    if prob > 0:
+        phi["long"] = phi_features("long_caption", lambda: (r for r in table.rows("second")
+                                                            if _trains_on_long(seed, r[0], prob)))
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage
         p.requires_grad_(False)
@@ -146,7 +146,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         for batch in image_batches(start_step):
             keys = batch["key"]
             batch["phi"] = phi["short"].lookup(keys)
-            rows = [i for i, k in enumerate(keys) if k in long_keys]
+            rows = [i for i, k in enumerate(keys) if prob > 0 and _trains_on_long(seed, k, prob)]
             if rows:
                 batch["phi"][rows] = phi["long"].lookup([keys[i] for i in rows])
             yield batch

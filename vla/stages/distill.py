@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from vla.artifacts import Artifact, ArtifactBuilder
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from vla.cache import FeatureTable
+    from vla.data.stream import DataSource
 
 KIND = "distill"
 
@@ -53,29 +57,43 @@ class DistillRecipe:
 
 @dataclass
 class CaptionTable:
-    keys: list[str]
-    short: list[str]                 # each sample's first caption
-    second: list[str] | None         # the second text variant, if any
-    second_field: str = ""           # what the second variant is: "long_caption" or "caption2"
+    """A data set's captions, read from it again on each pass instead of held in memory (at web
+    scale, every rank holding every long caption would not fit)."""
+
+    source: "DataSource"
+    count: int                       # usable samples
+    second: str                      # the second text variant: "long_caption", "caption" or "none"
+    second_field: str = ""           # what the second variant is called: "long_caption" or "caption2"
+
+    def rows(self, variant: str = "short") -> Iterator[tuple[str, str, str]]:
+        """(key, text, shard) of every usable sample in data order; variant "short" (the first
+        caption) or "second"."""
+        from dataclasses import replace
+
+        from vla.data.skips import SkipCounter
+
+        for f in self.source.files:
+            for s in replace(self.source, files=(f,)).iter_samples(SkipCounter(), decode=False):
+                if variant == "short":
+                    text = s.captions[0]
+                elif self.second == "long_caption":
+                    text = s.long_caption or s.captions[0]
+                else:
+                    text = s.captions[1] if len(s.captions) > 1 else s.captions[0]
+                yield s.key, text, str(f)
 
 
 def read_captions(path: Path, second: str, max_skip_fraction: float) -> tuple[CaptionTable, dict]:
-    """Every sample's captions, without decoding images (distillation is text only)."""
+    """The data's captions (counted, and the skip limit checked), without decoding images."""
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
 
     skips = SkipCounter()
-    keys, short, other = [], [], []
-    for s in resolve_data(path).iter_samples(skips, decode=False):
-        keys.append(s.key)
-        short.append(s.captions[0])
-        if second == "long_caption":
-            other.append(s.long_caption or s.captions[0])
-        elif second == "caption":
-            other.append(s.captions[1] if len(s.captions) > 1 else s.captions[0])
+    source = resolve_data(path)
+    count = sum(1 for _ in source.iter_samples(skips, decode=False))
     skips.check(max_skip_fraction, str(path))
     column = {"long_caption": "long_caption", "caption": "caption2"}.get(second, "")
-    return CaptionTable(keys, short, other if second != "none" else None, column), skips.as_dict()
+    return CaptionTable(source, count, second, column), skips.as_dict()
 
 
 def model_identity(ref: str) -> str:
@@ -91,22 +109,33 @@ def load_teacher(ref: str):
     return load_encoder(ref)
 
 
-def frozen_text_features(data_dir: Path, data_digest: str, table: CaptionTable, teacher, teacher_id: str,
-                         embedder, batch_size: int) -> dict[str, torch.Tensor]:
-    """Φ(T) and E_T(T) for both text variants, from the cache (computed on a miss)."""
+def frozen_text_features(data_digest: str, table: CaptionTable, teacher, teacher_id: str,
+                         embedder, batch_size: int, device=None) -> dict[str, "FeatureTable"]:
+    """Φ(T) and E_T(T) for both text variants, from the cache (computed on `device` on a miss),
+    as memory-mapped tables."""
     from vla.cache import cached_features
 
     out = {}
-    variants = {"short": ("caption", table.short)}
-    if table.second is not None:
-        variants["second"] = (table.second_field, table.second)
-    for variant, (column, texts) in variants.items():
-        for role, ident, encode in (("phi", embedder.digest(), embedder.embed),
-                                    ("teacher", teacher_id, teacher.encode_text)):
-            tab, _hit = cached_features(data_dir, f"{role}.{column}", model_digest=ident, data_digest=data_digest,
-                                        keys=table.keys, inputs=texts, encode=encode, batch_size=batch_size)
-            out[f"{role}.{variant}"] = torch.from_numpy(tab.features[:].astype("float32"))
+    variants = {"short": "caption"}
+    if table.second != "none":
+        variants["second"] = table.second_field
+    for variant, column in variants.items():
+        for role, ident, encode, model in (("phi", embedder.digest(), embedder.embed, embedder.model),
+                                           ("teacher", teacher_id, teacher.encode_text, getattr(teacher, "model", None))):
+            out[f"{role}.{variant}"], _hit = cached_features(
+                f"{role}.{column}", lambda v=variant: table.rows(v), model_identity=ident,
+                data_digest=data_digest, encode=encode, batch_size=batch_size, model=model, device=device)
     return out
+
+
+def token_counts_over(counter, texts: Iterator[tuple[str, str, str]], limit: int, chunk: int = 4096) -> int:
+    """How many of the streamed texts need more than `limit` tokens, counted a chunk at a time."""
+    import itertools
+
+    over = 0
+    while batch := [t for _, t, _ in itertools.islice(texts, chunk)]:
+        over += sum(c > limit for c in counter(batch))
+    return over
 
 
 def row_batches(n: int, batch_size: int, seed: int, start_step: int, world_size: int = 1, rank: int = 0):
@@ -138,12 +167,12 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     dist = init_distributed()
     table, skip_counts = read_captions(td.path, cfg.second_text, cfg.max_skip_fraction)
     teacher_id = model_identity(cfg.teacher)
-    feats = frozen_text_features(td.path, resolve_data(td.path).digest(), table, teacher, teacher_id,
-                                 embedder, cfg.embedder.batch_size)
+    feats = frozen_text_features(resolve_data(td.path).digest(), table, teacher, teacher_id,
+                                 embedder, cfg.embedder.batch_size, dist.device)
 
     # hold out the last rows for the agreement metrics (shards are already in random order)
-    n_val = min(cfg.val_rows, len(table.keys) // 5)
-    n_train = len(table.keys) - n_val
+    n_val = min(cfg.val_rows, table.count // 5)
+    n_train = table.count - n_val
     preset = getattr(AdapterConfig, cfg.adapter)
     torch.manual_seed(cfg.train.seed)
     adapter = Adapter.from_config(preset(embedder.dim, feats["teacher.short"].shape[1], dropout=cfg.adapter_dropout))
@@ -168,14 +197,12 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
             save_adapter(adapter, art.dir)
             (art.dir / "embedder.json").write_text(json.dumps(embedder.spec, indent=1))
             (art.dir / "teacher.json").write_text(json.dumps({"teacher": cfg.teacher, "identity": teacher_id}))
-            counts = teacher.text_token_counts(table.short)
-            art.counts.update(captions=len(table.keys), train_rows=n_train, val_rows=n_val, data=skip_counts)
+            art.counts.update(captions=table.count, train_rows=n_train, val_rows=n_val, data=skip_counts)
             ctx = teacher.text_context_length
+            over = lambda v: token_counts_over(teacher.text_token_counts, table.rows(v), ctx) if ctx else 0
             art.counts["teacher_truncated"] = {
-                "context_length": ctx,
-                "short": sum(c > ctx for c in counts) if ctx else 0,
-                **({"second": sum(c > ctx for c in teacher.text_token_counts(table.second))}
-                   if table.second is not None and ctx else {})}
+                "context_length": ctx, "short": over("short"),
+                **({"second": over("second")} if table.second != "none" and ctx else {})}
             art.metrics["train"] = result.metrics
             art.metrics["val"] = agreement(adapter, feats, slice(n_train, None))
             art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
