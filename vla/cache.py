@@ -171,6 +171,9 @@ def cached_features(
     entry = root / plan["stem"]
     if not plan["hit"]:
         build = Path(plan["build"])
+        if not build.is_dir():
+            raise UserError(f"{build}, made by rank 0, is not visible on rank {ranks.rank}: "
+                            f"set VLA_CACHE_DIR to a directory every node shares")
         try:
             lo, hi = plan["count"] * ranks.rank // ranks.world, plan["count"] * (ranks.rank + 1) // ranks.world
             with _on_device(model, device):

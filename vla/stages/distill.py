@@ -119,9 +119,10 @@ def frozen_text_features(data_digest: str, table: CaptionTable, teacher, teacher
     variants = {"short": "caption"}
     if table.second != "none":
         variants["second"] = table.second_field
+    teacher_model = getattr(teacher, "model", None)
     for variant, column in variants.items():
         for role, ident, encode, model in (("phi", embedder.digest(), embedder.embed, embedder.model),
-                                           ("teacher", teacher_id, teacher.encode_text, getattr(teacher, "model", None))):
+                                           ("teacher", teacher_id, teacher.encode_text, teacher_model)):
             out[f"{role}.{variant}"], _hit = cached_features(
                 f"{role}.{column}", lambda v=variant: table.rows(v), model_identity=ident,
                 data_digest=data_digest, encode=encode, batch_size=batch_size, model=model, device=device)
