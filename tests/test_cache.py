@@ -159,7 +159,9 @@ def encode(texts):  # exact and batch-independent: a feature depends on its own 
     return torch.tensor([[float(len(t)), float(sum(map(ord, t)) % 1009), float(t.count("e"))] for t in texts])
 
 def rows():
-    return ((f"{i:05d}", "e" * (i % 13) + f" caption {i}", f"{i // 50:05d}.tar") for i in range(203))
+    yield from ((f"{i:05d}", "e" * (i % 13) + f" caption {i}", f"{i // 50:05d}.tar") for i in range(203))
+    if "dup" in sys.argv:
+        yield "00007", "merged twice", "00099.tar"
 
 dist = init_distributed("cpu")
 table, hit = cached_features("phi.caption", rows, model_identity="m", data_digest="d", encode=encode,
@@ -195,6 +197,11 @@ def test_two_ranks_build_the_same_table_as_one_process(tmp_path):
     assert [p.name for p in shared.iterdir()] == [next(shared.iterdir()).name]  # one entry, no .build-*
     entry = FeatureTable(next(shared.iterdir()))
     assert entry.lookup(["00202", "00000"]).tolist() == [one[202].tolist(), one[0].tolist()]
+    # rank 0 finds a duplicate key: every rank stops with the same one-line error, none waits forever
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path / "two"),
+                        "dup"], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "miss" not in r.stdout
+    assert r.stderr.count("sample key '00007' occurs twice, in 00000.tar and in 00099.tar") == 2, r.stderr[-3000:]
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_texts(tmp_path):
