@@ -15,8 +15,10 @@ the cache directory cannot be written, one warning says so and the features are 
 a temporary directory that is deleted at exit.
 
 Memory stays flat in the number of texts: texts arrive as a stream (read from the data again
-on each pass), are encoded in length-sorted windows of a few batches, and rows go to disk as
-they are made; tables are read memory-mapped. Under torchrun, rank 0 reads the texts once to
+on each pass), are encoded in length-sorted windows of WINDOW_ROWS, and each window is appended
+to a file as it is done (plain writes: a written memory map would count every page it touched in
+the process' RSS); tables are read memory-mapped. The key index is an external sort: runs of
+RUN_ROWS sorted digests, merged BLOCK_ROWS at a time per run (~0.4 MB per 262,144 texts). Under torchrun, rank 0 reads the texts once to
 form the key (and finds duplicate sample keys); on a miss each rank encodes its contiguous share
 of rows on its own device into its own part file, the others wait at a barrier, and rank 0 joins
 the parts. The cache directory must then be one that every rank sees (a shared filesystem).
