@@ -1,12 +1,19 @@
 """Tests run offline on the CPU with tiny models and generated data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("VLA_NO_PROGRESS", "1")
 
+# Hermetic: the feature cache goes to a directory of this session, never the user's ~/.cache/vla
+# (subprocesses inherit it; a test that needs its own sets VLA_CACHE_DIR itself).
+os.environ["VLA_CACHE_DIR"] = tempfile.mkdtemp(prefix="vla-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VLA_CACHE_DIR"], True)
 
 def pytest_collection_modifyitems(config, items):
     """`cuda`-marked tests need a GPU: skipped, saying so, where none is visible."""

@@ -18,7 +18,7 @@ def curriculum(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proclip")
     make_vars = [f"WORLD={tmp}/world", f"RUNS={tmp}/runs", f"EXPORT={tmp}/export", "RECIPES=recipes/smoke",
                  "SYNTH_RECIPE=recipes/smoke/synth.yaml"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "VLA_CACHE_DIR": str(tmp / "cache")}
     first = subprocess.run(["make", "proclip", *make_vars], cwd=ROOT, capture_output=True, text=True, env=env,
                            timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -76,15 +76,17 @@ def test_every_caption_that_can_be_drawn_is_encoded_once(curriculum):
     its long caption is cached: one entry per caption column, shared by distill (first and second
     caption), ProCLIP and the baseline."""
     tmp, _, _ = curriculum
-    features = tmp / "world" / "train" / ".vla-features"
+    from vla.cache import FeatureTable
+
     entries = {}
-    for p in features.glob("phi.*.json"):
-        meta = json.loads(p.read_text())
-        entries.setdefault(meta["name"], []).append(meta)
-    assert sorted(entries) == ["phi.caption", "phi.caption2", "phi.caption3", "phi.caption4", "phi.caption5",
-                               "phi.long_caption"]
-    assert all(len(v) == 1 for v in entries.values())  # computed once, then cache hits
-    assert {v[0]["count"] for v in entries.values()} == {manifest(tmp / "runs" / "distill")["counts"]["captions"]}
+    for p in (tmp / "cache" / "features").glob("*/meta.json"):
+        entries.setdefault(json.loads(p.read_text())["name"], []).append(FeatureTable(p.parent))
+    assert not list((tmp / "world").rglob("*.npy"))  # nothing is written into the data directory
+    phi = {k: v for k, v in entries.items() if k.startswith("phi.")}
+    assert sorted(phi) == ["phi.caption", "phi.caption2", "phi.caption3", "phi.caption4", "phi.caption5",
+                           "phi.long_caption"]
+    assert all(len(v) == 1 for v in phi.values())  # computed once, then cache hits
+    assert {len(v[0]) for v in phi.values()} == {manifest(tmp / "runs" / "distill")["counts"]["captions"]}
 
 
 def test_export_loads_with_vla_and_open_clip_alike(curriculum):

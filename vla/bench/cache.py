@@ -48,21 +48,23 @@ def _build(embedder):
 
 def fill_cache(shard: Path, embedder) -> tuple[dict, float, int]:
     """Φ of every caption in `shard`, short and long, into a fresh cache: (tables, seconds, texts)."""
+    import os
+
     from vla.cache import cached_features
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
 
     source = resolve_data(shard)
     samples = list(source.iter_samples(SkipCounter(), decode=False))
-    keys = [s.key for s in samples]
-    texts = {"short": [s.captions[0] for s in samples],
-             "second": [s.long_caption or s.captions[0] for s in samples]}
+    texts = {"short": [(s.key, s.captions[0], shard.name) for s in samples],
+             "second": [(s.key, s.long_caption or s.captions[0], shard.name) for s in samples]}
     scratch = BENCH_DIR / "cache-fill"
     shutil.rmtree(scratch, ignore_errors=True)  # a fresh cache, so this is a fill, not a hit
+    os.environ["VLA_CACHE_DIR"] = str(scratch.resolve())
     start = time.perf_counter()
-    tables = {variant: cached_features(scratch, f"phi.{variant}", model_digest=embedder.digest(),
-                                       data_digest=source.digest() + ":" + variant, keys=keys,
-                                       inputs=texts[variant], encode=embedder.embed)[0]
+    tables = {variant: cached_features(f"phi.{variant}", lambda v=variant: iter(texts[v]),
+                                       model_identity=embedder.digest(), data_digest=source.digest(),
+                                       encode=embedder.embed)[0]
               for variant in texts}
     return tables, time.perf_counter() - start, sum(len(t) for t in texts.values())
 

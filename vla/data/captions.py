@@ -9,7 +9,7 @@ its caption rows are then simply never looked up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -18,6 +18,15 @@ class CaptionTable:
     keys: list[str]
     captions: list[list[str]]        # every short caption of each sample, in its order
     long: list[str | None]           # each sample's long caption, if it has one
+    origins: list[str] = field(default_factory=list)  # the shard (or manifest) each sample came from
+
+    def rows(self, texts: list[str], keys: list[str] | None = None):
+        """(key, text, origin) rows for the feature cache: `texts` with their `keys` (default: every
+        sample's key, in order). The origin names the shard in a duplicate-key error."""
+        keys = self.keys if keys is None else keys
+        origin = dict(zip(self.keys, self.origins)) if keys is not self.keys else None
+        for i, (k, t) in enumerate(zip(keys, texts)):
+            yield k, t, (self.origins[i] if origin is None else origin.get(k, "")) if self.origins else ""
 
     @property
     def short(self) -> list[str]:
@@ -55,17 +64,18 @@ def read_captions(path: Path, max_skip_fraction: float) -> tuple[CaptionTable, d
     from vla.data.stream import resolve_data
 
     skips = SkipCounter()
-    keys, captions, long = [], [], []
-    for key, caps, long_caption in _caption_records(resolve_data(path), skips):
+    keys, captions, long, origins = [], [], [], []
+    for origin, (key, caps, long_caption) in _caption_records(resolve_data(path), skips):
         keys.append(key)
         captions.append(caps)
         long.append(long_caption)
+        origins.append(origin)
     skips.check(max_skip_fraction, str(path))
-    return CaptionTable(keys, captions, long), skips.as_dict()
+    return CaptionTable(keys, captions, long, origins), skips.as_dict()
 
 
 def _caption_records(source, skips):
-    """(key, captions, long caption) of every sample with valid text, in file order."""
+    """(origin, (key, captions, long caption)) of every sample with valid text, in file order."""
     import json
 
     from vla.data.jsonl import line_image, read_manifest
@@ -86,7 +96,7 @@ def _caption_records(source, skips):
             record = _captions_of(str(key) if key is not None else f"{line.lineno:08d}",
                                   image is not None and image.is_file(), None, meta, skips)
             if record is not None:
-                yield record
+                yield str(source.files[0]), record
         return
     for shard in source.files:
         records = scan_shard(shard)
@@ -101,7 +111,7 @@ def _caption_records(source, skips):
                 has_image = any(e in record.members for e in IMAGE_EXTS)
                 out = _captions_of(record.key, has_image, members.get("txt"), members.get("json"), skips)
                 if out is not None:
-                    yield out
+                    yield str(shard), out
 
 
 def _captions_of(key: str, has_image: bool, txt: bytes | None, meta, skips):

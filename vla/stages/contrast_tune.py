@@ -125,19 +125,19 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     # per caption column (the first and second are `vla distill`'s entries, so cache hits)
     table, _ = read_captions(td.path, cfg.data.max_skip_fraction)
 
-    def phi_features(column: str, keys: list[str], texts: list[str]):
-        return cached_features(td.path, f"phi.{column}", model_digest=embedder.digest(),
-                               data_digest=source.digest(), keys=keys, inputs=texts,
-                               encode=embedder.embed, batch_size=cfg.embedder.batch_size)[0]
+    def phi_features(column: str, rows):
+        return cached_features(f"phi.{column}", rows, model_identity=embedder.digest(), data_digest=source.digest(),
+                               encode=embedder.embed, batch_size=cfg.embedder.batch_size,
+                               model=embedder.model, device=dist.device)[0]
 
     columns, encoded = {}, {"captions": [], "long_captions": []}
     for i in range(table.max_captions):
         column, keys, texts = table.caption_column(i)
-        columns[i] = phi_features(column, keys, texts)
+        columns[i] = phi_features(column, lambda k=keys, t=texts: table.rows(t, k))
         encoded["captions"] += texts
     long_keys, long_texts = table.long_column()
     if long_keys and cfg.long_caption_prob > 0:
-        columns[LONG] = phi_features("long_caption", long_keys, long_texts)
+        columns[LONG] = phi_features("long_caption", lambda: table.rows(long_texts, long_keys))
         encoded["long_captions"] = long_texts
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage

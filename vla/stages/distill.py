@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,10 @@ from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from vla.cache import FeatureTable
+    from vla.data.stream import DataSource
 
 KIND = "distill"
 
@@ -61,20 +65,31 @@ def text_variants(table: CaptionTable, second: str) -> dict[str, tuple[str, list
     return variants
 
 
-def frozen_text_features(data_dir: Path, data_digest: str, keys: list[str],
-                         variants: dict[str, tuple[str, list[str]]], teacher, teacher_id: str,
-                         embedder, batch_size: int) -> dict[str, torch.Tensor]:
-    """Φ(T) and E_T(T) for every text variant, from the cache (computed on a miss)."""
+def frozen_text_features(data_digest: str, table: CaptionTable, variants: dict[str, tuple[str, list[str]]],
+                         teacher, teacher_id: str, embedder, batch_size: int, device=None) -> dict[str, "FeatureTable"]:
+    """Φ(T) and E_T(T) for every text variant, from the cache (computed on `device` on a miss),
+    as memory-mapped tables."""
     from vla.cache import cached_features
 
     out = {}
+    teacher_model = getattr(teacher, "model", None)
     for variant, (column, texts) in variants.items():
-        for role, ident, encode in (("phi", embedder.digest(), embedder.embed),
-                                    ("teacher", teacher_id, teacher.encode_text)):
-            tab, _hit = cached_features(data_dir, f"{role}.{column}", model_digest=ident, data_digest=data_digest,
-                                        keys=keys, inputs=texts, encode=encode, batch_size=batch_size)
-            out[f"{role}.{variant}"] = torch.from_numpy(tab.features[:].astype("float32"))
+        for role, ident, encode, model in (("phi", embedder.digest(), embedder.embed, embedder.model),
+                                           ("teacher", teacher_id, teacher.encode_text, teacher_model)):
+            out[f"{role}.{variant}"], _hit = cached_features(
+                f"{role}.{column}", lambda t=texts: table.rows(t), model_identity=ident,
+                data_digest=data_digest, encode=encode, batch_size=batch_size, model=model, device=device)
     return out
+
+
+def token_counts_over(counter, texts: Iterator[tuple[str, str, str]], limit: int, chunk: int = 4096) -> int:
+    """How many of the streamed texts need more than `limit` tokens, counted a chunk at a time."""
+    import itertools
+
+    over = 0
+    while batch := [t for _, t, _ in itertools.islice(texts, chunk)]:
+        over += sum(c > limit for c in counter(batch))
+    return over
 
 
 def row_batches(n: int, batch_size: int, seed: int, start_step: int, world_size: int = 1, rank: int = 0):
@@ -114,8 +129,8 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     n_train = len(table.keys) - n_val
     row_batches(n_train, cfg.train.batch_size, 0, 0)  # refuse a batch larger than the data now
     teacher_id = model_identity(cfg.teacher)
-    feats = frozen_text_features(td.path, resolve_data(td.path).digest(), table.keys, variants, teacher,
-                                 teacher_id, embedder, cfg.embedder.batch_size)
+    feats = frozen_text_features(resolve_data(td.path).digest(), table, variants, teacher, teacher_id,
+                                 embedder, cfg.embedder.batch_size, dist.device)
 
     preset = getattr(AdapterConfig, cfg.adapter)
     torch.manual_seed(cfg.train.seed)
