@@ -53,8 +53,11 @@ def cache_key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def cache_dir_for(data_dir: Path) -> Path:
+def cache_dir_for(data_dir: Path | str) -> Path:
     override = os.environ.get("VLA_CACHE_DIR")
+    if not Path(data_dir).is_dir():  # a shard range, a URL, one file: nothing to put a cache beside
+        root = Path(override) if override else Path.home() / ".cache" / "vla" / "features"
+        return root / cache_key(str(data_dir))
     if override:
         return Path(override) / cache_key(str(Path(data_dir).resolve()))
     return Path(data_dir) / CACHE_DIRNAME
