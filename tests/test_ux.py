@@ -138,6 +138,17 @@ def test_vla_models_lists_names_and_what_is_on_disk(tmp_path):
     assert "(384-d, mean pooling)" in row["minilm"] and max(map(len, lines)) > 100
 
 
+def test_piped_inspect_keeps_long_paths_whole(tmp_path):
+    from vla.artifacts import ArtifactBuilder
+
+    out = tmp_path / ("deep" * 25) / "art"
+    with ArtifactBuilder(out, "synth", recipe={}) as b:
+        (b.dir / "f.txt").write_text("x")
+    r = vla("inspect", out)
+    assert r.returncode == 0, r.stderr
+    assert f"synth {out}" in r.stdout.splitlines()  # the lineage tree's root, not cut at 80 columns
+
+
 def test_registry_weights_are_where_open_clip_looks():
     """The early check's hub repositories are open_clip's own for those tags (no drift)."""
     import open_clip

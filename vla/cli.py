@@ -377,7 +377,8 @@ def inspect(
         for depth, role, ref in lineage(m):
             nodes[depth] = nodes[depth - 1].add(
                 f"{role}: [cyan]{ref.get('kind')}[/] {ref.get('path')}  {str(ref.get('digest', ''))[:12]}")
-        console.print(tree)
+        # piped, rich would crop the tree at 80 columns: draw it as wide as its longest path
+        (console if console.is_terminal else _StdoutConsole(width=10_000)).print(tree)
     if verify:
         problems = verify_artifact(art)
         if problems:
