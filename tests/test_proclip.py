@@ -120,7 +120,7 @@ def test_export_card_and_files_as_a_user_shares_them(curriculum):
     card = (export / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: vla\n") and "\npipeline_tag:" in card.split("\n---\n")[0]
     assert "**⚠ Only the image tower is meant for open_clip.**" in card
-    assert "16-token" in card  # the smoke CLIP's own text context, named in the warning
+    assert "cuts every text at 16 tokens" in card  # the smoke CLIP's own text context
     for section in ("## Use", "## Intended use", "## Training data", "## Evaluation", "## Upload"):
         assert section in card, section
     assert "synthetic world" in card.split("## Training data")[1]

@@ -111,9 +111,9 @@ def model_card(art: Artifact, out: Path, cfg: ExportRecipe) -> str:
 
 _OPEN_CLIP_WARNING = """\
 > **⚠ Only the image tower is meant for open_clip.** open_clip also loads a text tower from this
-> folder: the original CLIP's ({ctx}-token) text encoder, which this model's training did not use.
-> Its text embeddings are not this model's: long-caption retrieval through it is near chance. Load
-> the model with `vla.load` for text."""
+> folder, without a warning: the original CLIP's text encoder, which this model's training did
+> not use and which cuts every text at {ctx} tokens. Texts embedded through it are not this
+> model's text side. Load the model with `vla.load` for text."""
 
 
 def _text_context(art: Artifact) -> str:
@@ -126,9 +126,9 @@ def _text_context(art: Artifact) -> str:
 
 def _data_section(m: dict) -> list[str]:
     """What the model was trained on: every data input in its lineage, with the source's counts."""
-    data = [(role, r) for _, role, r in lineage(m) if role == "data"]
+    data = list({(r.get("path"), r.get("digest")): r for _, role, r in lineage(m) if role == "data"}.values())
     lines = ["## Training data", ""]
-    for _, r in data:
+    for r in data:
         kind = r.get("kind")
         what = ("vla's generated synthetic world (coloured shapes; not natural images)" if kind == "synth"
                 else "image-text pairs")

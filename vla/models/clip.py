@@ -199,11 +199,20 @@ class ClipModel:
             return [len(hf(self.tokenizer.clean_fn(t))["input_ids"]) for t in texts]
         return [len(self.tokenizer.encode(t)) + 2 for t in texts]  # + start and end of text
 
-    def __repr__(self) -> str:
+    def describe_image_tower(self) -> str:
+        """`ViT 12 layers × 768, patch 32, 224 px` (or the tower's config when it is no plain ViT)."""
+        v = self.model_cfg.get("vision_cfg", {})
         size = self.image_size if isinstance(self.image_size, int) else "×".join(map(str, self.image_size))
+        if v.get("timm_model_name"):
+            return f"timm {v['timm_model_name']}, {size} px"
+        if isinstance(v.get("layers"), int) and v.get("patch_size"):
+            return f"ViT {v['layers']} layers × {v.get('width')}, patch {v['patch_size']}, {size} px"
+        return f"{size} px"
+
+    def __repr__(self) -> str:
         weights = self.source.pretrained and f"{self.source.pretrained} weights" or self.weights_file or "random init"
-        return (f"ClipModel(name={self.name!r}, embed_dim={self.embed_dim}, image={size} px, "
-                f"text_context_length={self.text_context_length}, weights={weights!r}, device={self.device})")
+        return (f"ClipModel(name={self.name!r}, embed_dim={self.embed_dim}, image: {self.describe_image_tower()}, "
+                f"text: {self.text_context_length}-token context, weights={weights!r}, device={self.device})")
 
 
 @contextlib.contextmanager

@@ -142,9 +142,8 @@ class ProCLIPModel:
 
     def __repr__(self) -> str:
         a, e = self.adapter.config, self.embedder
-        size = self.clip.image_size if isinstance(self.clip.image_size, int) else "×".join(map(str, self.clip.image_size))
         lines = [f"ProCLIPModel(name={self.name!r}, embed_dim={self.embed_dim})",
-                 f"  image: open_clip tower of {self.clip.name} ({size} px)",
+                 f"  image: open_clip {self.clip.describe_image_tower()}",
                  f"  text:  embedder {e.name} ({e.config.pooling} pooling, ≤{e.max_length} tokens, "
                  f"{e.dim}-d) → adapter ({a.blocks} block{'s' if a.blocks > 1 else ''} ×{a.expansion}, "
                  f"{a.in_dim}→{a.out_dim})"]
