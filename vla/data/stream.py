@@ -4,7 +4,9 @@
 `.jsonl` manifest, or shards named the way webdataset names them (brace ranges
 `/shards/{00000..00999}.tar`, `::`-joined lists, globs, `pipe:CMD`, http(s)/gs/hf URLs; expanded
 by webdataset's own `expand_urls`). Local shards are read by random access into the tar; a
-`pipe:` or URL shard is streamed, one shard's members in memory at a time. `make_loader` turns a source into batches. The design, chosen so that the
+`pipe:` or URL shard is streamed, one shard's members in memory at a time. Every DataLoader
+worker walks all of its rank's records (step 2 below), so each worker streams each of the rank's
+remote shards: W workers read remote data W times. `make_loader` turns a source into batches. The design, chosen so that the
 batches depend only on (data, seed, epoch, rank, world_size, batch_size), never on the number of
 DataLoader workers, and so that a resume is exact:
 
