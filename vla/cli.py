@@ -38,8 +38,6 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(recipe_app, name="recipe")
 
-# soft_wrap: lines are never cut at the console's width, so tables and dicts piped to a file or
-# a log (where rich would assume 80 columns) stay one line each; a terminal wraps them itself.
 class _StdoutConsole(Console):
     """stdout: a reader that stops reading (`vla eval ... | head`) got what it wanted, so that
     ends the command quietly with exit 0 (rich's default exits 1)."""
@@ -50,6 +48,8 @@ class _StdoutConsole(Console):
         raise typer.Exit(0)
 
 
+# soft_wrap: lines are never cut at the console's width, so tables and dicts piped to a file or
+# a log (where rich would assume 80 columns) stay one line each; a terminal wraps them itself.
 console = _StdoutConsole(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -409,7 +409,7 @@ def models(
                                                            "(default: runs and exports, where they exist)."),
 ) -> None:
     """List the registry's model names, whether each is on disk, and the models found in DIRS."""
-    from vla.models.available import alias_on_disk
+    from vla.models.available import alias_on_disk, model_artifacts
     from vla.models.registry import ALIASES
 
     rows = [(name, a.kind, a.target, alias_on_disk(name) or "not on disk", a.description)
@@ -418,7 +418,7 @@ def models(
     console.print("\nAlso: any open_clip ARCH[:TAG] (open_clip.list_pretrained()), hf-hub:ORG/REPO, "
                   "local-dir:PATH, ARCH@FILE, or a transformers hub id / directory as an embedder.",
                   highlight=False)
-    found = _model_artifacts(dirs if dirs else [d for d in (Path("runs"), Path("exports")) if d.is_dir()])
+    found = model_artifacts(dirs if dirs else [d for d in (Path("runs"), Path("exports")) if d.is_dir()])
     if found:
         console.print()
         _print_columns(("artifact", "kind", "created"), found)
@@ -429,27 +429,8 @@ def _print_columns(header: tuple, rows: list) -> None:
     table = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     for r in table:
-        console.print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1], highlight=False)
-
-
-def _model_artifacts(dirs: List[Path]) -> list[tuple[str, str, str]]:
-    """(path, kind, created) of every finished artifact vla can load as a model under `dirs`."""
-    from vla.models.load import MODEL_KINDS
-
-    out = []
-    for d in dirs:
-        if not d.is_dir():
-            raise UserError(f"{d} does not exist or is not a directory")
-        for manifest in sorted(d.rglob("manifest.json")):
-            if any(part.startswith(".") for part in manifest.relative_to(d).parts):
-                continue  # partial builds and caches
-            try:
-                m = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                continue
-            if m.get("kind") in MODEL_KINDS:
-                out.append((str(manifest.parent), m["kind"], m.get("created", "")))
-    return out
+        console.print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1], highlight=False,
+                      markup=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ here is still loaded, and checked fully, by its own loader.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -103,3 +104,23 @@ def check_models(refs: dict[str, tuple[str | None, registry.Kind | None]]) -> No
            "or pass local paths" if offline else "")
     what = "model is" if len(problems) == 1 else f"{len(problems)} models are"
     raise UserError(f"{what} not available: " + "; ".join(problems) + fix)
+
+
+def model_artifacts(dirs: list[Path]) -> list[tuple[str, str, str]]:
+    """(path, kind, created) of every finished artifact under `dirs` that vla loads as a model."""
+    from vla.models.load import MODEL_KINDS
+
+    out = []
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{d} does not exist or is not a directory")
+        for manifest in sorted(d.rglob("manifest.json")):
+            if any(part.startswith(".") for part in manifest.relative_to(d).parts):
+                continue  # partial builds (.NAME.partial/) and caches
+            try:
+                m = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if m.get("kind") in MODEL_KINDS:
+                out.append((str(manifest.parent), m["kind"], m.get("created", "")))
+    return out
