@@ -115,19 +115,6 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def list_shards(path: str | Path) -> list[Path]:
-    """Shards of a directory (sorted `*.tar`), a single `.tar`, or a brace pattern is not needed:
-    pass a directory. Raises FileNotFoundError naming the path when there are none."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".tar":
-        return [p]
-    if p.is_dir():
-        shards = sorted(q for q in p.glob("*.tar"))
-        if shards:
-            return shards
-    raise FileNotFoundError(str(p))
-
-
 # --- reading --------------------------------------------------------------------------------
 
 @dataclass
