@@ -253,6 +253,19 @@ def test_progress_lines_are_spaced_in_time():
     assert [ln.split()[2] for ln in lines] == ["1/100", "100/100"]  # the first, then the last
 
 
+def test_feature_caching_prints_plain_lines_in_a_log(tmp_path, capsys, monkeypatch):
+    """Encoding every caption into the cache can take hours at scale: a log sees it progress."""
+    from vla.cache import cached_features
+
+    monkeypatch.setenv("VLA_PROGRESS_SECONDS", "0")
+    texts = [f"caption {i}" for i in range(5)]
+    cached_features(tmp_path, "phi.caption", model_digest="m", data_digest="d", keys=texts, inputs=texts,
+                    encode=lambda batch: torch.ones(len(batch), 3), batch_size=2)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("caching phi.caption:")]
+    assert [ln.split()[2] for ln in lines] == ["2/5", "4/5", "5/5"]
+    assert "texts/s" in lines[0] and "ETA" in lines[0] and "ETA" not in lines[-1]
+
+
 # --- item 2: the Python API --------------------------------------------------------------------
 
 def test_clip_model_takes_one_item_or_a_list():

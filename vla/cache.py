@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from vla import progress
 from vla.textbatch import encode_length_sorted
 
 CACHE_DIRNAME = ".vla-features"
@@ -91,8 +90,8 @@ def cached_features(
         return FeatureTable(meta.pop("keys"), np.load(npy, mmap_mode="r"), meta), True
 
     # computing a cache entry can take minutes (an LLM over every caption): show it on a terminal
-    quiet = os.environ.get("VLA_NO_PROGRESS", "") not in ("", "0") or not sys.stderr.isatty()
-    with tqdm(total=len(inputs), desc=f"caching {name}", unit="text", disable=quiet, leave=False) as bar:
+    # a bar on a terminal, a plain line every 30 s in a log (vla/progress.py)
+    with progress.counter(len(inputs), f"caching {name}", "texts") as bar:
         feats = _encode_all(encode, inputs, batch_size, bar.update)
     meta = {"name": name, "model_digest": model_digest, "data_digest": data_digest,
             "count": len(keys), "dim": int(feats.shape[1]) if feats.size else 0}
