@@ -279,6 +279,7 @@ def test_clip_model_takes_one_item_or_a_list():
     single = clip.encode_image(img)
     assert single.shape == (1, clip.embed_dim)
     assert torch.allclose(single, clip.encode_image([img, img])[:1], atol=1e-6)
+    assert clip.tokenize("a cat").shape == (1, clip.text_context_length)
     pixels = clip.preprocess(img).unsqueeze(0)  # open_clip's habit: preprocessed tensors
     assert torch.allclose(clip.encode_image(pixels), single, atol=1e-6)
     with pytest.raises(TypeError, match="encode_text takes a string or a list of strings"):

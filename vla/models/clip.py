@@ -191,6 +191,10 @@ class ClipModel:
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """open_clip's tokenizer: (N, text_context_length) token ids, one string or a list."""
+        return self.tokenizer(as_texts(texts))
+
     def text_token_counts(self, texts: str | Sequence[str]) -> list[int]:
         """Tokens each text needs before truncation, start and end tokens included."""
         texts = as_texts(texts)
