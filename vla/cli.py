@@ -124,8 +124,8 @@ def _stdout_closed() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _check_models(refs: dict) -> None:
-    """Every model reference `{role: (ref, kind)}` checked at once, from file names only: all the
+def _check_models(refs: list) -> None:
+    """Every model reference `[(role, ref, kind)]` checked at once, from file names only: all the
     missing ones in one line, before torch and the model libraries are imported."""
     from vla.models.available import check_models
 
@@ -227,7 +227,7 @@ def pretrain(
     force: bool = ForceOpt,
 ) -> None:
     """Train or fine-tune a CLIP with InfoNCE on image-text pairs."""
-    _check_models({"--model": (model or _recipe_value(recipe, set_, "model"), "clip")})
+    _check_models([("--model", model or _recipe_value(recipe, set_, "model"), "clip")])
     from vla.stages.pretrain import PretrainRecipe, run
 
     cfg = _load_recipe(PretrainRecipe, "pretrain", recipe, set_,
@@ -248,7 +248,7 @@ def eval_(
     force: bool = ForceOpt,
 ) -> None:
     """Score models on retrieval, long-text retrieval and zero-shot sets; compare them in one table."""
-    _check_models({f"model {ref}": (ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()})
+    _check_models([("model", ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()])
     from vla.stages.evaluate import EvalRecipe, run
 
     cfg = _load_recipe(EvalRecipe, "eval", recipe, set_, {"sets": f"[{sets}]" if sets else None})
@@ -274,8 +274,8 @@ def distill(
     force: bool = ForceOpt,
 ) -> None:
     """ProCLIP stage 1: distil a CLIP text encoder into an LLM embedder + MLP adapter."""
-    _check_models({"--teacher": (teacher or _recipe_value(recipe, set_, "teacher") or "clip-vit-l", "clip"),
-                   "--embedder": (embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen", "embedder")})
+    _check_models([("--teacher", teacher or _recipe_value(recipe, set_, "teacher") or "clip-vit-l", "clip"),
+                   ("--embedder", embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen", "embedder")])
     from vla.stages.distill import DistillRecipe, run
 
     cfg = _load_recipe(DistillRecipe, "distill", recipe, set_,
@@ -305,10 +305,10 @@ def contrast_tune(
 ) -> None:
     """ProCLIP stage 2: contrastive tuning with self-distillation (--init random: LLM2CLIP)."""
     init_ref = init or _recipe_value(recipe, set_, "init")
-    _check_models({"--clip": (clip or _recipe_value(recipe, set_, "clip"), "clip"),
-                   "--init": (init_ref if init_ref not in (None, "random", "distill") else None, None),
-                   "--embedder": ((embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen")
-                                  if init_ref == "random" else None, "embedder")})
+    _check_models([("--clip", clip or _recipe_value(recipe, set_, "clip"), "clip"),
+                   ("--init", init_ref if init_ref not in (None, "random", "distill") else None, None),
+                   ("--embedder", (embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen")
+                    if init_ref == "random" else None, "embedder")])
     from vla.stages.contrast_tune import ContrastTuneRecipe, run
 
     cfg = _load_recipe(ContrastTuneRecipe, "contrast-tune", recipe, set_,

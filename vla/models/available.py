@@ -93,10 +93,10 @@ def problem(ref: str, role: str, kind: registry.Kind | None = None) -> str | Non
     return None
 
 
-def check_models(refs: dict[str, tuple[str | None, registry.Kind | None]]) -> None:
-    """Raise one UserError naming every reference in `{role: (ref, kind)}` that certainly
-    cannot load (kind None: any)."""
-    problems = [p for role, (ref, kind) in refs.items() if ref and (p := problem(ref, role, kind))]
+def check_models(refs: list[tuple[str, str | None, registry.Kind | None]]) -> None:
+    """Raise one UserError naming every reference in `[(role, ref, kind)]` that certainly cannot
+    load (kind None: any kind; ref None: nothing to check)."""
+    problems = [p for role, ref, kind in refs if ref and (p := problem(ref, role, kind))]
     if not problems:
         return
     offline = any("offline" in p for p in problems)
