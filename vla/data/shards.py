@@ -162,6 +162,37 @@ def scan_shard(shard: Path) -> list[ShardRecord]:
     return records
 
 
+@dataclass
+class StreamedRecord:
+    """One sample of a streamed (`pipe:` or URL) shard, its members already read."""
+
+    shard: str
+    key: str
+    members: dict[str, bytes]
+
+
+def stream_shard(url: str) -> list[StreamedRecord]:
+    """A `pipe:` or URL shard read through webdataset's `gopen`, its members grouped by key as
+    webdataset groups them (the key runs to the first dot of the member's basename)."""
+    from webdataset.gopen import gopen  # webdataset's own opener: pipe:, http(s), gs, hf, ...
+
+    records: list[StreamedRecord] = []
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for m in tar:
+                match = _MEMBER_NAME.match(m.name)
+                if not m.isfile() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if not records or records[-1].key != key:
+                    records.append(StreamedRecord(url, key, {}))
+                f = tar.extractfile(m)
+                records[-1].members.setdefault(ext, f.read() if f is not None else b"")
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise UserError(f"{url}: cannot read it as a tar shard ({err}); check the address or the command") from None
+    return records
+
+
 def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
                        max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Sample]:
     """The valid samples of one shard, in order; corrupt ones are counted in `skips`.

@@ -6,7 +6,9 @@
 by webdataset's own `expand_urls`). Local shards are read by random access into the tar; a
 `pipe:` or URL shard is streamed, one shard's members in memory at a time. Every DataLoader
 worker walks all of its rank's records (step 2 below), so each worker streams each of the rank's
-remote shards: W workers read remote data W times. `make_loader` turns a source into batches. The design, chosen so that the
+remote shards: W workers read remote data W times.
+
+`make_loader` turns a source into batches. The design, chosen so that the
 batches depend only on (data, seed, epoch, rank, world_size, batch_size), never on the number of
 DataLoader workers, and so that a resume is exact:
 
@@ -47,12 +49,11 @@ import hashlib
 import itertools
 import json
 import random
-import tarfile
-from urllib.parse import urlparse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -60,18 +61,10 @@ from torch.utils.data import default_collate
 
 from vla.data.jsonl import ManifestLine, iter_jsonl_samples, line_image, read_manifest, sample_from_line
 from vla.data.sample import Sample
-from vla.data.shards import _MEMBER_NAME, MAX_IMAGE_PIXELS, ShardRecord, sample_from_members, scan_shard
+from vla.data.shards import (MAX_IMAGE_PIXELS, ShardRecord, StreamedRecord, sample_from_members, scan_shard,
+                             stream_shard)
 from vla.data.skips import SkipCounter
 from vla.errors import StageError, UserError, VlaError
-
-@dataclass
-class StreamedRecord:
-    """One sample of a streamed (`pipe:` or URL) shard, its members already read."""
-
-    shard: str
-    key: str
-    members: dict[str, bytes]
-
 
 Record = ShardRecord | ManifestLine | StreamedRecord
 Shard = Path | str  # a local file, or a URL webdataset opens (pipe:, http(s):, ...)
@@ -106,7 +99,7 @@ class DataSource:
         """The record handles of one file, in order; a local shard's without reading image bytes."""
         if self.kind == "jsonl":
             return read_manifest(file)
-        return _stream_shard(file) if isinstance(file, str) else scan_shard(file)
+        return stream_shard(file) if isinstance(file, str) else scan_shard(file)
 
     def load(self, record: Record, skips: SkipCounter, **kw: Any) -> Sample | None:
         if isinstance(record, ManifestLine):
@@ -137,28 +130,6 @@ def _stat_line(name: str, path: Path | None) -> bytes:
     except OSError:
         st = None
     return json.dumps([name, st.st_size, st.st_mtime_ns] if st else [name, None]).encode() + b"\n"
-
-
-def _stream_shard(url: str) -> list[StreamedRecord]:
-    """A `pipe:` or URL shard read through webdataset's `gopen`, its members grouped by key as
-    webdataset groups them (the key runs to the first dot of the member's basename)."""
-    from webdataset.gopen import gopen
-
-    records: list[StreamedRecord] = []
-    try:
-        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for m in tar:
-                match = _MEMBER_NAME.match(m.name)
-                if not m.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if not records or records[-1].key != key:
-                    records.append(StreamedRecord(url, key, {}))
-                f = tar.extractfile(m)
-                records[-1].members.setdefault(ext, f.read() if f is not None else b"")
-    except (tarfile.TarError, OSError, ValueError) as err:
-        raise UserError(f"{url}: cannot read it as a tar shard ({err}); check the address or the command") from None
-    return records
 
 
 _URL_SCHEMES = ("pipe", "http", "https", "gs", "ais", "sftp", "ftps", "scp", "hf", "file")
