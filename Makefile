@@ -8,27 +8,38 @@ VLA := $(BIN)/vla
 STAMP := $(VENV)/.vla-installed
 
 # Offline by default: the embedded world needs no network; real models must be on disk.
+# VLA_ONLINE=1 (in the environment or on the make line) lets the libraries download.
+ifneq ($(VLA_ONLINE),1)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export YOLO_OFFLINE ?= 1
+endif
+export VLA_ONLINE
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.yolo
 
 # ---- the ProCLIP curriculum -------------------------------------------------------------
 # Embedded default (no arguments): synthetic world → small CLIP → distill (MiniLM) →
 # contrast-tune → LLM2CLIP baseline → eval side by side → export.
-# Real models:  make proclip TEACHER=clip-vit-l EMBEDDER=qwen DATA=/path/to/shards EVAL=/path/to/evalsets \
-#                            RECIPES=recipes/proclip RUNS=runs/proclip-vitl
+# Real models on 8 GPUs (see the README's real-model section):
+#   make proclip NPROC=8 TEACHER=clip-vit-l EMBEDDER=qwen DATA='/data/shards/{00000..00999}.tar' \
+#                EVAL=/data/evalsets RECIPES=recipes/proclip RUNS=runs/proclip-vitl
+# DATA is anything `vla --data` takes (a directory, a brace range, a glob, pipe:CMD); it is quoted
+# in the recipes below, so braces reach vla (webdataset's expansion), not the shell.
 RUNS ?= runs/proclip
 RECIPES ?= recipes/embedded
 WORLD ?= data/toy
 DATA ?= $(WORLD)
 EVAL ?= $(DATA)
 EMBEDDER ?= minilm
-EXPORT ?= exports/proclip
+# each run gets its own export: runs/proclip → exports/proclip, runs/proclip-vitl → exports/proclip-vitl
+EXPORT ?= exports/$(notdir $(RUNS))
 SYNTH_RECIPE ?= recipes/synth.yaml
 VLA_FLAGS ?=
-# training stages can run under torchrun: make proclip LAUNCH=".venv/bin/torchrun --nproc-per-node 8"
-LAUNCH ?=
+# Training stages (pretrain, distill, contrast-tune) run under torchrun with NPROC processes on
+# this node; eval and export run once. For several nodes, give the whole launcher instead:
+#   LAUNCH=".venv/bin/torchrun --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8"
+NPROC ?=
+LAUNCH ?= $(if $(NPROC),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC),)
 
 # the world is built only when DATA is the embedded one
 DATA_DEP := $(if $(filter $(WORLD),$(DATA)),$(WORLD)/manifest.json,)
@@ -49,22 +60,22 @@ $(WORLD)/manifest.json: $(SYNTH_RECIPE) | $(STAMP)
 	$(VLA) synth --out $(WORLD) --recipe $(SYNTH_RECIPE) --force $(VLA_FLAGS)
 
 $(RUNS)/clip/manifest.json: $(DATA_DEP) $(RECIPES)/pretrain.yaml | $(STAMP)
-	$(LAUNCH) $(VLA) pretrain --data $(DATA) --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml --force $(VLA_FLAGS)
+	$(LAUNCH) $(VLA) pretrain --data '$(DATA)' --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml --force $(VLA_FLAGS)
 
 $(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(RECIPES)/distill.yaml | $(STAMP)
-	$(LAUNCH) $(VLA) distill --data $(DATA) --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
+	$(LAUNCH) $(VLA) distill --data '$(DATA)' --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
 	  --recipe $(RECIPES)/distill.yaml --force $(VLA_FLAGS)
 
 $(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json $(RECIPES)/contrast-tune.yaml | $(STAMP)
-	$(LAUNCH) $(VLA) contrast-tune --data $(DATA) --init $(RUNS)/distill --out $(RUNS)/contrast \
+	$(LAUNCH) $(VLA) contrast-tune --data '$(DATA)' --init $(RUNS)/distill --out $(RUNS)/contrast \
 	  --recipe $(RECIPES)/contrast-tune.yaml --force $(VLA_FLAGS)
 
 $(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(RECIPES)/llm2clip.yaml | $(STAMP)
-	$(LAUNCH) $(VLA) contrast-tune --data $(DATA) --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
+	$(LAUNCH) $(VLA) contrast-tune --data '$(DATA)' --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
 	  --out $(RUNS)/llm2clip --recipe $(RECIPES)/llm2clip.yaml --force $(VLA_FLAGS)
 
 $(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP) $(RECIPES)/eval.yaml
-	$(VLA) eval $(TEACHER) $(RUNS)/llm2clip $(RUNS)/contrast --data $(EVAL) --out $(RUNS)/eval \
+	$(VLA) eval $(TEACHER) $(RUNS)/llm2clip $(RUNS)/contrast --data '$(EVAL)' --out $(RUNS)/eval \
 	  --recipe $(RECIPES)/eval.yaml --force $(VLA_FLAGS)
 
 $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.json

@@ -112,6 +112,46 @@ def test_export_loads_with_vla_and_open_clip_alike(curriculum):
     assert "## Lineage" in (tmp / "export" / "README.md").read_text()
 
 
+def test_export_card_and_files_as_a_user_shares_them(curriculum):
+    """The model card warns that open_clip gets only the image tower right, carries a Hugging
+    Face metadata header, use, data and metrics, and its snippets hold no machine's paths; the
+    files are readable by others (0644), as any downloaded model's are."""
+    import re
+
+    tmp = curriculum[0]
+    export = tmp / "export"
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: vla\n") and "\npipeline_tag:" in card.split("\n---\n")[0]
+    assert "**⚠ Only the image tower is meant for open_clip.**" in card
+    assert "cuts every text at 16 tokens" in card  # the smoke CLIP's own text context
+    for section in ("## Use", "## Intended use", "## Training data", "## Evaluation", "## Upload"):
+        assert section in card, section
+    assert "synthetic world" in card.split("## Training data")[1]
+    assert re.search(r"\| retrieval \| \d+\.\d \|", card)  # metrics ×100 from the source's eval
+    snippets = "".join(re.findall(r"```python\n(.*?)```", card, flags=re.S))
+    assert 'vla.load("export")' in snippets and str(tmp) not in snippets and "upload_folder" in snippets
+    for f in export.iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_loaded_export_takes_one_item_and_says_what_it_is(curriculum):
+    import vla
+    from PIL import Image
+
+    model = vla.load(curriculum[0] / "export")
+    text = repr(model)
+    for part in ("ProCLIPModel", "embed_dim=", "embedder minilm", "mean pooling", "adapter (1 block ×8",
+                 "lineage:", "export ", "model: contrast-tune", "init: distill"):
+        assert part in text, (part, text)
+    one = model.encode_text("a red circle")
+    assert one.shape == (1, model.embed_dim)
+    assert torch.allclose(one, model.encode_text(["a red circle", "a blue square"])[:1], atol=1e-6)
+    image = Image.new("RGB", (64, 64), (10, 200, 10))
+    assert model.encode_image(image).shape == (1, model.embed_dim)
+    assert "(N, D)" in type(model).encode_text.__doc__ and "(N, D)" in vla.load.__doc__
+
+
 def test_stages_run_under_torchrun(curriculum, tmp_path):
     """`torchrun --nproc-per-node 2 -m vla STAGE` (gloo on the CPU): one artifact, written by rank 0,
     counting both ranks' samples; the contrastive losses gather features across ranks."""

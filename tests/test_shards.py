@@ -213,14 +213,19 @@ def test_jsonl_manifest_resolves_relative_paths_and_skips_bad_lines(tmp_path):
 
 
 def test_resolve_data_accepts_three_forms_and_digests_content(tmp_path):
+    """The digest is cheap (names, sizes, modification times): a copy that keeps the times has
+    the same digest, an edited file a new one."""
     shards = _write_mixed(tmp_path / "shards")
     assert resolve_data(tmp_path / "shards").files == tuple(shards)
     assert resolve_data(shards[1]).files == (shards[1],)
     (tmp_path / "m.jsonl").write_text("{}\n")
     assert resolve_data(tmp_path / "m.jsonl").kind == "jsonl"
     (tmp_path / "empty").mkdir()
-    for bad in ("empty", "missing", "m.txt"):
-        with pytest.raises(UserError, match=rf"{bad}: no \*\.tar shards or \.jsonl manifest found; point --data"):
+    (tmp_path / "m.txt").write_text("")
+    for bad, said in (("empty", r"empty: no \*\.tar shards in this directory; point --data"),
+                      ("missing", r"missing does not exist"),
+                      ("m.txt", r"m.txt is neither a .tar shard nor a .jsonl manifest")):
+        with pytest.raises(UserError, match=said):
             resolve_data(tmp_path / bad)
 
     copy = tmp_path / "copy"

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from vla import progress
 from vla.errors import UserError
 from vla.textbatch import encode_length_sorted
 
@@ -288,6 +287,11 @@ def _duplicate_message(texts: Callable[[], Iterable[Row]], first: int, second: i
 
 # --- encoding a share of the rows (every rank) ------------------------------------------------
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def _encode_rows(texts: Callable[[], Iterable[Row]], lo: int, hi: int, part: Path,
                  encode: Callable[[list], torch.Tensor], batch_size: int, desc: str, show: bool) -> None:
     """Rows [lo, hi) of `texts()` encoded into the .npy file `part`, a window at a time: each
@@ -296,10 +300,11 @@ def _encode_rows(texts: Callable[[], Iterable[Row]], lo: int, hi: int, part: Pat
         with torch.no_grad():
             return encode(batch).float().cpu()
 
-    quiet = os.environ.get("VLA_NO_PROGRESS", "") not in ("", "0") or not sys.stderr.isatty() or not show
     rows = itertools.islice(texts(), lo, hi)
     written = 0
-    with open(part, "wb") as f, tqdm(total=hi - lo, desc=desc, unit="text", disable=quiet, leave=False) as bar:
+    # a bar on a terminal, a plain line every 30 s in a log (vla/progress.py); rank 0 alone shows it
+    bar_cm = progress.counter(hi - lo, desc, "texts") if show else contextlib.nullcontext(_NoBar())
+    with open(part, "wb") as f, bar_cm as bar:
         for window in _chunks((text for _, text, _ in rows), max(batch_size, WINDOW_ROWS)):
             feats = encode_length_sorted(run, window, batch_size, bar.update,
                                          by_length=all(isinstance(t, str) for t in window))

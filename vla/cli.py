@@ -2,7 +2,8 @@
 
 Heavy imports (torch, open_clip, transformers) happen inside the commands, so `vla --help` is fast.
 Errors: a `UserError` prints one red line and exits 2, a `StageError` exits 1, anything else is
-a bug and shows its traceback only with `--debug` (or VLA_DEBUG=1).
+a bug and shows its traceback only with `--debug` (or VLA_DEBUG=1); `--debug` never changes the
+exit code. Output piped into a command that stops reading (`vla eval ... | head`) ends quietly.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import functools
 import json
 import os
 import sys
+import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -21,23 +24,62 @@ from rich.tree import Tree
 from vla import __version__
 from vla.errors import Interrupted, UserError, VlaError
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="vla",
-    help="Vision-language alignment curricula (ProCLIP, DCLIP, MM-GEM) as staged, reproducible commands.",
+    help="Vision-language alignment curricula (ProCLIP, with the LLM2CLIP baseline) as staged, "
+         "reproducible commands.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings=HELP_OPTIONS,
 )
-recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(recipe_app, name="recipe")
 
-console = Console()
-err_console = Console(stderr=True)
+class _StdoutConsole(Console):
+    """stdout: a reader that stops reading (`vla eval ... | head`) got what it wanted, so that
+    ends the command quietly with exit 0 (rich's default exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _stdout_closed()
+        raise typer.Exit(0)
+
+
+# soft_wrap: lines are never cut at the console's width, so tables and dicts piped to a file or
+# a log (where rich would assume 80 columns) stay one line each; a terminal wraps them itself.
+console = _StdoutConsole(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe file (see recipes/).")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe value: --set train.lr=1e-3 (repeatable).")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                      help="Override a recipe value: --set train.lr=1e-3 (repeatable).")
 ForceOpt = typer.Option(False, "--force", help="Rebuild even if --out is a finished artifact.")
+DataOpt = typer.Option(..., "--data", "-d", metavar="DATA",
+                       help="A synth artifact, a .jsonl manifest, or WebDataset shards as webdataset names "
+                            "them: a directory, a .tar, '/shards/{00000..00999}.tar', a glob, pipe:CMD or a URL.")
+# the training loop's most used settings as flags; each is the recipe key train.<name>
+StepsOpt = typer.Option(None, "--steps", help="Optimizer steps (train.steps).")
+BatchOpt = typer.Option(None, "--batch-size", help="Batch per process (train.batch_size).")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate (train.lr).")
+
+
+class Precision(str, Enum):
+    """The training loop's precisions (vla.train.PRECISIONS), as a choice the CLI can list."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PrecisionOpt = typer.Option(None, "--precision", help="Training precision (train.precision).")
+
+
+def _train_flags(steps, batch_size, lr, precision) -> dict:
+    return {"train.steps": steps, "train.batch_size": batch_size, "train.lr": lr,
+            "train.precision": precision.value if precision else None}
 
 
 def _debug() -> bool:
@@ -57,9 +99,12 @@ def handles_errors(fn: Callable) -> Callable:
             raise typer.Exit(e.exit_code) from None
         except VlaError as e:
             if _debug():
-                raise
+                traceback.print_exc()  # then the same line and exit code as without --debug
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:
+            _stdout_closed()
+            raise typer.Exit(0) from None
         except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C inside it
             from vla.artifacts import rerun_hint
 
@@ -71,7 +116,7 @@ def handles_errors(fn: Callable) -> Callable:
             raise
         except Exception as e:  # a bug: say so in one line; --debug shows where
             if _debug():
-                raise
+                traceback.print_exc()
             err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
                               f"(rerun with --debug for the traceback and report it)",
                               highlight=False, soft_wrap=True)
@@ -82,6 +127,41 @@ def handles_errors(fn: Callable) -> Callable:
             release_all()
 
     return wrapper
+
+
+def _stdout_closed() -> None:
+    """The reader of our stdout went away (`| head`): the output it wanted is out, so this is a
+    success. Point stdout at /dev/null so that the interpreter's final flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _check_models(refs: list) -> None:
+    """Every model reference `[(role, ref, kind)]` checked at once, from file names only: all the
+    missing ones in one line, before torch and the model libraries are imported."""
+    from vla.models.available import check_models
+
+    check_models(refs)
+
+
+def _recipe_value(recipe: Optional[Path], set_: Optional[List[str]], key: str) -> Optional[str]:
+    """A top-level or dotted recipe value as the file and `--set` give it (unvalidated), for the
+    early model check; the stage validates the recipe fully."""
+    for item in reversed(set_ or []):
+        k, _, v = item.partition("=")
+        if k.strip() == key:
+            return v.strip()
+    if recipe is None or not Path(recipe).is_file():
+        return None
+    from vla.recipes import read_yaml
+
+    try:
+        value: Any = read_yaml(recipe)
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    except VlaError:
+        return None  # the stage reports a bad recipe properly
+    return value if isinstance(value, str) else None
 
 
 def _version(value: bool) -> None:
@@ -147,17 +227,23 @@ def _print_counts(m: dict) -> None:
 @app.command()
 @handles_errors
 def pretrain(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or a directory of WebDataset shards."),
+    data: str = DataOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="CLIP to start from (registry name, name:pretrained, or a pretrain artifact)."),
+    steps: Optional[int] = StepsOpt,
+    batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt,
+    precision: Optional[Precision] = PrecisionOpt,
     recipe: Optional[Path] = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Train or fine-tune a CLIP with InfoNCE on image-text pairs."""
+    _check_models([("--model", model or _recipe_value(recipe, set_, "model"), "clip")])
     from vla.stages.pretrain import PretrainRecipe, run
 
-    cfg = _load_recipe(PretrainRecipe, "pretrain", recipe, set_, {"model": model})
+    cfg = _load_recipe(PretrainRecipe, "pretrain", recipe, set_,
+                       {"model": model, **_train_flags(steps, batch_size, lr, precision)})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
 
@@ -174,6 +260,7 @@ def eval_(
     force: bool = ForceOpt,
 ) -> None:
     """Score models on retrieval, long-text retrieval and zero-shot sets; compare them in one table."""
+    _check_models([("model", ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()])
     from vla.stages.evaluate import EvalRecipe, run
 
     cfg = _load_recipe(EvalRecipe, "eval", recipe, set_, {"sets": f"[{sets}]" if sets else None})
@@ -185,20 +272,27 @@ def eval_(
 @app.command()
 @handles_errors
 def distill(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact, WebDataset shards or a JSONL of captions."),
+    data: str = DataOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="CLIP whose text encoder is distilled (clip-vit-l, a pretrain artifact, ...)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder (qwen, minilm, a hub id or path)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Embedder pooling: mean | last | cls | token:<tok>."),
+    steps: Optional[int] = StepsOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch of captions, split over the processes (train.batch_size)."),
+    lr: Optional[float] = LrOpt,
+    precision: Optional[Precision] = PrecisionOpt,
     recipe: Optional[Path] = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
 ) -> None:
     """ProCLIP stage 1: distil a CLIP text encoder into an LLM embedder + MLP adapter."""
+    _check_models([("--teacher", teacher or _recipe_value(recipe, set_, "teacher") or "clip-vit-l", "clip"),
+                   ("--embedder", embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen", "embedder")])
     from vla.stages.distill import DistillRecipe, run
 
     cfg = _load_recipe(DistillRecipe, "distill", recipe, set_,
-                       {"teacher": teacher, "embedder.name": embedder, "embedder.pooling": pooling})
+                       {"teacher": teacher, "embedder.name": embedder, "embedder.pooling": pooling,
+                        **_train_flags(steps, batch_size, lr, precision)})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
     if art is not None:  # None on torchrun ranks other than 0: rank 0 reports
@@ -211,20 +305,30 @@ def distill(
 @app.command("contrast-tune")
 @handles_errors
 def contrast_tune(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards of image-text pairs."),
+    data: str = DataOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
     init: Optional[str] = typer.Option(None, "--init", help="A distill artifact, or 'random' for the LLM2CLIP baseline."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP whose image tower is tuned (default: the distill's teacher)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder, with --init random."),
+    steps: Optional[int] = StepsOpt,
+    batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt,
+    precision: Optional[Precision] = PrecisionOpt,
     recipe: Optional[Path] = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
 ) -> None:
     """ProCLIP stage 2: contrastive tuning with self-distillation (--init random: LLM2CLIP)."""
+    init_ref = init or _recipe_value(recipe, set_, "init")
+    _check_models([("--clip", clip or _recipe_value(recipe, set_, "clip"), "clip"),
+                   ("--init", init_ref if init_ref not in (None, "random", "distill") else None, None),
+                   ("--embedder", (embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen")
+                    if init_ref == "random" else None, "embedder")])
     from vla.stages.contrast_tune import ContrastTuneRecipe, run
 
     cfg = _load_recipe(ContrastTuneRecipe, "contrast-tune", recipe, set_,
-                       {"init": init, "clip": clip, "embedder.name": embedder})
+                       {"init": init, "clip": clip, "embedder.name": embedder,
+                        **_train_flags(steps, batch_size, lr, precision)})
     art = run(cfg, data, out, force=force, command=_command())
     _print_done(art)
 
@@ -237,7 +341,7 @@ def export(
     copy_embedder: bool = typer.Option(False, "--copy-embedder", help="Copy the embedder's weights into the export."),
     force: bool = ForceOpt,
 ) -> None:
-    """Write a self-contained model directory (open_clip image tower, adapter, model card) for vla.load."""
+    """Write a model directory for vla.load (image tower, adapter, model card); the embedder is named, copied only with --copy-embedder."""
     from vla.export import ExportRecipe, run
 
     art = run(ExportRecipe(copy_embedder=copy_embedder), src, out, force=force, command=_command())
@@ -288,7 +392,8 @@ def inspect(
         for depth, role, ref in lineage(m):
             nodes[depth] = nodes[depth - 1].add(
                 f"{role}: [cyan]{ref.get('kind')}[/] {ref.get('path')}  {str(ref.get('digest', ''))[:12]}")
-        console.print(tree)
+        # piped, rich would crop the tree at 80 columns: draw it as wide as its longest path
+        (console if console.is_terminal else _StdoutConsole(width=10_000)).print(tree)
     if verify:
         problems = verify_artifact(art)
         if problems:
@@ -309,6 +414,38 @@ def _summary_lines(d: dict, prefix: str = "") -> list[str]:
         if isinstance(v, dict):
             lines += _summary_lines(v, f"{prefix}{k}.")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def models(
+    dirs: Optional[List[Path]] = typer.Argument(None, help="Directories to search for model artifacts "
+                                                           "(default: runs and exports, where they exist)."),
+) -> None:
+    """List the registry's model names, whether each is on disk, and the models found in DIRS."""
+    from vla.models.available import alias_on_disk, model_artifacts
+    from vla.models.registry import ALIASES
+
+    rows = [(name, a.kind, a.target, alias_on_disk(name) or "not on disk", a.description)
+            for name, a in ALIASES.items()]
+    _print_columns(("name", "kind", "loads", "on disk", "what"), rows)
+    console.print("\nAlso: any open_clip ARCH[:TAG] (open_clip.list_pretrained()), hf-hub:ORG/REPO, "
+                  "local-dir:PATH, ARCH@FILE, or a transformers hub id / directory as an embedder.",
+                  highlight=False)
+    found = model_artifacts(dirs if dirs else [d for d in (Path("runs"), Path("exports")) if d.is_dir()])
+    if found:
+        console.print()
+        _print_columns(("artifact", "kind", "created"), found)
+
+
+def _print_columns(header: tuple, rows: list) -> None:
+    """A plain text table: columns padded to their widest cell, never wrapped."""
+    table = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        console.print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1], highlight=False,
+                      markup=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`vla export`: a self-contained directory a user can take away, and `vla.load` to read it.
+"""`vla export`: a model directory a user can take away, and `vla.load` to read it.
 
 Layout (also an artifact, kind "export", so `vla eval` and `vla inspect` accept it):
 
@@ -8,10 +8,14 @@ Layout (also an artifact, kind "export", so `vla eval` and `vla inspect` accept 
     adapter.safetensors, adapter.json                    the adapter g (ProCLIP / LLM2CLIP)
     embedder.json                                        the embedder Φ by name, pooling and length
     embedder/                                            Φ itself, with --copy-embedder
-    README.md                                            a model card: lineage and eval metrics
+    README.md                                            a model card (Hugging Face metadata header,
+                                                         intended use, data, metrics, lineage)
+
+The text tower inside open_clip_model.safetensors is the teacher's, untouched by contrast-tune:
+only the image tower is meant for open_clip; the text side is Φ + g, through `vla.load`.
 
     model = vla.load("exports/proclip")
-    img = model.encode_image([PIL.Image...]); txt = model.encode_text(["a long caption ..."])
+    img = model.encode_image(pil_image); txt = model.encode_text("a long caption ...")
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from vla.artifacts import Artifact, ArtifactBuilder, claim_out, lineage, open_ar
 
 KIND = "export"
 SOURCES = ("contrast-tune", "pretrain")
+# the metrics a card shows per eval set, in this order (all of CLIP_benchmark's names)
+CARD_METRICS = ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc1", "acc5",
+                "mean_per_class_recall")
 
 
 @dataclass
@@ -49,52 +56,126 @@ def run(cfg: ExportRecipe, src: Path, out: Path, *, force: bool = False,
                 embedder = embedder_from_spec(art.path)
                 embedder.model.save_pretrained(b.dir / "embedder", safe_serialization=True)
                 embedder.tokenizer.save_pretrained(b.dir / "embedder")
+        for f in b.dir.rglob("*"):  # copies keep their source's mode; an export is for sharing
+            f.chmod(0o755 if f.is_dir() else 0o644)
         b.metrics.update(art.manifest.get("metrics", {}).get("eval") or {})
         (b.dir / "README.md").write_text(model_card(art, out, cfg))
     return b.artifact
 
 
 def model_card(art: Artifact, out: Path, cfg: ExportRecipe) -> str:
+    """The export's README.md: a Hugging Face model card. Paths in it are relative to the folder
+    (or name it), so the card stays true wherever the folder is copied or uploaded."""
     m = art.manifest
-    lines = [f"# {out.name}", "",
-             f"Exported by vla {m['vla_version']} from `{art.path}` (a `{art.kind}` artifact, digest "
-             f"`{art.digest[:16]}`).", "", "## Use", "", "```python", "import vla",
-             f"model = vla.load({str(out)!r})",
-             "image_emb = model.encode_image([pil_image])      # L2-normalised",
-             "text_emb = model.encode_text([\"a caption of any length the embedder reads\"])",
-             "```", "",
-             "The image tower alone loads with open_clip: "
-             f"`open_clip.create_model_and_transforms('local-dir:{out}')`.", ""]
-    if art.kind == "contrast-tune":
-        spec = json.loads((art.path / "embedder.json").read_text())
-        lines += [f"Text side: embedder `{spec.get('name')}` ({spec.get('pooling')} pooling"
-                  + (", copied into embedder/" if cfg.copy_embedder else ", named, not copied: it must be available")
-                  + ") followed by the adapter in adapter.safetensors.", ""]
-    lines += ["## Lineage", ""]
-    lines += [f"{'  ' * d}- {role}: `{r.get('kind')}` {r.get('path')}" for d, role, r in lineage(m)]
-    evals = m.get("metrics", {}).get("eval") or {}
-    if evals:
-        lines += ["", "## Evaluation (from the source artifact's manifest)", "", "| set | metric | value |",
-                  "|---|---|---|"]
-        for set_name, metrics in evals.items():
-            for k, v in metrics.items():
-                if isinstance(v, float):
-                    lines.append(f"| {set_name} | {k} | {v:.4f} |")
+    proclip = art.kind == "contrast-tune"
+    spec = json.loads((art.path / "embedder.json").read_text()) if proclip else {}
+    name = out.name
+    tags = ["vla", "clip", "image-text-retrieval"] + (["proclip", "llm2clip"] if proclip else ["open_clip"])
+    lines = ["---", f"library_name: {'vla' if proclip else 'open_clip'}", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    lines += ["pipeline_tag: zero-shot-image-classification", "---", "", f"# {name}", ""]
+    if proclip:
+        lines += _OPEN_CLIP_WARNING.format(ctx=_text_context(art)).splitlines() + [""]
+    lines += ["## Use", "", "```python", "import vla", "",
+              f"model = vla.load(\"{name}\")                 # the path of this folder",
+              "image_emb = model.encode_image(pil_image)       # (1, D), L2-normalised; a list gives (N, D)",
+              "text_emb = model.encode_text(\"a caption of any length the embedder reads\")",
+              "scores = image_emb @ text_emb.T", "```", ""]
+    if proclip:
+        lines += ["The image tower alone, with open_clip:", "", "```python", "import open_clip", "",
+                  f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{name}\")",
+                  "image_emb = model.encode_image(preprocess(pil_image).unsqueeze(0), normalize=True)",
+                  "```", "",
+                  f"Text side: the embedder `{spec.get('name')}` ({spec.get('pooling')} pooling, up to "
+                  f"{spec.get('max_length')} tokens"
+                  + (", copied into `embedder/`" if cfg.copy_embedder
+                     else "; named, not copied: `vla.load` needs it on disk, or re-export with --copy-embedder")
+                  + "), then the adapter in `adapter.safetensors`.", ""]
+    else:
+        lines += [f"It is a plain open_clip model: `open_clip.create_model_and_transforms(\"local-dir:{name}\")`.", ""]
+    lines += ["## Intended use", "",
+              "Research on image-text alignment: embedding images and texts into one space for "
+              "retrieval and zero-shot classification, and comparing alignment methods. It is not "
+              "evaluated for any deployed use, for safety-critical decisions or for people; its "
+              "behaviour outside the data below is unknown.", ""]
+    lines += _data_section(m) + _metrics_section(m) + ["## Lineage", ""]
+    lines += [f"{'  ' * d}- {role}: `{r.get('kind')}` {r.get('path')} (digest `{str(r.get('digest', ''))[:12]}`)"
+              for d, role, r in lineage(m)]
+    lines += ["", f"Exported by vla {m['vla_version']} from a `{art.kind}` artifact (digest `{art.digest[:16]}`).",
+              "", "## Upload", "", "```python", "from huggingface_hub import HfApi", "",
+              f"HfApi().upload_folder(folder_path=\"{name}\", repo_id=\"YOUR-NAME/{name}\", repo_type=\"model\")",
+              "```"]
+    if proclip and not cfg.copy_embedder:
+        lines += ["", "Export with `--copy-embedder` first if the embedder is not on the hub."]
     return "\n".join(lines) + "\n"
 
 
+_OPEN_CLIP_WARNING = """\
+> **⚠ Only the image tower is meant for open_clip.** open_clip also loads a text tower from this
+> folder, without a warning: the original CLIP's text encoder, which this model's training did
+> not use and which cuts every text at {ctx} tokens. Texts embedded through it are not this
+> model's text side. Load the model with `vla.load` for text."""
+
+
+def _text_context(art: Artifact) -> str:
+    try:
+        cfg = json.loads((art.path / "model" / "open_clip_config.json").read_text())["model_cfg"]
+        return str(cfg["text_cfg"].get("context_length", 77))
+    except (OSError, KeyError, ValueError):
+        return "77"
+
+
+def _data_section(m: dict) -> list[str]:
+    """What the model was trained on: every data input in its lineage, with the source's counts."""
+    data = list({(r.get("path"), r.get("digest")): r for _, role, r in lineage(m) if role == "data"}.values())
+    lines = ["## Training data", ""]
+    for r in data:
+        kind = r.get("kind")
+        what = ("vla's generated synthetic world (coloured shapes; not natural images)" if kind == "synth"
+                else "image-text pairs")
+        lines.append(f"- `{r.get('path')}`: {what} (digest `{str(r.get('digest', ''))[:12]}`)")
+    train = (m.get("counts") or {}).get("train") or {}
+    if train:
+        lines.append(f"- last stage: {train.get('steps')} steps, {train.get('samples')} samples seen, "
+                     f"{sum((train.get('skipped') or {}).values())} skipped as corrupt")
+    return lines + [""] if data or train else lines + ["Not recorded.", ""]
+
+
+def _metrics_section(m: dict) -> list[str]:
+    evals = (m.get("metrics") or {}).get("eval") or {}
+    if not evals:
+        return []
+    shown = [k for k in CARD_METRICS if any(k in v for v in evals.values())]
+    lines = ["## Evaluation", "",
+             "Scored by the source stage on its evaluation sets, as CLIP_benchmark computes them (×100):", "",
+             "| set | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
+    for set_name, metrics in evals.items():
+        cells = [f"{100 * metrics[k]:.1f}" if isinstance(metrics.get(k), float) else "" for k in shown]
+        lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def load(path: str | Path):
-    """Load an export (or a contrast-tune / pretrain artifact) as a model with encode_image,
-    encode_text, preprocess and tokenize."""
+    """Load a model for inference: an export (or a contrast-tune / pretrain artifact).
+
+    Returns a `ProCLIPModel` (image tower + embedder + adapter) or, for a plain CLIP, a
+    `ClipModel`; both have `encode_image`, `encode_text` (one item or a list in, a (N, D)
+    normalised float32 matrix out), `preprocess`, `tokenize` and `text_context_length`.
+    """
     from vla.errors import UserError
     from vla.models.clip import load_clip
     from vla.models.proclip import load_proclip_dir
 
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; vla.load takes the directory `vla export` wrote")
     if not (path / "manifest.json").exists():
         raise UserError(f"{path} is not a vla export (no manifest.json); make one with `vla export SRC --out {path}`")
     art = open_artifact(path, (KIND, *SOURCES), role="vla.load")
     model_dir = path if art.kind == KIND else path / "model"
     if (path / "adapter.json").exists():
-        return load_proclip_dir(path, model_dir=model_dir)
+        model = load_proclip_dir(path, model_dir=model_dir)
+        model.lineage = [f"{art.kind} {path}"] + [f"{'  ' * (d + 1)}{role}: {r.get('kind')} {r.get('path')}"
+                                                  for d, role, r in lineage(art.manifest)]
+        return model
     return load_clip("local-dir:" + str(model_dir))

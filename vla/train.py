@@ -53,6 +53,7 @@ from vla.checkpoint import capture_rng, load_checkpoint, restore_rng, save_check
 from vla.data.skips import SkipCounter, SkipLimit
 from vla.distributed import all_gather, all_reduce_mean, barrier, gather_to_main, init_distributed
 from vla.errors import Interrupted, StageError, UserError
+from vla.progress import ProgressLines
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ class TrainConfig:
             "device": self.device in ("auto", "cpu", "cuda"),
         }
         bad = [k for k, ok in checks.items() if not ok]
+        allowed = {"schedule": "cosine, constant", "precision": ", ".join(PRECISIONS), "device": "auto, cpu, cuda"}
         if bad:
-            raise UserError(f"train.{bad[0]} has an invalid value: {getattr(self, bad[0])!r}")
+            hint = f"; one of {allowed[bad[0]]}" if bad[0] in allowed else ""
+            raise UserError(f"train.{bad[0]} has an invalid value: {getattr(self, bad[0])!r}{hint}")
 
 
 @dataclass
@@ -395,6 +398,8 @@ class _Reporter:
 
             self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
         self.progress = _progress_bar(cfg.steps, start)
+        # outside a terminal: plain lines every few seconds instead of the bar (vla/progress.py)
+        self.lines = ProgressLines(cfg.steps, start) if self.progress is None else None
 
     def step(self, step: int, stats: dict[str, float], lr: float, samples: int,
              grad_norm: torch.Tensor | None) -> None:
@@ -405,6 +410,8 @@ class _Reporter:
             sps = self.clock.overall(samples)
             self.progress.update(self.task, completed=step, loss=f"{stats['loss']:.4f}",
                                  lr=f"{lr:.2e}", sps="-" if sps is None else f"{sps:,.0f}")
+        else:
+            self.lines.update(step, stats["loss"], lr, samples)
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self._record(step, lr, samples, grad_norm)
 

@@ -115,19 +115,6 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def list_shards(path: str | Path) -> list[Path]:
-    """Shards of a directory (sorted `*.tar`), a single `.tar`, or a brace pattern is not needed:
-    pass a directory. Raises FileNotFoundError naming the path when there are none."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".tar":
-        return [p]
-    if p.is_dir():
-        shards = sorted(q for q in p.glob("*.tar"))
-        if shards:
-            return shards
-    raise FileNotFoundError(str(p))
-
-
 # --- reading --------------------------------------------------------------------------------
 
 @dataclass
@@ -196,6 +183,37 @@ def _check_end_of_archive(shard: Path, end: int, n_records: int) -> None:
     samples = f"{n_records} sample{'' if n_records == 1 else 's'}"
     raise UserError(f"{shard} is truncated (it {what} at byte {end}, after {samples}, without the tar "
                     f"end-of-archive blocks); re-write or re-download that shard")
+
+
+@dataclass
+class StreamedRecord:
+    """One sample of a streamed (`pipe:` or URL) shard, its members already read."""
+
+    shard: str
+    key: str
+    members: dict[str, bytes]
+
+
+def stream_shard(url: str) -> list[StreamedRecord]:
+    """A `pipe:` or URL shard read through webdataset's `gopen`, its members grouped by key as
+    webdataset groups them (the key runs to the first dot of the member's basename)."""
+    from webdataset.gopen import gopen  # webdataset's own opener: pipe:, http(s), gs, hf, ...
+
+    records: list[StreamedRecord] = []
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for m in tar:
+                match = _MEMBER_NAME.match(m.name)
+                if not m.isfile() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if not records or records[-1].key != key:
+                    records.append(StreamedRecord(url, key, {}))
+                f = tar.extractfile(m)
+                records[-1].members.setdefault(ext, f.read() if f is not None else b"")
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise UserError(f"{url}: cannot read it as a tar shard ({err}); check the address or the command") from None
+    return records
 
 
 def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,

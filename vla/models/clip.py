@@ -30,6 +30,7 @@ from PIL import Image
 
 from vla.errors import UserError
 from vla.models import registry
+from vla.models.encoder import as_images, as_texts
 from vla.models.weights import load_state_dict, refused_pickle_message, save_state_dict
 from vla.offline import is_offline
 
@@ -88,6 +89,9 @@ def parse_clip_name(name: str) -> ClipSpec:
             f"{target} is a weights file without its architecture; name it as ARCH@{target} "
             f"(e.g. ViT-B-32@{target}, vla-tiny-clip@{target})"
         )
+    if "/" in target or target.startswith(("~", ".")):  # no open_clip name has a "/": a path was meant
+        raise UserError(f"{name}: no such path; a CLIP is a registry name (vla models), an open_clip "
+                        f"ARCH[:TAG], hf-hub:ORG/REPO, ARCH@FILE or an existing directory")
     arch, _, tag = target.partition(":")
     arch = _checked_arch(arch, name)
     if tag:
@@ -113,7 +117,11 @@ def _checked_arch(arch: str, name: str) -> str:
 
 
 class ClipModel:
-    """An open_clip model with its preprocessing and tokenizer; implements `DualEncoder`."""
+    """An open_clip model with its preprocessing and tokenizer; implements `DualEncoder`.
+
+    `model` is the open_clip `CLIP` module itself, `preprocess` its eval transform and
+    `tokenizer` its tokenizer, so anything open_clip offers stays reachable.
+    """
 
     def __init__(
         self,
@@ -166,30 +174,66 @@ class ClipModel:
         self.model.to(device)
         return self
 
-    def encode_image(self, images: Sequence[Image.Image], batch_size: int = 256) -> torch.Tensor:
+    def encode_image(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor,
+                     batch_size: int = 256) -> torch.Tensor:
+        """(N, D) float32 L2-normalised image embeddings on the CPU.
+
+        `images`: one PIL image, a list of them (preprocessed here with `self.preprocess`, as
+        open_clip's transforms do), or a (N, 3, H, W) tensor already preprocessed.
+        """
+        if isinstance(images, torch.Tensor):
+            pixels_in = images if images.dim() == 4 else images.unsqueeze(0)
+            chunks = [pixels_in[i : i + batch_size] for i in range(0, len(pixels_in), batch_size)]
+        else:
+            ims = as_images(images)
+            chunks = (torch.stack([self.preprocess(im) for im in ims[i : i + batch_size]])
+                      for i in range(0, len(ims), batch_size))
         # the image tower's own device and dtype: a stage may have moved only that tower
         first = next(self.model.visual.parameters())
         out = []
         with _inference(self.model):
-            for start in range(0, len(images), batch_size):
-                pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+            for pixels in chunks:
                 feats = self.model.encode_image(pixels.to(first.device, first.dtype), normalize=True)
                 out.append(feats.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, D) float32 L2-normalised text embeddings on the CPU; one string or a list. Texts
+        longer than `text_context_length` tokens are truncated, as open_clip's tokenizer does."""
+        texts = as_texts(texts)
         out = []
         with _inference(self.model):
             for start in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+                tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
-    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """open_clip's tokenizer: (N, text_context_length) token ids, one string or a list."""
+        return self.tokenizer(as_texts(texts))
+
+    def text_token_counts(self, texts: str | Sequence[str]) -> list[int]:
+        """Tokens each text needs before truncation, start and end tokens included."""
+        texts = as_texts(texts)
         hf = getattr(self.tokenizer, "tokenizer", None)
         if hf is not None:  # open_clip's HFTokenizer: the HF tokenizer adds its own special tokens
             return [len(hf(self.tokenizer.clean_fn(t))["input_ids"]) for t in texts]
         return [len(self.tokenizer.encode(t)) + 2 for t in texts]  # + start and end of text
+
+    def describe_image_tower(self) -> str:
+        """`ViT 12 layers × 768, patch 32, 224 px` (or the tower's config when it is no plain ViT)."""
+        v = self.model_cfg.get("vision_cfg", {})
+        size = self.image_size if isinstance(self.image_size, int) else "×".join(map(str, self.image_size))
+        if v.get("timm_model_name"):
+            return f"timm {v['timm_model_name']}, {size} px"
+        if isinstance(v.get("layers"), int) and v.get("patch_size"):
+            return f"ViT {v['layers']} layers × {v.get('width')}, patch {v['patch_size']}, {size} px"
+        return f"{size} px"
+
+    def __repr__(self) -> str:
+        weights = self.source.pretrained and f"{self.source.pretrained} weights" or self.weights_file or "random init"
+        return (f"ClipModel(name={self.name!r}, embed_dim={self.embed_dim}, image: {self.describe_image_tower()}, "
+                f"text: {self.text_context_length}-token context, weights={weights!r}, device={self.device})")
 
 
 @contextlib.contextmanager
@@ -257,6 +301,8 @@ def load_clip(name: str, *, device: str = "cpu", precision: str = "fp32") -> Cli
 
 def _local_dir_contents(spec: ClipSpec) -> tuple[dict[str, Any], str]:
     directory = Path(spec.local_dir or "")
+    if not directory.exists():
+        raise UserError(f"{spec.name}: no such path {directory}")
     config = directory / CONFIG_FILE
     if not config.is_file():
         raise UserError(

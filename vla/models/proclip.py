@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from vla.models.adapter import Adapter, AdapterConfig
+from vla.models.encoder import as_texts
 
 
 class ImageTextAligner(nn.Module):
@@ -103,7 +104,15 @@ def frozen_text_features(embedder, texts: Sequence[str]) -> torch.Tensor:
 
 
 class ProCLIPModel:
-    """A DualEncoder (see vla/models/encoder.py) over an image tower and embedder + adapter."""
+    """A ProCLIP / LLM2CLIP dual encoder (implements `DualEncoder`, vla/models/encoder.py):
+
+        image → open_clip image tower → normalise
+        text  → frozen LLM embedder Φ → adapter g → normalise
+
+    `vla.load(path)` returns one. Its image side is the exported open_clip model (`.clip`), so
+    `preprocess` is open_clip's; its text side reads texts far longer than CLIP's 77 tokens, up
+    to the embedder's `text_context_length`.
+    """
 
     def __init__(self, clip, embedder, adapter: Adapter, name: str = "proclip"):
         self.clip = clip            # vla.models.clip.ClipModel (its image side is used)
@@ -111,9 +120,13 @@ class ProCLIPModel:
         self.adapter = adapter.eval()
         self.name = name
         self.text_context_length = embedder.max_length
+        self.embed_dim = adapter.config.out_dim
+        #: where the model came from: "kind path" lines, set by `vla.load` (indented by depth)
+        self.lineage: list[str] = []
 
     @property
     def preprocess(self):
+        """open_clip's eval transform of the image tower: PIL image → (3, H, W) tensor."""
         return self.clip.preprocess
 
     def to(self, device: str | torch.device) -> "ProCLIPModel":
@@ -123,25 +136,42 @@ class ProCLIPModel:
         self.adapter.to(device)
         return self
 
-    def tokenize(self, texts: Sequence[str]):
+    def tokenize(self, texts: str | Sequence[str]):
         """The embedder's tokenizer, at its own context (the text side reads long captions)."""
-        return self.embedder.tokenizer(list(texts), padding=True, truncation=True,
+        return self.embedder.tokenizer(as_texts(texts), padding=True, truncation=True,
                                        max_length=self.embedder.max_length, return_tensors="pt")
 
-    def encode_image(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def encode_image(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """(N, D) float32 L2-normalised image embeddings on the CPU, from one PIL image, a list
+        of them, or a (N, 3, H, W) tensor already passed through `preprocess`."""
         return self.clip.encode_image(images)
 
     @torch.no_grad()
     def encode_text_features(self, phi: torch.Tensor) -> torch.Tensor:
-        """Adapter outputs for cached embedder features, computed on the adapter's device."""
+        """Embedder features Φ(T) (N, d_Φ) → (N, D) normalised text embeddings through the
+        adapter, computed on the adapter's device."""
         device = next(self.adapter.parameters()).device
         return F.normalize(self.adapter(phi.to(device, torch.float32)), dim=-1).float().cpu()
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.encode_text_features(frozen_text_features(self.embedder, list(texts)))
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """(N, D) float32 L2-normalised text embeddings on the CPU, from one string or a list;
+        each text is read up to `text_context_length` embedder tokens."""
+        return self.encode_text_features(frozen_text_features(self.embedder, as_texts(texts)))
 
-    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
-        return self.embedder.token_counts(list(texts))
+    def text_token_counts(self, texts: str | Sequence[str]) -> list[int]:
+        """Embedder tokens each text needs before truncation."""
+        return self.embedder.token_counts(as_texts(texts))
+
+    def __repr__(self) -> str:
+        a, e = self.adapter.config, self.embedder
+        lines = [f"ProCLIPModel(name={self.name!r}, embed_dim={self.embed_dim})",
+                 f"  image: open_clip {self.clip.describe_image_tower()}",
+                 f"  text:  embedder {e.name} ({e.config.pooling} pooling, ≤{e.max_length} tokens, "
+                 f"{e.dim}-d) → adapter ({a.blocks} block{'s' if a.blocks > 1 else ''} ×{a.expansion}, "
+                 f"{a.in_dim}→{a.out_dim})"]
+        if self.lineage:
+            lines += ["  lineage:"] + [f"    {line}" for line in self.lineage]
+        return "\n".join(lines)
 
 
 def embedder_from_spec(path: Path, device: str | torch.device = "cpu"):

