@@ -31,11 +31,24 @@ KEY_METRICS = (
     ("acc1", [("acc1", "acc1"), ("mean_per_class_recall", "mPCR")]),
     ("cider_d", [("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D")]),
 )
-COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length"}
+COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length", "image_retrieval_ties",
+              "text_retrieval_ties", "ties"}
 LEGEND = ("All numbers ×100. mR: mean of R@1/5/10 text→image and image→text; T→I R@1: a caption "
           "finds its image first; I→T R@1: an image finds one of its captions first; "
-          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers. "
-          "Ties count against the model.")
+          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers.")
+MODE_NOTES = {
+    "clip_benchmark": "Ties ranked as CLIP_benchmark ranks them (`torch.topk` / `argmax` order).",
+    "pessimistic": "Ties count against the model (a lower bound).",
+    "expected": "Ties ranked in expectation over a random order among tied scores.",
+}
+TIE_NOTE = ("`image_retrieval_ties` / `text_retrieval_ties` / `ties`: how many text / image "
+            "queries had a negative scoring exactly as their (best) positive; where they are "
+            "not 0, the modes differ.")
+# CLIP_benchmark's task of each vla task, for its JSON layout
+CLIP_BENCHMARK_TASKS = {"retrieval": "zeroshot_retrieval", "long_retrieval": "zeroshot_retrieval",
+                        "regional_retrieval": "zeroshot_retrieval",
+                        "zeroshot_classification": "zeroshot_classification",
+                        "captioning": "captioning"}
 
 
 def key_columns(results: Results) -> list[tuple[str, str, str]]:
@@ -67,8 +80,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def results_markdown(results: Results) -> str:
-    """One summary row per model over the key metrics (best in bold), then every metric per set."""
+def results_markdown(results: Results, mode: str = "clip_benchmark") -> str:
+    """One summary row per model over the key metrics (best in bold), then every metric per set;
+    the legend says how ties were ranked (`mode`)."""
     columns = key_columns(results)
     rows = []
     for model, per_set in results.items():
@@ -82,7 +96,7 @@ def results_markdown(results: Results) -> str:
             row.append(f"**{cell}**" if len(results) > 1 and value is not None and value == best
                        else cell)
         rows.append(row)
-    lines = ["# Evaluation results", "", LEGEND, ""]
+    lines = ["# Evaluation results", "", f"{LEGEND} {MODE_NOTES[mode]}", ""]
     lines += _table(["model"] + [f"{s} {label}" for s, _, label in columns], rows)
     truncated = [f"- {model} on {set_name}: {100 * m['text_truncated_fraction']:.1f}% of texts "
                  f"are longer than its {m['context_length']}-token text context"
@@ -91,6 +105,8 @@ def results_markdown(results: Results) -> str:
     if truncated:
         lines += ["", "Where the text side truncated:", ""] + truncated
     set_names = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
+    if set_names:
+        lines += ["", TIE_NOTE]
     for set_name in set_names:
         keys = list(dict.fromkeys(k for per_set in results.values()
                                   for k in per_set.get(set_name, {})))
@@ -201,7 +217,7 @@ def write_model_examples(sets: Sequence[EvalSet], models: dict[str, DualEncoder]
 
 def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] = (),
                  models: dict[str, DualEncoder] | None = None,
-                 examples: int = 4) -> dict[str, Path]:
+                 examples: int = 4, mode: str = "clip_benchmark") -> dict[str, Path]:
     """Write results.json, results.md, comparison.png, and — given the eval sets and the models
     (by the names used in `results`) — retrieval_examples.png with `examples` queries."""
     out = Path(out_dir)
@@ -210,8 +226,43 @@ def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] 
              "comparison.png": out / "comparison.png"}
     files["results.json"].write_text(json.dumps(_jsonable(results), indent=2) + "\n",
                                      encoding="utf-8")
-    files["results.md"].write_text(results_markdown(results), encoding="utf-8")
+    files["results.md"].write_text(results_markdown(results, mode), encoding="utf-8")
     write_comparison_chart(results, files["comparison.png"])
     if write_model_examples(sets, models or {}, out / "retrieval_examples.png", examples):
         files["retrieval_examples.png"] = out / "retrieval_examples.png"
     return files
+
+
+def _slug(text: str) -> str:
+    return text.replace("/", "_")
+
+
+def write_clip_benchmark_results(results: Results, out_dir: str | Path,
+                                 sets: Sequence[EvalSet] = (), refs: dict[str, str] | None = None,
+                                 mode: str = "clip_benchmark") -> list[Path]:
+    """One JSON per model × set in CLIP_benchmark's layout (`dataset`, `model`, `pretrained`,
+    `task`, `metrics`, `language`), named as its CLI names them by default,
+    `{dataset}_{pretrained}_{model}_{language}_{task}.json`, so that `clip_benchmark build` and
+    other result-table tools read them. `dataset` is `wds/<set>` (how its CLI names the set);
+    `model` is vla's model label and `pretrained` the reference it was loaded from (`refs`).
+    `tie_mode` is vla's own addition."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = {s.name: s.task for s in sets}
+    written = []
+    for model, per_set in results.items():
+        pretrained = (refs or {}).get(model, model)
+        for set_name, metrics in per_set.items():
+            task = CLIP_BENCHMARK_TASKS.get(tasks.get(set_name, ""), "zeroshot_retrieval"
+                                            if "mean_recall" in metrics else
+                                            "zeroshot_classification" if "acc1" in metrics
+                                            else "captioning")
+            dump = {"dataset": f"wds/{set_name}", "model": model, "pretrained": pretrained,
+                    "task": task, "metrics": _jsonable(metrics), "language": "en",
+                    "tie_mode": mode}
+            name = (f"{_slug(set_name)}_{_slug(Path(pretrained).name or pretrained)}_"
+                    f"{_slug(model)}_en_{task}.json")
+            path = out / name
+            path.write_text(json.dumps(dump) + "\n", encoding="utf-8")
+            written.append(path)
+    return written

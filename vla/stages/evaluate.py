@@ -2,15 +2,20 @@
 
 Story: each model (a registry name, a training artifact or an export) → the eval sets (from a
 synth artifact's `eval/` or any directory in CLIP_benchmark's WebDataset layout) → retrieval,
-long-text retrieval, zero-shot metrics computed exactly as CLIP_benchmark does → an eval artifact
-with results.json, a markdown table and figures.
+long-text retrieval, zero-shot metrics → an eval artifact with results.json, a markdown table,
+figures, and one CLIP_benchmark-layout JSON per model × set under `clip_benchmark/`.
+
+`mode` says how tied scores rank (`vla.evaluate.retrieval`): `clip_benchmark` (the default)
+computes what CLIP_benchmark computes, `topk`/`argmax` ties included, so equal embeddings give
+equal numbers; `pessimistic` counts every tie against the model; `expected` averages over a random
+order among ties. Without ties the three agree; every set reports its tie counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
@@ -23,6 +28,7 @@ class EvalRecipe:
     sets: list[str] = field(default_factory=lambda: ["retrieval", "long_retrieval", "zeroshot"])
     batch_size: int = 256
     examples: int = 4            # text queries shown in the retrieval-examples figure
+    mode: Literal["clip_benchmark", "pessimistic", "expected"] = "clip_benchmark"  # tie ranking
 
 
 def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
@@ -37,7 +43,7 @@ def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
 
 def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.evaluate.report import write_report
+    from vla.evaluate.report import write_clip_benchmark_results, write_report
     from vla.evaluate.run import evaluate_model
     from vla.models.load import load_encoder
     from vla.stages.common import eval_sets
@@ -54,8 +60,12 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
     if len(set(names)) != len(names):  # two artifacts with the same directory name
         names = [f"{n} ({ref})" for n, ref in zip(names, models)]
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
-        results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size) for name, enc in zip(names, encoders)}
-        write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)), examples=cfg.examples)
+        results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size, mode=cfg.mode)
+                   for name, enc in zip(names, encoders)}
+        write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)),
+                     examples=cfg.examples, mode=cfg.mode)
+        write_clip_benchmark_results(results, art.dir / "clip_benchmark", sets=sets,
+                                     refs=dict(zip(names, models)), mode=cfg.mode)
         art.metrics.update(results)
         art.counts.update({s.name: {"images": len(s.images)} for s in sets})
     return art.artifact
