@@ -13,6 +13,7 @@ order among ties. Without ties the three agree; every set reports its tie counts
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -41,6 +42,27 @@ def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
     return data, {"data": {"path": str(data), "kind": "eval-sets"}}
 
 
+# what each training artifact is, for table rows and legends
+_METHODS = {"pretrain": "CLIP", "distill": "ProCLIP stage 1", "export": "export"}
+
+
+def model_label(ref: str, name: str) -> str:
+    """A readable row label: the method the artifact's manifest records, then its directory
+    (`ProCLIP (contrast)`, `LLM2CLIP (llm2clip)`, `CLIP (clip)`); a plain model directory is its
+    folder name; a registry name stays as it is."""
+    path = Path(ref)
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        kind, recipe = m.get("kind", ""), m.get("recipe") or {}
+        if kind == "contrast-tune":
+            method = "LLM2CLIP" if recipe.get("init") == "random" else "ProCLIP"
+        else:
+            method = _METHODS.get(kind, kind)
+        return f"{method} ({path.name})" if method else path.name
+    return path.name if path.is_dir() else name
+
+
 def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.evaluate.report import write_clip_benchmark_results, write_report
@@ -56,7 +78,7 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
         if (Path(ref) / "manifest.json").exists():
             inputs[f"model{i}"] = open_artifact(ref)
     encoders = [load_encoder(ref) for ref in models]
-    names = [e.name for e in encoders]
+    names = [model_label(ref, e.name) for ref, e in zip(models, encoders)]
     if len(set(names)) != len(names):  # two artifacts with the same directory name
         names = [f"{n} ({ref})" for n, ref in zip(names, models)]
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
