@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-cb_cli = pytest.importorskip("clip_benchmark.cli")
+import clip_benchmark.cli as cb_cli  # noqa: E402  (make install puts it there)
 from clip_benchmark.metrics import zeroshot_classification  # noqa: E402
 
 from vla.cli import app  # noqa: E402
