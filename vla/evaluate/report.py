@@ -127,69 +127,80 @@ def _jsonable(value):
 
 
 def write_comparison_chart(results: Results, path: str | Path) -> None:
-    """Grouped bars: one group per key metric, one bar per model, values ×100."""
+    """One small panel per key metric, each on its own axis (so an R@1 of 4 is not squashed under
+    a mean recall of 60), one bar per model, values ×100; the legend names the models."""
     columns = key_columns(results)
     models = list(results)
-    width = 0.8 / max(1, len(models))
-    fig = Figure(figsize=(max(6.0, 1.1 * len(columns) + 2), 4.8), layout="constrained")
+    colours = [f"C{i % 10}" for i in range(len(models))]
+    n_cols = min(4, max(1, len(columns)))
+    n_rows = max(1, math.ceil(len(columns) / n_cols))
+    fig = Figure(figsize=(3.0 * n_cols + 0.5, 2.6 * n_rows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    top = 100.0
-    for m, model in enumerate(models):
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (set_name, key, label) in zip(axes, columns):
         # a model without a metric (NaN, or a set it was not run on) gets no bar, not a zero
-        values = [100 * v if (v := results[model].get(s, {}).get(k)) is not None
-                  else math.nan for s, k, _ in columns]
-        top = max([top] + [v for v in values if not math.isnan(v)])
-        xs = [c + (m - (len(models) - 1) / 2) * width for c in range(len(columns))]
-        bars = ax.bar(xs, values, width, label=model)
-        if len(columns) * len(models) <= 40:  # labels only while they still fit
-            ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values],
-                         fontsize=7, padding=1)
-    ax.set_xticks(range(len(columns)), [f"{s}\n{label}" for s, _, label in columns],
-                  fontsize=8, rotation=30 if len(columns) > 8 else 0)
-    ax.set_ylim(0, top * 1.12)
-    ax.set_ylabel("score ×100")
-    ax.set_title("Key metrics per eval set")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        values = [100 * v if (v := results[m].get(set_name, {}).get(key)) is not None
+                  else math.nan for m in models]
+        bars = ax.bar(range(len(models)), values, 0.8, color=colours)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values],
+                     fontsize=7, padding=1)
+        finite = [v for v in values if not math.isnan(v)]
+        ax.set_ylim(0, max(finite + [1.0]) * 1.18)
+        ax.set_title(f"{set_name}: {label}", fontsize=9)
+        ax.set_xticks([])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(columns):]:
+        ax.axis("off")
+    handles = [axes[0].bar([0], [0], color=c, label=m) for m, c in zip(models, colours)] \
+        if columns else []
+    if handles:
+        fig.legend(handles=handles, labels=models, fontsize=8, loc="outside lower center",
+                   ncols=min(len(models), 4))
+    fig.suptitle("Key metrics per eval set (×100; each panel has its own scale)", fontsize=10)
     fig.savefig(path, dpi=130)
 
 
 def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
-                         targets: Sequence[int], scores: torch.Tensor, path: str | Path,
-                         k: int = 5, title: str = "",
-                         row_labels: Sequence[str] | None = None) -> None:
+                         targets: Sequence[int], scores: torch.Tensor | Sequence[torch.Tensor],
+                         path: str | Path, k: int = 5, title: str = "",
+                         row_labels: Sequence[str] | None = None,
+                         galleries: Sequence[Sequence[Image.Image]] | None = None) -> None:
     """One row per text query: the query (under its `row_labels` entry, e.g. the model), then its
     top-k images with their scores; the correct image is framed green. When it is not in the
-    top-k, the query says at which rank it is."""
-    k = min(k, scores.shape[1])
+    top-k, the query says at which rank it is. `galleries[q]`, when given, is row q's own set of
+    images (rows from different eval sets), and `scores[q]` its scores over them."""
+    k = min(k, min(len(row) for row in scores))
     fig = Figure(figsize=(2.0 * (k + 1.6), 2.2 * len(queries) + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(queries), k + 1, width_ratios=[1.6] + [1] * k)
     for q, (query, target) in enumerate(zip(queries, targets)):
         # stable descending sort; the correct image's pessimistic rank: #others scoring ≥ it
+        gallery = galleries[q] if galleries is not None else images
         order = torch.argsort(scores[q], descending=True, stable=True)[:k].tolist()
-        rank = int((scores[q] >= scores[q, target]).sum()) - 1
+        rank = int((scores[q] >= scores[q][target]).sum()) - 1
         text_ax = fig.add_subplot(grid[q, 0])
         text_ax.axis("off")
         if row_labels:
             text_ax.text(0.0, 0.97, row_labels[q], va="top", ha="left", fontsize=9,
                          weight="bold", transform=text_ax.transAxes)
         note = "" if target in order else f"\n(correct image at rank {rank + 1})"
-        # long captions are cut to what fits beside a row of images
-        shown = textwrap.fill(textwrap.shorten(query, 260, placeholder=" …"), 30)
-        text_ax.text(0.0, 0.5, shown + note, va="center", ha="left", fontsize=9,
+        # long captions in a smaller font, cut to what fits beside a row of images
+        long = len(query) > 120
+        shown = textwrap.fill(textwrap.shorten(query, 420 if long else 260, placeholder=" …"),
+                              44 if long else 30)
+        text_ax.text(0.0, 0.5, shown + note, va="center", ha="left", fontsize=6 if long else 9,
                      transform=text_ax.transAxes)
         for j, idx in enumerate(order):
             ax = fig.add_subplot(grid[q, j + 1])
-            ax.imshow(images[idx], interpolation="nearest")
+            ax.imshow(gallery[idx], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             correct = idx == target
             for spine in ax.spines.values():
                 spine.set_color("#1a9e1a" if correct else "#bbbbbb")
                 spine.set_linewidth(5 if correct else 1)
-            ax.set_title(f"#{j + 1}  {scores[q, idx]:.3f}", fontsize=8,
+            ax.set_title(f"#{j + 1}  {scores[q][idx]:.3f}", fontsize=8,
                          color="#1a9e1a" if correct else "black")
     if title:
         fig.suptitle(title, fontsize=11)
@@ -198,20 +209,29 @@ def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
 
 def write_model_examples(sets: Sequence[EvalSet], models: dict[str, DualEncoder], path: str | Path,
                          n_queries: int = 4) -> bool:
-    """The same queries of the first retrieval set (short captions preferred) for every model,
-    one row per query and model. False when there is no retrieval set to draw from."""
+    """The same queries for every model, one row per query and model: from the short-caption
+    retrieval set and, when there is one, as many from the long-caption set (where a
+    16-token CLIP and an LLM embedder differ most). False when there is no retrieval set."""
     candidates = [s for s in sets if s.task in RETRIEVAL_TASKS]
     if not candidates or not models or n_queries <= 0:
         return False
-    es = next((s for s in candidates if s.task == "retrieval"), candidates[0])
-    examples = {name: retrieval_examples(model, es, n_queries) for name, model in models.items()}
-    rows = [(name, ex, q) for q in range(len(next(iter(examples.values())).queries))
-            for name, ex in examples.items()]
-    write_retrieval_grid(es.images, [ex.queries[q] for _, ex, q in rows],
-                         [ex.targets[q] for _, ex, q in rows],
-                         torch.stack([ex.scores[q] for _, ex, q in rows]), path,
-                         title=f"{es.name}: text → image, top 5 (the correct image framed green)",
-                         row_labels=[name for name, _, _ in rows])
+    chosen = [s for task in ("retrieval", "long_retrieval")
+              for s in candidates[:] if s.task == task][:2] or candidates[:1]
+    per_set = max(1, n_queries // len(chosen)) if len(chosen) > 1 else n_queries
+    images, queries, targets, scores, labels = [], [], [], [], []
+    for es in chosen:
+        examples = {name: retrieval_examples(model, es, per_set) for name, model in models.items()}
+        for q in range(len(next(iter(examples.values())).queries)):
+            for name, ex in examples.items():
+                # every row carries its own gallery: sets differ in images
+                images.append(es.images)
+                queries.append(ex.queries[q])
+                targets.append(ex.targets[q])
+                scores.append(ex.scores[q])
+                labels.append(f"{name} · {es.name}")
+    write_retrieval_grid(images[0], queries, targets, scores, path, row_labels=labels,
+                         galleries=images,
+                         title="text → image, top 5 (the correct image framed green)")
     return True
 
 
