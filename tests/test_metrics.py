@@ -98,8 +98,11 @@ def test_expected_recall_by_hand_with_a_tie_group():
 def test_image_without_captions_is_a_miss():
     image_emb, text_emb = scored(torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]]))
     for mode in MODES:
-        m = retrieval_metrics(image_emb, text_emb, [0, 1], ks=(1,), mode=mode)
+        # K = 5 is more than the 2 captions there are: still a miss for the caption-less image
+        m = retrieval_metrics(image_emb, text_emb, [0, 1], ks=(1, 5), mode=mode)
         assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+        assert m["text_retrieval_recall@5"] == pytest.approx(2 / 3)
+        assert m["text_retrieval_ties"] == 0
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 10_000])

@@ -79,8 +79,7 @@ def _keys(t2i_hits: dict[int, float], i2t_hits: dict[int, float]) -> dict[str, f
 def _counts(scores: torch.Tensor, row: torch.Tensor, col: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(g, e, p) per row of `scores` [c, n] whose positives are (row[j], col[j]): negatives above
-    the best positive, negatives tied with it, positives tied with it. A row without positives
-    gets g = n (never a hit)."""
+    the best positive, negatives tied with it, positives tied with it."""
     c = scores.shape[0]
     positive = scores[row, col]     # read from `scores` itself: ties compare identical numbers
     best = torch.full((c,), float("-inf"), device=scores.device, dtype=scores.dtype)
@@ -89,8 +88,9 @@ def _counts(scores: torch.Tensor, row: torch.Tensor, col: torch.Tensor
     above = (scores > best[:, None]).sum(1, dtype=torch.int32)
     at = (scores == best[:, None]).sum(1, dtype=torch.int32)
     p = torch.zeros_like(at).scatter_add(0, row, (positive == best[row]).int())
+    # a row without positives: more negatives above than any K, none tied (never a hit)
     none = torch.bincount(row, minlength=c) == 0
-    above[none], at[none], p[none] = scores.shape[1], 0, 1
+    above[none], at[none], p[none] = torch.iinfo(torch.int32).max, 1, 1
     return above.long(), (at - p).long(), p.long()
 
 
@@ -111,7 +111,7 @@ def text_to_image_counts(image_emb: torch.Tensor, text_emb: torch.Tensor, text_t
 def image_to_text_counts(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
                          chunk: int = 1024) -> tuple[torch.Tensor, ...]:
     """(g, e, p), each [N]: per image, non-captions scoring above / tied with its best caption, and
-    its own captions tied with it. An image without captions gets g = M (never a hit)."""
+    its own captions tied with it. An image without captions never hits (g is set past any K)."""
     t2i = _check(image_emb, text_emb, text_to_image)
     n_images = image_emb.shape[0]
     out = []
