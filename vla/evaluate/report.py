@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet
@@ -152,8 +154,7 @@ def write_comparison_chart(results: Results, path: str | Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     for ax in axes[len(columns):]:
         ax.axis("off")
-    handles = [axes[0].bar([0], [0], color=c, label=m) for m, c in zip(models, colours)] \
-        if columns else []
+    handles = [Patch(color=c, label=m) for m, c in zip(models, colours)] if columns else []
     if handles:
         fig.legend(handles=handles, labels=models, fontsize=8, loc="outside lower center",
                    ncols=min(len(models), 4))
@@ -254,7 +255,8 @@ def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] 
 
 
 def _slug(text: str) -> str:
-    return text.replace("/", "_")
+    """A file-name-safe form: runs of anything but letters, digits, `.`, `+`, `-` → `_`."""
+    return re.sub(r"[^\w.+-]+", "_", text).strip("_")
 
 
 def write_clip_benchmark_results(results: Results, out_dir: str | Path,
