@@ -99,6 +99,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,embedders,logging]'
 	$(BIN)/pip install -q opencv-contrib-python-headless
+	# CLIP_benchmark for the test that checks `vla eval` against it: --no-deps, as everything
+	# its metrics import is here already except pycocoevalcap (pure Python for Bleu/Cider)
+	$(BIN)/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
 	touch $@
 
 test: $(STAMP)

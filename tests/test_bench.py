@@ -14,8 +14,8 @@ def test_bench_retrieval_quick(tmp_path):
     details = part["details"]
     assert details["metrics_equal"]
     chunked, reference = details["chunked"]["metrics"], details["reference"]["metrics"]
-    assert chunked.keys() == reference.keys()
-    assert all(abs(chunked[k] - reference[k]) < 1e-6 for k in chunked)
+    assert reference.keys() <= chunked.keys()  # vla adds the tie counts
+    assert all(abs(chunked[k] - reference[k]) < 1e-6 for k in reference)
     assert 0 < chunked["mean_recall"] < 1  # the embeddings carry signal, so the check is not vacuous
     assert details["chunked"]["seconds"] > 0 and details["reference"]["seconds"] > 0
     assert {f["what"] for f in part["figures"]} == {"time", "peak memory"}

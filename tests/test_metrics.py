@@ -18,7 +18,7 @@ from PIL import Image
 from vla.errors import UserError
 from vla.evaluate.captioning import bleu, captioning_metrics, cider_d, ptb_tokenize
 from vla.evaluate.evalsets import find_eval_sets, load_eval_set
-from vla.evaluate.retrieval import reference_retrieval_metrics, retrieval_metrics
+from vla.evaluate.retrieval import MODES, reference_retrieval_metrics, retrieval_metrics
 from vla.evaluate.run import evaluate_model, retrieval_examples
 from vla.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 
@@ -43,7 +43,7 @@ def scored(scores: torch.Tensor):
 
 def test_retrieval_by_hand_with_ties_and_second_caption_hit():
     image_emb, text_emb = scored(SCORES)
-    m = retrieval_metrics(image_emb, text_emb, OWNER, ks=(1, 2, 3), chunk=2)
+    m = retrieval_metrics(image_emb, text_emb, OWNER, ks=(1, 2, 3), chunk=2, mode="pessimistic")
     # text→image ranks [0, 1, 2, 0, 2, 1]
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 6)
     assert m["image_retrieval_recall@2"] == pytest.approx(4 / 6)
@@ -59,23 +59,50 @@ def test_retrieval_by_hand_with_ties_and_second_caption_hit():
 
 def test_tied_captions_of_the_same_image_do_not_count_against_it():
     image_emb, text_emb = scored(torch.tensor([[0.5, 0.1], [0.5, 0.2], [0.3, 0.4]]))
-    m = retrieval_metrics(image_emb, text_emb, [0, 0, 1], ks=(1,))
-    assert m["text_retrieval_recall@1"] == 1.0
+    for mode in MODES:
+        m = retrieval_metrics(image_emb, text_emb, [0, 0, 1], ks=(1,), mode=mode)
+        assert m["text_retrieval_recall@1"] == 1.0
+        assert m["text_retrieval_ties"] == 0
 
 
-def test_constant_model_cannot_score_full_recall():
+def test_constant_model_in_each_mode():
     n = 4
-    m = retrieval_metrics(torch.ones(n, 8), torch.ones(2 * n, 8),
-                          [i // 2 for i in range(2 * n)], ks=(1, n - 1, n))
+    args = (torch.ones(n, 8), torch.ones(2 * n, 8), [i // 2 for i in range(2 * n)])
+    m = retrieval_metrics(*args, ks=(1, n - 1, n), mode="pessimistic")
     assert m["image_retrieval_recall@1"] == 0.0 and m["text_retrieval_recall@1"] == 0.0
     assert m[f"image_retrieval_recall@{n - 1}"] == 0.0  # pessimistic: last among N
     assert m[f"image_retrieval_recall@{n}"] == 1.0
+    assert m["image_retrieval_ties"] == 2 * n and m["text_retrieval_ties"] == n
+    # expected: text→image K / N exactly; image→text 1 − C(6, K)/C(8, K) (2 of 8 captions its own)
+    m = retrieval_metrics(*args, ks=(1, 2, n), mode="expected")
+    assert m["image_retrieval_recall@1"] == pytest.approx(1 / n)
+    assert m["image_retrieval_recall@2"] == pytest.approx(2 / n)
+    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 8)
+    assert m["text_retrieval_recall@2"] == pytest.approx(1 - (6 * 5) / (8 * 7))
+    # clip_benchmark: whatever topk picks, as CLIP_benchmark's own code picks it
+    want = reference_retrieval_metrics(*args, ks=(1, 2, n), batch_size=3)
+    got = retrieval_metrics(*args, ks=(1, 2, n), chunk=3)
+    assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-7)
+
+
+def test_expected_recall_by_hand_with_a_tie_group():
+    # one text; image 0 is its own, scored 0.5 like images 1 and 2; image 3 scores above
+    image_emb, text_emb = scored(torch.tensor([[0.5, 0.5, 0.5, 0.9]]))
+    m = retrieval_metrics(image_emb, text_emb, [0], ks=(1, 2, 3, 4), mode="expected")
+    # g = 1, e = 2: P(hit@K) = clamp(K − 1, 0, 3) / 3
+    assert [m[f"image_retrieval_recall@{k}"] for k in (1, 2, 3, 4)] == \
+        pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert m["image_retrieval_ties"] == 1
 
 
 def test_image_without_captions_is_a_miss():
     image_emb, text_emb = scored(torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]]))
-    m = retrieval_metrics(image_emb, text_emb, [0, 1], ks=(1,))
-    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    for mode in MODES:
+        # K = 5 is more than the 2 captions there are: still a miss for the caption-less image
+        m = retrieval_metrics(image_emb, text_emb, [0, 1], ks=(1, 5), mode=mode)
+        assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+        assert m["text_retrieval_recall@5"] == pytest.approx(2 / 3)
+        assert m["text_retrieval_ties"] == 0
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 10_000])
@@ -90,12 +117,32 @@ def test_chunked_equals_clip_benchmark_reference(chunk):
     # captions near their image so that recalls are neither 0 nor 1
     text_emb = F.normalize(image_emb[owner] + 0.6 * torch.randn(len(owner), dim, generator=gen),
                            dim=-1)
-    got = retrieval_metrics(image_emb, text_emb, owner, chunk=chunk)
     want = reference_retrieval_metrics(image_emb, text_emb, owner, batch_size=5)
-    assert got.keys() == want.keys()
-    for key in want:
-        assert got[key] == pytest.approx(want[key], abs=1e-6), key
-    assert 0.0 < got["image_retrieval_recall@1"] < 1.0
+    for mode in MODES:  # no ties: every mode is CLIP_benchmark's number
+        got = retrieval_metrics(image_emb, text_emb, owner, chunk=chunk, mode=mode)
+        assert got["image_retrieval_ties"] == got["text_retrieval_ties"] == 0
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-6), key
+        assert 0.0 < got["image_retrieval_recall@1"] < 1.0
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_clip_benchmark_mode_equals_its_code_with_ties(chunk):
+    """Duplicated captions and images (exact ties): the default mode is CLIP_benchmark's code."""
+    gen = torch.Generator().manual_seed(chunk)
+    image_emb = F.normalize(torch.randn(20, 8, generator=gen), dim=-1)
+    image_emb[10:] = image_emb[:10]                  # every image has a twin
+    owner = torch.arange(60) % 20
+    text_emb = F.normalize(image_emb[owner] + 0.5 * torch.randn(60, 8, generator=gen), dim=-1)
+    text_emb[30:] = text_emb[:30]                    # every caption has a twin
+    want = reference_retrieval_metrics(image_emb, text_emb, owner, batch_size=7)
+    got = retrieval_metrics(image_emb, text_emb, owner, chunk=chunk)
+    assert got["image_retrieval_ties"] > 0 and got["text_retrieval_ties"] > 0
+    for key in want:  # the same hits; CLIP_benchmark averages in float32, vla in float64
+        assert got[key] == pytest.approx(want[key], abs=1e-7), key
+    low = retrieval_metrics(image_emb, text_emb, owner, mode="pessimistic")
+    mid = retrieval_metrics(image_emb, text_emb, owner, mode="expected")
+    assert all(low[k] <= mid[k] for k in want) and low["mean_recall"] < mid["mean_recall"]
 
 
 def test_retrieval_rejects_bad_owner_index():
@@ -112,7 +159,7 @@ images = F.normalize(torch.randn(5000, 64, generator=g), dim=-1)
 texts = F.normalize(torch.randn(25000, 64, generator=g), dim=-1)
 owner = torch.arange(25000) // 5
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-m = retrieval_metrics(images, texts, owner)
+m = retrieval_metrics(images, texts, owner, mode="pessimistic")
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) / 1024, m["mean_recall"])
 """
@@ -138,7 +185,7 @@ def test_zeroshot_metrics_by_hand_with_ties_under_five_classes():
         [0.3, 0.3, 0.3],  # class 2, three-way tie → wrong
         [0.0, 0.8, 0.1],  # class 1 ✓
     ])
-    m = zeroshot_metrics(logits, [0, 0, 1, 2, 1], torch.eye(3))
+    m = zeroshot_metrics(logits, [0, 0, 1, 2, 1], torch.eye(3), mode="pessimistic")
     assert m["acc1"] == pytest.approx(3 / 5)
     assert math.isnan(m["acc5"])  # fewer than 5 classes
     assert m["mean_per_class_recall"] == pytest.approx((1 / 2 + 2 / 2 + 0 / 1) / 3)
@@ -151,7 +198,7 @@ def test_zeroshot_top5_with_a_tie_at_the_fifth_place():
         [6.0, 5, 4, 3, 2, 2],   # class 4 ties class 5 for 5th → out (pessimistic)
         [1.0, 2, 3, 4, 5, 6],   # class 5 first          → top-1 ✓
     ])
-    m = zeroshot_metrics(logits, [4, 5, 4, 5], torch.eye(6))
+    m = zeroshot_metrics(logits, [4, 5, 4, 5], torch.eye(6), mode="pessimistic")
     assert m["acc1"] == pytest.approx(1 / 4)
     assert m["acc5"] == pytest.approx(2 / 4)
     # classes 4 and 5 occur: recall 0/2 and 1/2; absent classes are not averaged in
@@ -166,9 +213,9 @@ def test_zeroshot_classifier_normalises_each_template_then_the_mean():
         calls.append(list(texts))
         return torch.tensor([table[t] for t in texts])
 
-    w = zeroshot_classifier(encode_text, ["cat", "dog"], ["a {c}", "the {c}"], batch=3)
+    w = zeroshot_classifier(encode_text, ["cat", "dog"], ["a {c}", "the {c}"])
     assert torch.allclose(w, torch.tensor([[2 ** -0.5, 2 ** -0.5], [1.0, 0.0]]))
-    assert calls == [["a cat", "the cat", "a dog"], ["the dog"]]
+    assert calls == [["a cat", "the cat"], ["a dog", "the dog"]]  # one batch per class, as CLIP_benchmark
 
 
 # ---------------------------------------------------------------- captioning
@@ -234,7 +281,7 @@ def sets(tmp_path):
     (ret / "test").mkdir(parents=True)
     (ret / "info.json").write_text(json.dumps({"task": "retrieval", "name": "tiny"}))
     write_shard(ret / "test" / "0.tar", {
-        f"{i:03d}": {"png": png(rgb), "txt": f"a {c} square\n\na very {c} picture\n".encode()}
+        f"{i:03d}": {"png": png(rgb), "txt": f"a {c} square\na very {c} picture\n".encode()}
         for i, (c, rgb) in enumerate(COLOURS.items())})
 
     zs = tmp_path / "tiny_zeroshot"  # no info.json: inferred from classnames.txt
@@ -278,7 +325,8 @@ class ColourModel:
 def test_load_retrieval_set(sets):
     es = load_eval_set(sets / "tiny_retrieval")
     assert (es.name, es.task, len(es.images)) == ("tiny", "retrieval", 3)
-    assert es.captions[1] == ["a green square", "a very green picture"]  # blank line skipped
+    assert es.captions[1] == ["a green square", "a very green picture"]
+    assert es.blank_lines == {}
     assert es.images[2].getpixel((0, 0)) == COLOURS["blue"] and es.images[2].size == (8, 6)
     texts, owner = es.texts()
     assert owner == [0, 0, 1, 1, 2, 2] and texts[4] == "a blue square"
@@ -307,8 +355,40 @@ def test_missing_or_empty_eval_set_is_a_user_error(tmp_path):
         load_eval_set(tmp_path / "empty")
     bad = tmp_path / "bad"
     write_shard(bad / "test" / "0.tar", {"k": {"png": png((0, 0, 0))}})
-    with pytest.raises(UserError, match="k in .*no caption"):
+    (bad / "info.json").write_text(json.dumps({"task": "captioning"}))
+    with pytest.raises(UserError, match="k in .*no reference caption"):
         load_eval_set(bad)
+    (bad / "test" / "nshards.txt").write_text("2\n")
+    with pytest.raises(UserError, match="says 2 shards but .*1.tar does not exist"):
+        load_eval_set(bad)
+
+
+def test_eval_set_read_as_clip_benchmark_reads_it(tmp_path, caplog):
+    """Blank key.txt lines are captions (`str.splitlines`), an empty key.txt an image without
+    captions; dataset_type.txt sets the task; shards 0..n-1 in numeric order (10 after 9)."""
+    root = tmp_path / "cb"
+    for i in range(11):
+        txt = {0: "first\n\nthird\n", 1: ""}.get(i, f"caption {i}")
+        write_shard(root / "test" / f"{i}.tar", {f"k{i}": {"png": png((i, i, i)), "txt": txt.encode()}})
+    (root / "test" / "nshards.txt").write_text("11\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    with caplog.at_level("WARNING"):
+        es = load_eval_set(root)
+    assert es.task == "retrieval"
+    assert es.captions[:3] == [["first", "", "third"], [], ["caption 2"]]
+    assert es.captions[10] == ["caption 10"] and es.images[10].getpixel((0, 0)) == (10, 10, 10)
+    assert es.blank_lines == {"captions": 1} and "1 blank line(s) in its captions" in caplog.text
+    (root / "test" / "nshards.txt").unlink()      # without nshards.txt: numeric order still
+    assert load_eval_set(root).captions[10] == ["caption 10"]
+
+    zs = tmp_path / "zs"
+    write_shard(zs / "test" / "0.tar", {"a": {"png": png((0, 0, 0)), "cls": b"2"}})
+    (zs / "dataset_type.txt").write_text("classification")
+    (zs / "classnames.txt").write_text("red\n\nblue\n")   # a blank class keeps its index
+    (zs / "zeroshot_classification_templates.txt").write_text("a {c}.\n")
+    es = load_eval_set(zs)
+    assert es.classnames == ["red", "", "blue"] and es.labels == [2]
+    assert es.blank_lines == {"classnames": 1}
 
 
 def test_evaluate_model_on_every_task(sets):

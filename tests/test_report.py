@@ -107,3 +107,66 @@ def test_no_examples_figure_without_a_retrieval_set(tmp_path):
     files = write_report(RESULTS, tmp_path, sets=[], models={"proclip": MeanColourModel("p")})
     assert "retrieval_examples.png" not in files
     assert not (tmp_path / "retrieval_examples.png").exists()
+
+
+def test_examples_figure_shows_short_and_long_caption_queries(tmp_path):
+    images = shape_images()
+    short = EvalSet(name="short", task="retrieval", path=tmp_path, images=images,
+                    captions=[[f"a {c} shape"] for c in COLOURS])
+    long = EvalSet(name="long", task="long_retrieval", path=tmp_path, images=images[:5],
+                   captions=[[f"a long caption that goes on and on about a {c} shape " * 4]
+                             for c in COLOURS[:5]])
+    files = write_report(RESULTS, tmp_path / "r", sets=[short, long],
+                         models={"m": MeanColourModel("m")}, examples=4)
+    with Image.open(files["retrieval_examples.png"]) as im:
+        assert im.height > 4 * 200  # 2 short + 2 long queries, one model
+
+
+def test_chart_gives_each_metric_its_own_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    limits = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: limits.extend(
+        ax.get_ylim()[1] for ax in fig.axes if ax.get_title()))
+    from vla.evaluate.report import write_comparison_chart
+    write_comparison_chart({"a": {"s": {"mean_recall": 0.6, "image_retrieval_recall@1": 0.04,
+                                        "text_retrieval_recall@1": 0.02}}}, tmp_path / "c.png")
+    # R@1 of 4 and 2 are drawn on their own small axes, not under a 0–110 one
+    assert len(limits) == 3 and max(limits) > 60 and min(limits) < 6
+
+
+def test_eval_merge_joins_runs_and_clip_benchmark_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from vla.cli import app
+    from vla.evaluate.report import write_clip_benchmark_results
+
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    write_report({"clip-small": RESULTS["clip-small"]}, run_a)
+    write_report({"proclip": RESULTS["proclip"]}, run_b)
+    cb = tmp_path / "cb"
+    cb.mkdir()
+    (cb / "x.json").write_text(json.dumps({
+        "dataset": "wds/world-short", "model": "ViT-B-32", "pretrained": "openai",
+        "task": "zeroshot_retrieval", "metrics": {"image_retrieval_recall@1": 0.5}}))
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["eval-merge", str(run_a), str(run_b), str(cb / "x.json"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((out / "results.json").read_text())
+    assert list(merged) == ["clip-small", "proclip", "ViT-B-32 openai"]
+    assert merged["proclip"]["world-short"]["mean_recall"] == 0.7
+    csv_rows = (out / "benchmark.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("dataset,model,") and len(csv_rows) == 1 + 3 + 4 + 1
+    md = (out / "results.md").read_text()
+    assert "| ViT-B-32 openai |" in md and "| proclip |" in md
+    # vla's own CLIP_benchmark-layout files merge back to the same numbers
+    files = write_clip_benchmark_results(RESULTS, tmp_path / "cbvla", refs={"proclip": "runs/x"})
+    assert "world-short_x_proclip_en_zeroshot_retrieval.json" in {f.name for f in files}
+    again = CliRunner().invoke(app, ["eval-merge", str(tmp_path / "cbvla"), "--out",
+                                     str(tmp_path / "m2")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "m2" / "results.json").read_text())["proclip"]["world-long"][
+        "mean_recall"] == 0.66
+    bad = CliRunner().invoke(app, ["eval-merge", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert bad.exit_code == 2 and "does not exist" in bad.output

@@ -136,13 +136,23 @@ def test_eval_sets_follow_the_clip_benchmark_layout(world):
     expected_members = {"retrieval": {"jpg", "txt", "json"}, "long_retrieval": {"jpg", "txt", "json"},
                         "zeroshot": {"jpg", "cls", "json"}, "regional": {"jpg", "txt", "json"},
                         "captioning": {"jpg", "txt", "json"}}
+    n_shards = math.ceil(CFG.n_test / CFG.shard_size)
+    retrieval_owner: dict[str, str] = {}
     for task, members in expected_members.items():
-        info = json.loads((out / "eval" / task / "info.json").read_text())
-        samples = read_dir(out / "eval" / task / "test")
-        assert info["task"] == task and info["n_images"] == CFG.n_test and list(samples) == test_keys
-        assert result["counts"]["eval"][task] == {"n_images": info["n_images"], "n_texts": info["n_texts"]}
+        root = out / "eval" / task
+        info = json.loads((root / "info.json").read_text())
+        # what CLIP_benchmark's build_wds_dataset reads: test/nshards.txt, test/0.tar …, dataset_type.txt
+        assert (root / "test" / "nshards.txt").read_text().strip() == str(n_shards)
+        assert sorted(p.name for p in (root / "test").glob("*.tar")) == [f"{i}.tar" for i in range(n_shards)]
+        assert (root / "dataset_type.txt").read_text().strip() == \
+            ("classification" if task == "zeroshot" else "retrieval")
+        samples = read_dir(root / "test")
+        assert info["task"] == task and info["n_images"] == len(samples)
+        assert result["counts"]["eval"][task] == {k: v for k, v in info.items() if k != "task"}
+        if task != "retrieval":
+            assert info["n_images"] == CFG.n_test and list(samples) == test_keys
         n_texts = 0
-        for s in samples.values():
+        for key, s in samples.items():
             assert set(s) == members
             meta = json.loads(s["json"])
             if task == "zeroshot":
@@ -153,8 +163,20 @@ def test_eval_sets_follow_the_clip_benchmark_layout(world):
             wanted = {"retrieval": meta["captions"], "captioning": meta["captions"],
                       "long_retrieval": [meta["long_caption"]],
                       "regional": [r["caption"] for r in meta["regions"]]}[task]
-            assert lines == wanted
+            if task == "retrieval":
+                # a subset of its captions, none of which any other test image has
+                assert lines and set(lines) <= set(wanted)
+                for line in lines:
+                    assert retrieval_owner.setdefault(line, key) == key
+            else:
+                assert lines == wanted
         assert n_texts == info["n_texts"] or task == "zeroshot"
+    # what was dropped is exactly the captions another test image shares
+    all_captions = [c for s in read_dir(out / "test").values()
+                    for c in json.loads(s["json"]).get("captions", [])]
+    info = json.loads((out / "eval" / "retrieval" / "info.json").read_text())
+    assert info["dropped_captions"] == len(all_captions) - info["n_texts"] > 0
+    assert info["n_images"] + info["dropped_images"] == CFG.n_test
     classnames = (out / "eval" / "zeroshot" / "classnames.txt").read_text().splitlines()
     assert classnames == sorted(classnames) == list(CLASSNAMES) and len(classnames) == len(COLOURS) * len(SHAPES)
     templates = (out / "eval" / "zeroshot" / "zeroshot_classification_templates.txt").read_text().splitlines()

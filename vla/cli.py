@@ -255,6 +255,9 @@ def eval_(
     data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or a directory of eval sets."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
     sets: Optional[str] = typer.Option(None, help="Comma-separated eval sets (default: the recipe's)."),
+    mode: Optional[str] = typer.Option(
+        None, help="How tied scores rank: clip_benchmark (default: CLIP_benchmark's own topk), "
+                   "pessimistic (ties count against the model) or expected (random tie order)."),
     recipe: Optional[Path] = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
@@ -263,10 +266,28 @@ def eval_(
     _check_models([("model", ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()])
     from vla.stages.evaluate import EvalRecipe, run
 
-    cfg = _load_recipe(EvalRecipe, "eval", recipe, set_, {"sets": f"[{sets}]" if sets else None})
+    cfg = _load_recipe(EvalRecipe, "eval", recipe, set_,
+                       {"sets": f"[{sets}]" if sets else None, "mode": mode})
     art = run(cfg, models, data, out, force=force, command=_command())
     console.print((art.path / "results.md").read_text(), highlight=False)
     console.print(f"[green]✓[/] eval → {out}")
+
+
+@app.command("eval-merge")
+@handles_errors
+def eval_merge(
+    inputs: List[Path] = typer.Argument(..., help="Eval artifacts, CLIP_benchmark result JSONs, "
+                                                  "or directories of them."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged table, chart, "
+                                                      "results.json and benchmark.csv."),
+) -> None:
+    """Merge several `vla eval` runs (or CLIP_benchmark results) into one table, as
+    `clip_benchmark build` does (its benchmark.csv is written too)."""
+    from vla.evaluate.merge import merge
+
+    files = merge(inputs, out)
+    console.print(files["results.md"].read_text(), highlight=False)
+    console.print(f"[green]✓[/] eval-merge → {out}")
 
 
 @app.command()

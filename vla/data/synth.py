@@ -3,14 +3,17 @@
 `generate_world(out, cfg)` writes, into an empty directory:
 
     train/ val/ test/            img2dataset shards of `Sample`s (jpg, txt, json)
-    eval/<task>/info.json        CLIP_benchmark WebDataset layout, all from the test split:
-    eval/<task>/test/*.tar         retrieval, long_retrieval, zeroshot, regional, captioning
+    eval/<task>/                 CLIP_benchmark's WebDataset layout, all from the test split, for
+                                   retrieval, long_retrieval, zeroshot, regional, captioning:
+    eval/<task>/test/0.tar …       shards, with test/nshards.txt; dataset_type.txt; info.json
     eval/zeroshot/classnames.txt, eval/zeroshot/zeroshot_classification_templates.txt
     yolo/data.yaml, yolo/{images,labels}/{train,val}/   a detection copy ultralytics trains on
 
 Every sample is a pure function of (seed, split, index) (test scenes also of the earlier test
 scenes: the test split is de-duplicated so that no two test images share a long caption's
-content). Scenes are sampled in the parent and rendered in a worker pool whose results come back
+content). The retrieval set keeps only short captions that no other test image has: a
+caption shared by two images could not tell them apart, and retrieval would then measure how ties
+are ranked; the dropped ones are counted (`eval.retrieval.dropped_captions`). Scenes are sampled in the parent and rendered in a worker pool whose results come back
 in index order, so shards are byte-identical for a seed whatever the number of workers.
 """
 
@@ -259,38 +262,71 @@ def _captions(meta: dict[str, Any]) -> list[str]:
 
 
 class _EvalSets:
-    """The five CLIP_benchmark-layout evaluation sets, filled from the test split in one pass."""
+    """The five CLIP_benchmark-layout evaluation sets, filled from the test split in one pass
+    (the retrieval set at the end, once every test caption is known)."""
 
     def __init__(self, root: Path, shard_size: int):
         self.root = root
         self.writers = {t: ShardWriter(root / t / "test", maxcount=shard_size) for t in EVAL_TASKS}
         self.n_texts = Counter()
+        self.retrieval: list[tuple[_Made, list[str]]] = []
+
+    def _write(self, task: str, m: _Made, lines: list[str]) -> None:
+        self.writers[task].write_raw(m.key, {"jpg": m.jpg, "txt": "\n".join(lines).encode("utf-8"),
+                                             "json": _json_bytes(m.meta)})
+        self.n_texts[task] += len(lines)
 
     def add(self, m: _Made) -> None:
         captions = _captions(m.meta)
-        region_captions = [r["caption"] for r in m.meta["regions"]]
-        texts = {"retrieval": captions, "long_retrieval": [m.meta["long_caption"]],
-                 "regional": region_captions, "captioning": captions}
+        self.retrieval.append((m, captions))
+        texts = {"long_retrieval": [m.meta["long_caption"]],
+                 "regional": [r["caption"] for r in m.meta["regions"]], "captioning": captions}
         for task, lines in texts.items():
-            self.writers[task].write_raw(m.key, {"jpg": m.jpg, "txt": "\n".join(lines).encode("utf-8"),
-                                                 "json": _json_bytes(m.meta)})
-            self.n_texts[task] += len(lines)
+            self._write(task, m, lines)
         self.writers["zeroshot"].write_raw(m.key, {"jpg": m.jpg, "cls": str(m.meta["label"]).encode(),
                                                    "json": _json_bytes(m.meta)})
 
+    def _write_retrieval(self) -> dict[str, int]:
+        """Each image with only the captions no other image has; an image left with none is left
+        out. Returns what was dropped."""
+        owners = Counter(c for _, captions in self.retrieval for c in set(captions))
+        dropped = {"dropped_captions": 0, "dropped_images": 0}
+        for m, captions in self.retrieval:
+            unique = [c for c in captions if owners[c] == 1]
+            dropped["dropped_captions"] += len(captions) - len(unique)
+            if unique:
+                self._write("retrieval", m, unique)
+            else:
+                dropped["dropped_images"] += 1
+        return dropped
+
     def close(self) -> dict[str, dict[str, int]]:
+        dropped = self._write_retrieval()
         (self.root / "zeroshot" / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
         (self.root / "zeroshot" / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
         self.n_texts["zeroshot"] = len(CLASSNAMES)
         counts = {}
         for task, w in self.writers.items():
             w.close()
+            _clip_benchmark_layout(self.root / task, w, "classification" if task == "zeroshot"
+                                   else "retrieval")
             info = {"task": task, "n_images": w.total, "n_texts": self.n_texts[task]}
             if task == "zeroshot":
                 info.update(n_classes=len(CLASSNAMES), n_templates=len(TEMPLATES))
+            if task == "retrieval":
+                info.update(dropped)
             (self.root / task / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-            counts[task] = {"n_images": w.total, "n_texts": self.n_texts[task]}
+            counts[task] = {k: v for k, v in info.items() if k != "task"}
         return counts
+
+
+def _clip_benchmark_layout(root: Path, writer: ShardWriter, dataset_type: str) -> None:
+    """What CLIP_benchmark's `build_wds_dataset` reads: shards named test/0.tar, 1.tar, …,
+    test/nshards.txt, and dataset_type.txt (without which a set is read as classification)."""
+    for i, shard in enumerate(writer.shards):
+        shard.rename(shard.with_name(f"{i}.tar"))
+    (root / "test" / "nshards.txt").write_text(f"{len(writer.shards)}\n")
+    (root / "dataset_type.txt").write_text(dataset_type + "\n")
 
 
 def _write_yolo_yaml(root: Path) -> None:

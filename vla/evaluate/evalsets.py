@@ -1,7 +1,11 @@
 """Evaluation sets in CLIP_benchmark's WebDataset layout, as vla's synthetic world writes them.
 
-    <set>/info.json                                  {"task": ..., "name": ...}  (optional)
-    <set>/test/*.tar                                 shards (or <set>/*.tar)
+    <set>/info.json                                  {"task": ..., "name": ...}  (vla's, optional)
+    <set>/dataset_type.txt                           CLIP_benchmark's: "retrieval" or
+                                                       "classification" (the default)
+    <set>/test/nshards.txt                           n: the shards are test/0.tar … test/{n-1}.tar
+    <set>/test/*.tar                                 without nshards.txt: every shard, in numeric
+                                                       order when all are numbered (or <set>/*.tar)
         key.jpg|jpeg|png|webp                        the image
         key.txt                                      captions / references, one per line
         key.cls                                      class index (zero-shot classification)
@@ -13,7 +17,13 @@
 Tasks: retrieval, long_retrieval (retrieval on long captions), zeroshot_classification (alias
 zeroshot), regional_retrieval (alias regional: retrieval where the images are the region crops and
 each crop's one text is its region caption), captioning (the captions are the references). Without
-info.json the task is inferred: classnames.txt → zero-shot classification, otherwise retrieval.
+info.json the task is dataset_type.txt's (as CLIP_benchmark reads it); without either,
+classnames.txt → zero-shot classification, otherwise retrieval.
+
+Texts are read as CLIP_benchmark reads them: captions are `str.splitlines()` of key.txt, unstripped,
+so a blank line is an (empty) caption; class names and templates are each line stripped, blank
+ones kept (a blank class name still takes its class index). Blank lines are kept and counted in
+`EvalSet.blank_lines`, with a warning.
 
 Images are read lazily from the shards (file offset per image), so a 5,000-image set costs no
 decoded pixels until a batch is encoded.
@@ -23,6 +33,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +44,8 @@ from PIL import Image
 
 from vla.errors import UserError
 
+log = logging.getLogger(__name__)
+
 TASKS = ("retrieval", "long_retrieval", "zeroshot_classification", "regional_retrieval",
          "captioning")
 # short names that vla's synthetic world also writes into info.json
@@ -40,6 +54,12 @@ RETRIEVAL_TASKS = ("retrieval", "long_retrieval", "regional_retrieval")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
+DATASET_TYPE = "dataset_type.txt"
+NSHARDS = "nshards.txt"
+#: CLIP_benchmark's dataset_type.txt value of each vla task (what the synthetic world writes)
+DATASET_TYPES = {"retrieval": "retrieval", "long_retrieval": "retrieval",
+                 "regional_retrieval": "retrieval", "captioning": "retrieval",
+                 "zeroshot_classification": "classification"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,8 @@ class EvalSet:
     templates: list[str] | None = None
     #: regional retrieval: the source image key of each crop (its box is in `images.refs`)
     regions: list[str] | None = None
+    #: blank lines read as CLIP_benchmark reads them: {file kind: count}
+    blank_lines: dict[str, int] = field(default_factory=dict)
 
     def texts(self) -> tuple[list[str], list[int]]:
         """All captions flattened, and the index of each caption's image."""
@@ -116,14 +138,31 @@ class EvalSet:
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """CLIP_benchmark's `[line.strip() for line in read_txt(f).splitlines()]`: blanks kept."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _shards(path: Path) -> list[Path]:
-    for folder in (path / "test", path):
-        shards = sorted(folder.glob("*.tar"))
+    """The shards in CLIP_benchmark's order: test/0.tar … test/{n-1}.tar from nshards.txt; without
+    it every shard, numbered ones in numeric order (so 10.tar comes after 9.tar)."""
+    nshards = path / "test" / NSHARDS
+    if nshards.exists():
+        try:
+            n = int(nshards.read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"{nshards} must hold the number of shards; fix it") from None
+        shards = [path / "test" / f"{i}.tar" for i in range(n)]
+        missing = [p for p in shards if not p.exists()]
+        if missing:
+            raise UserError(f"{nshards} says {n} shards but {missing[0]} does not exist; "
+                            f"fix {NSHARDS} or restore the shard")
         if shards:
             return shards
+    for folder in (path / "test", path):
+        shards = list(folder.glob("*.tar"))
+        if shards:
+            numbered = all(re.fullmatch(r"\d+", p.stem) for p in shards)
+            return sorted(shards, key=(lambda p: int(p.stem)) if numbered else (lambda p: p.name))
     raise UserError(f"eval set {path} has no shards (expected {path}/test/*.tar); "
                     f"write it with `vla` or CLIP_benchmark's WebDataset layout")
 
@@ -156,6 +195,12 @@ def _read_info(path: Path) -> dict:
     """info.json, with the task checked or inferred when the file is absent."""
     file = path / "info.json"
     if not file.exists():
+        if (path / DATASET_TYPE).exists():
+            kind = (path / DATASET_TYPE).read_text(encoding="utf-8").strip().lower()
+            if kind not in ("retrieval", "classification"):
+                raise UserError(f"{path / DATASET_TYPE} says {kind!r}; vla reads 'retrieval' and "
+                                f"'classification' sets")
+            return {"task": "retrieval" if kind == "retrieval" else "zeroshot_classification"}
         task = "zeroshot_classification" if (path / CLASSNAMES).exists() else "retrieval"
         return {"task": task}
     try:
@@ -182,9 +227,12 @@ def load_eval_set(path: str | Path) -> EvalSet:
             if not (path / f).exists():
                 raise UserError(f"zero-shot eval set {path} lacks {f}; add it (one entry a line)")
         es.classnames, es.templates = _read_lines(path / CLASSNAMES), _read_lines(path / TEMPLATES)
-        if not es.classnames or not es.templates or any("{c}" not in t for t in es.templates):
-            raise UserError(f"eval set {path}: need ≥ 1 class name and templates that all "
-                            f"contain {{c}}; fix {CLASSNAMES} / {TEMPLATES}")
+        if not es.classnames or not es.templates:
+            raise UserError(f"eval set {path}: need ≥ 1 class name and ≥ 1 template; fix "
+                            f"{CLASSNAMES} / {TEMPLATES}")
+        for kind, lines in (("classnames", es.classnames), ("templates", es.templates)):
+            if blank := sum(not line for line in lines):
+                es.blank_lines[kind] = blank
         es.labels = []
     refs: list[ImageRef] = []
     if task == "regional_retrieval":
@@ -207,18 +255,26 @@ def load_eval_set(path: str | Path) -> EvalSet:
             if task == "zeroshot_classification":
                 es.labels.append(_label(members, key, shard, len(es.classnames)))
             else:
-                es.captions.append(_captions(members, key, shard))
+                captions = _captions(members, key, shard, required=task == "captioning")
+                es.captions.append(captions)
+                if blank := sum(not c for c in captions):
+                    es.blank_lines["captions"] = es.blank_lines.get("captions", 0) + blank
     if not refs:
         raise UserError(f"eval set {path} has no samples (or no regions); regenerate it")
+    for kind, n in es.blank_lines.items():
+        log.warning("eval set %s: %d blank line(s) in its %s, kept as CLIP_benchmark keeps them",
+                    path, n, kind)
     es.images = LazyImages(refs)
     return es
 
 
-def _captions(members: dict, key: str, shard: Path) -> list[str]:
-    lines = [line.strip() for line in members.get("txt", b"").decode("utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise UserError(f"sample {key} in {shard} has no caption (key.txt, one per line); add one")
+def _captions(members: dict, key: str, shard: Path, required: bool) -> list[str]:
+    """key.txt's lines as CLIP_benchmark splits them (`str.splitlines`: blank lines are captions,
+    an empty file is an image without captions). Captioning needs ≥ 1 reference."""
+    lines = members.get("txt", b"").decode("utf-8").splitlines()
+    if required and not any(line.strip() for line in lines):
+        raise UserError(f"sample {key} in {shard} has no reference caption (key.txt, one per "
+                        f"line); add one")
     return lines
 
 
@@ -256,7 +312,8 @@ def find_eval_sets(root: str | Path) -> list[Path]:
         raise UserError(f"eval sets directory {root} does not exist; generate or point to one")
 
     def is_set(p: Path) -> bool:
-        return (p / "info.json").exists() or any((p / "test").glob("*.tar"))
+        return ((p / "info.json").exists() or (p / "test" / NSHARDS).exists()
+                or any((p / "test").glob("*.tar")))
 
     if is_set(root):
         return [root]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet
@@ -31,11 +33,24 @@ KEY_METRICS = (
     ("acc1", [("acc1", "acc1"), ("mean_per_class_recall", "mPCR")]),
     ("cider_d", [("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D")]),
 )
-COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length"}
+COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length", "image_retrieval_ties",
+              "text_retrieval_ties", "ties"}
 LEGEND = ("All numbers ×100. mR: mean of R@1/5/10 text→image and image→text; T→I R@1: a caption "
           "finds its image first; I→T R@1: an image finds one of its captions first; "
-          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers. "
-          "Ties count against the model.")
+          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers.")
+MODE_NOTES = {
+    "clip_benchmark": "Ties ranked as CLIP_benchmark ranks them (`torch.topk` / `argmax` order).",
+    "pessimistic": "Ties count against the model (a lower bound).",
+    "expected": "Ties ranked in expectation over a random order among tied scores.",
+}
+TIE_NOTE = ("`image_retrieval_ties` / `text_retrieval_ties` / `ties`: how many text / image "
+            "queries had a negative scoring exactly as their (best) positive; where they are "
+            "not 0, the modes differ.")
+# CLIP_benchmark's task of each vla task, for its JSON layout
+CLIP_BENCHMARK_TASKS = {"retrieval": "zeroshot_retrieval", "long_retrieval": "zeroshot_retrieval",
+                        "regional_retrieval": "zeroshot_retrieval",
+                        "zeroshot_classification": "zeroshot_classification",
+                        "captioning": "captioning"}
 
 
 def key_columns(results: Results) -> list[tuple[str, str, str]]:
@@ -67,8 +82,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def results_markdown(results: Results) -> str:
-    """One summary row per model over the key metrics (best in bold), then every metric per set."""
+def results_markdown(results: Results, mode: str = "clip_benchmark") -> str:
+    """One summary row per model over the key metrics (best in bold), then every metric per set;
+    the legend says how ties were ranked (`mode`)."""
     columns = key_columns(results)
     rows = []
     for model, per_set in results.items():
@@ -82,7 +98,7 @@ def results_markdown(results: Results) -> str:
             row.append(f"**{cell}**" if len(results) > 1 and value is not None and value == best
                        else cell)
         rows.append(row)
-    lines = ["# Evaluation results", "", LEGEND, ""]
+    lines = ["# Evaluation results", "", f"{LEGEND} {MODE_NOTES[mode]}", ""]
     lines += _table(["model"] + [f"{s} {label}" for s, _, label in columns], rows)
     truncated = [f"- {model} on {set_name}: {100 * m['text_truncated_fraction']:.1f}% of texts "
                  f"are longer than its {m['context_length']}-token text context"
@@ -91,6 +107,8 @@ def results_markdown(results: Results) -> str:
     if truncated:
         lines += ["", "Where the text side truncated:", ""] + truncated
     set_names = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
+    if set_names:
+        lines += ["", TIE_NOTE]
     for set_name in set_names:
         keys = list(dict.fromkeys(k for per_set in results.values()
                                   for k in per_set.get(set_name, {})))
@@ -111,69 +129,79 @@ def _jsonable(value):
 
 
 def write_comparison_chart(results: Results, path: str | Path) -> None:
-    """Grouped bars: one group per key metric, one bar per model, values ×100."""
+    """One small panel per key metric, each on its own axis (so an R@1 of 4 is not squashed under
+    a mean recall of 60), one bar per model, values ×100; the legend names the models."""
     columns = key_columns(results)
     models = list(results)
-    width = 0.8 / max(1, len(models))
-    fig = Figure(figsize=(max(6.0, 1.1 * len(columns) + 2), 4.8), layout="constrained")
+    colours = [f"C{i % 10}" for i in range(len(models))]
+    n_cols = min(4, max(1, len(columns)))
+    n_rows = max(1, math.ceil(len(columns) / n_cols))
+    fig = Figure(figsize=(3.0 * n_cols + 0.5, 2.6 * n_rows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    top = 100.0
-    for m, model in enumerate(models):
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (set_name, key, label) in zip(axes, columns):
         # a model without a metric (NaN, or a set it was not run on) gets no bar, not a zero
-        values = [100 * v if (v := results[model].get(s, {}).get(k)) is not None
-                  else math.nan for s, k, _ in columns]
-        top = max([top] + [v for v in values if not math.isnan(v)])
-        xs = [c + (m - (len(models) - 1) / 2) * width for c in range(len(columns))]
-        bars = ax.bar(xs, values, width, label=model)
-        if len(columns) * len(models) <= 40:  # labels only while they still fit
-            ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values],
-                         fontsize=7, padding=1)
-    ax.set_xticks(range(len(columns)), [f"{s}\n{label}" for s, _, label in columns],
-                  fontsize=8, rotation=30 if len(columns) > 8 else 0)
-    ax.set_ylim(0, top * 1.12)
-    ax.set_ylabel("score ×100")
-    ax.set_title("Key metrics per eval set")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        values = [100 * v if (v := results[m].get(set_name, {}).get(key)) is not None
+                  else math.nan for m in models]
+        bars = ax.bar(range(len(models)), values, 0.8, color=colours)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values],
+                     fontsize=7, padding=1)
+        finite = [v for v in values if not math.isnan(v)]
+        ax.set_ylim(0, max(finite + [1.0]) * 1.18)
+        ax.set_title(f"{set_name}: {label}", fontsize=9)
+        ax.set_xticks([])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(columns):]:
+        ax.axis("off")
+    handles = [Patch(color=c, label=m) for m, c in zip(models, colours)] if columns else []
+    if handles:
+        fig.legend(handles=handles, labels=models, fontsize=8, loc="outside lower center",
+                   ncols=min(len(models), 4))
+    fig.suptitle("Key metrics per eval set (×100; each panel has its own scale)", fontsize=10)
     fig.savefig(path, dpi=130)
 
 
 def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
-                         targets: Sequence[int], scores: torch.Tensor, path: str | Path,
-                         k: int = 5, title: str = "",
-                         row_labels: Sequence[str] | None = None) -> None:
+                         targets: Sequence[int], scores: torch.Tensor | Sequence[torch.Tensor],
+                         path: str | Path, k: int = 5, title: str = "",
+                         row_labels: Sequence[str] | None = None,
+                         galleries: Sequence[Sequence[Image.Image]] | None = None) -> None:
     """One row per text query: the query (under its `row_labels` entry, e.g. the model), then its
     top-k images with their scores; the correct image is framed green. When it is not in the
-    top-k, the query says at which rank it is."""
-    k = min(k, scores.shape[1])
+    top-k, the query says at which rank it is. `galleries[q]`, when given, is row q's own set of
+    images (rows from different eval sets), and `scores[q]` its scores over them."""
+    k = min(k, min(len(row) for row in scores))
     fig = Figure(figsize=(2.0 * (k + 1.6), 2.2 * len(queries) + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(queries), k + 1, width_ratios=[1.6] + [1] * k)
     for q, (query, target) in enumerate(zip(queries, targets)):
         # stable descending sort; the correct image's pessimistic rank: #others scoring ≥ it
+        gallery = galleries[q] if galleries is not None else images
         order = torch.argsort(scores[q], descending=True, stable=True)[:k].tolist()
-        rank = int((scores[q] >= scores[q, target]).sum()) - 1
+        rank = int((scores[q] >= scores[q][target]).sum()) - 1
         text_ax = fig.add_subplot(grid[q, 0])
         text_ax.axis("off")
         if row_labels:
             text_ax.text(0.0, 0.97, row_labels[q], va="top", ha="left", fontsize=9,
                          weight="bold", transform=text_ax.transAxes)
         note = "" if target in order else f"\n(correct image at rank {rank + 1})"
-        # long captions are cut to what fits beside a row of images
-        shown = textwrap.fill(textwrap.shorten(query, 260, placeholder=" …"), 30)
-        text_ax.text(0.0, 0.5, shown + note, va="center", ha="left", fontsize=9,
+        # long captions in a smaller font, cut to what fits beside a row of images
+        long = len(query) > 120
+        shown = textwrap.fill(textwrap.shorten(query, 420 if long else 260, placeholder=" …"),
+                              44 if long else 30)
+        text_ax.text(0.0, 0.5, shown + note, va="center", ha="left", fontsize=6 if long else 9,
                      transform=text_ax.transAxes)
         for j, idx in enumerate(order):
             ax = fig.add_subplot(grid[q, j + 1])
-            ax.imshow(images[idx], interpolation="nearest")
+            ax.imshow(gallery[idx], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             correct = idx == target
             for spine in ax.spines.values():
                 spine.set_color("#1a9e1a" if correct else "#bbbbbb")
                 spine.set_linewidth(5 if correct else 1)
-            ax.set_title(f"#{j + 1}  {scores[q, idx]:.3f}", fontsize=8,
+            ax.set_title(f"#{j + 1}  {scores[q][idx]:.3f}", fontsize=8,
                          color="#1a9e1a" if correct else "black")
     if title:
         fig.suptitle(title, fontsize=11)
@@ -182,26 +210,35 @@ def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
 
 def write_model_examples(sets: Sequence[EvalSet], models: dict[str, DualEncoder], path: str | Path,
                          n_queries: int = 4) -> bool:
-    """The same queries of the first retrieval set (short captions preferred) for every model,
-    one row per query and model. False when there is no retrieval set to draw from."""
+    """The same queries for every model, one row per query and model: from the short-caption
+    retrieval set and, when there is one, as many from the long-caption set (where a
+    16-token CLIP and an LLM embedder differ most). False when there is no retrieval set."""
     candidates = [s for s in sets if s.task in RETRIEVAL_TASKS]
     if not candidates or not models or n_queries <= 0:
         return False
-    es = next((s for s in candidates if s.task == "retrieval"), candidates[0])
-    examples = {name: retrieval_examples(model, es, n_queries) for name, model in models.items()}
-    rows = [(name, ex, q) for q in range(len(next(iter(examples.values())).queries))
-            for name, ex in examples.items()]
-    write_retrieval_grid(es.images, [ex.queries[q] for _, ex, q in rows],
-                         [ex.targets[q] for _, ex, q in rows],
-                         torch.stack([ex.scores[q] for _, ex, q in rows]), path,
-                         title=f"{es.name}: text → image, top 5 (the correct image framed green)",
-                         row_labels=[name for name, _, _ in rows])
+    chosen = [s for task in ("retrieval", "long_retrieval")
+              for s in candidates[:] if s.task == task][:2] or candidates[:1]
+    per_set = max(1, n_queries // len(chosen)) if len(chosen) > 1 else n_queries
+    images, queries, targets, scores, labels = [], [], [], [], []
+    for es in chosen:
+        examples = {name: retrieval_examples(model, es, per_set) for name, model in models.items()}
+        for q in range(len(next(iter(examples.values())).queries)):
+            for name, ex in examples.items():
+                # every row carries its own gallery: sets differ in images
+                images.append(es.images)
+                queries.append(ex.queries[q])
+                targets.append(ex.targets[q])
+                scores.append(ex.scores[q])
+                labels.append(f"{name} · {es.name}")
+    write_retrieval_grid(images[0], queries, targets, scores, path, row_labels=labels,
+                         galleries=images,
+                         title="text → image, top 5 (the correct image framed green)")
     return True
 
 
 def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] = (),
                  models: dict[str, DualEncoder] | None = None,
-                 examples: int = 4) -> dict[str, Path]:
+                 examples: int = 4, mode: str = "clip_benchmark") -> dict[str, Path]:
     """Write results.json, results.md, comparison.png, and — given the eval sets and the models
     (by the names used in `results`) — retrieval_examples.png with `examples` queries."""
     out = Path(out_dir)
@@ -210,8 +247,44 @@ def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] 
              "comparison.png": out / "comparison.png"}
     files["results.json"].write_text(json.dumps(_jsonable(results), indent=2) + "\n",
                                      encoding="utf-8")
-    files["results.md"].write_text(results_markdown(results), encoding="utf-8")
+    files["results.md"].write_text(results_markdown(results, mode), encoding="utf-8")
     write_comparison_chart(results, files["comparison.png"])
     if write_model_examples(sets, models or {}, out / "retrieval_examples.png", examples):
         files["retrieval_examples.png"] = out / "retrieval_examples.png"
     return files
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form: runs of anything but letters, digits, `.`, `+`, `-` → `_`."""
+    return re.sub(r"[^\w.+-]+", "_", text).strip("_")
+
+
+def write_clip_benchmark_results(results: Results, out_dir: str | Path,
+                                 sets: Sequence[EvalSet] = (), refs: dict[str, str] | None = None,
+                                 mode: str = "clip_benchmark") -> list[Path]:
+    """One JSON per model × set in CLIP_benchmark's layout (`dataset`, `model`, `pretrained`,
+    `task`, `metrics`, `language`), named as its CLI names them by default,
+    `{dataset}_{pretrained}_{model}_{language}_{task}.json`, so that `clip_benchmark build` and
+    other result-table tools read them. `dataset` is `wds/<set>` (how its CLI names the set);
+    `model` is vla's model label and `pretrained` the reference it was loaded from (`refs`).
+    `tie_mode` is vla's own addition."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = {s.name: s.task for s in sets}
+    written = []
+    for model, per_set in results.items():
+        pretrained = (refs or {}).get(model, model)
+        for set_name, metrics in per_set.items():
+            task = CLIP_BENCHMARK_TASKS.get(tasks.get(set_name, ""), "zeroshot_retrieval"
+                                            if "mean_recall" in metrics else
+                                            "zeroshot_classification" if "acc1" in metrics
+                                            else "captioning")
+            dump = {"dataset": f"wds/{set_name}", "model": model, "pretrained": pretrained,
+                    "task": task, "metrics": _jsonable(metrics), "language": "en",
+                    "tie_mode": mode}
+            name = (f"{_slug(set_name)}_{_slug(Path(pretrained).name or pretrained)}_"
+                    f"{_slug(model)}_en_{task}.json")
+            path = out / name
+            path.write_text(json.dumps(dump) + "\n", encoding="utf-8")
+            written.append(path)
+    return written

@@ -9,17 +9,31 @@ Scores are cosine similarities `s[t, i] = text_t · image_i` (embeddings L2-norm
   scores 0, as CLIP_benchmark's 0/0 → NaN → "not > 0" does).
 - `mean_recall`: the mean of all these recalls (R@1/5/10 both ways → six numbers).
 
-Ties. CLIP_benchmark ranks with `torch.topk`, which breaks ties arbitrarily. Here a tie counts
-against the model: the rank of the (best) positive is the number of *negatives* scoring at least as
-high as it, and a hit at K means that rank < K. So a model that gives every pair the same score gets
-recall ≈ K / candidates, never 100%. Without ties this is exactly CLIP_benchmark's number: "some
-positive in the top K" ⇔ "the best positive in the top K" ⇔ "fewer than K negatives above it".
+Ties — where a query's positive scores exactly as much as some negative — are where ways of
+ranking differ. Three modes (`MODES`):
+- `clip_benchmark` (default): CLIP_benchmark's computation, bit for bit: the texts × images matrix
+  `texts_emb @ images_emb.t()`, and per K one `torch.topk(rows, K)` over its rows (text→image) and
+  over the rows of its transpose (image→text), in the same column order. Among tied scores,
+  `topk`'s own order decides, exactly as in CLIP_benchmark. Equal embeddings give equal numbers,
+  ties or not. Holds the M × N score matrix, as CLIP_benchmark does.
+- `pessimistic`: a tie counts against the model. A query hits at K when fewer than K negatives
+  score ≥ its best positive. A model that gives every pair the same score gets recall exactly 0
+  at every K below the number of candidates. A lower bound on every other mode.
+- `expected`: the exact expectation over a uniformly random order among tied scores. With g
+  negatives scoring above the best positive score, e negatives and p positives tied at it, and
+  m = K − g: P(hit) = 0 if m ≤ 0, 1 if m > e, else 1 − C(e, m) / C(e + p, m) (the first m
+  tied places all negatives). A model scoring every pair alike gets recall K / candidates
+  (text→image). Well defined, unlike an order that depends on a kernel.
+Without ties the three modes agree. Every mode reports `image_retrieval_ties` /
+`text_retrieval_ties`: how many text / image queries had a negative tied with their (best)
+positive.
 
-Memory. CLIP_benchmark materialises the texts × images score matrix and, per batch,
-a texts × K × images one-hot tensor. `retrieval_metrics` only ever holds a chunk × images or
-chunk × texts block of scores: ranks come from "count of negatives with score ≥ positive score",
-which needs no sorting and nothing K-sized. `reference_retrieval_metrics` is the CLIP_benchmark way,
-kept for tests and `make bench`.
+Memory. `pessimistic` and `expected` never hold more than a chunk × max(N, M) block of scores:
+they need only the counts g, e, p per query. CLIP_benchmark itself also materialises, per batch,
+a rows × K × columns one-hot tensor; `clip_benchmark` mode reads the `topk` indices directly,
+which is the same test ("some positive among the top K") without that tensor.
+`reference_retrieval_metrics` is CLIP_benchmark's code step for step, kept for tests and
+`make bench`.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from typing import Sequence
 import torch
 
 DEFAULT_KS = (1, 5, 10)
+MODES = ("clip_benchmark", "pessimistic", "expected")
 
 
 def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image) -> torch.Tensor:
@@ -44,6 +59,12 @@ def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image) -> to
     return t2i
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown ranking mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
 def _keys(t2i_hits: dict[int, float], i2t_hits: dict[int, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in t2i_hits:
@@ -53,65 +74,123 @@ def _keys(t2i_hits: dict[int, float], i2t_hits: dict[int, float]) -> dict[str, f
     return out
 
 
+# ------------------------------------------------------------- counts around the best positive
+
+def _counts(scores: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g, e, p) per row of `scores` [c, n] whose positives are (row[j], col[j]): negatives above
+    the best positive, negatives tied with it, positives tied with it."""
+    c = scores.shape[0]
+    positive = scores[row, col]     # read from `scores` itself: ties compare identical numbers
+    best = torch.full((c,), float("-inf"), device=scores.device, dtype=scores.dtype)
+    best = best.scatter_reduce(0, row, positive, "amax")
+    # (int32 sums: torch's default int64 reduction of a bool matrix is ~2× slower on CPU)
+    above = (scores > best[:, None]).sum(1, dtype=torch.int32)
+    at = (scores == best[:, None]).sum(1, dtype=torch.int32)
+    p = torch.zeros_like(at).scatter_add(0, row, (positive == best[row]).int())
+    # a row without positives: more negatives above than any K, none tied (never a hit)
+    none = torch.bincount(row, minlength=c) == 0
+    above[none], at[none], p[none] = torch.iinfo(torch.int32).max, 1, 1
+    return above.long(), (at - p).long(), p.long()
+
+
 @torch.no_grad()
-def text_to_image_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
-                        chunk: int = 1024) -> torch.Tensor:
-    """[M] pessimistic 0-based rank of each caption's image: #other images with score ≥ its own."""
+def text_to_image_counts(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
+                         chunk: int = 1024) -> tuple[torch.Tensor, ...]:
+    """(g, e, p), each [M]: per caption, other images scoring above / tied with its image; p = 1."""
     t2i = _check(image_emb, text_emb, text_to_image)
-    ranks = torch.empty(len(t2i), dtype=torch.long)
+    out = []
     for start in range(0, len(t2i), chunk):
         scores = text_emb[start:start + chunk] @ image_emb.T                 # [c, N]
-        target = t2i[start:start + chunk]
-        positive = scores.gather(1, target[:, None])                         # [c, 1]
-        # the positive itself is always ≥ itself: subtract it to count negatives only.
-        # (int32 sums: torch's default int64 reduction of a bool matrix is ~2× slower on CPU)
-        ranks[start:start + chunk] = ((scores >= positive).sum(1, dtype=torch.int32) - 1).cpu()
-    return ranks
+        row = torch.arange(scores.shape[0], device=scores.device)
+        out.append([x.cpu() for x in _counts(scores, row, t2i[start:start + chunk])])
+    return _cat(out)
 
 
 @torch.no_grad()
-def image_to_text_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
-                        chunk: int = 1024) -> torch.Tensor:
-    """[N] pessimistic 0-based rank of each image's best caption: #non-captions with score ≥ it.
-
-    Images without captions get rank M (never a hit).
-    """
+def image_to_text_counts(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
+                         chunk: int = 1024) -> tuple[torch.Tensor, ...]:
+    """(g, e, p), each [N]: per image, non-captions scoring above / tied with its best caption, and
+    its own captions tied with it. An image without captions never hits (g is set past any K)."""
     t2i = _check(image_emb, text_emb, text_to_image)
-    n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
-    ranks = torch.empty(n_images, dtype=torch.long)
+    n_images = image_emb.shape[0]
+    out = []
     for start in range(0, n_images, chunk):
         scores = image_emb[start:start + chunk] @ text_emb.T                 # [c, M]
-        c = scores.shape[0]
-        # this chunk's captions, read from `scores` itself so that every comparison below is
-        # between bit-identical numbers (a separately computed dot product may differ in the
-        # last bit and break ties the wrong way)
-        mine = ((t2i >= start) & (t2i < start + c)).nonzero().squeeze(1)
-        row = t2i[mine] - start
-        positive = scores[row, mine]
-        best = torch.full((c,), float("-inf"), device=scores.device, dtype=scores.dtype)
-        best = best.scatter_reduce(0, row, positive, "amax")
-        at_least_best = (scores >= best[:, None]).sum(1, dtype=torch.int32)
-        positives_at_least_best = torch.zeros_like(at_least_best).scatter_add(
-            0, row, (positive >= best[row]).int())
-        rank = at_least_best - positives_at_least_best
-        rank[torch.bincount(row, minlength=c) == 0] = n_texts
-        ranks[start:start + c] = rank.cpu()
+        mine = ((t2i >= start) & (t2i < start + scores.shape[0])).nonzero().squeeze(1)
+        out.append([x.cpu() for x in _counts(scores, t2i[mine] - start, mine)])
         del scores  # free this block before the next is computed: peak memory is one block
-    return ranks
+    return _cat(out)
+
+
+def _cat(blocks: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    if not blocks:
+        return (torch.zeros(0, dtype=torch.long),) * 3
+    return tuple(torch.cat(x) for x in zip(*blocks))
+
+
+def hit_probability(above: torch.Tensor, tied_neg: torch.Tensor, tied_pos: torch.Tensor, k: int,
+                    mode: str) -> torch.Tensor:
+    """P(some positive among the top k) per query from (g, e, p): 0/1 when `pessimistic`, the
+    expectation over a random order of the tied group when `expected` (see the module doc)."""
+    g, e, p = above.double(), tied_neg.double(), tied_pos.double()
+    if mode == "pessimistic":
+        return (g + e < k).double()
+    m = k - g
+    inside = (m > 0) & (m <= e)
+    # C(e, m) / C(e + p, m) through log-gamma; exact to float64 rounding
+    mm = m.clamp(min=0)
+    ratio = torch.exp(torch.lgamma(e + 1) - torch.lgamma((e - mm).clamp(min=0) + 1)
+                      - torch.lgamma(e + p + 1) + torch.lgamma((e + p - mm).clamp(min=0) + 1))
+    return torch.where(m > e, 1.0, torch.where(inside, 1.0 - ratio, 0.0)).double()
+
+
+# ------------------------------------------------------------------------------- the metrics
+
+@torch.no_grad()
+def _clip_benchmark_hits(scores: torch.Tensor, owner_of_column: torch.Tensor | None,
+                         positive_column: torch.Tensor | None, k: int,
+                         chunk: int) -> torch.Tensor:
+    """1/0 per row of `scores`: some positive among `torch.topk(rows, k)`'s indices, rows taken
+    `chunk` at a time as CLIP_benchmark's `batchify` does (topk treats every row on its own)."""
+    hits = []
+    k = min(k, scores.shape[1])  # CLIP_benchmark's topk would fail; every column is then in
+    for start in range(0, scores.shape[0], chunk):
+        top = torch.topk(scores[start:start + chunk], k, dim=1)[1]          # [c, k]
+        rows = torch.arange(start, start + top.shape[0], device=top.device)
+        if positive_column is not None:   # text → image: one positive image per text
+            hit = (top == positive_column[rows, None]).any(1)
+        else:                             # image → text: a column is positive if it is a caption of the row
+            hit = (owner_of_column[top] == rows[:, None]).any(1)
+        hits.append(hit.double().cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64)
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
-                      ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024) -> dict[str, float]:
-    """Recall@K both ways and their mean, never holding more than chunk × max(N, M) scores.
+                      ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024,
+                      mode: str = "clip_benchmark") -> dict[str, float]:
+    """Recall@K both ways, their mean, and the tie counts, ranked as `mode` says (module doc).
 
     image_emb [N, D] and text_emb [M, D] L2-normalised; text_to_image [M] the image of each text.
     Keys: `image_retrieval_recall@K` (text→image), `text_retrieval_recall@K` (image→text),
-    `mean_recall`.
+    `mean_recall`, `image_retrieval_ties`, `text_retrieval_ties`.
     """
-    t2i_rank = text_to_image_ranks(image_emb, text_emb, text_to_image, chunk)
-    i2t_rank = image_to_text_ranks(image_emb, text_emb, text_to_image, chunk)
-    return _keys({k: (t2i_rank < k).double().mean().item() for k in ks},
-                 {k: (i2t_rank < k).double().mean().item() for k in ks})
+    check_mode(mode)
+    t2i = _check(image_emb, text_emb, text_to_image)
+    t2i_counts = text_to_image_counts(image_emb, text_emb, t2i, chunk)
+    i2t_counts = image_to_text_counts(image_emb, text_emb, t2i, chunk)
+    if mode == "clip_benchmark":
+        scores = text_emb @ image_emb.t()        # CLIP_benchmark's layout: texts × images
+        t2i_hits = {k: _clip_benchmark_hits(scores, None, t2i, k, chunk).mean().item() for k in ks}
+        i2t_hits = {k: _clip_benchmark_hits(scores.T, t2i, None, k, chunk).mean().item()
+                    for k in ks}
+        del scores
+    else:
+        t2i_hits = {k: hit_probability(*t2i_counts, k, mode).mean().item() for k in ks}
+        i2t_hits = {k: hit_probability(*i2t_counts, k, mode).mean().item() for k in ks}
+    return {**_keys(t2i_hits, i2t_hits),
+            "image_retrieval_ties": int((t2i_counts[1] > 0).sum()),
+            "text_retrieval_ties": int((i2t_counts[1] > 0).sum())}
 
 
 @torch.no_grad()
@@ -120,9 +199,9 @@ def reference_retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
                                 batch_size: int = 64) -> dict[str, float]:
     """CLIP_benchmark's computation, step for step: the full texts × images score matrix, a
     texts × images boolean `positive_pairs`, and per batch of rows `topk` + a rows × K × columns
-    one-hot. Ties go to `torch.topk`'s arbitrary order. For tests and benchmarks only."""
+    one-hot. Ties go to `torch.topk`'s order. For tests and benchmarks only."""
     t2i = _check(image_emb, text_emb, text_to_image)
-    scores = text_emb @ image_emb.T
+    scores = text_emb @ image_emb.t()
     positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
     positive_pairs[torch.arange(len(scores)), t2i] = True
 

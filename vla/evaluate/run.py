@@ -51,19 +51,20 @@ def truncation(model: DualEncoder, texts: Sequence[str]) -> dict[str, float | in
             "context_length": context}
 
 
-def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256) -> dict[str, float] | None:
-    """The metrics of one set (None for a captioning set and a model that does not generate)."""
+def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
+                 mode: str = "clip_benchmark") -> dict[str, float] | None:
+    """The metrics of one set (None for a captioning set and a model that does not generate);
+    `mode` says how tied scores rank (`retrieval.MODES`)."""
     if es.task in RETRIEVAL_TASKS:
         texts, owner = es.texts()
         metrics = retrieval_metrics(_batched_images(model, es.images, batch_size),
-                                    _batched_texts(model, texts, batch_size), owner)
+                                    _batched_texts(model, texts, batch_size), owner, mode=mode)
         return {**metrics, **truncation(model, texts),
                 "n_images": len(es.images), "n_texts": len(texts)}
     if es.task == "zeroshot_classification":
-        classifier = zeroshot_classifier(model.encode_text, es.classnames, es.templates,
-                                         batch_size)
+        classifier = zeroshot_classifier(model.encode_text, es.classnames, es.templates)
         metrics = zeroshot_metrics(_batched_images(model, es.images, batch_size), es.labels,
-                                   classifier)
+                                   classifier, mode=mode)
         return {**metrics, "n_images": len(es.images), "n_classes": len(es.classnames)}
     if es.task == "captioning":
         if not isinstance(model, Captioner):
@@ -74,12 +75,12 @@ def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256) -> dict
     raise ValueError(f"unknown task {es.task!r}")
 
 
-def evaluate_model(model: DualEncoder, sets: Sequence[EvalSet],
-                   batch_size: int = 256) -> dict[str, dict[str, float]]:
+def evaluate_model(model: DualEncoder, sets: Sequence[EvalSet], batch_size: int = 256,
+                   mode: str = "clip_benchmark") -> dict[str, dict[str, float]]:
     """{set name: {metric: value}} for every set this model can be measured on."""
     results = {}
     for es in sets:
-        metrics = evaluate_set(model, es, batch_size)
+        metrics = evaluate_set(model, es, batch_size, mode)
         if metrics is not None:
             results[es.name] = metrics
     return results

@@ -2,15 +2,21 @@
 
 Story: each model (a registry name, a training artifact or an export) → the eval sets (from a
 synth artifact's `eval/` or any directory in CLIP_benchmark's WebDataset layout) → retrieval,
-long-text retrieval, zero-shot metrics computed exactly as CLIP_benchmark does → an eval artifact
-with results.json, a markdown table and figures.
+long-text retrieval, zero-shot metrics → an eval artifact with results.json, a markdown table,
+figures, and one CLIP_benchmark-layout JSON per model × set under `clip_benchmark/`.
+
+`mode` says how tied scores rank (`vla.evaluate.retrieval`): `clip_benchmark` (the default)
+computes what CLIP_benchmark computes, `topk`/`argmax` ties included, so equal embeddings give
+equal numbers; `pessimistic` counts every tie against the model; `expected` averages over a random
+order among ties. Without ties the three agree; every set reports its tie counts.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
@@ -24,6 +30,7 @@ class EvalRecipe:
     batch_size: int = 256
     examples: int = 4            # text queries shown in the retrieval-examples figure
     device: str = "auto"         # "auto" (the GPU when there is one) | "cpu" | "cuda"
+    mode: Literal["clip_benchmark", "pessimistic", "expected"] = "clip_benchmark"  # tie ranking
 
 
 def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
@@ -36,10 +43,31 @@ def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
     return data, {"data": {"path": str(data), "kind": "eval-sets"}}
 
 
+# what each training artifact is, for table rows and legends
+_METHODS = {"pretrain": "CLIP", "distill": "ProCLIP stage 1", "export": "export"}
+
+
+def model_label(ref: str, name: str) -> str:
+    """A readable row label: the method the artifact's manifest records, then its directory
+    (`ProCLIP (contrast)`, `LLM2CLIP (llm2clip)`, `CLIP (clip)`); a plain model directory is its
+    folder name; a registry name stays as it is."""
+    path = Path(ref)
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        kind, recipe = m.get("kind", ""), m.get("recipe") or {}
+        if kind == "contrast-tune":
+            method = "LLM2CLIP" if recipe.get("init") == "random" else "ProCLIP"
+        else:
+            method = _METHODS.get(kind, kind)
+        return f"{method} ({path.name})" if method else path.name
+    return path.name if path.is_dir() else name
+
+
 def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.distributed import resolve_device
-    from vla.evaluate.report import write_report
+    from vla.evaluate.report import write_clip_benchmark_results, write_report
     from vla.evaluate.run import evaluate_model
     from vla.models.load import load_encoder
     from vla.stages.common import eval_sets
@@ -54,12 +82,16 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
         if (Path(ref) / "manifest.json").exists():
             inputs[f"model{i}"] = open_artifact(ref)
     encoders = [load_encoder(ref, device=device) for ref in models]
-    names = [e.name for e in encoders]
+    names = [model_label(ref, e.name) for ref, e in zip(models, encoders)]
     if len(set(names)) != len(names):  # two artifacts with the same directory name
         names = [f"{n} ({ref})" for n, ref in zip(names, models)]
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
-        results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size) for name, enc in zip(names, encoders)}
-        write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)), examples=cfg.examples)
+        results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size, mode=cfg.mode)
+                   for name, enc in zip(names, encoders)}
+        write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)),
+                     examples=cfg.examples, mode=cfg.mode)
+        write_clip_benchmark_results(results, art.dir / "clip_benchmark", sets=sets,
+                                     refs=dict(zip(names, models)), mode=cfg.mode)
         art.metrics.update(results)
         art.extra["device"] = str(device)
         art.counts.update({s.name: {"images": len(s.images)} for s in sets})
