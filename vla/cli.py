@@ -230,6 +230,28 @@ def export(
                   f"load it with vla.load({str(art.path)!r})")
 
 
+# ---------------------------------------------------------------------------------------------
+# DCLIP: detector → regions → meta-teacher → student
+@app.command("train-detector")
+@handles_errors
+def train_detector(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact (its YOLO copy) or an ultralytics data .yaml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="ultralytics model config (yolov8n.yaml)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the recipe)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """DCLIP: train a YOLO for region proposals with ultralytics' own trainer (mAP in the manifest)."""
+    from vla.stages.train_detector import TrainDetectorRecipe, run
+
+    cfg = _load_recipe(TrainDetectorRecipe, "train-detector", recipe, set_, {"model": model, "epochs": epochs})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+    console.print(f"  val: {art.manifest['metrics']['val']}", highlight=False)
+
+
 def _print_done(art) -> None:
     if art is None:  # a torchrun rank other than 0: rank 0 reports
         return

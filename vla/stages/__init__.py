@@ -16,6 +16,7 @@ RECIPES: dict[str, str] = {
     "eval": "vla.stages.evaluate:EvalRecipe",
     "distill": "vla.stages.distill:DistillRecipe",
     "contrast-tune": "vla.stages.contrast_tune:ContrastTuneRecipe",
+    "train-detector": "vla.stages.train_detector:TrainDetectorRecipe",
 }
 
 
