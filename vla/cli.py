@@ -252,6 +252,30 @@ def train_detector(
     console.print(f"  val: {art.manifest['metrics']['val']}", highlight=False)
 
 
+@app.command("precompute-regions")
+@handles_errors
+def precompute_regions(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards / JSONL of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="'oracle', a train-detector artifact, or a YOLO .pt on disk."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP whose image encoder embeds the crops (name or pretrain artifact)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """DCLIP: detect regions, encode each crop with the frozen CLIP, store them by sample key."""
+    from vla.stages.precompute_regions import PrecomputeRegionsRecipe, run
+
+    cfg = _load_recipe(PrecomputeRegionsRecipe, "precompute-regions", recipe, set_, {"detector": detector, "clip": clip})
+    art = run(cfg, data, out, force=force, command=_command())
+    m = art.manifest
+    console.print(f"[green]✓[/] precompute-regions → {art.path}  ({m['timings']['wall_s']:.1f} s, "
+                  f"{m['timings']['images_per_s']:.1f} images/s)")
+    console.print(f"  images: {m['counts']['images']}  regions: {m['counts']['regions']}  "
+                  f"no detection: {m['counts']['no_detection']}  boxes dropped: {m['counts']['boxes_dropped']}",
+                  highlight=False)
+
+
 def _print_done(art) -> None:
     if art is None:  # a torchrun rank other than 0: rank 0 reports
         return

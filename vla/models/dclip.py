@@ -172,3 +172,25 @@ def load_teacher(directory: Path, epoch: int) -> MetaTeacher:
     teacher = MetaTeacher(TeacherConfig(**json.loads((directory / CONFIG_FILE).read_text())))
     teacher.load_state_dict(load_state_dict(directory / epoch_file(epoch)))
     return teacher.eval()
+
+
+# ---------------------------------------------------------------------------------- the frozen CLIP
+
+#: artifact kinds whose `model/` is a plain CLIP in open_clip's layout
+CLIP_KINDS = ("pretrain", "train-student")
+
+
+def load_dclip_clip(ref: str, role: str = "--clip"):
+    """The CLIP DCLIP's stages read: a registry name / open_clip name / directory, or a pretrain
+    (or train-student) artifact. Returns (ClipModel, what the manifest records, identity), the
+    identity being an artifact's content digest or the name, so that tables built with one CLIP
+    are never read with another."""
+    from vla.artifacts import open_artifact
+    from vla.models.clip import load_clip
+
+    if (Path(ref) / "manifest.json").exists():
+        art = open_artifact(ref, CLIP_KINDS, role=role)
+        clip = load_clip("local-dir:" + str(art.path / "model"))
+        clip.name = Path(ref).name
+        return clip, art.reference(), art.digest
+    return load_clip(ref), {"path": ref, "kind": "model"}, ref

@@ -17,6 +17,7 @@ RECIPES: dict[str, str] = {
     "distill": "vla.stages.distill:DistillRecipe",
     "contrast-tune": "vla.stages.contrast_tune:ContrastTuneRecipe",
     "train-detector": "vla.stages.train_detector:TrainDetectorRecipe",
+    "precompute-regions": "vla.stages.precompute_regions:PrecomputeRegionsRecipe",
 }
 
 
