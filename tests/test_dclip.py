@@ -4,11 +4,28 @@ train-teacher, train-student."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from tests.test_cli import SMALL_WORLD, vla
+from vla.cli import app
+
+from tests.test_cli import SMALL_WORLD, VLA, vla
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def cli(*args):
+    """The CLI in-process (where no process boundary matters: refusals, messages)."""
+    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +44,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def detector(world, yolo_env):
     out = world.parent / "detector"
-    r = vla("train-detector", "--data", world, "--out", out, "--epochs", "2", "--set", "batch=16", env=yolo_env)
+    r = vla("train-detector", "--data", world, "--out", out, "--recipe", "recipes/smoke/train-detector.yaml", env=yolo_env)
     assert r.returncode == 0, r.stderr + r.stdout
     return out
 
@@ -75,8 +92,7 @@ def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(detec
 @pytest.fixture(scope="module")
 def base_clip(world):
     out = world.parent / "clip"
-    r = vla("pretrain", "--data", world, "--out", out, "--model", "vla-micro-clip", "--set", "train.steps=4",
-            "--set", "train.batch_size=16", "--set", "eval.sets=[]")
+    r = vla("pretrain", "--data", world, "--out", out, "--recipe", "recipes/smoke/pretrain.yaml", "--set", "eval.sets=[]")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -156,22 +172,6 @@ def test_bad_boxes_are_dropped_and_counted():
     assert clip_box(boxes[5], 64, 64) == (0, 50, 20, 64)  # partly outside: clipped
 
 
-def test_no_detection_gets_the_whole_image_and_is_counted(world, base_clip, detector, yolo_env):
-    out = world.parent / "regions-yolo"
-    # a 2-epoch YOLO finds nothing at ultralytics' default confidence
-    r = vla("precompute-regions", "--data", world, "--out", out, "--detector", detector, "--clip", base_clip,
-            *REGION_SETTINGS, "--set", "detect.conf=0.9", env=yolo_env)
-    assert r.returncode == 0, r.stderr
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["counts"]["no_detection"] == m["counts"]["images"] == m["counts"]["regions"] == 60
-    assert m["inputs"]["detector"]["digest"] == json.loads((detector / "manifest.json").read_text())["digest"]
-    from vla.data.regions import RegionStore
-
-    store = RegionStore.open(out / "regions")
-    im = store.image(store.keys()[0])
-    assert im["boxes"].tolist() == [[0, 0, 64, 64]] and im["area"].tolist() == [1.0]
-
-
 class _Crash(Exception):
     pass
 
@@ -210,12 +210,142 @@ def test_interrupted_precompute_resumes_after_its_last_shard(world, base_clip, o
 
 
 def test_missing_detector_or_clip_is_refused_before_compute(world, base_clip, tmp_path):
-    r = vla("precompute-regions", "--data", world, "--out", tmp_path / "a", "--detector", tmp_path / "yolov8x.pt",
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "a", "--detector", tmp_path / "yolov8x.pt",
             "--clip", base_clip)
-    assert r.returncode == 2 and "not on disk" in r.stderr and str(tmp_path / "yolov8x.pt") in r.stderr
-    r = vla("precompute-regions", "--data", world, "--out", tmp_path / "b", "--detector", "oracle",
+    assert r.exit_code == 2 and "not on disk" in r.output and "yolov8x.pt" in r.output
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "b", "--detector", "oracle",
             "--clip", "clip-vit-l")
-    assert r.returncode == 2 and "not available offline" in r.stderr
-    r = vla("precompute-regions", "--data", world, "--out", tmp_path / "c", "--detector", "oracle", "--clip", world)
-    assert r.returncode == 2 and "'synth' artifact" in r.stderr
+    assert r.exit_code == 2 and "not available offline" in r.output
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "c", "--detector", "oracle", "--clip", world)
+    assert r.exit_code == 2 and "'synth' artifact" in r.output
+    assert not any((tmp_path / n).exists() or (tmp_path / f".{n}.partial").exists() for n in "abc")
+
+
+# --- train-teacher, train-student: the smoke curriculum by manifest -------------------------------------
+
+
+def _manifest(path):
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def chain(world, base_clip, detector, yolo_env):
+    """world → base CLIP → detector → regions → teacher → student → eval → export, with the smoke
+    recipes, each stage reading the previous one's artifact."""
+    d = world.parent
+    steps = [
+        ["precompute-regions", "--data", world, "--detector", detector, "--clip", base_clip,
+         "--out", d / "regions", "--recipe", "recipes/smoke/precompute-regions.yaml"],
+        ["train-teacher", "--regions", d / "regions", "--out", d / "teacher", "--recipe", "recipes/smoke/train-teacher.yaml"],
+        ["train-student", "--teacher", d / "teacher", "--epoch", "1", "--out", d / "student",
+         "--recipe", "recipes/smoke/train-student.yaml"],
+        ["eval", base_clip, d / "student", "--data", world, "--out", d / "eval", "--recipe", "recipes/smoke/eval.yaml"],
+        ["export", d / "student", "--out", d / "export"],
+    ]
+    for args in steps:
+        r = vla(*args, env={**yolo_env, "VLA_NO_PROGRESS": "1"})
+        assert r.returncode == 0, (args[0], r.stderr[-3000:])
+    return d
+
+
+def test_smoke_dclip_chains_by_manifest(chain, world, base_clip, detector):
+    regions, teacher, student = _manifest(chain / "regions"), _manifest(chain / "teacher"), _manifest(chain / "student")
+    assert regions["inputs"]["detector"]["digest"] == _manifest(detector)["digest"]
+    assert regions["inputs"]["clip"]["digest"] == _manifest(base_clip)["digest"]
+    assert regions["inputs"]["data"]["digest"] == _manifest(world)["digest"]
+    # a 2-epoch YOLO finds nothing at ultralytics' default confidence: each image is its own one region
+    assert regions["counts"]["no_detection"] == regions["counts"]["images"] == regions["counts"]["regions"] == 60
+    from vla.data.regions import RegionStore
+
+    store = RegionStore.open(chain / "regions" / "regions")
+    im = store.image(store.keys()[0])
+    assert im["boxes"].tolist() == [[0, 0, 64, 64]] and im["area"].tolist() == [1.0]
+    assert teacher["inputs"]["regions"]["digest"] == regions["digest"]
+    assert teacher["inputs"]["clip"]["digest"] == _manifest(base_clip)["digest"]
+    assert teacher["epochs"] == [1, 2] and teacher["counts"]["steps"] == 2 * (60 // 16)
+    assert sorted(p.name for p in (chain / "teacher" / "teacher").glob("*.safetensors")) == [
+        "teacher-epoch001.safetensors", "teacher-epoch002.safetensors"]
+    assert student["inputs"]["teacher"]["digest"] == teacher["digest"] and student["recipe"]["teacher_epoch"] == 1
+    assert set(student["metrics"]["train"]) >= {"loss", "distill", "contrastive"}
+    assert "zeroshot" in student["metrics"]["eval"]  # a plain CLIP, scored with no boxes
+    table = (chain / "eval" / "results.md").read_text()
+    assert "clip" in table and "student" in table
+    assert _manifest(chain / "export")["inputs"]["model"]["digest"] == student["digest"]
+
+
+def test_student_text_tower_is_bit_identical_and_image_tower_trained(chain, base_clip):
+    from safetensors.torch import load_file
+
+    before = load_file(base_clip / "model" / "open_clip_model.safetensors")
+    after = load_file(chain / "student" / "model" / "open_clip_model.safetensors")
+    assert before.keys() == after.keys()
+    text_keys = [k for k in before if not k.startswith("visual.")]
+    assert "token_embedding.weight" in text_keys and "text_projection" in text_keys
+    for k in text_keys:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+
+
+def test_student_export_encodes_as_a_plain_clip(chain):
+    import vla
+    from PIL import Image
+
+    model = vla.load(chain / "export")
+    img = model.encode_image([Image.new("RGB", (64, 64), (200, 30, 30))])
+    txt = model.encode_text(["a red circle"])
+    assert img.shape == txt.shape == (1, 32)
+
+
+def test_preservation_loss_switch(chain, tmp_path):
+    from vla.recipes import load_recipe
+    from vla.stages import train_student
+
+    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/train-student.yaml",
+                      [f"teacher={chain / 'teacher'}", "preserve_weight=0.5", "train.steps=2", "eval.sets=[]"])
+    m = train_student.run(cfg, None, tmp_path / "s").manifest
+    assert m["recipe"]["preserve_weight"] == 0.5 and "preserve" in m["metrics"]["train"]
+    # the target is the frozen CLIP's own image embedding (from the regions table): ≈ 0 at the start
+    first = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= first["preserve"] < 0.05
+
+
+TEACHER = ["--recipe", "recipes/smoke/train-teacher.yaml", "--epochs", "4", "--set", "train.batch_size=8",
+           "--set", "train.checkpoint_every=1"]
+
+
+def test_killed_train_teacher_resumes_to_identical_weights(oracle_regions, tmp_path):
+    from safetensors.torch import load_file
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", whole, *TEACHER)
+    assert r.returncode == 0, r.stderr
+    ckpt = tmp_path / ".killed.partial" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([*VLA, "train-teacher", "--regions", str(oracle_regions), "--out", str(killed), *TEACHER],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "VLA_NO_PROGRESS": "1"})
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", killed, *TEACHER)
+    assert r.returncode == 0, r.stderr
+    assert _manifest(killed)["resumed"] is True
+    files = sorted(p.name for p in (whole / "teacher").glob("*.safetensors"))
+    assert len(files) == 4 and files == sorted(p.name for p in (killed / "teacher").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(whole / "teacher" / name), load_file(killed / "teacher" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_wrong_inputs_are_refused_before_compute(oracle_regions, world, base_clip, tmp_path):
+    r = cli("train-student", "--teacher", oracle_regions, "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "is a 'precompute-regions' artifact; --teacher expects 'train-teacher'" in r.output
+    # the regions were built with the pretrained base CLIP, not a fresh micro CLIP
+    r = cli("train-teacher", "--regions", oracle_regions, "--clip", "vla-micro-clip", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "was built with another CLIP" in r.output
+    r = cli("train-teacher", "--regions", world, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "--regions expects 'precompute-regions'" in r.output
     assert not any((tmp_path / n).exists() or (tmp_path / f".{n}.partial").exists() for n in "abc")

@@ -25,7 +25,7 @@ from typing import Sequence
 from vla.artifacts import Artifact, ArtifactBuilder, lineage, open_artifact
 
 KIND = "export"
-SOURCES = ("contrast-tune", "pretrain")
+SOURCES = ("contrast-tune", "pretrain", "train-student")
 
 
 @dataclass

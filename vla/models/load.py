@@ -8,7 +8,7 @@ from pathlib import Path
 from vla.models.encoder import DualEncoder
 
 # artifact kinds that hold a scorable model; all of them are opened by vla.export.load
-MODEL_KINDS = ("pretrain", "contrast-tune", "export")
+MODEL_KINDS = ("pretrain", "contrast-tune", "train-student", "export")
 
 
 def load_encoder(ref: str) -> DualEncoder:

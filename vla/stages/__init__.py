@@ -18,6 +18,8 @@ RECIPES: dict[str, str] = {
     "contrast-tune": "vla.stages.contrast_tune:ContrastTuneRecipe",
     "train-detector": "vla.stages.train_detector:TrainDetectorRecipe",
     "precompute-regions": "vla.stages.precompute_regions:PrecomputeRegionsRecipe",
+    "train-teacher": "vla.stages.train_teacher:TrainTeacherRecipe",
+    "train-student": "vla.stages.train_student:TrainStudentRecipe",
 }
 
 

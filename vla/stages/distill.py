@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vla.artifacts import Artifact, ArtifactBuilder
+from vla.data.rows import row_batches
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
 
@@ -107,19 +108,6 @@ def frozen_text_features(data_dir: Path, data_digest: str, table: CaptionTable, 
                                         keys=table.keys, inputs=texts, encode=encode, batch_size=batch_size)
             out[f"{role}.{variant}"] = torch.from_numpy(tab.features[:].astype("float32"))
     return out
-
-
-def row_batches(n: int, batch_size: int, seed: int, start_step: int, world_size: int = 1, rank: int = 0):
-    """Global batches of row indices, reshuffled every epoch from (seed, epoch): step s always
-    gets the same rows, which is what makes a resume exact. Rank r takes every world_size-th row."""
-    per_epoch = n // batch_size
-    step = start_step
-    while True:
-        epoch, i = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        yield perm[i * batch_size:(i + 1) * batch_size][rank::world_size]
-        step += 1
 
 
 def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
