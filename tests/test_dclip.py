@@ -1,5 +1,5 @@
 """DCLIP's stages through the CLI on a tiny world: train-detector, precompute-regions,
-train-teacher, train-student."""
+train-teacher, train-student, and `make dclip` with the smoke recipes."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector(world, yolo_env):
-    out = world.parent / "detector"
+    out = world.parent / "dclip" / "detector"  # where `make dclip DCLIP_RUNS=…/dclip` looks for it
     r = vla("train-detector", "--data", world, "--out", out, "--recipe", "recipes/smoke/train-detector.yaml", env=yolo_env)
     assert r.returncode == 0, r.stderr + r.stdout
     return out
@@ -52,7 +52,8 @@ def detector(world, yolo_env):
 # --- train-detector --------------------------------------------------------------------------------
 
 
-def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(detector, yolo_env, monkeypatch, tmp_path):
+def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(world, detector, yolo_env, monkeypatch,
+                                                                          tmp_path):
     from safetensors.torch import load_file
 
     from vla.artifacts import sha256_file
@@ -86,12 +87,12 @@ def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(detec
     with pytest.raises(UserError, match="not on disk"):
         resolve_detector(str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match="'synth' artifact"):
-        resolve_detector(str(detector.parent / "world"))
+        resolve_detector(str(world))
 
 
 @pytest.fixture(scope="module")
 def base_clip(world):
-    out = world.parent / "clip"
+    out = world.parent / "runs" / "clip"  # the base CLIP `make proclip RUNS=…/runs` shares with DCLIP
     r = vla("pretrain", "--data", world, "--out", out, "--recipe", "recipes/smoke/pretrain.yaml", "--set", "eval.sets=[]")
     assert r.returncode == 0, r.stderr
     return out
@@ -230,25 +231,33 @@ def _manifest(path):
 
 @pytest.fixture(scope="module")
 def chain(world, base_clip, detector, yolo_env):
-    """world → base CLIP → detector → regions → teacher → student → eval → export, with the smoke
-    recipes, each stage reading the previous one's artifact."""
+    """`make dclip` with the smoke recipes, on the world, base CLIP and detector made above (as
+    `make proclip` and an earlier `make dclip` would have left them): regions → teacher → student
+    → eval → export, each stage reading the previous one's artifact; then `make dclip` again."""
     d = world.parent
-    steps = [
-        ["precompute-regions", "--data", world, "--detector", detector, "--clip", base_clip,
-         "--out", d / "regions", "--recipe", "recipes/smoke/precompute-regions.yaml"],
-        ["train-teacher", "--regions", d / "regions", "--out", d / "teacher", "--recipe", "recipes/smoke/train-teacher.yaml"],
-        ["train-student", "--teacher", d / "teacher", "--epoch", "1", "--out", d / "student",
-         "--recipe", "recipes/smoke/train-student.yaml"],
-        ["eval", base_clip, d / "student", "--data", world, "--out", d / "eval", "--recipe", "recipes/smoke/eval.yaml"],
-        ["export", d / "student", "--out", d / "export"],
-    ]
-    for args in steps:
-        r = vla(*args, env={**yolo_env, "VLA_NO_PROGRESS": "1"})
-        assert r.returncode == 0, (args[0], r.stderr[-3000:])
-    return d
+    make_vars = [f"WORLD={world}", f"RUNS={d / 'runs'}", f"DCLIP_RUNS={d / 'dclip'}", f"DCLIP_EXPORT={d / 'export'}",
+                 "RECIPES=recipes/smoke", "SYNTH_RECIPE=recipes/smoke/synth.yaml"]
+    env = {**os.environ, **yolo_env, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(["make", "dclip", *make_vars], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.append(r)
+    return d / "dclip", runs
+
+
+def test_make_dclip_reuses_the_shared_world_and_clip_and_a_second_run_does_nothing(chain):
+    runs_dir, (first, second) = chain
+    for shared in ("vla synth", "vla pretrain", "vla train-detector"):
+        assert shared not in first.stdout  # built once, by the fixtures (as by make proclip)
+    for stage in ("vla precompute-regions", "vla train-teacher", "vla train-student", "vla eval", "vla export"):
+        assert stage in first.stdout and stage not in second.stdout
+    table = (runs_dir / "eval" / "results.md").read_text()
+    assert "DCLIP curriculum" in first.stdout and table.strip() in first.stdout
 
 
 def test_smoke_dclip_chains_by_manifest(chain, world, base_clip, detector):
+    chain = chain[0]
     regions, teacher, student = _manifest(chain / "regions"), _manifest(chain / "teacher"), _manifest(chain / "student")
     assert regions["inputs"]["detector"]["digest"] == _manifest(detector)["digest"]
     assert regions["inputs"]["clip"]["digest"] == _manifest(base_clip)["digest"]
@@ -270,10 +279,11 @@ def test_smoke_dclip_chains_by_manifest(chain, world, base_clip, detector):
     assert "zeroshot" in student["metrics"]["eval"]  # a plain CLIP, scored with no boxes
     table = (chain / "eval" / "results.md").read_text()
     assert "clip" in table and "student" in table
-    assert _manifest(chain / "export")["inputs"]["model"]["digest"] == student["digest"]
+    assert _manifest(chain.parent / "export")["inputs"]["model"]["digest"] == student["digest"]
 
 
 def test_student_text_tower_is_bit_identical_and_image_tower_trained(chain, base_clip):
+    chain = chain[0]
     from safetensors.torch import load_file
 
     before = load_file(base_clip / "model" / "open_clip_model.safetensors")
@@ -290,7 +300,7 @@ def test_student_export_encodes_as_a_plain_clip(chain):
     import vla
     from PIL import Image
 
-    model = vla.load(chain / "export")
+    model = vla.load(chain[0].parent / "export")
     img = model.encode_image([Image.new("RGB", (64, 64), (200, 30, 30))])
     txt = model.encode_text(["a red circle"])
     assert img.shape == txt.shape == (1, 32)
@@ -301,7 +311,7 @@ def test_preservation_loss_switch(chain, tmp_path):
     from vla.stages import train_student
 
     cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/train-student.yaml",
-                      [f"teacher={chain / 'teacher'}", "preserve_weight=0.5", "train.steps=2", "eval.sets=[]"])
+                      [f"teacher={chain[0] / 'teacher'}", "preserve_weight=0.5", "train.steps=2", "eval.sets=[]"])
     m = train_student.run(cfg, None, tmp_path / "s").manifest
     assert m["recipe"]["preserve_weight"] == 0.5 and "preserve" in m["metrics"]["train"]
     # the target is the frozen CLIP's own image embedding (from the regions table): ≈ 0 at the start
