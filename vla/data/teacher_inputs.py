@@ -55,6 +55,11 @@ class TextStates:
         return {"text": rows[:, :d], "tokens": rows[:, d:d + n * d].reshape(-1, n, d),
                 "token_mask": rows[:, d + n * d:] > 0.5}
 
+    def pooled(self, keys: Sequence[str]) -> torch.Tensor:
+        """(B, D) pooled text embeddings alone (a row's first D columns: no token states read)."""
+        rows = [self.table.index[k] for k in keys]
+        return torch.from_numpy(self.table.features[rows, :self.dim].astype("float32"))
+
 
 def cached_text_states(clip, clip_identity: str, data_dir: Path, data_digest: str, keys: list[str],
                        texts: list[str], batch_size: int) -> TextStates:

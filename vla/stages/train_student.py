@@ -142,7 +142,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
         for batch in image_batches(start_step):
             k = batch["key"]
             batch["teacher"] = targets.lookup(k)
-            batch["text"] = F.normalize(text.lookup(k)["text"], dim=-1)
+            batch["text"] = F.normalize(text.pooled(k), dim=-1)
             if use_preserve:
                 batch["original"] = store.lookup(k, top_k=0)["regions"][:, 0]
             yield batch
