@@ -219,6 +219,9 @@ def test_missing_detector_or_clip_is_refused_before_compute(world, base_clip, tm
     assert r.exit_code == 2 and "not available offline" in r.output
     r = cli("precompute-regions", "--data", world, "--out", tmp_path / "c", "--detector", "oracle", "--clip", world)
     assert r.exit_code == 2 and "'synth' artifact" in r.output
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "c", "--detector", "oracle", "--clip", base_clip,
+            "--set", "top_k=0")
+    assert r.exit_code == 2 and "top_k has an invalid value: 0" in r.output
     assert not any((tmp_path / n).exists() or (tmp_path / f".{n}.partial").exists() for n in "abc")
 
 

@@ -54,14 +54,16 @@ class PrecomputeRegionsRecipe:
     max_skip_fraction: float = 0.01
 
     def __post_init__(self) -> None:
-        checks = {"top_k": self.top_k >= 1, "shard_size": self.shard_size >= 1,
-                  "encode_batch_size": self.encode_batch_size >= 1, "detect.batch_size": self.detect.batch_size >= 1,
-                  "detect.conf": 0 <= self.detect.conf <= 1, "detect.iou": 0 < self.detect.iou <= 1,
-                  "detect.max_det": self.detect.max_det >= 1, "detect.imgsz": self.detect.imgsz >= 32,
-                  "min_box_size": self.min_box_size > 0, "device": self.device in ("auto", "cpu", "cuda")}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise UserError(f"{bad[0]} has an invalid value in the precompute-regions recipe")
+        d = self.detect
+        checks = {"top_k": (self.top_k, self.top_k >= 1), "shard_size": (self.shard_size, self.shard_size >= 1),
+                  "encode_batch_size": (self.encode_batch_size, self.encode_batch_size >= 1),
+                  "detect.batch_size": (d.batch_size, d.batch_size >= 1), "detect.conf": (d.conf, 0 <= d.conf <= 1),
+                  "detect.iou": (d.iou, 0 < d.iou <= 1), "detect.max_det": (d.max_det, d.max_det >= 1),
+                  "detect.imgsz": (d.imgsz, d.imgsz >= 32), "min_box_size": (self.min_box_size, self.min_box_size > 0),
+                  "device": (self.device, self.device in ("auto", "cpu", "cuda"))}
+        for key, (value, ok) in checks.items():
+            if not ok:
+                raise UserError(f"precompute-regions recipe: {key} has an invalid value: {value!r}")
 
 
 def clip_pixels(clip, images) -> torch.Tensor:
