@@ -81,11 +81,60 @@ $(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/mani
 $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.json
 	$(VLA) export $(RUNS)/contrast --out $(EXPORT) --force
 
+# ---- the DCLIP curriculum ---------------------------------------------------------------
+# Embedded default (no arguments): the same world and base CLIP as `make proclip` (built once,
+# shared) → a YOLO trained on the world → regions → meta-teacher → student → eval of the base
+# CLIP and the student side by side → export.
+# Real models:  make dclip CLIP=clip-vit-b-16 DETECTOR=/path/yolov8x.pt DATA=/path/to/shards EVAL=/path/to/evalsets \
+#                          DCLIP_RECIPES=recipes/dclip DCLIP_RUNS=runs/dclip-vitb16
+DCLIP_RUNS ?= runs/dclip
+DCLIP_RECIPES ?= $(RECIPES)
+DCLIP_EXPORT ?= exports/$(notdir $(DCLIP_RUNS))
+# with no CLIP, DCLIP starts from the base CLIP `make proclip` pre-trains (the same file target)
+ifeq ($(origin CLIP),undefined)
+CLIP := $(RUNS)/clip
+CLIP_DEP := $(RUNS)/clip/manifest.json
+endif
+# with no DETECTOR, a YOLO is trained on the embedded world's YOLO copy
+ifeq ($(origin DETECTOR),undefined)
+DETECTOR := $(DCLIP_RUNS)/detector
+DETECTOR_DEP := $(DCLIP_RUNS)/detector/manifest.json
+endif
+
+.PHONY: dclip
+dclip: $(DCLIP_EXPORT)/manifest.json
+	@$(VLA) inspect $(DCLIP_RUNS)/eval >/dev/null
+	@echo; echo "DCLIP curriculum ($(DCLIP_RUNS)) — evaluation:"; cat $(DCLIP_RUNS)/eval/results.md
+
+$(DCLIP_RUNS)/detector/manifest.json: $(WORLD)/manifest.json $(DCLIP_RECIPES)/train-detector.yaml | $(STAMP)
+	$(VLA) train-detector --data $(WORLD) --out $(DCLIP_RUNS)/detector --recipe $(DCLIP_RECIPES)/train-detector.yaml \
+	  --force $(VLA_FLAGS)
+
+$(DCLIP_RUNS)/regions/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DETECTOR_DEP) $(DCLIP_RECIPES)/precompute-regions.yaml | $(STAMP)
+	$(VLA) precompute-regions --data $(DATA) --detector $(DETECTOR) --clip $(CLIP) --out $(DCLIP_RUNS)/regions \
+	  --recipe $(DCLIP_RECIPES)/precompute-regions.yaml --force $(VLA_FLAGS)
+
+$(DCLIP_RUNS)/teacher/manifest.json: $(DCLIP_RUNS)/regions/manifest.json $(DCLIP_RECIPES)/train-teacher.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-teacher --regions $(DCLIP_RUNS)/regions --out $(DCLIP_RUNS)/teacher \
+	  --recipe $(DCLIP_RECIPES)/train-teacher.yaml --force $(VLA_FLAGS)
+
+$(DCLIP_RUNS)/student/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(DCLIP_RUNS)/student \
+	  --recipe $(DCLIP_RECIPES)/train-student.yaml --force $(VLA_FLAGS)
+
+$(DCLIP_RUNS)/eval/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(CLIP_DEP) $(DCLIP_RECIPES)/eval.yaml
+	$(VLA) eval $(CLIP) $(DCLIP_RUNS)/student --data $(EVAL) --out $(DCLIP_RUNS)/eval \
+	  --recipe $(DCLIP_RECIPES)/eval.yaml --force $(VLA_FLAGS)
+
+$(DCLIP_EXPORT)/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_RUNS)/eval/manifest.json
+	$(VLA) export $(DCLIP_RUNS)/student --out $(DCLIP_EXPORT) --force
+
 .PHONY: install test bench gpu-check clean help
 help:
 	@echo "make install   create .venv with everything vla needs"
 	@echo "make test      install (if needed) and run the test suite (offline, CPU)"
 	@echo "make proclip   the ProCLIP curriculum on the embedded synthetic world"
+	@echo "make dclip     the DCLIP curriculum on the same world and base CLIP"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
 	@echo "make gpu-check on a GPU machine: CUDA tests, bf16 curriculum, torchrun/NCCL, compile, ViT-B/16 MFU"
 

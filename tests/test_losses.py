@@ -13,11 +13,13 @@ from vla.losses import (
     LogitScale,
     caption_loss,
     dclip_student_loss,
+    dclip_teacher_loss,
     distill_loss,
     gather_features,
     infonce,
     instance_alignment_loss,
     mmgem_loss,
+    preservation_loss,
     self_distillation_loss,
     structure_alignment_loss,
 )
@@ -184,6 +186,23 @@ def test_dclip_student_loss_matches_hand_computation() -> None:
     out = dclip_student_loss(t(IMG), t(teacher), t(TXT), preserve=t(original), preserve_weight=0.5)
     assert out["preserve"].item() == pytest.approx(preserve, rel=1e-12)
     assert out["loss"].item() == pytest.approx(distill + contrastive + 0.5 * preserve, rel=1e-12)
+
+
+def test_dclip_teacher_loss_normalises_and_detaches_the_text() -> None:
+    teacher = [[2.0, 1.0], [0.0, 3.0], [1.0, 1.0]]  # ½ z_text + ½ z_image is not unit length
+    text = [[3.0, 0.3], [1.0, 1.0], [0.0, 2.0]]
+    expected = _symmetric_infonce(_unit(teacher), _unit(text), 1 / 0.05)
+    tt, xt = t(teacher).requires_grad_(True), t(text).requires_grad_(True)
+    loss = dclip_teacher_loss(tt, xt)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    assert tt.grad is not None and xt.grad is None  # the frozen CLIP text embedding is a target
+
+
+def test_preservation_loss_by_hand() -> None:
+    original = [[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]]
+    want = sum(1 - _dot(a, b) / math.sqrt(_dot(a, a) * _dot(b, b)) for a, b in zip(IMG, original)) / 3
+    assert preservation_loss(t(IMG), t(original)).item() == pytest.approx(want, rel=1e-12)
 
 
 # --- MM-GEM --------------------------------------------------------------------------------------

@@ -370,6 +370,97 @@ def export(
                   f"load it with vla.load({str(art.path)!r})")
 
 
+# ---------------------------------------------------------------------------------------------
+# DCLIP: detector → regions → meta-teacher → student
+@app.command("train-detector")
+@handles_errors
+def train_detector(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact (its YOLO copy) or an ultralytics data .yaml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="ultralytics model config (yolov8n.yaml)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the recipe)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """DCLIP: train a YOLO for region proposals with ultralytics' own trainer (mAP in the manifest)."""
+    from vla.stages.train_detector import TrainDetectorRecipe, run
+
+    cfg = _load_recipe(TrainDetectorRecipe, "train-detector", recipe, set_, {"model": model, "epochs": epochs})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+    console.print(f"  val: {art.manifest['metrics']['val']}", highlight=False)
+
+
+@app.command("precompute-regions")
+@handles_errors
+def precompute_regions(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards / JSONL of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="'oracle', a train-detector artifact, or a YOLO .pt on disk."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP whose image encoder embeds the crops (name or pretrain artifact)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """DCLIP: detect regions, encode each crop with the frozen CLIP, store them by sample key."""
+    from vla.stages.precompute_regions import PrecomputeRegionsRecipe, run
+
+    cfg = _load_recipe(PrecomputeRegionsRecipe, "precompute-regions", recipe, set_, {"detector": detector, "clip": clip})
+    art = run(cfg, data, out, force=force, command=_command())
+    m = art.manifest
+    console.print(f"[green]✓[/] precompute-regions → {art.path}  ({m['timings']['wall_s']:.1f} s, "
+                  f"{m['timings']['images_per_s']:.1f} images/s)")
+    console.print(f"  images: {m['counts']['images']}  regions: {m['counts']['regions']}  "
+                  f"no detection: {m['counts']['no_detection']}  boxes dropped: {m['counts']['boxes_dropped']}",
+                  highlight=False)
+
+
+@app.command("train-teacher")
+@handles_errors
+def train_teacher(
+    regions: Optional[str] = typer.Option(None, "--regions", help="A precompute-regions artifact."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="The data the regions were built from (default: theirs)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP (default: the one the regions were built with)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; a teacher is saved after each."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on cached features."""
+    from vla.stages.train_teacher import TrainTeacherRecipe, run
+
+    cfg = _load_recipe(TrainTeacherRecipe, "train-teacher", recipe, set_,
+                       {"regions": regions, "clip": clip, "epochs": epochs})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+    if art is not None:
+        console.print(f"  teachers saved for epochs {art.manifest['epochs']}; train loss {art.manifest['metrics']['train']}",
+                      highlight=False)
+
+
+@app.command("train-student")
+@handles_errors
+def train_student(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="A train-teacher artifact."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    epoch: Optional[int] = typer.Option(None, "--epoch", help="Which of the teacher's epochs (default: its last)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Image-text data (default: the teacher's)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="The CLIP to tune; must be the teacher's (the default)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """DCLIP: distil the meta-teacher into the CLIP image tower (text tower frozen)."""
+    from vla.stages.train_student import TrainStudentRecipe, run
+
+    cfg = _load_recipe(TrainStudentRecipe, "train-student", recipe, set_,
+                       {"teacher": teacher, "teacher_epoch": epoch, "clip": clip})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+
+
 def _print_done(art) -> None:
     if art is None:  # a torchrun rank other than 0: rank 0 reports
         return

@@ -29,7 +29,7 @@ from typing import Sequence
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, lineage, open_artifact
 
 KIND = "export"
-SOURCES = ("contrast-tune", "pretrain")
+SOURCES = ("contrast-tune", "pretrain", "train-student")
 # the metrics a card shows per eval set, in this order (all of CLIP_benchmark's names)
 CARD_METRICS = ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc1", "acc5",
                 "mean_per_class_recall")

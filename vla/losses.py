@@ -8,7 +8,7 @@ teacher model are detached here, so a caller can never train through a target by
 - Contrastive (ProCLIP stage 2, LLM2CLIP, MM-GEM): `ClipLoss`, `LogitScale`, `gather_features`.
 - ProCLIP: `instance_alignment_loss`, `structure_alignment_loss`, `distill_loss`,
   `self_distillation_loss`.
-- DCLIP: `infonce`, `dclip_student_loss`.
+- DCLIP: `infonce`, `dclip_teacher_loss`, `dclip_student_loss`, `preservation_loss`.
 - MM-GEM: `caption_loss`, `mmgem_loss`, `mmgem_objective_loss`.
 """
 
@@ -258,9 +258,31 @@ def dclip_student_loss(
     contrastive = infonce(image, text, temperature)
     out = {"loss": distill + contrastive, "distill": distill, "contrastive": contrastive}
     if preserve is not None:
-        out["preserve"] = (1 - F.cosine_similarity(image, preserve.detach(), dim=-1)).mean()
+        out["preserve"] = preservation_loss(image, preserve)
         out["loss"] = out["loss"] + preserve_weight * out["preserve"]
     return out
+
+
+def dclip_teacher_loss(teacher: Tensor, text: Tensor, temperature: float = 0.05) -> Tensor:
+    """DCLIP's meta-teacher objective: symmetric InfoNCE between the teacher embedding and the
+    frozen CLIP text embedding of the same caption, fixed τ = 0.05:
+
+        L = InfoNCE_τ(norm(teacher(x, T)), norm(E_T(T)))        (see `infonce`)
+
+    Both are L2-normalised here (the teacher's ½ z_text + ½ z_image is not); the text embedding
+    is a frozen target and is detached.
+    """
+    return infonce(F.normalize(teacher, dim=-1), F.normalize(text.detach(), dim=-1), temperature)
+
+
+def preservation_loss(image: Tensor, original: Tensor) -> Tensor:
+    """DCLIP's ViT-L preservation term, keeping the student near the original image encoder:
+
+        L_pres = mean_i (1 − cos(E_I(x_i), E_I^orig(x_i)))
+
+    The original (frozen) embedding is a target and is detached.
+    """
+    return (1 - F.cosine_similarity(image, original.detach(), dim=-1)).mean()
 
 
 # ---------------------------------------------------------------------------------------------

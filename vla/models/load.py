@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import torch
 
 # artifact kinds that hold a scorable model; all of them are opened by vla.export.load
-MODEL_KINDS = ("pretrain", "contrast-tune", "export")
+MODEL_KINDS = ("pretrain", "contrast-tune", "train-student", "export")
 
 
 def load_encoder(ref: str, device: str | torch.device = "cpu") -> DualEncoder:

@@ -16,6 +16,10 @@ RECIPES: dict[str, str] = {
     "eval": "vla.stages.evaluate:EvalRecipe",
     "distill": "vla.stages.distill:DistillRecipe",
     "contrast-tune": "vla.stages.contrast_tune:ContrastTuneRecipe",
+    "train-detector": "vla.stages.train_detector:TrainDetectorRecipe",
+    "precompute-regions": "vla.stages.precompute_regions:PrecomputeRegionsRecipe",
+    "train-teacher": "vla.stages.train_teacher:TrainTeacherRecipe",
+    "train-student": "vla.stages.train_student:TrainStudentRecipe",
 }
 
 

@@ -26,6 +26,7 @@ from vla.errors import UserError
 from vla.data.captions import CaptionTable, read_captions
 from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity
+from vla.data.rows import row_batches
 from vla.stages.common import training_data
 from vla.train import TrainConfig, train
 
@@ -79,22 +80,6 @@ def frozen_text_features(data_digest: str, table: CaptionTable, variants: dict[s
                 f"{role}.{column}", lambda t=texts: table.rows(t), model_identity=ident,
                 data_digest=data_digest, encode=encode, batch_size=batch_size, model=model, device=device)
     return out
-
-
-def row_batches(n: int, batch_size: int, seed: int, start_step: int, world_size: int = 1, rank: int = 0):
-    """Global batches of row indices, reshuffled every epoch from (seed, epoch): step s always
-    gets the same rows, which is what makes a resume exact. Rank r takes every world_size-th row."""
-    if not 1 <= batch_size <= n:
-        raise UserError(f"train.batch_size {batch_size} is more than the {n} training captions; "
-                        f"lower train.batch_size (e.g. --set train.batch_size={max(1, n)}) or add data")
-    per_epoch = n // batch_size
-    step = start_step
-    while True:
-        epoch, i = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        yield perm[i * batch_size:(i + 1) * batch_size][rank::world_size]
-        step += 1
 
 
 def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,

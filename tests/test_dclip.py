@@ -1,0 +1,364 @@
+"""DCLIP's stages through the CLI on a tiny world: train-detector, precompute-regions,
+train-teacher, train-student, and `make dclip` with the smoke recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vla.cli import app
+
+from tests.test_cli import SMALL_WORLD, VLA, vla
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def cli(*args):
+    """The CLI in-process (where no process boundary matters: refusals, messages)."""
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def yolo_env(tmp_path_factory):
+    return {"YOLO_CONFIG_DIR": str(tmp_path_factory.mktemp("yolo-config"))}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dclip") / "world"
+    r = vla("synth", "--out", out, *SMALL_WORLD)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector(world, yolo_env):
+    out = world.parent / "dclip" / "detector"  # where `make dclip DCLIP_RUNS=…/dclip` looks for it
+    r = vla("train-detector", "--data", world, "--out", out, "--recipe", "recipes/smoke/train-detector.yaml", env=yolo_env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    return out
+
+
+# --- train-detector --------------------------------------------------------------------------------
+
+
+def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(world, detector, yolo_env, monkeypatch,
+                                                                          tmp_path):
+    from safetensors.torch import load_file
+
+    from vla.artifacts import sha256_file
+    from vla.errors import UserError
+    from vla.models.region_detector import resolve_detector
+
+    m = json.loads((detector / "manifest.json").read_text())
+    assert m["kind"] == "train-detector" and m["inputs"]["data"]["kind"] == "synth"
+    for key in ("mAP50", "mAP50-95"):
+        assert 0.0 <= m["metrics"]["val"][key] <= 1.0
+    assert not [p for p in detector.rglob("*") if p.suffix in (".pt", ".pth", ".pkl")]  # no pickles kept
+    assert m["detector"]["classes"]["0"] == "circle"
+
+    monkeypatch.setenv("YOLO_CONFIG_DIR", yolo_env["YOLO_CONFIG_DIR"])
+    ours = resolve_detector(str(detector))
+    assert ours.reference["kind"] == "train-detector" and ours.reference["digest"] == m["digest"]
+    saved = load_file(detector / "detector" / "weights.safetensors")
+    loaded = ours.model.model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+    # a user's .pt is loaded as ultralytics loads it, and its sha256 recorded
+    user_pt = tmp_path / "user.pt"
+    ours.model.save(str(user_pt))
+    theirs = resolve_detector(str(user_pt))
+    assert theirs.reference["sha256"] == sha256_file(user_pt)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a = ours.model.model.eval()(x)[0]
+        b = theirs.model.model.float().eval()(x)[0]
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # ultralytics saves in fp16
+    with pytest.raises(UserError, match="not on disk"):
+        resolve_detector(str(tmp_path / "missing.pt"))
+    with pytest.raises(UserError, match="'synth' artifact"):
+        resolve_detector(str(world))
+
+
+@pytest.fixture(scope="module")
+def base_clip(world):
+    out = world.parent / "runs" / "clip"  # the base CLIP `make proclip RUNS=…/runs` shares with DCLIP
+    r = vla("pretrain", "--data", world, "--out", out, "--recipe", "recipes/smoke/pretrain.yaml", "--set", "eval.sets=[]")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+REGION_SETTINGS = ["--set", "detect.imgsz=64", "--set", "shard_size=25", "--set", "detect.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def oracle_regions(world, base_clip):
+    out = world.parent / "regions-oracle"
+    r = vla("precompute-regions", "--data", world, "--out", out, "--detector", "oracle", "--clip", base_clip,
+            *REGION_SETTINGS)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# --- precompute-regions ----------------------------------------------------------------------------
+
+
+def test_crops_are_normalised_as_the_clips_preprocessing_does():
+    from PIL import Image
+
+    from vla.models.clip import load_clip
+    from vla.stages.precompute_regions import clip_pixels
+
+    clip = load_clip("vla-micro-clip")
+    cfg = clip.model.visual.preprocess_cfg
+    crop = Image.new("RGB", (13, 7), (255, 128, 0))  # a non-square crop of any size
+    pixels = clip_pixels(clip, [crop])
+    assert pixels.shape == (1, 3, 32, 32)
+    want = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+    torch.testing.assert_close(pixels[0].mean((1, 2)), want.float(), rtol=0, atol=1e-5)
+    assert pixels.min() < 0  # normalised, not the [0, 1] tensor the public code feeds
+
+
+def test_oracle_regions_are_the_worlds_boxes_encoded_by_the_frozen_clip(world, base_clip, oracle_regions):
+    from vla.data.regions import RegionStore
+    from vla.data.skips import SkipCounter
+    from vla.data.stream import resolve_data
+    from vla.models.clip import load_clip
+    from vla.stages.precompute_regions import clip_pixels
+
+    m = json.loads((oracle_regions / "manifest.json").read_text())
+    assert m["kind"] == "precompute-regions" and m["counts"]["images"] == 60 and m["counts"]["no_detection"] == 0
+    assert m["inputs"]["clip"]["kind"] == "pretrain" and m["inputs"]["detector"]["kind"] == "oracle"
+    store = RegionStore.open(oracle_regions / "regions")
+    assert len(store) == 60 and len(store.meta["shards"]) == 3
+    assert isinstance(store.shards[0].arrays["emb"], __import__("numpy").memmap)  # read lazily
+
+    clip = load_clip("local-dir:" + str(base_clip / "model"))
+    sample = next(resolve_data(world / "train").iter_samples(SkipCounter()))
+    im = store.image(sample.key)
+    assert im["boxes"].tolist() == [list(r.box) for r in sample.regions]
+    assert (im["conf"] == 1).all() and (im["cls"] == -1).all()
+    w, h = sample.image.size
+    areas = [(x1 - x0) * (y1 - y0) / (w * h) for x0, y0, x1, y1 in im["boxes"].tolist()]
+    assert im["area"].tolist() == pytest.approx(areas)
+    crops = [sample.image.crop(tuple(int(v) for v in b)) for b in im["boxes"].tolist()]
+    with torch.no_grad():
+        want = clip.model.eval().encode_image(clip_pixels(clip, crops), normalize=True)
+        want_global = clip.model.encode_image(clip_pixels(clip, [sample.image]), normalize=True)[0]
+    torch.testing.assert_close(torch.from_numpy(im["emb"].astype("float32")), want, rtol=0, atol=2e-3)
+    torch.testing.assert_close(torch.from_numpy(im["global"].astype("float32")), want_global, rtol=0, atol=2e-3)
+
+    batch = store.lookup([sample.key, sample.key], top_k=2)
+    assert batch["regions"].shape == (2, 3, 32) and batch["mask"][0].tolist() == [True, True, len(crops) > 1]
+    assert batch["conf"][0, 0] == 1 and batch["area"][0, 0] == 1  # the global embedding comes first
+
+
+def test_bad_boxes_are_dropped_and_counted():
+    from vla.data.regions import clean_boxes, clip_box
+
+    nan = float("nan")
+    boxes = [(1, 1, 10, 10), (nan, 0, 5, 5), (70, 70, 90, 90), (-5, -5, -1, 3), (5, 5, 5.5, 9), (-4, 50, 20, 80)]
+    kept, dropped = clean_boxes(boxes, 64, 64)
+    assert kept == [0, 5] and dropped == {"nan": 1, "outside": 2, "empty": 1}
+    assert clip_box(boxes[5], 64, 64) == (0, 50, 20, 64)  # partly outside: clipped
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_precompute_resumes_after_its_last_shard(world, base_clip, oracle_regions, tmp_path, monkeypatch):
+    import numpy as np
+
+    from vla.recipes import load_recipe
+    from vla.stages import precompute_regions as stage
+
+    cfg = load_recipe(stage.PrecomputeRegionsRecipe, None, ["detector=oracle", f"clip={base_clip}",
+                                                            "detect.imgsz=64", "shard_size=25", "detect.batch_size=8"])
+    real, calls, crash = stage.regions_of_batch, [], [True]
+
+    def crash_in_shard_two(*args, **kw):
+        calls.append(1)
+        if crash[0] and len(calls) == 5:  # batches of 8: shard 0 takes 4 calls, the 5th is in shard 1
+            raise _Crash
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stage, "regions_of_batch", crash_in_shard_two)
+    with pytest.raises(_Crash):
+        stage.run(cfg, world, tmp_path / "r")
+    partial = tmp_path / ".r.partial" / "regions"
+    assert [p.name for p in sorted(partial.glob("shard-*"))] == ["shard-00000"]
+    calls.clear()
+    crash[0] = False
+    art = stage.run(cfg, world, tmp_path / "r")
+    assert art.manifest["resumed"] is True and len(calls) == 6  # shards 1 and 2 only
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        for name in ("emb", "boxes", "offsets", "global"):
+            a = np.load(tmp_path / "r" / "regions" / shard / f"{name}.npy")
+            b = np.load(oracle_regions / "regions" / shard / f"{name}.npy")
+            assert np.array_equal(a, b), (shard, name)
+    assert art.manifest["counts"]["images"] == 60
+
+
+def test_missing_detector_or_clip_is_refused_before_compute(world, base_clip, tmp_path):
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "a", "--detector", tmp_path / "yolov8x.pt",
+            "--clip", base_clip)
+    assert r.exit_code == 2 and "not on disk" in r.output and "yolov8x.pt" in r.output
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "b", "--detector", "oracle",
+            "--clip", "clip-vit-l")
+    assert r.exit_code == 2 and "not available offline" in r.output
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "c", "--detector", "oracle", "--clip", world)
+    assert r.exit_code == 2 and "'synth' artifact" in r.output
+    r = cli("precompute-regions", "--data", world, "--out", tmp_path / "c", "--detector", "oracle", "--clip", base_clip,
+            "--set", "top_k=0")
+    assert r.exit_code == 2 and "top_k has an invalid value: 0" in r.output
+    assert not any((tmp_path / n).exists() or (tmp_path / f".{n}.partial").exists() for n in "abc")
+
+
+# --- train-teacher, train-student: the smoke curriculum by manifest -------------------------------------
+
+
+def _manifest(path):
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def chain(world, base_clip, detector, yolo_env):
+    """`make dclip` with the smoke recipes, on the world, base CLIP and detector made above (as
+    `make proclip` and an earlier `make dclip` would have left them): regions → teacher → student
+    → eval → export, each stage reading the previous one's artifact; then `make dclip` again."""
+    d = world.parent
+    make_vars = [f"WORLD={world}", f"RUNS={d / 'runs'}", f"DCLIP_RUNS={d / 'dclip'}", f"DCLIP_EXPORT={d / 'export'}",
+                 "RECIPES=recipes/smoke", "SYNTH_RECIPE=recipes/smoke/synth.yaml"]
+    env = {**os.environ, **yolo_env, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(["make", "dclip", *make_vars], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.append(r)
+    return d / "dclip", runs
+
+
+def test_make_dclip_reuses_the_shared_world_and_clip_and_a_second_run_does_nothing(chain):
+    runs_dir, (first, second) = chain
+    for shared in ("vla synth", "vla pretrain", "vla train-detector"):
+        assert shared not in first.stdout  # built once, by the fixtures (as by make proclip)
+    for stage in ("vla precompute-regions", "vla train-teacher", "vla train-student", "vla eval", "vla export"):
+        assert stage in first.stdout and stage not in second.stdout
+    table = (runs_dir / "eval" / "results.md").read_text()
+    assert "DCLIP curriculum" in first.stdout and table.strip() in first.stdout
+
+
+def test_smoke_dclip_chains_by_manifest(chain, world, base_clip, detector):
+    chain = chain[0]
+    regions, teacher, student = _manifest(chain / "regions"), _manifest(chain / "teacher"), _manifest(chain / "student")
+    assert regions["inputs"]["detector"]["digest"] == _manifest(detector)["digest"]
+    assert regions["inputs"]["clip"]["digest"] == _manifest(base_clip)["digest"]
+    assert regions["inputs"]["data"]["digest"] == _manifest(world)["digest"]
+    # a 2-epoch YOLO finds nothing at ultralytics' default confidence: each image is its own one region
+    assert regions["counts"]["no_detection"] == regions["counts"]["images"] == regions["counts"]["regions"] == 60
+    from vla.data.regions import RegionStore
+
+    store = RegionStore.open(chain / "regions" / "regions")
+    im = store.image(store.keys()[0])
+    assert im["boxes"].tolist() == [[0, 0, 64, 64]] and im["area"].tolist() == [1.0]
+    assert teacher["inputs"]["regions"]["digest"] == regions["digest"]
+    assert teacher["inputs"]["clip"]["digest"] == _manifest(base_clip)["digest"]
+    assert teacher["epochs"] == [1, 2] and teacher["counts"]["steps"] == 2 * (60 // 16)
+    assert sorted(p.name for p in (chain / "teacher" / "teacher").glob("*.safetensors")) == [
+        "teacher-epoch001.safetensors", "teacher-epoch002.safetensors"]
+    assert student["inputs"]["teacher"]["digest"] == teacher["digest"] and student["recipe"]["teacher_epoch"] == 1
+    assert set(student["metrics"]["train"]) >= {"loss", "distill", "contrastive"}
+    assert "zeroshot" in student["metrics"]["eval"]  # a plain CLIP, scored with no boxes
+    table = (chain / "eval" / "results.md").read_text()
+    assert "clip" in table and "student" in table
+    assert _manifest(chain.parent / "export")["inputs"]["model"]["digest"] == student["digest"]
+
+
+def test_student_text_tower_is_bit_identical_and_image_tower_trained(chain, base_clip):
+    chain = chain[0]
+    from safetensors.torch import load_file
+
+    before = load_file(base_clip / "model" / "open_clip_model.safetensors")
+    after = load_file(chain / "student" / "model" / "open_clip_model.safetensors")
+    assert before.keys() == after.keys()
+    text_keys = [k for k in before if not k.startswith("visual.")]
+    assert "token_embedding.weight" in text_keys and "text_projection" in text_keys
+    for k in text_keys:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+
+
+def test_student_export_encodes_as_a_plain_clip(chain):
+    import vla
+    from PIL import Image
+
+    model = vla.load(chain[0].parent / "export")
+    img = model.encode_image([Image.new("RGB", (64, 64), (200, 30, 30))])
+    txt = model.encode_text(["a red circle"])
+    assert img.shape == txt.shape == (1, 32)
+
+
+def test_preservation_loss_switch(chain, tmp_path):
+    from vla.recipes import load_recipe
+    from vla.stages import train_student
+
+    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/train-student.yaml",
+                      [f"teacher={chain[0] / 'teacher'}", "preserve_weight=0.5", "train.steps=2", "eval.sets=[]"])
+    m = train_student.run(cfg, None, tmp_path / "s").manifest
+    assert m["recipe"]["preserve_weight"] == 0.5 and "preserve" in m["metrics"]["train"]
+    # the target is the frozen CLIP's own image embedding (from the regions table): ≈ 0 at the start
+    first = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= first["preserve"] < 0.05
+
+
+TEACHER = ["--recipe", "recipes/smoke/train-teacher.yaml", "--epochs", "4", "--set", "train.batch_size=8",
+           "--set", "train.checkpoint_every=1"]
+
+
+def test_killed_train_teacher_resumes_to_identical_weights(oracle_regions, tmp_path):
+    from safetensors.torch import load_file
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", whole, *TEACHER)
+    assert r.returncode == 0, r.stderr
+    ckpt = tmp_path / ".killed.partial" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([*VLA, "train-teacher", "--regions", str(oracle_regions), "--out", str(killed), *TEACHER],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "VLA_NO_PROGRESS": "1"})
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", killed, *TEACHER)
+    assert r.returncode == 0, r.stderr
+    assert _manifest(killed)["resumed"] is True
+    files = sorted(p.name for p in (whole / "teacher").glob("*.safetensors"))
+    assert len(files) == 4 and files == sorted(p.name for p in (killed / "teacher").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(whole / "teacher" / name), load_file(killed / "teacher" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_wrong_inputs_are_refused_before_compute(oracle_regions, world, base_clip, tmp_path):
+    r = cli("train-student", "--teacher", oracle_regions, "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "is a 'precompute-regions' artifact; --teacher expects 'train-teacher'" in r.output
+    # the regions were built with the pretrained base CLIP, not a fresh micro CLIP
+    r = cli("train-teacher", "--regions", oracle_regions, "--clip", "vla-micro-clip", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "was built with another CLIP" in r.output
+    r = cli("train-teacher", "--regions", world, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "--regions expects 'precompute-regions'" in r.output
+    assert not any((tmp_path / n).exists() or (tmp_path / f".{n}.partial").exists() for n in "abc")

@@ -1,0 +1,124 @@
+"""What DCLIP's teacher and student stages both read: one caption per image, the frozen CLIP text
+tower's outputs for it (cached), and the teacher's inputs assembled by sample key.
+
+The text tower's outputs are cached once per (CLIP, data, captions) in the feature cache as one
+row per caption: [pooled embedding (D) | token states (L·D) | real-token mask (L)], so an epoch of
+the teacher, and the student's teacher targets, never run the text encoder again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vla.errors import UserError
+
+TEXT_STATES = "dclip.text_states"
+
+
+def caption_for(seed: int, key: str, captions: Sequence[str]) -> str:
+    """The caption sample `key` trains on: fixed by (seed, key), so every epoch, worker and
+    resumed run use the same one (as `vla pretrain` chooses)."""
+    return random.Random(f"{seed}:{key}").choice(list(captions))
+
+
+def read_captions(path: Path, seed: int, max_skip_fraction: float) -> tuple[list[str], list[str], dict]:
+    """(keys, one caption per key, skip counts) of every valid sample, images not decoded."""
+    from vla.data.skips import SkipCounter
+    from vla.data.stream import resolve_data
+
+    skips = SkipCounter()
+    keys, texts = [], []
+    for s in resolve_data(path).iter_samples(skips, decode=False):
+        keys.append(s.key)
+        texts.append(caption_for(seed, s.key, s.captions))
+    skips.check(max_skip_fraction, str(path))
+    return keys, texts, skips.as_dict()
+
+
+@dataclass
+class TextStates:
+    """The cached text-tower rows of one caption per key."""
+
+    table: object            # vla.cache.FeatureTable
+    context: int             # L
+    dim: int                 # D
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`text` (B, D) pooled embeddings, `tokens` (B, L, D), `token_mask` (B, L) bool."""
+        rows = self.table.lookup(keys)
+        d, n = self.dim, self.context
+        return {"text": rows[:, :d], "tokens": rows[:, d:d + n * d].reshape(-1, n, d),
+                "token_mask": rows[:, d + n * d:] > 0.5}
+
+    def pooled(self, keys: Sequence[str]) -> torch.Tensor:
+        """(B, D) pooled text embeddings alone (a row's first D columns: no token states read)."""
+        rows = [self.table.index[k] for k in keys]
+        return torch.from_numpy(self.table.features[rows, :self.dim].astype("float32"))
+
+
+def cached_text_states(clip, clip_identity: str, data_dir: Path, data_digest: str, keys: list[str],
+                       texts: list[str], batch_size: int) -> TextStates:
+    """The frozen text tower's outputs for `texts` (from the cache, computed on a miss)."""
+    from vla.cache import cached_features
+    from vla.models.dclip import clip_text_states
+
+    context, dim = int(clip.text_context_length), int(clip.embed_dim)
+    device = next(clip.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(batch: Sequence[str]) -> torch.Tensor:
+        tokens = clip.tokenizer(list(batch)).to(device)
+        states, mask, pooled = clip_text_states(clip.model.eval(), tokens)
+        return torch.cat([pooled, states.flatten(1), mask.to(states.dtype)], dim=1).float().cpu()
+
+    table, _hit = cached_features(data_dir, TEXT_STATES, model_digest=clip_identity, data_digest=data_digest,
+                                  keys=keys, inputs=texts, encode=encode, batch_size=batch_size)
+    return TextStates(table, context, dim)
+
+
+def teacher_inputs(store, text: TextStates, keys: Sequence[str], top_k: int | None) -> dict[str, torch.Tensor]:
+    """The meta-teacher's keyword inputs for a batch of sample keys."""
+    r = store.lookup(keys, top_k)
+    t = text.lookup(keys)
+    return {"tokens": t["tokens"], "token_mask": t["token_mask"], "text": t["text"], "regions": r["regions"],
+            "region_mask": r["mask"], "conf": r["conf"], "area": r["area"]}
+
+
+def open_regions(path: str | Path, role: str = "--regions"):
+    """A precompute-regions artifact and its regions table."""
+    from vla.artifacts import open_artifact
+    from vla.data.regions import RegionStore
+
+    if not path:
+        raise UserError(f"{role} is required: pass a precompute-regions artifact (make one with "
+                        f"`vla precompute-regions`)")
+    art = open_artifact(path, "precompute-regions", role=role)
+    return art, RegionStore.open(art.path / "regions")
+
+
+def check_same_clip(store, clip_identity: str, clip_name: str, regions_path) -> None:
+    """Refuse a regions table built with another CLIP than the one the stage uses."""
+    if store.meta["clip"] != clip_identity:
+        raise UserError(f"{regions_path} was built with another CLIP ({store.meta['clip'][:16]}) than {clip_name} "
+                        f"({clip_identity[:16]}); rebuild it with `vla precompute-regions --clip {clip_name}` "
+                        f"or pass the CLIP it was built with")
+
+
+def data_of(art) -> str:
+    """The --data an artifact was built from (its recorded input path)."""
+    ref = art.manifest.get("inputs", {}).get("data")
+    if not ref:
+        raise UserError(f"{art.path} records no data input; pass --data")
+    return ref["path"]
+
+
+def check_keys(store, keys: Sequence[str], data: Path, regions_path) -> None:
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise UserError(f"{len(missing)} samples of {data} (e.g. {missing[0]!r}) are not in the regions table "
+                        f"{regions_path}; build the table from the same data with `vla precompute-regions`")
