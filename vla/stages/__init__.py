@@ -16,6 +16,8 @@ RECIPES: dict[str, str] = {
     "eval": "vla.stages.evaluate:EvalRecipe",
     "distill": "vla.stages.distill:DistillRecipe",
     "contrast-tune": "vla.stages.contrast_tune:ContrastTuneRecipe",
+    "joint-train": "vla.stages.joint_train:JointTrainRecipe",
+    "stage2-roi": "vla.stages.stage2_roi:Stage2RoiRecipe",
 }
 
 
