@@ -197,3 +197,81 @@ def test_a_killed_joint_train_resumes_to_identical_weights(chain, tmp_path) -> N
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+# --- the pieces the stages are made of, without the CLI ----------------------------------------------
+
+CAPTIONS = ["a small red circle in the top left", "a large blue square", "two green triangles", "a star"]
+
+
+def _micro_model(**config):
+    from vla.models.mmgem import MMGEMConfig, build_mmgem
+
+    return build_mmgem("vla-micro-clip", None, CAPTIONS, MMGEMConfig(max_text_tokens=12, **config))
+
+
+@pytest.mark.parametrize("objective", ["joint", "embed", "caption"])
+def test_every_trained_parameter_gets_a_gradient(objective) -> None:
+    # DDP refuses a trained parameter without a gradient; an ablation must freeze the idle heads
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.stages.joint_train import lr_groups
+
+    model = _micro_model()
+    groups = lr_groups(model, objective)
+    trainer = MMGEMTrainer(model, objective, ClipLoss())
+    out = trainer(torch.randn(4, 3, 32, 32), CAPTIONS)
+    out["loss"].backward()
+    trained = [p for ps in groups.values() for p in ps]
+    assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in trained if p.grad is None] == []
+    assert all(len(ps) for ps in groups.values())
+    assert trainer.counted() == {"captions": 4, "truncated": 0}
+
+
+def test_lamb_is_timms_and_an_unknown_optimizer_is_refused() -> None:
+    from timm.optim import Lamb
+
+    from vla.errors import UserError
+    from vla.optim import build_optimizer
+    from vla.train import TrainConfig
+
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    opt = build_optimizer([{"params": [p], "lr_scale": 0.1}], lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
+                          weight_decay=0.05, name="lamb")
+    assert isinstance(opt, Lamb) and opt.param_groups[0]["lr_scale"] == 0.1
+    with pytest.raises(UserError, match="train.optimizer"):
+        TrainConfig(optimizer="sgd")
+
+
+def test_mode_tokens_are_never_written_in_a_caption() -> None:
+    from vla.models.mmgem import greedy_decode_without_cache
+
+    model = _micro_model(soft_prompts=2).eval()
+    px = torch.randn(2, 3, 32, 32)
+    head = model.lm.get_output_embeddings().weight
+    with torch.no_grad():  # point the mode tokens' output rows along the first step's hidden states
+        states = model.lm.get_decoder()(inputs_embeds=model.caption_inputs(px)).last_hidden_state[:, -1]
+        head[model.mode_token_ids] = 100 * states.mean(0)
+        first = model.lm(inputs_embeds=model.caption_inputs(px)).logits[:, -1].argmax(-1)
+    assert set(first.tolist()) <= set(model.mode_token_ids)  # unmasked, they would be written first
+    ids = model.generate_ids(px, max_new_tokens=5)
+    with torch.no_grad():
+        naive = greedy_decode_without_cache(model, model.caption_inputs(px), max_new_tokens=5)
+    assert ids == naive and not set(model.mode_token_ids) & {t for row in ids for t in row}
+
+
+def test_adding_soft_prompts_keeps_stage1_rows_and_refuses_another_number() -> None:
+    from vla.errors import UserError
+
+    model = _micro_model().eval()
+    table = model.lm.get_input_embeddings().weight.detach().clone()
+    text = model.encode_text(CAPTIONS)
+    model.add_soft_prompts(3)
+    grown = model.lm.get_input_embeddings().weight
+    assert grown.shape[0] == table.shape[0] + 3 and torch.equal(grown[: table.shape[0]], table)
+    assert torch.equal(model.encode_text(CAPTIONS), text)
+    model.add_soft_prompts(3)  # the same number: nothing to do
+    with pytest.raises(UserError, match="already has 3 soft prompts"):
+        model.add_soft_prompts(5)

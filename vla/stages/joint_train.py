@@ -14,6 +14,7 @@ and one causal LM with the new tokens [EMB] and [CAP] (`vla.models.mmgem`) →
 Everything trains, in two learning-rate groups: the projections (h1–h3, τ) at `train.lr` and the
 backbones (ViT, LM) at `backbone_lr_scale` × `train.lr` (paper: 5e-4 and 5e-5), with LAMB and
 weight decay 0.05 (timm's LAMB; `train.optimizer: adamw` is recorded as a deviation).
+`lm_lr_scale` gives the LM a rate of its own: the embedded LM starts from random weights.
 → `model/` (`save_mmgem`: the LM and tokenizer in transformers' layout, the tower and heads in
 safetensors), caption counts (trained, truncated at `model.max_text_tokens`), samples/s.
 
@@ -56,6 +57,8 @@ class JointTrainRecipe:
     model: MMGEMConfig = field(default_factory=MMGEMConfig)
     objective: Literal["joint", "embed", "caption"] = "joint"
     backbone_lr_scale: float = 0.1          # ViT and LM lr = this × train.lr (paper: 5e-5 / 5e-4)
+    lm_lr_scale: Optional[float] = None     # the LM's own scale; null = backbone_lr_scale (the paper).
+                                            # The embedded LM starts from random weights, not TinyLlama's
     long_caption_prob: float = 0.0          # share of samples (fixed by key) that train on their long caption
     local_loss: bool = True
     gather_with_grad: bool = True
@@ -66,8 +69,9 @@ class JointTrainRecipe:
     def __post_init__(self) -> None:
         if self.model.soft_prompts:
             raise UserError("model.soft_prompts belongs to stage 2: set soft_prompts in the stage2-roi recipe")
-        if not 0.0 < self.backbone_lr_scale <= 1.0:
-            raise UserError(f"backbone_lr_scale must be in (0, 1], not {self.backbone_lr_scale}")
+        for name, scale in (("backbone_lr_scale", self.backbone_lr_scale), ("lm_lr_scale", self.lm_lr_scale)):
+            if scale is not None and not 0.0 < scale <= 1.0:
+                raise UserError(f"{name} must be in (0, 1], not {scale}")
         if not 0.0 <= self.long_caption_prob <= 1.0:
             raise UserError(f"long_caption_prob must be between 0 and 1, not {self.long_caption_prob}")
 
@@ -102,6 +106,17 @@ def freeze_unused(model, objective: str) -> None:
               "caption": [model.h2, model.logit_scale]}.get(objective, [])
     for module in unused:
         module.requires_grad_(False)
+
+
+def lr_groups(model, objective: str) -> dict[str, list]:
+    """The trained parameters by learning-rate group: projections (h1–h3, τ), vision, lm."""
+    groups = model.trainable_parameters("joint")
+    freeze_unused(model, objective)
+    in_lm = {id(p) for p in model.lm.parameters()}
+    backbones = [p for p in groups["backbones"] if p.requires_grad]
+    return {"projections": [p for p in groups["projections"] if p.requires_grad],
+            "vision": [p for p in backbones if id(p) not in in_lm],
+            "lm": [p for p in backbones if id(p) in in_lm]}
 
 
 def caption_chooser(seed: int, long_caption_prob: float):
@@ -139,9 +154,9 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     lm_record = ({"name": cfg.llm} if cfg.llm else
                  {"name": "embedded tiny Llama", "size": asdict(cfg.tiny_lm), "vocab": len(model.tokenizer),
                   "tokenizer_trained_on": len(captions)})
-    groups = model.trainable_parameters("joint")
-    freeze_unused(model, cfg.objective)
-    groups = {k: [p for p in ps if p.requires_grad] for k, ps in groups.items()}
+    groups = lr_groups(model, cfg.objective)
+    scales = {"projections": 1.0, "vision": cfg.backbone_lr_scale,
+              "lm": cfg.backbone_lr_scale if cfg.lm_lr_scale is None else cfg.lm_lr_scale}
     model.train()
     loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                        rank=dist.rank, world_size=dist.world_size)
@@ -160,8 +175,7 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
         return m(batch["image"], batch["caption"])
 
     def param_groups(m):
-        return learning_rate_groups(m, groups, cfg.train.weight_decay,
-                                    {"projections": 1.0, "backbones": cfg.backbone_lr_scale})
+        return learning_rate_groups(m, groups, cfg.train.weight_decay, scales)
 
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, **inputs}, force=force,
                          command=command) as art:
@@ -179,7 +193,7 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
                 "vision": cfg.vision,
                 "tokens": model.token_ids,
                 "optimizer": optimizer_record(cfg.train),
-                "lr": {"projections": cfg.train.lr, "backbones": cfg.train.lr * cfg.backbone_lr_scale},
+                "peak_lr": {group: cfg.train.lr * scale for group, scale in scales.items()},
                 # The [EMB] rows must not see the image and the caption rows attend to V_in, so no
                 # hidden state is shared: both kinds of rows go through ONE stacked LM call.
                 "lm_forward": {"calls_per_step": 1, "hidden_states_shared": False,
