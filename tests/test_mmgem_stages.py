@@ -275,3 +275,13 @@ def test_adding_soft_prompts_keeps_stage1_rows_and_refuses_another_number() -> N
     model.add_soft_prompts(3)  # the same number: nothing to do
     with pytest.raises(UserError, match="already has 3 soft prompts"):
         model.add_soft_prompts(5)
+
+
+def test_joint_train_starts_from_a_pretrain_artifacts_tower(chain, tmp_path) -> None:
+    cli("pretrain", "--data", chain / "world", "--out", tmp_path / "clip", "--recipe", "recipes/smoke/pretrain.yaml",
+        "--set", "train.steps=1", "--set", "eval.sets=[]")
+    cli("joint-train", "--data", chain / "world", "--vision", tmp_path / "clip", "--out", tmp_path / "joint", *JOINT,
+        "--set", "train.steps=1", "--set", "eval.sets=[]")
+    m = _manifest(tmp_path / "joint")
+    assert m["inputs"]["vision"]["kind"] == "pretrain"
+    assert m["inputs"]["vision"]["digest"] == _manifest(tmp_path / "clip")["digest"]
