@@ -165,8 +165,10 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     # data: one text per sample (a short caption, or its long one), the image as the tower sees it
     choose = caption_chooser(cfg.train.seed, cfg.long_caption_prob)
 
+    preprocess = model.preprocess  # what the DataLoader workers need, not the whole model
+
     def transform(sample) -> dict:
-        return {"image": model.preprocess(sample.image), "caption": choose(sample), "key": sample.key}
+        return {"image": preprocess(sample.image), "caption": choose(sample), "key": sample.key}
 
     skips = SkipCounter()
     batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))

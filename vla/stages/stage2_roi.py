@@ -30,7 +30,7 @@ import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
-from vla.stages.common import EvalConfig, image_text_batches, record_training, training_data
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, record_training, training_data
 from vla.stages.pretrain import DataConfig
 from vla.train import TrainConfig
 
@@ -77,14 +77,15 @@ def region_transform(model):
     from vla.models.pool_aggregator import boxes_to_input_frame, check_boxes
 
     spec = model.vision_spec["preprocess_cfg"]
-    size = spec["size"]
-    size = size if isinstance(size, int) else size[0]
-    if not isinstance(spec["size"], int) and spec["size"][0] != spec["size"][1]:
+    sides = [spec["size"]] * 2 if isinstance(spec["size"], int) else list(spec["size"])
+    if sides[0] != sides[1]:
         raise UserError(f"stage2-roi needs a square image input, got {spec['size']}")
+    size = sides[0]
     resize_mode = spec.get("resize_mode", "shortest")
+    preprocess = model.preprocess  # what the DataLoader workers need, not the whole model
 
     def transform(sample) -> dict:
-        key = sample.key
+        key = sample.key  # every refusal names the sample
         regions = [r for r in sample.regions if r.caption.strip()]
         if not regions:
             raise UserError(f"{key}: no region with a caption; stage2-roi trains on region boxes and "
@@ -94,7 +95,7 @@ def region_transform(model):
         mapped = boxes_to_input_frame(boxes, sample.image.size, size, resize_mode)
         check_boxes(mapped, size, size, f"{key} (in the tower's {size}×{size} input)")
         i = int(torch.randint(len(regions), ()))
-        return {"image": model.preprocess(sample.image), "box": mapped[i], "caption": regions[i].caption,
+        return {"image": preprocess(sample.image), "box": mapped[i], "caption": regions[i].caption,
                 "key": sample.key}
 
     return transform
@@ -155,8 +156,5 @@ def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
                 "optimizer": optimizer_record(cfg.train),
                 "regions_per_image_per_step": 1,
             }
-            if cfg.eval.sets:
-                from vla.stages.common import evaluate_into
-
-                evaluate_into(art, model, td.eval_dir, cfg.eval)
+            evaluate_into(art, model, td.eval_dir, cfg.eval)
     return art.artifact
