@@ -285,3 +285,19 @@ def test_joint_train_starts_from_a_pretrain_artifacts_tower(chain, tmp_path) -> 
     m = _manifest(tmp_path / "joint")
     assert m["inputs"]["vision"]["kind"] == "pretrain"
     assert m["inputs"]["vision"]["digest"] == _manifest(tmp_path / "clip")["digest"]
+
+
+def test_joint_train_under_torchrun_counts_every_ranks_captions(chain, tmp_path) -> None:
+    # two gloo ranks: DDP finds a gradient for every trained parameter, InfoNCE gathers with grad,
+    # and the checkpointed caption counts are the global ones on every rank
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vla", "joint-train",
+                        "--data", str(chain / "world"), "--out", str(tmp_path / "ddp"), *JOINT,
+                        "--set", "train.steps=2", "--set", "eval.sets=[]"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "VLA_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = _manifest(tmp_path / "ddp")
+    assert m["counts"]["captions"]["captions"] == m["counts"]["train"]["samples"] == 2 * 16 * 2
