@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from vla.errors import UserError
 from vla.losses import LogitScale
-from vla.models.causal_lm import CAP_TOKEN, EMB_TOKEN, add_mode_tokens, check_mode_tokens, soft_prompt_tokens
+from vla.models.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
+                                  soft_prompt_tokens)
 from vla.models.pool_aggregator import RoIPool, mean_pool
 from vla.models.weights import load_state_dict, save_state_dict
 
@@ -496,13 +497,13 @@ def build_mmgem(
     captions: Sequence[str] = (),
     config: MMGEMConfig = MMGEMConfig(),
     seed: int = 0,
-    lm_size: "TinyLlamaSize | None" = None,
+    lm_size: TinyLlamaSize | None = None,
 ) -> MMGEM:
     """An MM-GEM from names: an open_clip image tower (`vla.models.clip.load_clip` grammar) and a
     causal LM (`vla.models.causal_lm.load_causal_lm`), or — ``llm=None`` — the embedded default's
     tiny Llama (of ``lm_size``) with a tokenizer trained on ``captions``. Only the CLIP's image
     tower is kept."""
-    from vla.models.causal_lm import TinyLlamaSize, build_tiny_llama, load_causal_lm
+    from vla.models.causal_lm import build_tiny_llama, load_causal_lm
     from vla.models.clip import load_clip
 
     clip = load_clip(vision)
