@@ -259,7 +259,7 @@ def test_feature_caching_prints_plain_lines_in_a_log(tmp_path, capsys, monkeypat
 
     monkeypatch.setenv("VLA_PROGRESS_SECONDS", "0")
     texts = [f"caption {i}" for i in range(5)]
-    cached_features(tmp_path, "phi.caption", model_digest="m", data_digest="d", keys=texts, inputs=texts,
+    cached_features("phi.caption", lambda: ((t, t, "x") for t in texts), model_identity="m", data_digest="d",
                     encode=lambda batch: torch.ones(len(batch), 3), batch_size=2)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("caching phi.caption:")]
     assert [ln.split()[2] for ln in lines] == ["2/5", "4/5", "5/5"]

@@ -354,6 +354,45 @@ def contrast_tune(
     _print_done(art)
 
 
+@app.command("joint-train")
+@handles_errors
+def joint_train(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards of image-text pairs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    vision: Optional[str] = typer.Option(None, "--vision", help="Image tower: a pretrain artifact, a registry name (clip-vit-l) or open_clip name."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory); default: the embedded tiny Llama."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="joint | embed | caption (the ablations)."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """MM-GEM stage 1: one causal LM learns to embed ([EMB]) and caption ([CAP]), L = L_emb + L_gen."""
+    from vla.stages.joint_train import JointTrainRecipe, run
+
+    cfg = _load_recipe(JointTrainRecipe, "joint-train", recipe, set_,
+                       {"vision": vision, "llm": llm, "objective": objective})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+
+
+@app.command("stage2-roi")
+@handles_errors
+def stage2_roi(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or shards whose samples carry region boxes and captions."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    init: Optional[str] = typer.Option(None, "--init", help="The joint-train artifact to start from."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """MM-GEM stage 2: RoIAlign regions; trains only h3 + soft prompts (captions) and h4 (retrieval)."""
+    from vla.stages.stage2_roi import Stage2RoiRecipe, run
+
+    cfg = _load_recipe(Stage2RoiRecipe, "stage2-roi", recipe, set_, {"init": init})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+
+
 @app.command()
 @handles_errors
 def export(

@@ -1,4 +1,4 @@
-"""AdamW with open_clip's weight-decay split, and the learning-rate schedule.
+"""AdamW (or LAMB) with open_clip's weight-decay split, and the learning-rate schedule.
 
 The schedule is a plain function of the step (no LRScheduler object), so resuming needs nothing
 but the step number: the loop sets every group's lr from `lr_at(step)` before each optimizer step.
@@ -51,20 +51,39 @@ def build_optimizer(
     eps: float,
     weight_decay: float,
     fused: bool = False,
-) -> torch.optim.AdamW:
-    """AdamW over `groups`; a group may carry `lr_scale` (default 1) to train slower or faster.
+    name: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW (or ``name="lamb"``) over `groups`; a group may carry `lr_scale` (default 1) to train
+    slower or faster.
 
     A group without `weight_decay` gets the default. `lr_scale` stays in the group (and so in the
     optimizer's state dict), which is what lets the loop rescale every group per step.
+    LAMB is timm's maintained `timm.optim.Lamb` (timm comes with open_clip): the Adam update plus
+    weight decay, scaled per tensor by the trust ratio ‖w‖/‖update‖ (You et al. 2019). Its own
+    gradient clipping is off: the loop clips (`grad_clip`).
     """
     groups = [dict(g) for g in groups if list(g["params"])]
     if not groups:
         raise UserError("nothing to train: every parameter has requires_grad=False")
     for g in groups:
         g.setdefault("lr_scale", 1.0)
+    if name == "lamb":
+        return lamb_class()(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                            max_grad_norm=None)
+    if name != "adamw":
+        raise UserError(f"unknown optimizer {name!r}: use 'adamw' or 'lamb'")
     return torch.optim.AdamW(
         groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused
     )
+
+
+def lamb_class() -> type[torch.optim.Optimizer]:
+    """timm's LAMB; a UserError naming the fix when timm is not installed."""
+    try:
+        from timm.optim import Lamb
+    except ImportError:
+        raise UserError("train.optimizer=lamb needs timm (pip install timm); or set train.optimizer=adamw") from None
+    return Lamb
 
 
 def lr_at(

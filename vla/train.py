@@ -70,6 +70,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4  # peak learning rate
     weight_decay: float = 0.1  # AdamW decay; never on norms, biases, logit scales (open_clip's rule)
+    optimizer: str = "adamw"  # "adamw" | "lamb" (timm's LAMB)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
@@ -99,6 +100,7 @@ class TrainConfig:
             "log_every": self.log_every >= 1,
             "schedule": self.schedule in ("cosine", "constant"),
             "precision": self.precision in PRECISIONS,
+            "optimizer": self.optimizer in ("adamw", "lamb"),
             "device": self.device in ("auto", "cpu", "cuda"),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -165,7 +167,7 @@ def train(
     groups = param_groups(model) if param_groups else optim.param_groups(model, cfg.weight_decay)
     optimizer = optim.build_optimizer(
         groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        fused=info.device.type == "cuda",
+        fused=info.device.type == "cuda", name=cfg.optimizer,
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     trainable = [p for g in optimizer.param_groups for p in g["params"]]

@@ -57,7 +57,7 @@ class TextStates:
 
     def pooled(self, keys: Sequence[str]) -> torch.Tensor:
         """(B, D) pooled text embeddings alone (a row's first D columns: no token states read)."""
-        rows = [self.table.index[k] for k in keys]
+        rows = self.table.rows_of(keys)
         return torch.from_numpy(self.table.features[rows, :self.dim].astype("float32"))
 
 
@@ -76,8 +76,9 @@ def cached_text_states(clip, clip_identity: str, data_dir: Path, data_digest: st
         states, mask, pooled = clip_text_states(clip.model.eval(), tokens)
         return torch.cat([pooled, states.flatten(1), mask.to(states.dtype)], dim=1).float().cpu()
 
-    table, _hit = cached_features(data_dir, TEXT_STATES, model_digest=clip_identity, data_digest=data_digest,
-                                  keys=keys, inputs=texts, encode=encode, batch_size=batch_size)
+    table, _hit = cached_features(TEXT_STATES, lambda: ((k, t, str(data_dir)) for k, t in zip(keys, texts)),
+                                  model_identity=clip_identity, data_digest=data_digest, encode=encode,
+                                  batch_size=batch_size)
     return TextStates(table, context, dim)
 
 

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 # artifact kinds that hold a scorable model; all of them are opened by vla.export.load
 MODEL_KINDS = ("pretrain", "contrast-tune", "train-student", "export")
+# MM-GEM stages' artifacts: `model/` is what save_mmgem wrote
+MMGEM_KINDS = ("joint-train", "stage2-roi")
 
 
 def load_encoder(ref: str, device: str | torch.device = "cpu") -> DualEncoder:
@@ -22,8 +24,13 @@ def load_encoder(ref: str, device: str | torch.device = "cpu") -> DualEncoder:
     from vla.models.clip import load_clip
 
     if (Path(ref) / "manifest.json").exists():
-        open_artifact(ref, MODEL_KINDS, role="a model argument")  # refuse other kinds clearly
-        encoder = load(ref)
+        art = open_artifact(ref, MODEL_KINDS + MMGEM_KINDS, role="a model argument")  # refuse other kinds clearly
+        if art.kind in MMGEM_KINDS:
+            from vla.models.mmgem import load_mmgem
+
+            encoder = load_mmgem(art.file("model"))
+        else:
+            encoder = load(ref)
         encoder.name = Path(ref).name
     else:
         encoder = load_clip(ref)

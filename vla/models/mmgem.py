@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from vla.errors import UserError
 from vla.losses import LogitScale
-from vla.models.causal_lm import CAP_TOKEN, EMB_TOKEN, add_mode_tokens, check_mode_tokens, soft_prompt_tokens
+from vla.models.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
+                                  soft_prompt_tokens)
 from vla.models.pool_aggregator import RoIPool, mean_pool
 from vla.models.weights import load_state_dict, save_state_dict
 
@@ -210,6 +211,22 @@ class MMGEM(nn.Module):
         """As asked; by default the soft prompts for regions when the model has them, else [CAP]."""
         return soft if soft is not None else boxes is not None and bool(self.soft_prompt_ids)
 
+    def add_soft_prompts(self, n: int, seed: int = 0) -> None:
+        """Stage 2: give a stage-1 model the n soft prompts ``[CAP_1..CAP_n]``.
+
+        The tokenizer and the embedding tables grow by n rows; every existing row, and so every
+        stage-1 computation, is unchanged (tested). A model that already has n soft prompts is
+        left alone; one with another number is refused, since its rows were trained.
+        """
+        if n == self.config.soft_prompts:
+            return
+        if self.config.soft_prompts:
+            raise UserError(f"this MM-GEM model already has {self.config.soft_prompts} soft prompts, "
+                            f"not {n}; start stage 2 from a stage-1 (joint-train) model")
+        self.token_ids = add_mode_tokens(self.lm, self.tokenizer, soft_prompt_tokens(n), seed=seed)
+        self.config = dataclasses.replace(self.config, soft_prompts=n)
+        self.soft_prompt_ids = [self.token_ids[t] for t in soft_prompt_tokens(n)]
+
     def split_soft_prompts(self) -> nn.Parameter:
         """Stage 2: train ``[CAP_1..CAP_n]`` as a parameter of their own; `merge_soft_prompts` after.
 
@@ -323,6 +340,15 @@ class MMGEM(nn.Module):
 
     # ------------------------------------------------------------------ captioning
 
+    @property
+    def mode_token_ids(self) -> list[int]:
+        """``[EMB]``, ``[CAP]`` and the soft prompts: input-only tokens, never written in a caption.
+
+        Their output rows are never trained towards (stage 2's soft prompts get freshly resized,
+        frozen output rows), so decoding masks them rather than trusting their logits to be low.
+        """
+        return sorted(self.token_ids.values())
+
     def caption_inputs(self, pixels: Tensor, boxes: Sequence[Tensor] | None = None, soft: bool | None = None) -> Tensor:
         """``[V_in, prompt]`` (N, P+k, d_lm); soft prompts by default for regions when the model has them."""
         prefix = self.visual_prefix(self.image_embedding(pixels, boxes))
@@ -354,6 +380,7 @@ class MMGEM(nn.Module):
                 use_cache=True,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.tokenizer.pad_token_id,
+                suppress_tokens=self.mode_token_ids,
             )
         return [_until_eos(row, self.eos_id) for row in out.tolist()]
 
@@ -442,6 +469,7 @@ def greedy_decode_without_cache(model: MMGEM, inputs_embeds: Tensor, max_new_tok
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
     for _ in range(max_new_tokens):
         logits = model.lm(inputs_embeds=seq, use_cache=False).logits[:, -1]
+        logits[:, model.mode_token_ids] = float("-inf")  # as `generate`'s suppress_tokens
         nxt = logits.argmax(dim=-1).masked_fill(done, model.eos_id)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == model.eos_id
@@ -469,10 +497,12 @@ def build_mmgem(
     captions: Sequence[str] = (),
     config: MMGEMConfig = MMGEMConfig(),
     seed: int = 0,
+    lm_size: TinyLlamaSize | None = None,
 ) -> MMGEM:
     """An MM-GEM from names: an open_clip image tower (`vla.models.clip.load_clip` grammar) and a
     causal LM (`vla.models.causal_lm.load_causal_lm`), or — ``llm=None`` — the embedded default's
-    tiny Llama with a tokenizer trained on ``captions``. Only the CLIP's image tower is kept."""
+    tiny Llama (of ``lm_size``) with a tokenizer trained on ``captions``. Only the CLIP's image
+    tower is kept."""
     from vla.models.causal_lm import build_tiny_llama, load_causal_lm
     from vla.models.clip import load_clip
 
@@ -480,7 +510,7 @@ def build_mmgem(
     if llm is None:
         if not captions:
             raise UserError("the embedded default LM trains its tokenizer on captions; pass some")
-        lm, tokenizer = build_tiny_llama(captions, seed=seed)
+        lm, tokenizer = build_tiny_llama(captions, lm_size or TinyLlamaSize(), seed=seed)
     else:
         lm, tokenizer = load_causal_lm(llm)
     vision_spec = {"model_cfg": clip.model_cfg, "preprocess_cfg": clip.spec["preprocess_cfg"]}

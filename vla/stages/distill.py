@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
-from vla.errors import UserError
 from vla.data.captions import CaptionTable, read_captions
 from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity

@@ -28,7 +28,7 @@ from torch import nn
 from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
 from vla.errors import UserError
 from vla.stages.common import EvalConfig
-from vla.stages.pretrain import DataConfig
+from vla.stages.common import DataConfig
 from vla.train import TrainConfig
 
 KIND = "train-student"
@@ -120,8 +120,9 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
         emb = teacher(**teacher_inputs(store, text, [k for k, _ in pairs], top_k))
         return F.normalize(emb, dim=-1)
 
-    targets, _hit = cached_features(td.path, "dclip.teacher", model_digest=f"{teacher_art.digest}:{epoch}",
-                                    data_digest=data_digest, keys=keys, inputs=list(zip(keys, texts)),
+    # each row's input is its (key, caption) pair: the teacher reads the key's regions and text states
+    targets, _hit = cached_features("dclip.teacher", lambda: ((k, (k, t), str(td.path)) for k, t in zip(keys, texts)),
+                                    model_identity=f"{teacher_art.digest}:{epoch}", data_digest=data_digest,
                                     encode=teacher_embed, batch_size=cfg.teacher_batch_size)
     del teacher
 

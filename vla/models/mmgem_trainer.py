@@ -1,0 +1,96 @@
+"""What the training loop trains for MM-GEM's two stages: the model, its loss, run-long counts.
+
+`MMGEMTrainer` wraps an `MMGEM` so that one forward call (which DDP needs to see) gives the
+stage's loss, from `vla.losses.mmgem_objective_loss`:
+
+    joint:    L = L_emb + L_gen        embed: L = L_emb        caption: L = L_gen
+
+with image-level pairs in stage 1 (v = h1(MeanPool(V))) and region pairs in stage 2
+(h4(h1(RoIAlign(V, R))) against the region caption's t; V_in = h3(h1(RoIAlign(V, R))) before
+the soft prompts). It also counts, as buffers — so a checkpoint carries them and a resumed run
+reports whole-run totals — the captions trained on and those cut at ``max_text_tokens``.
+
+`learning_rate_groups` gives the loop's optimizer groups: projections at the recipe's lr,
+backbones (vision tower, LM) at ``backbone_lr_scale`` × lr (the paper: 5e-4 vs 5e-5), each split
+by open_clip's weight-decay rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vla.losses import ClipLoss, mmgem_objective_loss
+from vla.models.mmgem import MMGEM
+from vla.optim import no_weight_decay
+
+COUNTERS = ("captions", "truncated")
+_LOSS_INPUTS = ("image", "text", "logit_scale", "logits", "targets")
+
+
+class MMGEMTrainer(nn.Module):
+    def __init__(self, model: MMGEM, objective: str, contrastive: ClipLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.contrastive = contrastive
+        self.register_buffer("counts", torch.zeros(len(COUNTERS), dtype=torch.long))
+
+    def forward(self, pixels: Tensor, captions: Sequence[str],
+                boxes: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+        out = self.model(pixels, captions, objective=self.objective, boxes=boxes)
+        losses = mmgem_objective_loss(self.objective, contrastive=self.contrastive,
+                                      **{k: out[k] for k in _LOSS_INPUTS if k in out})
+        counted = torch.tensor([len(captions), out["truncated"]], device=self.counts.device)
+        with torch.no_grad():
+            # every rank adds the global count, so DDP's buffer broadcast from rank 0 changes nothing
+            self.counts += _all_reduce_sum(counted)
+        report = {k: v.detach() for k, v in losses.items() if k != "loss"}
+        if "logit_scale" in out and self.objective != "caption":
+            report["logit_scale"] = out["logit_scale"].detach()
+        return {"loss": losses["loss"], **report}
+
+    def counted(self) -> dict[str, int]:
+        return dict(zip(COUNTERS, (int(v) for v in self.counts.tolist())))
+
+
+def _all_reduce_sum(x: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def learning_rate_groups(trainer: nn.Module, groups: dict[str, list[nn.Parameter]], weight_decay: float,
+                         lr_scales: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer groups: each of `groups` (name → parameters, from `MMGEM.trainable_parameters`)
+    at its ``lr_scales[name]``, split into decayed and non-decayed tensors by open_clip's rule."""
+    names = {id(p): n for n, p in trainer.named_parameters()}
+    out = []
+    for group, params in groups.items():
+        decay = [p for p in params if not no_weight_decay(names.get(id(p), ""), p)]
+        keep = [p for p in params if no_weight_decay(names.get(id(p), ""), p)]
+        for ps, wd in ((keep, 0.0), (decay, weight_decay)):
+            if ps:
+                out.append({"params": ps, "weight_decay": wd, "lr_scale": lr_scales[group], "name": group})
+    return out
+
+
+def optimizer_record(train_cfg: Any) -> dict[str, Any]:
+    """What the manifest says about the optimizer, and how it departs from the paper (LAMB, wd 0.05)."""
+    record: dict[str, Any] = {"name": train_cfg.optimizer, "weight_decay": train_cfg.weight_decay}
+    if train_cfg.optimizer == "lamb":
+        import timm
+
+        record["implementation"] = f"timm.optim.Lamb (timm {timm.__version__})"
+    deviations = []
+    if train_cfg.optimizer != "lamb":
+        deviations.append(f"{train_cfg.optimizer} instead of the paper's LAMB")
+    if train_cfg.weight_decay != 0.05:
+        deviations.append(f"weight decay {train_cfg.weight_decay:g} instead of the paper's 0.05")
+    record["deviation_from_paper"] = "; ".join(deviations) or None
+    return record

@@ -1,0 +1,163 @@
+"""`vla stage2-roi`: MM-GEM stage 2 — regions, read from the frozen stage-1 feature map.
+
+Story (METHODS.md §3): a `joint-train` artifact and image–region data (each sample's region
+boxes and region captions, as `vla synth` writes them into the sample's JSON) →
+the PoolAggregator becomes RoIAlign over the ViT feature map V, and
+
+    region captioning:   V_in = h3(h1(RoIAlign(V, R)));  input [V_in, [CAP_1..CAP_n], caption]
+                         L_gen on the region caption; trains h3 and the n soft prompts only
+    regional retrieval:  r = h4(h1(RoIAlign(V, R))), h4 linear, initialised to the identity;
+                         L_emb = ½[CE(s·r tᵀ) + CE(s·t rᵀ)] against the region caption's
+                         t = h2(LM([caption, [EMB]]) at [EMB]) with stage 1's s; trains h4 only
+    L = L_emb + L_gen     (`objective: caption | embed` keeps one: then only h3 + prompts, or h4)
+
+Everything else — the ViT, h1, h2, the LM (every stage-1 row of its tables), τ — is frozen, so
+global retrieval (v = h1(MeanPool(V)), t) is stage 1's exactly (tested bit for bit).
+One region per image per step, drawn afresh each epoch (so every rank's batch has the same
+size for the gathered InfoNCE). Boxes are mapped into the tower's input frame through its
+resize and crop; a box that is empty, not finite or outside the image (or cropped away) is
+refused with the sample's key.
+→ `model/` (`save_mmgem`, soft prompts merged into the LM's table), caption counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.errors import UserError
+from vla.stages.common import (EvalConfig, evaluate_into, image_text_batches, record_training, skip_limit,
+                               training_data)
+from vla.stages.common import DataConfig
+from vla.train import TrainConfig
+
+KIND = "stage2-roi"
+INIT_KINDS = ("joint-train",)
+#: which model parts each objective trains (`MMGEM.trainable_parameters` phases)
+PHASES = {"joint": ("region-caption", "region-retrieval"), "caption": ("region-caption",),
+          "embed": ("region-retrieval",)}
+
+
+def _paper_train() -> TrainConfig:
+    return TrainConfig(lr=5e-4, optimizer="lamb", weight_decay=0.05)
+
+
+@dataclass
+class Stage2RoiRecipe:
+    init: str = ""                          # the joint-train artifact to start from (--init)
+    soft_prompts: int = 64                  # n, the prompts [CAP_1..CAP_n] replacing [CAP] for regions
+    objective: Literal["joint", "embed", "caption"] = "joint"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=_paper_train)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(sets=[]))
+
+    def __post_init__(self) -> None:
+        if self.soft_prompts < 1:
+            raise UserError(f"soft_prompts must be at least 1, not {self.soft_prompts}")
+
+
+def trainable(model, objective: str) -> list[torch.nn.Parameter]:
+    """Freeze everything but what `objective`'s phases train; the trained parameters."""
+    params: list[torch.nn.Parameter] = []
+    for phase in PHASES[objective]:
+        params += [p for ps in model.trainable_parameters(phase).values() for p in ps]
+    for p in params:  # each phase call froze the rest, the earlier phase's parameters included
+        p.requires_grad_(True)
+    return params
+
+
+def region_transform(model):
+    """Sample → the image as the tower sees it, one of its regions (box in the tower's input
+    pixels, caption), drawn with the stream's seeded generator (same after a resume)."""
+    from vla.models.pool_aggregator import boxes_to_input_frame, check_boxes
+
+    spec = model.vision_spec["preprocess_cfg"]
+    sides = [spec["size"]] * 2 if isinstance(spec["size"], int) else list(spec["size"])
+    if sides[0] != sides[1]:
+        raise UserError(f"stage2-roi needs a square image input, got {spec['size']}")
+    size = sides[0]
+    resize_mode = spec.get("resize_mode", "shortest")
+    preprocess = model.preprocess  # what the DataLoader workers need, not the whole model
+
+    def transform(sample) -> dict:
+        key = sample.key  # every refusal names the sample
+        regions = [r for r in sample.regions if r.caption.strip()]
+        if not regions:
+            raise UserError(f"{key}: no region with a caption; stage2-roi trains on region boxes and "
+                            "region captions in the sample's JSON (vla synth writes them)")
+        boxes = torch.tensor([r.box for r in regions], dtype=torch.float32)
+        check_boxes(boxes, sample.image.width, sample.image.height, key)
+        mapped = boxes_to_input_frame(boxes, sample.image.size, size, resize_mode)
+        check_boxes(mapped, size, size, f"{key} (in the tower's {size}×{size} input)")
+        i = int(torch.randint(len(regions), ()))
+        return {"image": preprocess(sample.image), "box": mapped[i], "caption": regions[i].caption,
+                "key": sample.key}
+
+    return transform
+
+
+def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
+        command: Sequence[str] | None = None) -> Artifact:
+    from vla.data.skips import SkipCounter
+    from vla.data.stream import resolve_data
+    from vla.distributed import init_distributed
+    from vla.losses import ClipLoss
+    from vla.models.mmgem import load_mmgem, save_mmgem
+    from vla.models.mmgem_trainer import MMGEMTrainer, learning_rate_groups, optimizer_record
+    from vla.train import train
+
+    # inputs: the stage-1 artifact (refused before any compute when of another kind) and the data
+    if not cfg.init:
+        raise UserError("stage2-roi needs its stage-1 model: pass --init runs/mmgem/joint (a joint-train artifact)")
+    init = open_artifact(cfg.init, INIT_KINDS, role="--init")
+    td = training_data(data)
+    dist = init_distributed()
+    source = resolve_data(td.path)
+
+    # model: stage 1's, plus the soft prompts; only h3 + prompts and/or h4 train
+    model = load_mmgem(init.file("model"))
+    model.add_soft_prompts(cfg.soft_prompts, seed=cfg.train.seed)
+    params = trainable(model, cfg.objective)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()  # frozen parts stay in eval mode (no dropout); the heads have none
+    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                       rank=dist.rank, world_size=dist.world_size)
+    trainer = MMGEMTrainer(model, cfg.objective, loss_fn)
+
+    skips = SkipCounter()
+    batches = image_text_batches(source, region_transform(model), cfg.train, cfg.data, dist, skips,
+                                 str(td.path))
+
+    def step(m, batch):
+        return m(batch["image"], batch["caption"], boxes=[b[None] for b in batch["box"]])
+
+    def param_groups(m):
+        return learning_rate_groups(m, {"heads": params}, cfg.train.weight_decay, {"heads": 1.0})
+
+    with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, "init": init}, force=force,
+                         command=command) as art:
+        limit = skip_limit(cfg.data, str(td.path))
+        result = train(cfg.train, trainer, step, batches, art.dir, param_groups=param_groups,
+                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size,
+                       skips=skips, skip_limit=limit)
+        record_training(art, result, limit)
+        if dist.rank == 0:
+            model.name = out.name
+            save_mmgem(model, art.dir / "model")  # merges the trained soft prompts into the table
+            art.counts["region_captions"] = trainer.counted()
+            art.extra["mmgem"] = {
+                "objective": cfg.objective,
+                "trained": trained,  # soft_prompts: the [CAP_1..CAP_n] rows, merged into the LM's table
+                "soft_prompts": cfg.soft_prompts,
+                "tokens": model.token_ids,
+                "optimizer": optimizer_record(cfg.train),
+                "regions_per_image_per_step": 1,
+            }
+            evaluate_into(art, model, td.eval_dir, cfg.eval)
+    return art.artifact
