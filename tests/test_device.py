@@ -56,7 +56,7 @@ def test_encoders_place_every_network_on_the_device_asked():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_eval_device_comes_from_the_recipe(tmp_path):
     """`vla eval` resolves its recipe's device (auto: the GPU when present) before anything else."""
-    proc = subprocess.run([sys.executable, "-m", "vla", "eval", "vla-micro-clip", "--data", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "vla", "eval", "vla-micro-clip", "--data", str(tmp_path / "sets"),
                            "--out", str(tmp_path / "ev"), "--set", "device=cuda"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "device 'cuda' requested but no GPU" in proc.stderr

@@ -199,4 +199,4 @@ def test_distill_batch_larger_than_the_data_is_a_user_error(curriculum, tmp_path
                            "--set", "train.batch_size=100000", "--out", str(tmp_path / "d")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert "train.batch_size 100000 is more than the 224 training captions" in proc.stderr
+    assert "train.batch_size 100000 is more than the 224 training rows" in proc.stderr

@@ -43,7 +43,8 @@ def invoke(*args) -> "Result":
 
 
 def one_line_error(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # progress lines (printed outside a terminal, vla/progress.py) are the log, not the error
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("train step ", "caching "))]
     assert len(lines) == 1, text
     assert "Traceback" not in text and "internal error" not in text, text
     return lines[0]

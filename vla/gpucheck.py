@@ -154,7 +154,9 @@ def check_curriculum(s: Sizes, work: Path) -> str:
     wrong = {k: v for k, v in devices.items() if not v.startswith(s.device)}
     if wrong:
         raise RuntimeError(f"stages ran off {s.device}: {wrong}")
-    mr = _manifest(runs / "eval")["metrics"]["contrast"]["retrieval"]["mean_recall"]
+    # eval rows are labelled by method and directory, e.g. "ProCLIP (contrast)"
+    metrics = _manifest(runs / "eval")["metrics"]
+    mr = next(v for k, v in metrics.items() if k == "contrast" or k.endswith("(contrast)"))["retrieval"]["mean_recall"]
     return f"6 stages on {s.device} in {s.precision}; ProCLIP retrieval mR {mr:.3f}"
 
 
