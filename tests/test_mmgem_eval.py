@@ -107,7 +107,7 @@ def test_boxes_map_into_the_towers_input_and_a_bad_box_is_refused_with_its_key(m
 # --- 2. captioning of images and regions ---------------------------------------------------------
 
 
-def test_image_and_region_captions_are_generates_from_the_image_and_from_full_image_plus_box(models, chain,
+def test_image_and_region_captions_are_generated_from_the_image_and_from_the_full_image_plus_box(models, chain,
                                                                                           regional) -> None:
     captioning = load_eval_set(chain / "world" / "eval" / "captioning")
     cfg = CaptionConfig(num_beams=2, max_new_tokens=6, batch_size=3, max_images=4, max_regions=5)
@@ -205,3 +205,22 @@ def test_vla_eval_scores_a_clip_and_both_mmgem_stages_on_every_task(chain, model
     merged = json.loads((chain / "merged" / "results.json").read_text())
     assert {m: set(v) for m, v in merged.items()} == {m: set(v) for m, v in results.items()}
     assert "train step" not in r.output
+
+
+def test_rows_are_labelled_by_mmgem_stage_and_objective(tmp_path) -> None:
+    from vla.stages.evaluate import model_label
+
+    for kind, objective, label in [("joint-train", "joint", "MM-GEM stage 1"), ("joint-train", "embed", "MM-GEM embed-only"),
+                                   ("joint-train", "caption", "MM-GEM caption-only"),
+                                   ("stage2-roi", "joint", "MM-GEM stage 2")]:
+        art = tmp_path / f"{kind}-{objective}"
+        art.mkdir()
+        (art / "manifest.json").write_text(json.dumps({"kind": kind, "recipe": {"objective": objective}}))
+        assert model_label(str(art), "mmgem") == f"{label} ({art.name})"
+
+
+def test_a_bad_caption_setting_is_one_line_naming_the_key(chain, tmp_path) -> None:
+    r = runner.invoke(app, ["eval", CLIP, "--data", str(chain / "world"), "--out", str(tmp_path / "e"),
+                            "--recipe", "recipes/smoke/eval-mmgem.yaml", "--set", "caption.num_beams=0"])
+    assert r.exit_code == 2 and "caption.: num_beams must be at least 1, not 0" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "e").exists()

@@ -46,10 +46,10 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"caption.{name} must be at least 1, not {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("max_images", "max_regions"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"caption.{name} must be at least 1 or null (all), not {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least 1 or null (all), not {getattr(self, name)}")
 
 
 @runtime_checkable
