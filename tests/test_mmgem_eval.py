@@ -210,7 +210,8 @@ def test_vla_eval_scores_a_clip_and_both_mmgem_stages_on_every_task(chain, model
 def test_rows_are_labelled_by_mmgem_stage_and_objective(tmp_path) -> None:
     from vla.stages.evaluate import model_label
 
-    for kind, objective, label in [("joint-train", "joint", "MM-GEM stage 1"), ("joint-train", "embed", "MM-GEM embed-only"),
+    for kind, objective, label in [("joint-train", "joint", "MM-GEM stage 1"),
+                                   ("joint-train", "embed", "MM-GEM embed-only"),
                                    ("joint-train", "caption", "MM-GEM caption-only"),
                                    ("stage2-roi", "joint", "MM-GEM stage 2")]:
         art = tmp_path / f"{kind}-{objective}"

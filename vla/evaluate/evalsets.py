@@ -17,9 +17,10 @@
 Tasks: retrieval, long_retrieval (retrieval on long captions), zeroshot_classification (alias
 zeroshot), regional_retrieval (alias regional: retrieval where the images are the region crops and
 each crop's one text is its region caption; `EvalSet.region_sources` gives a model that reads
-regions from the whole image — MM-GEM's RoIAlign — the full image and its boxes instead), captioning (the captions are the references). Without
-info.json the task is dataset_type.txt's (as CLIP_benchmark reads it); without either,
-classnames.txt → zero-shot classification, otherwise retrieval.
+regions from the whole image — MM-GEM's RoIAlign — the full image and its boxes instead),
+captioning (the captions are the references). Without info.json the task is dataset_type.txt's
+(as CLIP_benchmark reads it); without either, classnames.txt → zero-shot classification,
+otherwise retrieval.
 
 Texts are read as CLIP_benchmark reads them: captions are `str.splitlines()` of key.txt, unstripped,
 so a blank line is an (empty) caption; class names and templates are each line stripped, blank

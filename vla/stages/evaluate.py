@@ -2,8 +2,9 @@
 
 Story: each model (a registry name, a training artifact or an export) → the eval sets (from a
 synth artifact's `eval/` or any directory in CLIP_benchmark's WebDataset layout) → retrieval,
-long-text retrieval, zero-shot, regional retrieval and captioning metrics → an eval artifact with results.json, a markdown table,
-figures, and one CLIP_benchmark-layout JSON per model × set under `clip_benchmark/`.
+long-text retrieval, zero-shot, regional retrieval and captioning metrics → an eval artifact with
+results.json, a markdown table, figures, one CLIP_benchmark-layout JSON per model × set under
+`clip_benchmark/`, and the captions each generating model wrote under `captions/`.
 
 `mode` says how tied scores rank (`vla.evaluate.retrieval`): `clip_benchmark` (the default)
 computes what CLIP_benchmark computes, `topk`/`argmax` ties included, so equal embeddings give
