@@ -24,3 +24,18 @@ def test_bench_retrieval_quick(tmp_path):
                            capture_output=True, text=True).stdout
     ratio = next(f["ratio"] for f in part["figures"] if f["what"] == "time")
     assert "peak memory (MB)" in table and f"{ratio:.2f}× speed-up" in table
+
+
+def test_bench_mmgem_caption_quick(tmp_path):
+    """Part f: captions/s with generate + KV cache vs no cache; both must write the same captions."""
+    env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "vla.bench", "--only", "f", "--quick"], env=env, check=True,
+                   capture_output=True)
+    part = json.loads((tmp_path / "results.json").read_text())["parts"]["f"]
+    details = part["details"]
+    assert details["captions_equal"] and details["images"] == 4
+    assert 0 < details["tokens_per_caption"] <= details["max_new_tokens"]
+    (figure,) = part["figures"]
+    assert figure["what"] == "captioning throughput" and figure["unit"] == "captions/s"
+    assert figure["vla"] > 0 and figure["baseline"] > 0
+    assert abs(figure["ratio"] - figure["vla"] / figure["baseline"]) < 1e-9  # speed-up = captions/s ratio

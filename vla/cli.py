@@ -262,7 +262,7 @@ def eval_(
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
 ) -> None:
-    """Score models on retrieval, long-text retrieval and zero-shot sets; compare them in one table."""
+    """Score models on retrieval, long-text, zero-shot, regional and captioning sets; compare them in one table."""
     _check_models([("model", ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()])
     from vla.stages.evaluate import EvalRecipe, run
 

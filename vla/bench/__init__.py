@@ -1,10 +1,11 @@
 """`make bench`: vla's speed measured side by side with the straightforward way of doing the same.
 
-Four parts, each a module with `run(quick) -> Part`:
+Parts, each a module with `run(quick) -> Part`:
     a  trainer.py      training samples/s of `vla pretrain` against open_clip's own trainer
     b  cache.py        contrast-tune steps with the frozen embedder's features cached vs re-encoded
     c  retrieval.py    chunked retrieval metrics vs CLIP_benchmark's full matrices: time and memory
     d  cache_scale.py  building the feature cache for 100k and 1M captions: peak RSS and rows/s
+    f  mmgem_caption.py  MM-GEM captions/s: batched `generate` + KV cache vs decoding without a cache
 
 These are measurements, not tests: figures depend on the machine and on whatever else runs on it,
 so every part records its sizes and conditions next to its numbers in `bench/results.json`.

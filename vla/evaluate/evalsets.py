@@ -16,9 +16,11 @@
 
 Tasks: retrieval, long_retrieval (retrieval on long captions), zeroshot_classification (alias
 zeroshot), regional_retrieval (alias regional: retrieval where the images are the region crops and
-each crop's one text is its region caption), captioning (the captions are the references). Without
-info.json the task is dataset_type.txt's (as CLIP_benchmark reads it); without either,
-classnames.txt → zero-shot classification, otherwise retrieval.
+each crop's one text is its region caption; `EvalSet.region_sources` gives a model that reads
+regions from the whole image — MM-GEM's RoIAlign — the full image and its boxes instead),
+captioning (the captions are the references). Without info.json the task is dataset_type.txt's
+(as CLIP_benchmark reads it); without either, classnames.txt → zero-shot classification,
+otherwise retrieval.
 
 Texts are read as CLIP_benchmark reads them: captions are `str.splitlines()` of key.txt, unstripped,
 so a blank line is an (empty) caption; class names and templates are each line stripped, blank
@@ -135,6 +137,34 @@ class EvalSet:
         texts = [c for caps in self.captions for c in caps]
         owner = [i for i, caps in enumerate(self.captions) for _ in caps]
         return texts, owner
+
+    def region_sources(self, indices: Sequence[int] | None = None) -> list[RegionSource]:
+        """Regional sets: the full (uncropped) source image of the regions `indices` (all by
+        default, ascending), each image once, with its regions' boxes in its own pixels — what a
+        model that embeds or captions a region from the whole image and its box is given."""
+        if self.task != "regional_retrieval":
+            raise ValueError(f"{self.name} is a {self.task} set, not a regional one")
+        refs = self.images.refs
+        sources: list[RegionSource] = []
+        for i in range(len(refs)) if indices is None else indices:
+            ref = refs[i]
+            image = replace(ref, box=None)
+            if not sources or sources[-1].image != image:
+                sources.append(RegionSource(image, [], []))
+            sources[-1].boxes.append(ref.box)
+            sources[-1].regions.append(i)
+        return sources
+
+
+@dataclass
+class RegionSource:
+    """One source image of a regional set, uncropped, and the regions of it that are asked for."""
+    image: ImageRef
+    boxes: list[tuple[float, float, float, float]]   # in the image's own pixels
+    regions: list[int]                               # their indices in the set (`EvalSet.images`)
+
+    def load(self) -> Image.Image:
+        return LazyImages._load(self.image)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -34,6 +34,7 @@ def _clip_benchmark_entry(data: dict) -> tuple[str, str, dict]:
     """(model label, set name, metrics) of one CLIP_benchmark result."""
     dataset = str(data["dataset"])
     set_name = dataset.split("/", 1)[1] if dataset.startswith("wds/") else dataset
+    set_name = str(data.get("entry") or set_name)  # vla's: e.g. region captioning on a regional set
     model = str(data["model"])
     pretrained = str(data.get("pretrained", ""))
     # vla's own files use the label as `model`; CLIP_benchmark's are ARCH + pretrained tag

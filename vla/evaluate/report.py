@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet
-from vla.evaluate.run import retrieval_examples
+from vla.evaluate.run import Captioner, RegionEncoder, region_captioning_name, retrieval_examples
 from vla.models.encoder import DualEncoder
 
 Results = dict[str, dict[str, dict[str, float]]]
@@ -34,7 +34,7 @@ KEY_METRICS = (
     ("cider_d", [("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D")]),
 )
 COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length", "image_retrieval_ties",
-              "text_retrieval_ties", "ties"}
+              "text_retrieval_ties", "ties", "n_regions", "n_captioned"}
 LEGEND = ("All numbers ×100. mR: mean of R@1/5/10 text→image and image→text; T→I R@1: a caption "
           "finds its image first; I→T R@1: an image finds one of its captions first; "
           "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers.")
@@ -82,9 +82,40 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def results_markdown(results: Results, mode: str = "clip_benchmark") -> str:
+def model_notes(results: Results, sets: Sequence[EvalSet], models: dict[str, DualEncoder]) -> list[str]:
+    """What the table cannot say by itself: how each model read the regions, which models were
+    left out of captioning (they do not generate), and how much of a set was captioned."""
+    notes = []
+    regional = [s.name for s in sets if s.task == "regional_retrieval"]
+    captioning = [s.name for s in sets if s.task == "captioning"]
+    if regional:
+        full = [m for m, enc in models.items() if isinstance(enc, RegionEncoder)]
+        crop = [m for m in models if m not in full]
+        how = [f"{', '.join(full)}: each region from the full image and its box (RoIAlign)"] if full else []
+        how += [f"{', '.join(crop)}: each region's crop"] if crop else []
+        notes.append(f"Regional retrieval ({', '.join(regional)}) embeds {'; '.join(how)}.")
+    if regional or captioning:
+        writers = [m for m, enc in models.items() if isinstance(enc, Captioner)]
+        others = [m for m in models if m not in writers]
+        entries = captioning + [region_captioning_name(r) for r in regional if writers]
+        if entries and others:
+            notes.append(f"Captioning ({', '.join(entries)}): {', '.join(others)} "
+                         f"{'does' if len(others) == 1 else 'do'} not generate text, so "
+                         f"{'it has' if len(others) == 1 else 'they have'} no captioning results.")
+    for set_name in dict.fromkeys(k for per_set in results.values() for k in per_set):
+        m = next((per_set[set_name] for per_set in results.values() if "n_captioned" in per_set.get(set_name, {})),
+                 None)
+        total = m and (m.get("n_images") or m.get("n_regions"))
+        if m and total and m["n_captioned"] < total:
+            notes.append(f"{set_name}: {int(m['n_captioned'])} of {int(total)} "
+                         f"{'regions' if 'n_regions' in m else 'images'} captioned, an evenly spread "
+                         f"subset that is the same for every model (the recipe's caption cap).")
+    return notes
+
+
+def results_markdown(results: Results, mode: str = "clip_benchmark", notes: Sequence[str] = ()) -> str:
     """One summary row per model over the key metrics (best in bold), then every metric per set;
-    the legend says how ties were ranked (`mode`)."""
+    the legend says how ties were ranked (`mode`); `notes` follow the table."""
     columns = key_columns(results)
     rows = []
     for model, per_set in results.items():
@@ -104,6 +135,8 @@ def results_markdown(results: Results, mode: str = "clip_benchmark") -> str:
                  f"are longer than its {m['context_length']}-token text context"
                  for model, per_set in results.items() for set_name, m in per_set.items()
                  if m.get("text_truncated_fraction")]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     if truncated:
         lines += ["", "Where the text side truncated:", ""] + truncated
     set_names = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
@@ -247,7 +280,8 @@ def write_report(results: Results, out_dir: str | Path, sets: Sequence[EvalSet] 
              "comparison.png": out / "comparison.png"}
     files["results.json"].write_text(json.dumps(_jsonable(results), indent=2) + "\n",
                                      encoding="utf-8")
-    files["results.md"].write_text(results_markdown(results, mode), encoding="utf-8")
+    notes = model_notes(results, sets, models or {})
+    files["results.md"].write_text(results_markdown(results, mode, notes), encoding="utf-8")
     write_comparison_chart(results, files["comparison.png"])
     if write_model_examples(sets, models or {}, out / "retrieval_examples.png", examples):
         files["retrieval_examples.png"] = out / "retrieval_examples.png"
@@ -267,10 +301,14 @@ def write_clip_benchmark_results(results: Results, out_dir: str | Path,
     `{dataset}_{pretrained}_{model}_{language}_{task}.json`, so that `clip_benchmark build` and
     other result-table tools read them. `dataset` is `wds/<set>` (how its CLI names the set);
     `model` is vla's model label and `pretrained` the reference it was loaded from (`refs`).
-    `tie_mode` is vla's own addition."""
+    `tie_mode` is vla's own addition, and so is `entry`, the results entry a file holds: region
+    captioning on a regional set is that set's dataset with task `captioning`, beside its
+    `zeroshot_retrieval` file, and `entry` (`<set>_captioning`) tells `vla eval-merge` them apart."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tasks = {s.name: s.task for s in sets}
+    datasets = {region_captioning_name(s.name): s.name for s in sets if s.task == "regional_retrieval"}
+    tasks.update({entry: "captioning" for entry in datasets})
     written = []
     for model, per_set in results.items():
         pretrained = (refs or {}).get(model, model)
@@ -279,10 +317,11 @@ def write_clip_benchmark_results(results: Results, out_dir: str | Path,
                                             if "mean_recall" in metrics else
                                             "zeroshot_classification" if "acc1" in metrics
                                             else "captioning")
-            dump = {"dataset": f"wds/{set_name}", "model": model, "pretrained": pretrained,
+            dataset = datasets.get(set_name, set_name)
+            dump = {"dataset": f"wds/{dataset}", "model": model, "pretrained": pretrained,
                     "task": task, "metrics": _jsonable(metrics), "language": "en",
-                    "tie_mode": mode}
-            name = (f"{_slug(set_name)}_{_slug(Path(pretrained).name or pretrained)}_"
+                    "tie_mode": mode, "entry": set_name}
+            name = (f"{_slug(dataset)}_{_slug(Path(pretrained).name or pretrained)}_"
                     f"{_slug(model)}_en_{task}.json")
             path = out / name
             path.write_text(json.dumps(dump) + "\n", encoding="utf-8")

@@ -2,14 +2,21 @@
 
 Retrieval-like sets (retrieval, long_retrieval, regional_retrieval) also report where the text side
 truncated: `text_truncated_fraction` (texts needing more tokens than `context_length`; 0 when the
-text side reads any length) and `context_length` (None for such a model). Captioning sets need a
-model that also generates (`Captioner`); for any other model they are left out of its results.
+text side reads any length) and `context_length` (None for such a model).
+
+Regions: a model that embeds a region from the whole image and its box (`RegionEncoder`, MM-GEM's
+RoIAlign) gets the full image and the box; any other model gets the region's crop.
+
+Captioning, for a model that also generates (`Captioner`, MM-GEM): the images of a `captioning`
+set, scored against all their references, and the regions of a regional set, each against its
+region caption, reported as a set of its own, `<regional set>_captioning` (`region_captioning_name`).
+Decoding follows `CaptionConfig`; a model that does not generate has no captioning results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +30,57 @@ from vla.models.encoder import DualEncoder
 from vla.textbatch import encode_length_sorted
 
 
+@dataclass
+class CaptionConfig:
+    """How `vla eval` decodes captions (transformers' `generate`, KV cache) and how many it writes."""
+
+    num_beams: int = 1               # 1: greedy; more: beam search
+    max_new_tokens: int = 32         # tokens written at most per caption (end of text included)
+    batch_size: int = 64             # images (or regions) decoded per `generate` call
+    #: caption at most this many images of a captioning set / regions of a regional set: an evenly
+    #: spread subset, fixed by the set alone (`caption_subset`), so every model captions the same
+    #: items; None = all. Retrieval always uses the whole set.
+    max_images: int | None = None
+    max_regions: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_images", "max_regions"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 or null (all), not {getattr(self, name)}")
+
+
 @runtime_checkable
 class Captioner(Protocol):
-    def generate_captions(self, images: Sequence[Image.Image]) -> list[str]:
-        """One caption per image."""
+    def caption(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor] | None = None,
+                **decoding: Any) -> list[str]:
+        """One caption per image, or per box (`boxes[b]`: image b's boxes in the model's input
+        pixels, see `RegionEncoder.input_boxes`); `decoding`: max_new_tokens, num_beams."""
 
+
+@runtime_checkable
+class RegionEncoder(Protocol):
+    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (model input pixels)."""
+
+    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
+                    keys: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Boxes in each image's own pixels → the model's input pixels."""
+
+
+def region_captioning_name(set_name: str) -> str:
+    """The results entry of region captioning on the regional set `set_name`."""
+    return f"{set_name}_captioning"
+
+
+def caption_subset(n: int, cap: int | None) -> list[int]:
+    """`cap` indices spread evenly over range(n) (all when cap is None or ≥ n): the same for every
+    model, since it depends on the set's size alone."""
+    if cap is None or cap >= n:
+        return list(range(n))
+    return [i * n // cap for i in range(cap)]
 
 def _batched_images(model: DualEncoder, images: Sequence[Image.Image], batch: int) -> torch.Tensor:
     # normalise again, as CLIP_benchmark does: metrics assume unit vectors whatever the model does
@@ -51,14 +104,69 @@ def truncation(model: DualEncoder, texts: Sequence[str]) -> dict[str, float | in
             "context_length": context}
 
 
+def region_embeddings(model: DualEncoder, es: EvalSet, batch_size: int) -> torch.Tensor:
+    """The image side of regional retrieval, one row per region: from the full image and the
+    box for a `RegionEncoder`, from the region's crop for any other model."""
+    if not isinstance(model, RegionEncoder):
+        return _batched_images(model, es.images, batch_size)
+    out = []
+    for batch in _region_batches(es, range(len(es.images)), batch_size):
+        images = [src.load() for src in batch]
+        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
+        out.append(model.encode_regions(images, boxes).float())
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def _region_batches(es: EvalSet, indices: Sequence[int], batch_size: int):
+    """The source images of the regions `indices`, grouped so a batch holds about `batch_size` regions."""
+    batch, n = [], 0
+    for src in es.region_sources(list(indices)):
+        batch.append(src)
+        n += len(src.boxes)
+        if n >= batch_size:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def _decoding(cfg: CaptionConfig) -> dict[str, int]:
+    return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams}
+
+
+def image_captions(model: Captioner, es: EvalSet, cfg: CaptionConfig) -> tuple[list[int], list[str]]:
+    """The images captioned (`caption_subset`) and their captions."""
+    chosen = caption_subset(len(es.images), cfg.max_images)
+    captions = []
+    for start in range(0, len(chosen), cfg.batch_size):
+        images = [es.images[i] for i in chosen[start:start + cfg.batch_size]]
+        captions += model.caption(images, **_decoding(cfg))
+    return chosen, captions
+
+
+def region_captions(model: Captioner, es: EvalSet, cfg: CaptionConfig) -> tuple[list[int], list[str]]:
+    """The regions captioned (`caption_subset`) and their captions, each from its full image and
+    box (the model's region path: RoIAlign, and stage 2's soft prompts when it has them)."""
+    chosen = caption_subset(len(es.images), cfg.max_regions)
+    captions = []
+    for batch in _region_batches(es, chosen, cfg.batch_size):
+        images = [src.load() for src in batch]
+        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
+        captions += model.caption(images, boxes, **_decoding(cfg))
+    return chosen, captions
+
+
 def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
-                 mode: str = "clip_benchmark") -> dict[str, float] | None:
+                 mode: str = "clip_benchmark", caption: CaptionConfig | None = None,
+                 written: dict[str, list[dict]] | None = None) -> dict[str, float] | None:
     """The metrics of one set (None for a captioning set and a model that does not generate);
-    `mode` says how tied scores rank (`retrieval.MODES`)."""
+    `mode` says how tied scores rank (`retrieval.MODES`). Region captioning is `evaluate_model`'s.
+    `written`, when given, receives the generated captions (`captions_written`)."""
     if es.task in RETRIEVAL_TASKS:
         texts, owner = es.texts()
-        metrics = retrieval_metrics(_batched_images(model, es.images, batch_size),
-                                    _batched_texts(model, texts, batch_size), owner, mode=mode)
+        images = (region_embeddings(model, es, batch_size) if es.task == "regional_retrieval"
+                  else _batched_images(model, es.images, batch_size))
+        metrics = retrieval_metrics(images, _batched_texts(model, texts, batch_size), owner, mode=mode)
         return {**metrics, **truncation(model, texts),
                 "n_images": len(es.images), "n_texts": len(texts)}
     if es.task == "zeroshot_classification":
@@ -69,21 +177,51 @@ def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
     if es.task == "captioning":
         if not isinstance(model, Captioner):
             return None
-        generated = [c for i in range(0, len(es.images), batch_size)
-                     for c in model.generate_captions(list(es.images[i:i + batch_size]))]
-        return {**captioning_metrics(generated, es.captions), "n_images": len(es.images)}
+        chosen, generated = image_captions(model, es, caption or CaptionConfig())
+        if written is not None:
+            written[es.name] = captions_written(es, chosen, generated)
+        return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+                "n_images": len(es.images), "n_captioned": len(chosen)}
     raise ValueError(f"unknown task {es.task!r}")
 
 
+def evaluate_region_captioning(model: Captioner, es: EvalSet, caption: CaptionConfig,
+                               written: dict[str, list[dict]] | None = None) -> dict[str, float]:
+    """BLEU-4 / CIDEr-D of the regions' captions, each against its region caption."""
+    chosen, generated = region_captions(model, es, caption)
+    if written is not None:
+        written[region_captioning_name(es.name)] = captions_written(es, chosen, generated)
+    return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+            "n_regions": len(es.images), "n_captioned": len(chosen)}
+
+
 def evaluate_model(model: DualEncoder, sets: Sequence[EvalSet], batch_size: int = 256,
-                   mode: str = "clip_benchmark") -> dict[str, dict[str, float]]:
-    """{set name: {metric: value}} for every set this model can be measured on."""
+                   mode: str = "clip_benchmark", caption: CaptionConfig | None = None,
+                   written: dict[str, list[dict]] | None = None) -> dict[str, dict[str, float]]:
+    """{set name: {metric: value}} for every set this model can be measured on; for a model that
+    generates, a regional set also gives `region_captioning_name(set)`. `written`, when given,
+    receives the captions generated, by the same entry names."""
+    caption = caption or CaptionConfig()
     results = {}
     for es in sets:
-        metrics = evaluate_set(model, es, batch_size, mode)
+        metrics = evaluate_set(model, es, batch_size, mode, caption, written)
         if metrics is not None:
             results[es.name] = metrics
+        if es.task == "regional_retrieval" and isinstance(model, Captioner) and isinstance(model, RegionEncoder):
+            results[region_captioning_name(es.name)] = evaluate_region_captioning(model, es, caption, written)
     return results
+
+
+def captions_written(es: EvalSet, chosen: Sequence[int], generated: Sequence[str]) -> list[dict]:
+    """One record per captioned item: the sample key, the box for a region, the caption, the references."""
+    refs = es.images.refs if hasattr(es.images, "refs") else None
+    rows = []
+    for i, text in zip(chosen, generated, strict=True):
+        row: dict = {"index": i, "key": refs[i].key if refs else str(i)}
+        if refs and refs[i].box is not None:
+            row["box"] = list(refs[i].box)
+        rows.append({**row, "caption": text, "references": es.captions[i]})
+    return rows
 
 
 @dataclass

@@ -400,7 +400,10 @@ class MMGEM(nn.Module):
 
     @property
     def text_context_length(self) -> int:
-        return self.config.max_text_tokens
+        """Tokens the embedding path reads at most: max_text_tokens caption tokens + [EMB] (+ BOS),
+        counted as `text_token_counts` counts, so a text is reported truncated exactly when
+        `tokenize` cuts it (CLIP's 16 or 77 likewise include its start and end tokens)."""
+        return self.config.max_text_tokens + 1 + (self.bos_id is not None)
 
     def pixels(self, images: Sequence[Image.Image]) -> Tensor:
         if self.preprocess is None:
@@ -423,6 +426,27 @@ class MMGEM(nn.Module):
         with _inference(self):
             out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in boxes])
         return F.normalize(out, dim=-1).float().cpu()
+
+    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
+                    keys: Sequence[str] | None = None) -> list[Tensor]:
+        """Boxes given in each PIL image's own pixels → the tower's input pixels, which
+        `encode_regions` and `caption` take: through the same resize and centre crop as
+        `preprocess` (`boxes_to_input_frame`). A box that is empty, not finite, outside its image
+        or cropped away is refused, naming ``keys[b]`` (the sample) when given."""
+        from vla.models.pool_aggregator import boxes_to_input_frame, check_boxes
+
+        spec = (self.vision_spec or {}).get("preprocess_cfg", {})
+        size = spec.get("size", self.tower.image_size)
+        size = size if isinstance(size, int) else size[0]
+        out = []
+        for b, (image, image_boxes) in enumerate(zip(images, boxes, strict=True)):
+            key = keys[b] if keys is not None else f"image {b}"
+            t = torch.tensor([list(map(float, box)) for box in image_boxes], dtype=torch.float32).reshape(-1, 4)
+            check_boxes(t, image.width, image.height, key)
+            mapped = boxes_to_input_frame(t, image.size, size, spec.get("resize_mode", "shortest"))
+            check_boxes(mapped, size, size, f"{key} (in the tower's {size}×{size} input)")
+            out.append(mapped)
+        return out
 
     # ------------------------------------------------------------------ what each phase trains
 

@@ -2,24 +2,31 @@
 
 Story: each model (a registry name, a training artifact or an export) → the eval sets (from a
 synth artifact's `eval/` or any directory in CLIP_benchmark's WebDataset layout) → retrieval,
-long-text retrieval, zero-shot metrics → an eval artifact with results.json, a markdown table,
-figures, and one CLIP_benchmark-layout JSON per model × set under `clip_benchmark/`.
+long-text retrieval, zero-shot, regional retrieval and captioning metrics → an eval artifact with
+results.json, a markdown table, figures, one CLIP_benchmark-layout JSON per model × set under
+`clip_benchmark/`, and the captions each generating model wrote under `captions/`.
 
 `mode` says how tied scores rank (`vla.evaluate.retrieval`): `clip_benchmark` (the default)
 computes what CLIP_benchmark computes, `topk`/`argmax` ties included, so equal embeddings give
 equal numbers; `pessimistic` counts every tie against the model; `expected` averages over a random
 order among ties. Without ties the three agree; every set reports its tie counts.
+
+MM-GEM models (joint-train, stage2-roi artifacts) are scored on everything they can do: regions
+from the full image + box (RoIAlign, h4), image and region captions decoded as `caption:` says
+(`CaptionConfig`); a dual encoder in the same table gets region crops and no captioning rows.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
+from vla.evaluate.run import CaptionConfig
 
 KIND = "eval"
 
@@ -31,6 +38,7 @@ class EvalRecipe:
     examples: int = 4            # text queries shown in the retrieval-examples figure
     device: str = "auto"         # "auto" (the GPU when there is one) | "cpu" | "cuda"
     mode: Literal["clip_benchmark", "pessimistic", "expected"] = "clip_benchmark"  # tie ranking
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # decoding, for models that generate
 
 
 def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
@@ -44,7 +52,10 @@ def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
 
 
 # what each training artifact is, for table rows and legends
-_METHODS = {"pretrain": "CLIP", "distill": "ProCLIP stage 1", "export": "export"}
+_METHODS = {"pretrain": "CLIP", "distill": "ProCLIP stage 1", "export": "export",
+            "stage2-roi": "MM-GEM stage 2"}
+# MM-GEM stage 1 by the objective it trained (the paper's same-budget ablation)
+_JOINT_TRAIN = {"joint": "MM-GEM stage 1", "embed": "MM-GEM embed-only", "caption": "MM-GEM caption-only"}
 
 
 def model_label(ref: str, name: str) -> str:
@@ -58,10 +69,25 @@ def model_label(ref: str, name: str) -> str:
         kind, recipe = m.get("kind", ""), m.get("recipe") or {}
         if kind == "contrast-tune":
             method = "LLM2CLIP" if recipe.get("init") == "random" else "ProCLIP"
+        elif kind == "joint-train":
+            method = _JOINT_TRAIN.get(recipe.get("objective", "joint"), kind)
         else:
             method = _METHODS.get(kind, kind)
         return f"{method} ({path.name})" if method else path.name
     return path.name if path.is_dir() else name
+
+
+def write_captions(written: dict[str, dict[str, list[dict]]], out: Path) -> None:
+    """`captions/<model>/<entry>.jsonl`: every caption a model wrote, with its references, to read
+    beside the BLEU-4 / CIDEr-D it scored (models that generate only)."""
+    from vla.evaluate.report import _slug
+
+    for model, entries in written.items():
+        for entry, rows in entries.items():
+            folder = out / _slug(model)
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{entry}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force: bool = False,
@@ -86,13 +112,20 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
     if len(set(names)) != len(names):  # two artifacts with the same directory name
         names = [f"{n} ({ref})" for n, ref in zip(names, models)]
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
-        results = {name: evaluate_model(enc, sets, batch_size=cfg.batch_size, mode=cfg.mode)
-                   for name, enc in zip(names, encoders)}
+        results, seconds, written = {}, {}, {}
+        for name, enc in zip(names, encoders):
+            start = time.perf_counter()
+            written[name] = {}
+            results[name] = evaluate_model(enc, sets, batch_size=cfg.batch_size, mode=cfg.mode,
+                                           caption=cfg.caption, written=written[name])
+            seconds[name] = round(time.perf_counter() - start, 2)
+        write_captions(written, art.dir / "captions")
         write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)),
                      examples=cfg.examples, mode=cfg.mode)
         write_clip_benchmark_results(results, art.dir / "clip_benchmark", sets=sets,
                                      refs=dict(zip(names, models)), mode=cfg.mode)
         art.metrics.update(results)
         art.extra["device"] = str(device)
+        art.timings["seconds_per_model"] = seconds
         art.counts.update({s.name: {"images": len(s.images)} for s in sets})
     return art.artifact

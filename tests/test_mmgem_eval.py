@@ -1,0 +1,227 @@
+"""`vla eval` of MM-GEM: regions from the full image + box (a CLIP still gets crops), captions of
+images and regions through `generate`, where MM-GEM's text side truncates, the caption cap, and
+one table with a plain CLIP, stage 1 and stage 2 through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from vla.cli import app
+from vla.evaluate.evalsets import load_eval_set
+from vla.evaluate.run import (CaptionConfig, Captioner, RegionEncoder, caption_subset, evaluate_model,
+                              image_captions, region_captions, region_embeddings, truncation)
+
+runner = CliRunner()
+WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=32", "--set", "n_val=8", "--set", "n_test=12",
+         "--set", "shard_size=16"]
+FEW_STEPS = ["--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--set", "eval.sets=[]"]
+CLIP = "vla-micro-clip"
+
+
+def cli(*args) -> object:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny world → joint-train → stage2-roi (two steps each: the heads move, that is all we need)."""
+    root = tmp_path_factory.mktemp("mmgem-eval")
+    cli("synth", "--out", root / "world", *WORLD)
+    cli("joint-train", "--data", root / "world", "--out", root / "joint", "--recipe",
+        "recipes/smoke/joint-train.yaml", *FEW_STEPS)
+    cli("stage2-roi", "--data", root / "world", "--init", root / "joint", "--out", root / "stage2", "--recipe",
+        "recipes/smoke/stage2-roi.yaml", *FEW_STEPS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(chain):
+    from vla.models.load import load_encoder
+
+    return {name: load_encoder(str(chain / name)) for name in ("joint", "stage2")} | {"clip": load_encoder(CLIP)}
+
+
+@pytest.fixture(scope="module")
+def regional(chain):
+    return load_eval_set(chain / "world" / "eval" / "regional")
+
+
+def _full_image_and_box(model, es, i):
+    """Region i as MM-GEM should read it: its source image uncropped, its box in the tower's input."""
+    src = es.region_sources([i])[0]
+    image = src.load()
+    return [image], model.input_boxes([image], [src.boxes])
+
+
+# --- 1. regional retrieval: full image + box for MM-GEM, crops for a CLIP ---------------------------
+
+
+def test_mmgem_regions_are_embedded_from_the_full_image_and_box_not_the_crop(models, regional) -> None:
+    for name in ("joint", "stage2"):
+        model = models[name]
+        assert isinstance(model, RegionEncoder)
+        used = region_embeddings(model, regional, batch_size=4)  # batches cut across images
+        assert used.shape[0] == len(regional.images) > len(regional.region_sources())
+        one_by_one = torch.cat([model.encode_regions(*_full_image_and_box(model, regional, i))
+                                for i in range(len(regional.images))])
+        assert torch.allclose(used, one_by_one, atol=1e-5)
+        crops = model.encode_image(list(regional.images))  # what a crop-based path would give
+        assert not torch.allclose(used, crops, atol=1e-3)
+        # the source image really is the whole image: a box's crop is smaller than it
+        src = regional.region_sources([0])[0]
+        assert src.load().size != regional.images[0].size
+    # stage 2 reads regions through its trained h4, stage 1 through the identity
+    assert not torch.allclose(region_embeddings(models["joint"], regional, 64),
+                              region_embeddings(models["stage2"], regional, 64), atol=1e-4)
+
+
+def test_a_clip_in_the_same_eval_still_gets_the_crops(models, regional) -> None:
+    clip = models["clip"]
+    assert not isinstance(clip, RegionEncoder) and not isinstance(clip, Captioner)
+    assert torch.equal(region_embeddings(clip, regional, 64),
+                       F.normalize(clip.encode_image(list(regional.images)).float(), dim=-1))
+
+
+def test_boxes_map_into_the_towers_input_and_a_bad_box_is_refused_with_its_key(models, regional) -> None:
+    from vla.errors import UserError
+
+    model = models["stage2"]
+    src = regional.region_sources([0])[0]
+    image = src.load()
+    # the world's images are the tower's size: the mapping is the identity there
+    assert torch.allclose(model.input_boxes([image], [src.boxes])[0], torch.tensor(src.boxes))
+    big = image.resize((image.width * 2, image.height * 2))
+    doubled = [[2 * v for v in box] for box in src.boxes]
+    assert torch.allclose(model.input_boxes([big], [doubled])[0], torch.tensor(src.boxes), atol=1e-4)
+    with pytest.raises(UserError, match="sample-7: region box .* lies outside"):
+        model.input_boxes([image], [[[0, 0, image.width + 5, 4]]], keys=["sample-7"])
+
+
+# --- 2. captioning of images and regions ---------------------------------------------------------
+
+
+def test_image_and_region_captions_are_generated_from_the_image_and_from_the_full_image_plus_box(models, chain,
+                                                                                          regional) -> None:
+    captioning = load_eval_set(chain / "world" / "eval" / "captioning")
+    cfg = CaptionConfig(num_beams=2, max_new_tokens=6, batch_size=3, max_images=4, max_regions=5)
+    stage2 = models["stage2"]
+    chosen, captions = image_captions(stage2, captioning, cfg)
+    assert chosen == caption_subset(len(captioning.images), 4) and len(captions) == 4
+    assert captions == stage2.caption([captioning.images[i] for i in chosen], num_beams=2, max_new_tokens=6)
+    chosen, captions = region_captions(stage2, regional, cfg)
+    assert len(chosen) == len(captions) == 5
+    for i, caption in zip(chosen, captions):  # each region from its full image, box and soft prompts
+        images, boxes = _full_image_and_box(stage2, regional, i)
+        assert [caption] == stage2.caption(images, boxes, num_beams=2, max_new_tokens=6)
+        assert [caption] != stage2.caption(images, boxes, num_beams=2, max_new_tokens=6, soft=False)
+
+
+def test_caption_subset_is_evenly_spread_and_the_same_for_every_call() -> None:
+    assert caption_subset(10, None) == caption_subset(10, 10) == caption_subset(10, 99) == list(range(10))
+    assert caption_subset(10, 4) == [0, 2, 5, 7] == caption_subset(10, 4)
+    assert caption_subset(2548, 500)[-1] < 2548 and len(set(caption_subset(2548, 500))) == 500
+
+
+def test_a_model_that_does_not_generate_gets_no_captioning_results(models, chain, regional) -> None:
+    captioning = load_eval_set(chain / "world" / "eval" / "captioning")
+    results = evaluate_model(models["clip"], [regional, captioning], batch_size=64)
+    assert set(results) == {"regional"}
+
+
+# --- 3. where MM-GEM's text side truncates ---------------------------------------------------------
+
+
+def test_truncation_is_reported_exactly_where_the_lm_cuts_a_text(models) -> None:
+    model = models["joint"]
+    cap = model.config.max_text_tokens  # 24 in the smoke recipe
+    word = "a"  # one token, and so is " a": k words are k tokens
+    assert len(model.tokenize([word])[0][0]) == 1
+    at_limit, over = " ".join([word] * cap), " ".join([word] * (cap + 1))
+    assert [len(r) for r in model.tokenize([at_limit, over])[0]] == [cap, cap]
+    assert model.tokenize([at_limit])[1] == 0 and model.tokenize([over])[1] == 1
+    # what the report says agrees with what the LM read: one text of the two was cut
+    assert truncation(model, [at_limit, over]) == {"text_truncated_fraction": 0.5,
+                                                   "context_length": model.text_context_length}
+    assert truncation(model, [at_limit]) == {"text_truncated_fraction": 0.0,
+                                             "context_length": model.text_context_length}
+    assert model.text_context_length == model.text_token_counts([at_limit])[0]  # [EMB] (and BOS) counted
+
+
+# --- 6. the CLI: a CLIP, stage 1 and stage 2 in one table ---------------------------------------
+
+
+def test_vla_eval_scores_a_clip_and_both_mmgem_stages_on_every_task(chain, models, regional) -> None:
+    out = chain / "eval"
+    r = cli("eval", CLIP, chain / "joint", chain / "stage2", "--data", chain / "world", "--out", out,
+            "--recipe", "recipes/smoke/eval-mmgem.yaml", "--set", "caption.max_regions=7")
+    results = json.loads((out / "results.json").read_text())
+    rows = {name: next(v for k, v in results.items() if k.endswith(f"({name})") or k == name)
+            for name in ("joint", "stage2", CLIP)}
+    mmgem_sets = {"retrieval", "long_retrieval", "zeroshot", "regional", "regional_captioning", "captioning"}
+    assert set(rows["joint"]) == set(rows["stage2"]) == mmgem_sets
+    assert set(rows[CLIP]) == {"retrieval", "long_retrieval", "zeroshot", "regional"}
+    for name in ("joint", "stage2"):
+        for entry in ("captioning", "regional_captioning"):
+            assert {"bleu4", "cider_d", "n_captioned"} <= set(rows[name][entry])
+        assert rows[name]["regional_captioning"]["n_captioned"] == 7
+        assert rows[name]["captioning"]["n_captioned"] == rows[name]["captioning"]["n_images"] == 12
+    # stage 2: global retrieval is stage 1's exactly; regions come from its own heads
+    for entry in ("retrieval", "long_retrieval", "zeroshot"):
+        assert rows["stage2"][entry] == rows["joint"][entry], entry
+    from vla.evaluate.retrieval import retrieval_metrics
+
+    texts, owner = regional.texts()
+    for name in ("joint", "stage2"):
+        expected = retrieval_metrics(region_embeddings(models[name], regional, 64),
+                                     F.normalize(models[name].encode_text(texts), dim=-1), owner)
+        assert {k: rows[name]["regional"][k] for k in expected} == pytest.approx(expected)
+    captions = {name: [json.loads(line) for line in
+                       next((out / "captions").glob(f"*{name}*")).joinpath("regional_captioning.jsonl").open()]
+                for name in ("joint", "stage2")}
+    assert [c["key"] for c in captions["joint"]] == [c["key"] for c in captions["stage2"]]  # the same regions
+    assert [c["caption"] for c in captions["joint"]] != [c["caption"] for c in captions["stage2"]]
+    assert all(len(c["box"]) == 4 and c["references"] for c in captions["stage2"])
+    # the report says how regions were read, who does not caption, and the cap
+    md = (out / "results.md").read_text()
+    assert "each region from the full image and its box (RoIAlign); vla-micro-clip: each region's crop" in md
+    assert "vla-micro-clip does not generate text, so it has no captioning results" in md
+    assert f"regional_captioning: 7 of {len(regional.images)} regions captioned" in md
+    assert "regional_captioning CIDEr-D" in md and "captioning BLEU-4" in md
+    # CLIP_benchmark's layout: region captioning is the regional dataset's captioning task
+    bench = [json.loads(p.read_text()) for p in (out / "clip_benchmark").glob("*.json")]
+    region_caps = [b for b in bench if b["entry"] == "regional_captioning"]
+    assert len(region_caps) == 2 and all(b["dataset"] == "wds/regional" and b["task"] == "captioning"
+                                         for b in region_caps)
+    assert not any(b["task"] == "captioning" and CLIP in b["model"] for b in bench)
+    # eval-merge of those files gives back the same entries
+    cli("eval-merge", out / "clip_benchmark", "--out", chain / "merged")
+    merged = json.loads((chain / "merged" / "results.json").read_text())
+    assert {m: set(v) for m, v in merged.items()} == {m: set(v) for m, v in results.items()}
+    assert "train step" not in r.output
+
+
+def test_rows_are_labelled_by_mmgem_stage_and_objective(tmp_path) -> None:
+    from vla.stages.evaluate import model_label
+
+    for kind, objective, label in [("joint-train", "joint", "MM-GEM stage 1"),
+                                   ("joint-train", "embed", "MM-GEM embed-only"),
+                                   ("joint-train", "caption", "MM-GEM caption-only"),
+                                   ("stage2-roi", "joint", "MM-GEM stage 2")]:
+        art = tmp_path / f"{kind}-{objective}"
+        art.mkdir()
+        (art / "manifest.json").write_text(json.dumps({"kind": kind, "recipe": {"objective": objective}}))
+        assert model_label(str(art), "mmgem") == f"{label} ({art.name})"
+
+
+def test_a_bad_caption_setting_is_one_line_naming_the_key(chain, tmp_path) -> None:
+    r = runner.invoke(app, ["eval", CLIP, "--data", str(chain / "world"), "--out", str(tmp_path / "e"),
+                            "--recipe", "recipes/smoke/eval-mmgem.yaml", "--set", "caption.num_beams=0"])
+    assert r.exit_code == 2 and "caption.: num_beams must be at least 1, not 0" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "e").exists()
