@@ -7,9 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import tracemalloc
-from types import SimpleNamespace
 
-import pytest
 import torch
 
 from vla.data.captions import read_captions
