@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from vla.data.captions import read_captions
+from vla.data.captions import read_captions, text_windows
 from vla.data.sample import Sample
 from vla.data.shards import ShardWriter
 
@@ -44,26 +44,31 @@ def test_captions_are_read_without_opening_a_single_image(tmp_path, monkeypatch)
         raise AssertionError("an image was opened to read a caption")
 
     monkeypatch.setattr(Image, "open", no_images)
-    table, skips = read_captions(root / "shards", max_skip_fraction=1.0)
-    assert table.keys == ["a", "b", "d"]
-    assert table.captions == [["a red circle", "a small red circle"], ["a blue square"], ["a green star"]]
-    assert table.long == ["long a", None, None]
+    captions, skips = read_captions(root / "shards", max_skip_fraction=1.0)
+    assert [r[1:] for r in captions.records()] == [
+        ("a", ["a red circle", "a small red circle"], "long a"), ("b", ["a blue square"], None),
+        ("d", ["a green star"], None)]
+    assert (captions.count, captions.max_captions, captions.long_count) == (3, 2, 1)
     assert skips == {"seen": 6, "used": 3,
                      "skipped": {"empty_caption": 1, "missing_image": 1, "bad_json": 1}}
     manifest, skips = read_captions(root / "m.jsonl", max_skip_fraction=1.0)
-    assert (manifest.keys, manifest.captions, manifest.long) == (["00000001"], [["one", "two"]], ["long one"])
+    assert [r[1:] for r in manifest.records()] == [("00000001", ["one", "two"], "long one")]
     assert skips["skipped"] == {"missing_image": 1, "bad_json": 1}
 
 
 def test_caption_columns_and_variants(tmp_path):
-    table, _ = read_captions(_write(tmp_path) / "shards", max_skip_fraction=1.0)
-    assert table.short == ["a red circle", "a blue square", "a green star"]
-    assert table.max_captions == 2
-    assert table.caption_column(1) == ("caption2", ["a"], ["a small red circle"])
-    assert table.long_column() == (["a"], ["long a"])
+    captions, _ = read_captions(_write(tmp_path) / "shards", max_skip_fraction=1.0)
+    shard = str(tmp_path / "shards" / "00000.tar")
+    assert list(captions.short()) == [("a", "a red circle", shard), ("b", "a blue square", shard),
+                                      ("d", "a green star", shard.replace("00000", "00001"))]
+    name, rows = captions.caption_column(1)
+    assert (name, [r[:2] for r in rows()]) == ("caption2", [("a", "a small red circle")])
+    assert [r[:2] for r in captions.long_column()()] == [("a", "long a")]
     # distill's second text: the second caption / long caption, else the first
-    assert table.variant("caption") == ("caption2", ["a small red circle", "a blue square", "a green star"])
-    assert table.variant("long_caption")[1] == ["long a", "a blue square", "a green star"]
+    name, rows = captions.variant("caption")
+    assert (name, [r[1] for r in rows()]) == ("caption2", ["a small red circle", "a blue square", "a green star"])
+    assert [r[1] for r in captions.variant("long_caption")[1]()] == ["long a", "a blue square", "a green star"]
+    assert list(text_windows(captions.short, 2)) == [["a red circle", "a blue square"], ["a green star"]]
 
 
 def test_too_many_bad_captions_stop_with_the_data_named(tmp_path):

@@ -62,6 +62,36 @@ def test_captions_are_drawn_anew_each_epoch_and_a_resume_draws_the_same(tmp_path
     assert _draws(source, workers=2) == draws
 
 
+def _draws_by_key(source, epoch, rank=0, world_size=1, workers=0):
+    """{key: caption index} of one rank's samples in `epoch`."""
+    def transform(sample):
+        return {"key": sample.key, "caption_index": draw_caption(sample, 0.5)}
+
+    out = {}
+    for batch, _ in make_loader(source, transform, 4, num_workers=workers, rank=rank, world_size=world_size,
+                                seed=3, epoch=epoch, shuffle_buffer=4, drop_last=False):
+        out.update(zip(batch["key"], batch["caption_index"].tolist()))
+    return out
+
+
+def test_a_samples_caption_draw_depends_on_seed_epoch_and_key_not_on_ranks_or_workers(tmp_path):
+    """Before, the stream seeded a sample's draws by (seed, epoch, rank, position): 2 GPUs drew
+    other captions than 1 for the same sample and epoch."""
+    from vla.data.stream import sample_seed
+
+    source = _data(tmp_path)  # three shards: two ranks hold different shards at other positions
+    for epoch in (0, 1):
+        one = _draws_by_key(source, epoch)
+        two = {**_draws_by_key(source, epoch, 0, 2), **_draws_by_key(source, epoch, 1, 2, workers=2)}
+        assert len(one) == 24 and two == one
+        assert _draws_by_key(source, epoch, workers=2) == one
+    assert _draws_by_key(source, 0) != _draws_by_key(source, 1)  # new each epoch
+    # a stable hash: the same in every process (Python's hash() of a str is salted per process)
+    assert sample_seed(3, 1, "s01") == 0x6DF671381E0B3377
+    assert len({sample_seed(3, 1, "s01"), sample_seed(3, 2, "s01"), sample_seed(4, 1, "s01"),
+                sample_seed(3, 1, "s02")}) == 4
+
+
 def _micro_visual():
     from vla.models.clip import load_clip
 

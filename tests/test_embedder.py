@@ -176,3 +176,25 @@ def test_bad_pooling_and_names_are_user_errors(tmp_path):
         load_embedder(str(tmp_path))
     with pytest.raises(UserError, match="not a text embedder"):
         load_embedder("clip-vit-l")
+
+
+def test_the_causal_lm_loader_shares_the_embedders_offline_loading(tmp_path, monkeypatch):
+    """Review D7: causal_lm repeated the embedder's loading lines (and used its private `_source`),
+    without the refusal of pickled weights: a pickle in an --llm directory raised torch's error."""
+    import datetime
+
+    from vla.models.causal_lm import build_tiny_llama, load_causal_lm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^Org/absent-lm \(Org/absent-lm\) is not available offline.*HF_HOME"):
+        load_causal_lm("Org/absent-lm")
+    with pytest.raises(UserError, match=r"^Org/absent-emb \(Org/absent-emb\) is not available offline.*HF_HOME"):
+        load_embedder("Org/absent-emb", pooling="mean")
+    model, tokenizer = build_tiny_llama(["a red circle", "a blue square"])
+    lm = tmp_path / "lm"
+    model.config.save_pretrained(lm)
+    tokenizer.save_pretrained(lm)
+    torch.save({"when": datetime.datetime(2020, 1, 1)}, lm / "pytorch_model.bin")  # needs a global to load
+    with pytest.raises(UserError, match=f"^{lm}: {lm} holds pickled weights that would run code") as err:
+        load_causal_lm(str(lm))
+    assert "weights_only" not in str(err.value)

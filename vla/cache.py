@@ -56,6 +56,7 @@ FORMAT_VERSION = 2
 WINDOW_ROWS = 4096         # texts per length-sorted window: what is held in memory while encoding
 RUN_ROWS = 1 << 18        # key digests sorted in memory at a time while indexing (~10 MB)
 BLOCK_ROWS = 2048         # index rows per block read from each sorted run while merging
+MERGE_ROWS = 1 << 14      # merged index rows held before they are written
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def _merge_runs(runs: list[Path], out: Path, count: int) -> tuple[int, int] | No
                 return previous[2], item[2]
             previous = item
             block.append(item)
-            if len(block) == 1 << 14:
+            if len(block) == MERGE_ROWS:
                 np.asarray(block, dtype=np.uint64).tofile(f)
                 block = []
         if block:

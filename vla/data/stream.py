@@ -39,8 +39,10 @@ DataLoader workers, and so that a resume is exact:
    epoch, so once one epoch has been counted whole epochs are stepped over: a resume costs at
    most two epochs of decoding, never `k` batches of it.
 
-Transforms that draw from torch's RNG get a generator state seeded by (seed, epoch, rank, pos),
-so random augmentations too are the same with any number of workers and after a resume.
+Transforms that draw from torch's RNG get a generator state seeded by (seed, epoch, sample key)
+(`sample_seed`: a stable hash, not Python's salted `hash()`), so a sample's random draws (its
+augmentation, the caption it trains on) in an epoch are the same with any number of ranks or
+workers and after a resume, and new every epoch.
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ class SampleStream(IterableDataset):
         elif self.transform is None:
             item = {"sample": sample}
         else:
-            seed = hash((self.seed, epoch, self.rank, pos)) & 0x7FFF_FFFF_FFFF_FFFF
+            seed = sample_seed(self.seed, epoch, sample.key)
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (transforms run on the CPU): torch.manual_seed would also
                 # seed every accelerator's generators, which outlive fork_rng and, while CUDA is
@@ -286,6 +288,14 @@ class SampleStream(IterableDataset):
         item["__skips__"] = skips.as_dict()
         item["__pos__"] = (epoch, pos)
         return item
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """The torch generator seed of sample `key`'s transform in `epoch`: a blake2b digest of
+    (seed, epoch, key), the same in every process (Python's `hash()` of a string is salted per
+    process), and independent of the sample's rank and position."""
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:

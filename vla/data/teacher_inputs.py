@@ -26,18 +26,45 @@ def caption_for(seed: int, key: str, captions: Sequence[str]) -> str:
     return random.Random(f"{seed}:{key}").choice(list(captions))
 
 
-def read_captions(path: Path, seed: int, max_skip_fraction: float) -> tuple[list[str], list[str], dict]:
-    """(keys, one caption per key, skip counts) of every valid sample, images not decoded."""
+def read_captions(path: Path, seed: int, max_skip_fraction: float) -> tuple[list[str], "DrawnCaptions", dict]:
+    """(keys, each key's caption, skip counts) of every valid sample, images not decoded. The
+    keys are held (training picks rows by key); the captions are a stream, read from the data
+    again on each pass (see `DrawnCaptions`), so the texts are never all in memory."""
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
 
     skips = SkipCounter()
-    keys, texts = [], []
-    for s in resolve_data(path).iter_samples(skips, decode=False):
-        keys.append(s.key)
-        texts.append(caption_for(seed, s.key, s.captions))
+    source = resolve_data(path)
+    keys = [s.key for s in source.iter_samples(skips, decode=False)]
     skips.check(max_skip_fraction, str(path))
-    return keys, texts, skips.as_dict()
+    return keys, DrawnCaptions(source, seed, keys), skips.as_dict()
+
+
+@dataclass(frozen=True)
+class DrawnCaptions:
+    """Each sample's caption (`caption_for`), in data order, re-read from the data each time it is
+    iterated; it checks the keys are still those `read_captions` found."""
+
+    source: object              # vla.data.stream.DataSource
+    seed: int
+    keys: Sequence[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        from vla.data.skips import SkipCounter
+
+        n = 0
+        for s in self.source.iter_samples(SkipCounter(), decode=False):
+            if n >= len(self.keys) or s.key != self.keys[n]:
+                break
+            yield caption_for(self.seed, s.key, s.captions)
+            n += 1
+        else:
+            if n == len(self.keys):
+                return
+        raise UserError(f"{self.source.path} changed while its captions were read; rerun when it no longer changes")
 
 
 @dataclass

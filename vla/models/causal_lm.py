@@ -18,8 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from vla.errors import UserError
-from vla.models.embedder import _source
-from vla.offline import is_offline
+from vla.models.hf_load import load_pretrained, model_source
 
 EMB_TOKEN = "[EMB]"
 CAP_TOKEN = "[CAP]"
@@ -94,22 +93,13 @@ def build_tiny_llama(
 
 def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """A causal LM and its tokenizer from an alias, hub id or directory; UserError if not at hand."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from vla.models import registry
 
     alias = registry.alias(name)
     if alias is not None and alias.kind != "llm":
         raise UserError(f"{name} is a {alias.kind}, not a causal LM; pass e.g. tinyllama or a model directory")
-    source = _source(name, alias.target if alias else name)
-    options = dict(local_files_only=is_offline())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name}: cannot load {source} as a causal LM ({first})") from err
-    return model, tokenizer
+    source = model_source(name, alias.target if alias else name)
+    return load_pretrained(name, source, "AutoModelForCausalLM", dtype=dtype, what=" as a causal LM")
 
 
 def add_mode_tokens(lm: torch.nn.Module, tokenizer: Any, extra: Sequence[str] = (), seed: int = 0) -> dict[str, int]:

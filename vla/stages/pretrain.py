@@ -48,7 +48,7 @@ def load_start_model(name: str):
 def clip_batch_transform(clip, preprocess: str = "open_clip"):
     """Sample → tensors: the training transform of the image, and one of the sample's captions
     drawn anew each time it is read. Both draw from torch's generator, which the data stream
-    seeds per sample by (seed, epoch, rank, position): the same draws with any number of
+    seeds per sample by (seed, epoch, sample key): the same draws with any number of GPUs or
     DataLoader workers and after a resume, new draws every epoch."""
     image_transform = clip.train_preprocess(preprocess)
 
