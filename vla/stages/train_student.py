@@ -146,7 +146,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
     if cfg.epochs is not None:
         cfg.train.steps = cfg.epochs * steps_per_epoch
     val_sets = _epoch_eval_sets(cfg, td) if cfg.epoch_eval else []
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
     data_digest = source.digest()
 
@@ -175,6 +175,9 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
     clip.model.visual.requires_grad_(True)
     if variant.rope_2d:  # the absolute positions stay at zero
         clip.model.visual.positional_embedding.requires_grad_(False)
+    # the frozen text tower goes with the image tower, so the evaluations (per epoch, final) find
+    # both on one device
+    clip.model.to(dist.device)
     student = ImageStudent(clip.model.visual).train()
     use_preserve = cfg.preserve_weight > 0
     skips = SkipCounter()

@@ -83,7 +83,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     if steps_per_epoch < 1:
         raise UserError(f"{len(keys)} images make no batch of train.batch_size={cfg.train.batch_size}; lower it")
     cfg.train.steps = cfg.epochs * steps_per_epoch
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
 
     # the frozen text tower's outputs: once, into the feature cache
     text = cached_text_states(clip, clip_identity, td.path, resolve_data(td.path).digest(), keys, texts,
