@@ -27,7 +27,7 @@ from vla.bench import BENCH_DIR, Figure, Part, alternate
 
 CLIP = "vla-tiny-clip"
 TOP_K = 4
-BATCH = 64           # images per detector call and per teacher step
+BATCH = 64           # images per detector call and per teacher step (the full run)
 CONF = 1e-6          # an untrained YOLO's scores are tiny: keep its TOP_K best boxes per image
 SEED = 0
 
@@ -83,7 +83,7 @@ def _same_regions(a: list, b: list) -> float:
     return worst
 
 
-def bench_regions(samples, rounds: int) -> tuple[Figure, dict, list]:
+def bench_regions(samples, rounds: int, batch: int) -> tuple[Figure, dict, list]:
     import torch
 
     from vla.models.clip import load_clip
@@ -94,7 +94,7 @@ def bench_regions(samples, rounds: int) -> tuple[Figure, dict, list]:
     clip = load_clip(CLIP)
     clip.model.eval()
     detector = RegionDetector(load_detector("yolov8n.yaml"), {"path": "yolov8n.yaml", "kind": "detector"})
-    batched_cfg, loop_cfg = _recipe(BATCH, 512), _recipe(1, 1)
+    batched_cfg, loop_cfg = _recipe(batch, 512), _recipe(1, 1)
     _regions(detector, clip, samples[:2], batched_cfg)  # warm-up: ultralytics builds its predictor once
     batched, loop = alternate(lambda: _regions(detector, clip, samples, batched_cfg),
                               lambda: _regions(detector, clip, samples, loop_cfg), rounds)
@@ -103,13 +103,13 @@ def bench_regions(samples, rounds: int) -> tuple[Figure, dict, list]:
     fast, slow = n / min(s for _, s in batched), n / min(s for _, s in loop)
     crops = sum(len(r.conf) for r in batched[0][0])
     fig = Figure("precompute-regions", "images/s", fast, slow, fast / slow, "vla / baseline", 2.0)
-    return fig, {"images": n, "crops": crops, "top_k": TOP_K, "detect_batch": BATCH, "encode_batch": 512,
+    return fig, {"images": n, "crops": crops, "top_k": TOP_K, "detect_batch": batch, "encode_batch": 512,
                  "batched_s": [s for _, s in batched], "per_image_per_crop_s": [s for _, s in loop],
                  "max_embedding_difference": worst}, batched[0][0]
 
 
-def _teacher_epoch(samples, regions_dir: Path, text, clip, cached: bool) -> tuple[float, dict]:
-    """Seconds of one teacher epoch (batches of BATCH) and the first batch's inputs."""
+def _teacher_epoch(samples, regions_dir: Path, text, clip, cached: bool, batch: int) -> tuple[float, dict]:
+    """Seconds of one teacher epoch (batches of `batch`) and the first batch's inputs."""
     import torch
 
     from vla.data.regions import RegionStore
@@ -126,8 +126,8 @@ def _teacher_epoch(samples, regions_dir: Path, text, clip, cached: bool) -> tupl
     keys = [s.key for s in samples]
     first = None
     start = time.perf_counter()
-    for i in range(0, len(keys) - BATCH + 1, BATCH):
-        batch_keys = keys[i:i + BATCH]
+    for i in range(0, len(keys) - batch + 1, batch):
+        batch_keys = keys[i:i + batch]
         if cached:
             b = teacher_inputs(store, text.table_owner, batch_keys, None)
         else:  # the frozen towers run again on this batch: text states, then every crop and whole image
@@ -162,7 +162,7 @@ class _Text:
         self.table_owner, self.captions = table_owner, captions
 
 
-def bench_teacher(samples, found: list, rounds: int) -> tuple[Figure, dict]:
+def bench_teacher(samples, found: list, rounds: int, batch: int) -> tuple[Figure, dict]:
     import os
 
     import torch
@@ -188,25 +188,25 @@ def bench_teacher(samples, found: list, rounds: int) -> tuple[Figure, dict]:
     table = cached_text_states(clip, CLIP, scratch, digest, keys, [captions[k] for k in keys], 256)
     fill_s = time.perf_counter() - start
     text = _Text(table, captions)
-    cached, reencoded = alternate(lambda: _teacher_epoch(samples, regions_dir, text, clip, True),
-                                  lambda: _teacher_epoch(samples, regions_dir, text, clip, False), rounds)
+    cached, reencoded = alternate(lambda: _teacher_epoch(samples, regions_dir, text, clip, True, batch),
+                                  lambda: _teacher_epoch(samples, regions_dir, text, clip, False, batch), rounds)
     a, b = cached[0][1], reencoded[0][1]
     for k in a:  # the same inputs, to the table's float16 storage
         assert torch.allclose(a[k].float(), b[k].float(), rtol=5e-3, atol=5e-3), f"teacher input {k} differs"
     fast, slow = min(s for s, _ in cached), min(s for s, _ in reencoded)
     fig = Figure("train-teacher epoch", "s", fast, slow, slow / fast, "speed-up", 2.0, higher_is_better=True)
-    return fig, {"images": len(samples), "batch": BATCH, "cached_epoch_s": [s for s, _ in cached],
+    return fig, {"images": len(samples), "batch": batch, "cached_epoch_s": [s for s, _ in cached],
                  "reencoded_epoch_s": [s for s, _ in reencoded], "text_cache_fill_s": fill_s}
 
 
 def run(quick: bool) -> Part:
-    n = 128 if quick else 1024
+    n, batch = (32, 16) if quick else (512, BATCH)
     rounds = 1 if quick else 2
     samples = _samples(_world(n))
-    region_fig, region_details, found = bench_regions(samples, rounds)
-    teacher_fig, teacher_details = bench_teacher(samples, found, rounds)
+    region_fig, region_details, found = bench_regions(samples, rounds, batch)
+    teacher_fig, teacher_details = bench_teacher(samples, found, rounds, batch)
     part = Part("e", f"DCLIP: precompute-regions on {n} images (YOLOv8n, top-{TOP_K}, {CLIP}); a train-teacher "
-                     f"epoch, batch {BATCH}", "per-image, per-crop loop; frozen towers re-encoded every batch")
+                     f"epoch, batch {batch}", "per-image, per-crop loop; frozen towers re-encoded every batch")
     part.figures = [region_fig, teacher_fig]
     part.details = {"rounds": rounds, "kept": "best run per way", "precompute_regions": region_details,
                     "train_teacher": teacher_details}
