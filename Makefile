@@ -132,7 +132,8 @@ $(DCLIP_EXPORT)/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_RUNS)
 # ---- DCLIP's ablations and claims (c), (d) ----------------------------------------------------
 # On the world, base CLIP, detector, regions and teacher of `make dclip` (the same file targets):
 # every arm trains the same student budget (train-student.yaml's steps, batch and lr) and one
-# `vla eval` scores the base CLIP and every arm side by side on the test split. Nothing is chosen
+# `vla eval` scores the base CLIP and every arm side by side on the test split (so the arms skip
+# their own end-of-training eval). Nothing is chosen
 # on it (the teacher epoch and budgets are fixed in the recipes; per-epoch curves use val).
 #   full DCLIP          $(DCLIP_RUNS)/student            YOLO regions, bidirectional teacher, epoch 2
 #   oracle boxes        student-oracle                   the world's exact boxes instead of the YOLO's
@@ -168,14 +169,14 @@ $(DCLIP_ABL)/teacher-%/manifest.json: $(DCLIP_RUNS)/regions/manifest.json $(DCLI
 $(DCLIP_ABL)/student-%/manifest.json: $(DCLIP_ABL)/teacher-%/manifest.json $(DCLIP_RECIPES)/train-student.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_ABL)/teacher-$* --out $(@D) \
 	  --recipe $(if $(filter converged,$*),$(DCLIP_RECIPES)/train-student-converged.yaml,$(DCLIP_RECIPES)/train-student.yaml) \
-	  --force $(VLA_FLAGS)
+	  --set 'eval.sets=[]' --force $(VLA_FLAGS)
 
 $(DCLIP_ABL)/student-converged/manifest.json: $(DCLIP_RECIPES)/train-student-converged.yaml
 
 # no teacher: the full arm's teacher names CLIP, data and regions; its embeddings are never computed
 $(DCLIP_ABL)/student-noteacher/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student-noteacher.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) \
-	  --recipe $(DCLIP_RECIPES)/train-student-noteacher.yaml --force $(VLA_FLAGS)
+	  --recipe $(DCLIP_RECIPES)/train-student-noteacher.yaml --set 'eval.sets=[]' --force $(VLA_FLAGS)
 
 $(DCLIP_ABL)/eval/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_ARMS:%=$(DCLIP_ABL)/student-%/manifest.json) \
                                  $(CLIP_DEP) $(DCLIP_RECIPES)/eval.yaml
