@@ -483,3 +483,16 @@ def test_embedded_arm_recipes_differ_from_their_base_only_where_named():
     epochs = load("train-student-epochs")
     assert epochs["epoch_eval"] is True and epochs["epoch_eval_split"] == "val"
     assert epochs["train"]["batch_size"] == load("train-student")["train"]["batch_size"]
+
+
+def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifact(world, tmp_path):
+    """A relative --out (as the Makefile passes): ultralytics puts a relative project under its
+    settings' runs_dir (guessed from the git repository around its own package, or the cwd) —
+    outside the artifact, where the stage then failed to find its results."""
+    r = subprocess.run([*VLA, "train-detector", "--data", str(world), "--out", "det",
+                        "--recipe", str(ROOT / "recipes/smoke/train-detector.yaml"), "--set", "epochs=1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo"), "VLA_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "det" / "detector" / "weights.safetensors").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "det" / "ultralytics").exists()

@@ -83,7 +83,9 @@ def run(cfg: TrainDetectorRecipe, data: Path, out: Path, *, force: bool = False,
     data_yaml, inputs = yolo_data_yaml(data)
     ultralytics = import_ultralytics()
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
-        work = art.dir / "ultralytics"
+        # absolute: ultralytics puts a relative `project` under its own runs_dir (its settings'
+        # guess, e.g. the git repository's runs/), outside the artifact
+        work = (art.dir / "ultralytics").resolve()
         shutil.rmtree(work, ignore_errors=True)  # a rerun after a crash trains again from the start
         with torch_threads_kept():
             model = ultralytics.YOLO(cfg.model, task="detect")
