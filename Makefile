@@ -129,12 +129,77 @@ $(DCLIP_RUNS)/eval/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(CLIP_DEP
 $(DCLIP_EXPORT)/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_RUNS)/eval/manifest.json
 	$(VLA) export $(DCLIP_RUNS)/student --out $(DCLIP_EXPORT) --force
 
+# ---- DCLIP's ablations and claims (c), (d) ----------------------------------------------------
+# On the world, base CLIP, detector, regions and teacher of `make dclip` (the same file targets):
+# every arm trains the same student budget (train-student.yaml's steps, batch and lr) and one
+# `vla eval` scores the base CLIP and every arm side by side on the test split (so the arms skip
+# their own end-of-training eval). Nothing is chosen
+# on it (the teacher epoch and budgets are fixed in the recipes; per-epoch curves use val).
+#   full DCLIP          $(DCLIP_RUNS)/student            YOLO regions, bidirectional teacher, epoch 2
+#   oracle boxes        student-oracle                   the world's exact boxes instead of the YOLO's
+#   no regions          student-noregions                teacher on the global embedding only (top_k 0)
+#   no bidir. attention student-average                  teacher without cross-attention (fusion average)
+#   no teacher          student-noteacher                InfoNCE only (distill_weight 0)
+#   converged teacher   student-converged                from a 12-epoch teacher's last epoch (claim d)
+DCLIP_ABL ?= $(DCLIP_RUNS)/ablations
+DCLIP_ARMS := oracle noregions average noteacher converged
+# the arms' teachers are intermediate files to make: keep them (they are artifacts, not scratch)
+.SECONDARY: $(foreach a,oracle noregions average converged,$(DCLIP_ABL)/teacher-$(a)/manifest.json)
+
+.PHONY: dclip-ablations dclip-epochs
+dclip-ablations: $(DCLIP_ABL)/eval/manifest.json
+	@$(VLA) inspect $(DCLIP_ABL)/eval >/dev/null
+	@echo; echo "DCLIP ablations ($(DCLIP_ABL)), one student budget for every arm — evaluation:"
+	@cat $(DCLIP_ABL)/eval/results.md
+
+$(DCLIP_ABL)/regions-oracle/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DCLIP_RECIPES)/precompute-regions.yaml | $(STAMP)
+	$(VLA) precompute-regions --data $(DATA) --detector oracle --clip $(CLIP) --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/precompute-regions.yaml --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/teacher-oracle/manifest.json: $(DCLIP_ABL)/regions-oracle/manifest.json $(DCLIP_RECIPES)/train-teacher.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-teacher --regions $(DCLIP_ABL)/regions-oracle --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-teacher.yaml --force $(VLA_FLAGS)
+
+# the teacher arms on the YOLO regions: teacher-noregions, teacher-average, teacher-converged
+$(DCLIP_ABL)/teacher-%/manifest.json: $(DCLIP_RUNS)/regions/manifest.json $(DCLIP_RECIPES)/train-teacher-%.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-teacher --regions $(DCLIP_RUNS)/regions --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-teacher-$*.yaml --force $(VLA_FLAGS)
+
+# a student per teacher arm, with train-student.yaml (converged: its own recipe, the teacher's last epoch)
+$(DCLIP_ABL)/student-%/manifest.json: $(DCLIP_ABL)/teacher-%/manifest.json $(DCLIP_RECIPES)/train-student.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_ABL)/teacher-$* --out $(@D) \
+	  --recipe $(if $(filter converged,$*),$(DCLIP_RECIPES)/train-student-converged.yaml,$(DCLIP_RECIPES)/train-student.yaml) \
+	  --set 'eval.sets=[]' --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/student-converged/manifest.json: $(DCLIP_RECIPES)/train-student-converged.yaml
+
+# no teacher: the full arm's teacher names CLIP, data and regions; its embeddings are never computed
+$(DCLIP_ABL)/student-noteacher/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student-noteacher.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-student-noteacher.yaml --set 'eval.sets=[]' --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/eval/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_ARMS:%=$(DCLIP_ABL)/student-%/manifest.json) \
+                                 $(CLIP_DEP) $(DCLIP_RECIPES)/eval.yaml
+	$(VLA) eval $(CLIP) $(DCLIP_RUNS)/student $(DCLIP_ARMS:%=$(DCLIP_ABL)/student-%) --data $(EVAL) --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/eval.yaml --force $(VLA_FLAGS)
+
+# Claim (c): one student trained for several epochs from the full arm's teacher, scored on the val
+# split before training and after every epoch: the table (epochs.md) and the plot (epochs.png).
+dclip-epochs: $(DCLIP_ABL)/student-epochs/manifest.json
+	@echo; echo "DCLIP student by epoch ($(DCLIP_ABL)/student-epochs/epochs.png):"
+	@cat $(DCLIP_ABL)/student-epochs/epochs.md
+
+$(DCLIP_ABL)/student-epochs/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student-epochs.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-student-epochs.yaml --force $(VLA_FLAGS)
+
 .PHONY: install test bench gpu-check clean help
 help:
 	@echo "make install   create .venv with everything vla needs"
 	@echo "make test      install (if needed) and run the test suite (offline, CPU)"
 	@echo "make proclip   the ProCLIP curriculum on the embedded synthetic world"
 	@echo "make dclip     the DCLIP curriculum on the same world and base CLIP"
+	@echo "make dclip-ablations  DCLIP's ablation arms side by side (same student budget); make dclip-epochs: claim (c)"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
 	@echo "make gpu-check on a GPU machine: CUDA tests, bf16 curriculum, torchrun/NCCL, compile, ViT-B/16 MFU"
 

@@ -39,3 +39,20 @@ def test_bench_mmgem_caption_quick(tmp_path):
     assert figure["what"] == "captioning throughput" and figure["unit"] == "captions/s"
     assert figure["vla"] > 0 and figure["baseline"] > 0
     assert abs(figure["ratio"] - figure["vla"] / figure["baseline"]) < 1e-9  # speed-up = captions/s ratio
+
+
+def test_bench_dclip_quick(tmp_path):
+    """Part e at its smallest: both DCLIP comparisons ran, and each asserted its two ways agree."""
+    env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1",
+           "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
+    r = subprocess.run([sys.executable, "-m", "vla.bench", "--only", "e", "--quick"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = json.loads((tmp_path / "results.json").read_text())["parts"]["e"]
+    assert [f["what"] for f in part["figures"]] == ["precompute-regions", "train-teacher epoch"]
+    regions, teacher = part["details"]["precompute_regions"], part["details"]["train_teacher"]
+    assert regions["images"] == 32 and regions["crops"] > regions["images"]  # crops were encoded
+    assert regions["max_embedding_difference"] < 1e-3  # the same regions either way
+    assert all(s > 0 for s in regions["batched_s"] + regions["per_image_per_crop_s"])
+    assert teacher["cached_epoch_s"][0] > 0 and teacher["reencoded_epoch_s"][0] > 0
+    assert all(f["vla"] > 0 and f["baseline"] > 0 for f in part["figures"])

@@ -362,3 +362,137 @@ def test_wrong_inputs_are_refused_before_compute(oracle_regions, world, base_cli
     r = cli("train-teacher", "--regions", world, "--out", tmp_path / "c")
     assert r.exit_code == 2 and "--regions expects 'precompute-regions'" in r.output
     assert not any((tmp_path / n).exists() or (tmp_path / f".{n}.partial").exists() for n in "abc")
+
+
+# --- --out refused before any model is loaded -------------------------------------------------------
+
+
+def test_bad_out_is_refused_before_any_model_loads(world, oracle_regions, tmp_path, monkeypatch):
+    import vla.models.dclip as dclip
+    import vla.offline as offline
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(dclip, "load_dclip_clip", no_model)
+    monkeypatch.setattr(offline, "import_ultralytics", no_model)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    cases = [
+        ("train-detector", "--data", world, "--out", world / "yolo" / "det"),
+        ("precompute-regions", "--data", world, "--detector", "oracle", "--clip", "vla-micro-clip", "--out", junk),
+        ("train-teacher", "--regions", oracle_regions, "--out", oracle_regions / "teacher"),
+        ("train-student", "--teacher", oracle_regions, "--out", junk, "--force"),
+    ]
+    for args in cases:
+        r = cli(*args)
+        assert r.exit_code == 2, (args[0], r.output)
+        line = r.output.strip()
+        assert "\n" not in line and "Traceback" not in r.output, r.output
+        assert ("lies inside the data input" in line or "lies inside the regions input" in line
+                or "is not a vla artifact" in line), (args[0], line)
+    assert (junk / "notes.txt").read_text() == "mine" and sorted(p.name for p in junk.iterdir()) == ["notes.txt"]
+
+
+# --- the ablation switches ----------------------------------------------------------------------------
+
+
+def _student(chain, tmp_path, name, *sets):
+    from vla.recipes import load_recipe
+    from vla.stages import train_student
+
+    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/train-student.yaml",
+                      [f"teacher={chain[0] / 'teacher'}", "train.steps=2", "eval.sets=[]", *sets])
+    return train_student.run(cfg, None, tmp_path / name)
+
+
+def test_no_teacher_student_is_infonce_only_and_builds_no_teacher_cache(chain, tmp_path, monkeypatch):
+    import vla.models.dclip as dclip
+
+    monkeypatch.setattr(dclip, "load_teacher", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("teacher used")))
+    m = _student(chain, tmp_path, "s", "distill_weight=0").manifest
+    assert m["recipe"]["distill_weight"] == 0
+    assert "distill" not in m["metrics"]["train"] and m["metrics"]["train"]["loss"] == pytest.approx(
+        m["metrics"]["train"]["contrastive"])
+
+
+def test_average_fusion_teacher_trains_nothing_and_saves_every_epoch(oracle_regions, tmp_path):
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", tmp_path / "avg", *TEACHER[:4],
+            "--set", "fusion=average", "--set", "train.batch_size=8")
+    assert r.returncode == 0, r.stderr
+    m = _manifest(tmp_path / "avg")
+    assert m["trainable_parameters"] == 0 and m["counts"]["steps"] == 0 and m["epochs"] == [1, 2, 3, 4]
+    assert m["metrics"]["train"]["loss"] > 0
+    assert len(list((tmp_path / "avg" / "teacher").glob("teacher-epoch*.safetensors"))) == 4
+
+
+def test_rope_and_cluster_student_trains_evaluates_and_is_refused_by_export(chain, tmp_path):
+    from vla.models.vision_variants import RopeSelfAttention
+
+    art = _student(chain, tmp_path, "rope", "rope_2d=true", "clusters=3")
+    assert art.manifest["recipe"]["rope_2d"] is True and art.manifest["recipe"]["clusters"] == 3
+    model = tmp_path / "rope" / "model"
+    assert (model / "vla_vision.json").exists()
+    # vla loads it with the tower changes; `vla eval` scores it with no boxes
+    import vla
+
+    loaded = vla.load(tmp_path / "rope")
+    assert isinstance(loaded.model.visual.transformer.resblocks[0].attn, RopeSelfAttention)
+    assert torch.count_nonzero(loaded.model.visual.positional_embedding) == 0
+    r = cli("eval", tmp_path / "rope", "--data", chain[0].parent / "world", "--out", tmp_path / "ev",
+            "--set", "sets=[retrieval]")
+    assert r.exit_code == 0, r.output
+    # open_clip's layout cannot represent RoPE or cluster pooling: export refuses, in one line
+    r = cli("export", tmp_path / "rope", "--out", tmp_path / "exp")
+    assert r.exit_code == 2 and "2-D RoPE and 3-cluster aggregation" in r.output and "open_clip" in r.output
+    assert not (tmp_path / "exp").exists()
+
+
+def test_epoch_eval_scores_the_val_split_after_every_epoch(chain, tmp_path):
+    art = _student(chain, tmp_path, "ep", "epochs=2", "epoch_eval=true", "train.batch_size=30",
+                   "epoch_eval_images=20")
+    m = art.manifest
+    assert m["counts"]["train"]["steps"] == 4  # 60 images, batches of 30: 2 steps an epoch
+    rows = m["epoch_eval"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["step"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        assert 0 <= r["val_retrieval/image_retrieval_recall@1"] <= 1 and 0 <= r["val_zeroshot/acc1"] <= 1
+    table = (tmp_path / "ep" / "epochs.md").read_text()
+    assert "val text→image R@1" in table and "val zero-shot top-1" in table and len(table.splitlines()) == 5
+    assert (tmp_path / "ep" / "epochs.png").stat().st_size > 1000
+    r = cli("train-student", "--teacher", chain[0] / "teacher", "--out", tmp_path / "t",
+            "--recipe", "recipes/smoke/train-student.yaml", "--set", "epoch_eval=true", "--set", "epoch_eval_split=test")
+    assert r.exit_code == 2 and "other than test" in r.output
+
+
+def test_embedded_arm_recipes_differ_from_their_base_only_where_named():
+    """Same budget for every arm: an arm's recipe is its stage's recipe with only its switch changed."""
+    import yaml
+
+    def load(name):
+        return yaml.safe_load((ROOT / "recipes" / "embedded" / f"{name}.yaml").read_text())
+
+    arms = {"train-teacher-noregions": ("train-teacher", {"top_k": 0}),
+            "train-teacher-average": ("train-teacher", {"fusion": "average"}),
+            "train-teacher-converged": ("train-teacher", {"epochs": 12}),
+            "train-student-noteacher": ("train-student", {"distill_weight": 0.0}),
+            "train-student-converged": ("train-student", {"teacher_epoch": 12})}
+    for arm, (base, changed) in arms.items():
+        assert load(arm) == {**load(base), **changed}, arm
+    epochs = load("train-student-epochs")
+    assert epochs["epoch_eval"] is True and epochs["epoch_eval_split"] == "val"
+    assert epochs["train"]["batch_size"] == load("train-student")["train"]["batch_size"]
+
+
+def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifact(world, tmp_path):
+    """A relative --out (as the Makefile passes): ultralytics puts a relative project under its
+    settings' runs_dir (guessed from the git repository around its own package, or the cwd) —
+    outside the artifact, where the stage then failed to find its results."""
+    r = subprocess.run([*VLA, "train-detector", "--data", str(world), "--out", "det",
+                        "--recipe", str(ROOT / "recipes/smoke/train-detector.yaml"), "--set", "epochs=1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo"), "VLA_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "det" / "detector" / "weights.safetensors").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "det" / "ultralytics").exists()

@@ -158,3 +158,20 @@ def test_clip_text_states_pool_to_encode_text():
     torch.testing.assert_close(pooled, want)
     assert states.shape == (2, 16, clip.embed_dim)
     assert torch.equal(mask, tokens != 0) and mask[1].all()  # sample 1 is truncated at 16 tokens
+
+
+def test_average_fusion_has_no_attention_and_matches_the_hand_written_reference():
+    """`fusion: average` (no bidirectional attention): each stream τ-pooled from its own inputs,
+    the image stream with the region weights, then ½/½; nothing to train."""
+    teacher = MetaTeacher(TeacherConfig(dim=D, heads=HEADS, fusion="average")).double().eval()
+    assert list(teacher.parameters()) == [] and teacher.state_dict() == {}
+    tokens, token_mask, n_tokens, text, regions, region_mask, n_regions, conf, area = _inputs(2)
+    got = teacher(tokens, token_mask, text, regions, region_mask, conf, area)
+    want = []
+    for b in range(2):
+        t, r = F.normalize(tokens[b], dim=-1), F.normalize(regions[b], dim=-1)
+        w = _weights(conf[b].tolist(), area[b].tolist(), r, text[b], n_regions[b])
+        want.append(0.5 * _pool(t, n_tokens[b], 2.0) + 0.5 * _pool(r, n_regions[b], 2.0, prior=w[:n_regions[b]]))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="fusion"):
+        TeacherConfig(dim=D, heads=HEADS, fusion="sum")

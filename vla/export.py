@@ -44,6 +44,7 @@ def run(cfg: ExportRecipe, src: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     claim_out(out, force=force, inputs={"model": src})
     art = open_artifact(src, SOURCES, role="vla export")
+    _refuse_tower_variants(art)
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={"model": art}, force=force, command=command) as b:
         for f in (art.path / "model").iterdir():
             shutil.copy2(f, b.dir / f.name)
@@ -61,6 +62,20 @@ def run(cfg: ExportRecipe, src: Path, out: Path, *, force: bool = False,
         b.metrics.update(art.manifest.get("metrics", {}).get("eval") or {})
         (b.dir / "README.md").write_text(model_card(art, out, cfg))
     return b.artifact
+
+
+def _refuse_tower_variants(art: Artifact) -> None:
+    """A student trained with 2-D RoPE or cluster pooling cannot be an open_clip model: open_clip
+    would load its weights without them (absolute positions at zero, class-token pooling) and
+    compute other embeddings without a word. vla loads it (`vla eval`, `vla.load` on the artifact)."""
+    from vla.errors import UserError
+    from vla.models.vision_variants import read_variant
+
+    variant = read_variant(art.path / "model")
+    if variant is not None and variant.active:
+        raise UserError(f"{art.path} has {variant.describe()} in its image tower, which open_clip's layout cannot "
+                        f"represent; use the artifact itself (`vla eval {art.path}`, `vla.load`), or train the "
+                        f"student with rope_2d: false and clusters: 0 to export it")
 
 
 def model_card(art: Artifact, out: Path, cfg: ExportRecipe) -> str:

@@ -238,25 +238,31 @@ def infonce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
 
 def dclip_student_loss(
     image: Tensor,
-    teacher: Tensor,
+    teacher: Tensor | None,
     text: Tensor,
     temperature: float = 0.05,
     preserve: Tensor | None = None,
     preserve_weight: float = 1.0,
+    distill_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """DCLIP's student loss:
 
-        L = mean_i (1 − cos(E_I(x_i), teacher_i)) + InfoNCE_τ(E_I(x), E_T(T))
+        L = λ · mean_i (1 − cos(E_I(x_i), teacher_i)) + InfoNCE_τ(E_I(x), E_T(T))
             [+ w · mean_i (1 − cos(E_I(x_i), E_I^orig(x_i)))   — the ViT-L preservation term]
+
+    λ = ``distill_weight`` is 1 in DCLIP; λ = 0 with ``teacher=None`` is the "no teacher"
+    ablation (InfoNCE only; no ``"distill"`` entry).
 
     ``teacher`` (the meta-teacher's embedding) and ``preserve`` (the original, frozen image
     encoder's embedding) are targets and are detached; ``text`` is not, because the public
     code's variant unfreezes the text encoder. Returns ``{"loss", "distill", "contrastive"}``
     plus ``"preserve"`` when given.
     """
-    distill = (1 - F.cosine_similarity(image, teacher.detach(), dim=-1)).mean()
     contrastive = infonce(image, text, temperature)
-    out = {"loss": distill + contrastive, "distill": distill, "contrastive": contrastive}
+    out = {"loss": contrastive, "contrastive": contrastive}
+    if teacher is not None:
+        out["distill"] = (1 - F.cosine_similarity(image, teacher.detach(), dim=-1)).mean()
+        out["loss"] = out["loss"] + distill_weight * out["distill"]
     if preserve is not None:
         out["preserve"] = preservation_loss(image, preserve)
         out["loss"] = out["loss"] + preserve_weight * out["preserve"]

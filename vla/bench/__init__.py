@@ -5,6 +5,7 @@ Parts, each a module with `run(quick) -> Part`:
     b  cache.py        contrast-tune steps with the frozen embedder's features cached vs re-encoded
     c  retrieval.py    chunked retrieval metrics vs CLIP_benchmark's full matrices: time and memory
     d  cache_scale.py  building the feature cache for 100k and 1M captions: peak RSS and rows/s
+    e  dclip.py        precompute-regions batched vs per-image/per-crop; a teacher epoch cached vs re-encoded
     f  mmgem_caption.py  MM-GEM captions/s: batched `generate` + KV cache vs decoding without a cache
 
 These are measurements, not tests: figures depend on the machine and on whatever else runs on it,

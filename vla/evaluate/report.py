@@ -195,6 +195,27 @@ def write_comparison_chart(results: Results, path: str | Path) -> None:
     fig.savefig(path, dpi=130)
 
 
+def write_curve(rows: Sequence[dict], x: str, series: dict[str, str], path: str | Path, title: str) -> None:
+    """One panel per series (each on its own axis, values ×100) against `x`: e.g. a metric after
+    every training epoch. `rows` are dicts holding `x` and each series' key."""
+    xs = [r[x] for r in rows]
+    fig = Figure(figsize=(3.2 * len(series) + 0.5, 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(series), squeeze=False).ravel()
+    for i, (ax, (key, label)) in enumerate(zip(axes, series.items())):
+        ys = [100 * r[key] if r.get(key) is not None else math.nan for r in rows]
+        ax.plot(xs, ys, marker="o", color=f"C{i}")
+        for xv, yv in zip(xs, ys):
+            ax.annotate(f"{yv:.1f}", (xv, yv), fontsize=7, textcoords="offset points", xytext=(0, 4), ha="center")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(x, fontsize=8)
+        ax.set_xticks(xs)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=130)
+
+
 def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
                          targets: Sequence[int], scores: torch.Tensor | Sequence[torch.Tensor],
                          path: str | Path, k: int = 5, title: str = "",

@@ -21,6 +21,13 @@ Forward (token states and regions are L2-normalised first: both live in CLIP's c
 The two attention layers run in parallel on the inputs (the image→text stream does not see the
 text stream's output), each with a residual and LayerNorm, as the paper describes.
 
+`fusion: average` is the paper's "no bidirectional cross-attention" ablation: the two attention
+layers (and their LayerNorms) do not exist; each stream is τ-pooled from its own inputs —
+z_text = pool(T), z_img = pool(R, prior log w) with the same region weights — and the teacher is
+still ½ z_text + ½ z_img. The two modalities then meet only in that average (and in the region
+weights' cos(r_k, u)), never through attention. This teacher has no trainable parameter:
+`vla train-teacher` records that and writes the same (empty) teacher for every epoch.
+
 Where the region weight enters, and why: the paper weighs each region by detector confidence,
 box area and cosine similarity to the text, and its public code defines that weight but never
 calls it. Here log w is an additive prior on the logits of the two places where the teacher
@@ -43,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 POOL_TEMPERATURE = 2.0  # DCLIP's τ for the attention pooling of each stream
+FUSIONS = ("bidirectional", "average")
 
 
 @dataclass
@@ -51,12 +59,15 @@ class TeacherConfig:
     heads: int = 4                    # attention heads of each cross-attention layer
     pool_temperature: float = POOL_TEMPERATURE
     dropout: float = 0.0
+    fusion: str = "bidirectional"     # or "average": no cross-attention (the ablation; module docstring)
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.heads < 1 or self.dim % self.heads:
             raise ValueError(f"teacher dim {self.dim} must be a positive multiple of heads {self.heads}")
         if self.pool_temperature <= 0:
             raise ValueError(f"pool_temperature must be > 0, not {self.pool_temperature}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
 
 
 def region_weights(conf: Tensor, area: Tensor, regions: Tensor, text: Tensor, mask: Tensor) -> Tensor:
@@ -94,6 +105,8 @@ class MetaTeacher(nn.Module):
     def __init__(self, cfg: TeacherConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.fusion == "average":  # the ablation: no attention layers at all
+            return
         self.text_to_regions = nn.MultiheadAttention(cfg.dim, cfg.heads, dropout=cfg.dropout, batch_first=True)
         self.regions_to_text = nn.MultiheadAttention(cfg.dim, cfg.heads, dropout=cfg.dropout, batch_first=True)
         self.text_norm = nn.LayerNorm(cfg.dim)
@@ -111,6 +124,9 @@ class MetaTeacher(nn.Module):
         token_mask, region_mask = token_mask.bool(), region_mask.bool()
         w = region_weights(conf, area, r, text, region_mask.to(r.dtype))
         log_w = torch.log(w)  # −inf for padding and irrelevant regions: they are never attended
+        tau = self.cfg.pool_temperature
+        if self.cfg.fusion == "average":
+            return 0.5 * attention_pool(t, token_mask, tau) + 0.5 * attention_pool(r, region_mask, tau, prior=log_w)
         b, n_tok, n_reg = t.shape[0], t.shape[1], r.shape[1]
         heads = self.cfg.heads
         prior = log_w[:, None, None, :].expand(b, heads, n_tok, n_reg).reshape(b * heads, n_tok, n_reg)
@@ -118,7 +134,6 @@ class MetaTeacher(nn.Module):
         t2 = self.text_norm(t + attended)
         attended, _ = self.regions_to_text(r, t, t, key_padding_mask=~token_mask, need_weights=False)
         r2 = self.region_norm(r + attended)
-        tau = self.cfg.pool_temperature
         z_text = attention_pool(t2, token_mask, tau)
         z_image = attention_pool(r2, region_mask, tau, prior=log_w)
         return 0.5 * z_text + 0.5 * z_image

@@ -53,7 +53,8 @@ def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
 
 # what each training artifact is, for table rows and legends
 _METHODS = {"pretrain": "CLIP", "distill": "ProCLIP stage 1", "export": "export",
-            "stage2-roi": "MM-GEM stage 2"}
+            "stage2-roi": "MM-GEM stage 2",
+            "train-student": "DCLIP"}
 # MM-GEM stage 1 by the objective it trained (the paper's same-budget ablation)
 _JOINT_TRAIN = {"joint": "MM-GEM stage 1", "embed": "MM-GEM embed-only", "caption": "MM-GEM caption-only"}
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vla.artifacts import Artifact, ArtifactBuilder
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.errors import UserError
 
 KIND = "precompute-regions"
@@ -144,6 +144,7 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
     from vla.stages.common import training_data
 
     # everything that can be refused is refused before any compute
+    claim_out(out, force=force, inputs={"data": data, "detector": cfg.detector, "clip": cfg.clip})
     td = training_data(data, split=cfg.split)
     detector = resolve_detector(cfg.detector)
     clip, clip_ref, clip_identity = load_dclip_clip(cfg.clip)

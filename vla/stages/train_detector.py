@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import StageError, UserError
 from vla.models.region_detector import DETECTOR_DIR, TRAIN_DETECTOR_KIND
 
@@ -79,10 +79,13 @@ def run(cfg: TrainDetectorRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.models.region_detector import save_yolo
     from vla.offline import import_ultralytics, torch_threads_kept
 
+    claim_out(out, force=force, inputs={"data": data})
     data_yaml, inputs = yolo_data_yaml(data)
     ultralytics = import_ultralytics()
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
-        work = art.dir / "ultralytics"
+        # absolute: ultralytics puts a relative `project` under its own runs_dir (its settings'
+        # guess, e.g. the git repository's runs/), outside the artifact
+        work = (art.dir / "ultralytics").resolve()
         shutil.rmtree(work, ignore_errors=True)  # a rerun after a crash trains again from the start
         with torch_threads_kept():
             model = ultralytics.YOLO(cfg.model, task="detect")

@@ -13,6 +13,18 @@ not), so E_T(T) comes from the cache and the text weights are saved bit-identica
 is the frozen original encoder's global embedding, already in the regions table. The student is
 a plain CLIP in open_clip's layout (`model/`): `vla eval` scores it with no boxes, `vla export`
 exports it.
+
+Switches (recipe fields): `distill_weight` λ scales the first term; λ = 0 is the paper's "no
+teacher" ablation (InfoNCE only: the teacher's embeddings are then never computed, though
+`--teacher` still names the CLIP, data and regions the student trains on). The ViT-L additions:
+`preserve_weight` (above), `rope_2d` (2-D rotary positions in place of the absolute ones) and
+`clusters: 3` (three-cluster embedding aggregation) — `vla.models.vision_variants` says what each
+does and which reading of the paper it is; a student with either keeps open_clip's weight layout
+plus `model/vla_vision.json`, which vla re-applies on loading and `vla export` refuses.
+`epochs` sets the length in passes over the data; `epoch_eval` scores the student on held-out
+data (the `val` split: nothing is chosen on the test split) before training and after every
+epoch, into the manifest (`epoch_eval`), `epochs.md` and `epochs.png` — DCLIP's "more epochs:
+text→image up, zero-shot down".
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
 from vla.stages.common import EvalConfig
 from vla.stages.common import DataConfig
@@ -42,6 +54,13 @@ class TrainStudentRecipe:
     clip: Optional[str] = None              # must be the teacher's CLIP (the default)
     temperature: float = 0.05               # τ of the InfoNCE
     preserve_weight: float = 0.0            # w of the preservation loss (DCLIP's ViT-L addition); 0 = off
+    distill_weight: float = 1.0             # λ of the distillation term; 0 = "no teacher" (InfoNCE only)
+    rope_2d: bool = False                   # 2-D RoPE in place of absolute positions (ViT-L addition)
+    clusters: int = 0                       # k-cluster embedding aggregation, DCLIP: 3 (ViT-L addition); 0 = off
+    epochs: Optional[int] = None            # when set, train.steps = epochs × (images // train.batch_size)
+    epoch_eval: bool = False                # score the val split before training and after every epoch
+    epoch_eval_split: str = "val"           # the synth artifact's split scored by epoch_eval
+    epoch_eval_images: int = 1000           # its first N samples
     teacher_batch_size: int = 256           # (image, caption) pairs per teacher forward when filling the cache
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -50,8 +69,19 @@ class TrainStudentRecipe:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0, not {self.temperature}")
-        if self.preserve_weight < 0:
-            raise UserError(f"preserve_weight must be 0 or more, not {self.preserve_weight}")
+        if self.preserve_weight < 0 or self.distill_weight < 0:
+            raise UserError(f"preserve_weight and distill_weight must be 0 or more, not "
+                            f"{self.preserve_weight} and {self.distill_weight}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UserError(f"epochs must be at least 1, not {self.epochs}")
+        if self.epoch_eval_images < 2:
+            raise UserError(f"epoch_eval_images must be at least 2, not {self.epoch_eval_images}")
+        self.vision_variant()  # validates clusters
+
+    def vision_variant(self):
+        from vla.models.vision_variants import VisionVariant
+
+        return VisionVariant(rope_2d=self.rope_2d, clusters=self.clusters)
 
 
 class ImageStudent(nn.Module):
@@ -92,9 +122,11 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
     from vla.losses import dclip_student_loss
     from vla.models.clip import save_clip
     from vla.models.dclip import load_dclip_clip, load_teacher
+    from vla.models.vision_variants import apply_variant, save_variant
     from vla.stages.common import evaluate_into, image_text_batches, train_on_pairs, training_data
 
     # inputs, all checked before any compute
+    claim_out(out, force=force, inputs={"teacher": cfg.teacher, "clip": cfg.clip, "data": data})
     teacher_art, epoch = open_teacher(cfg.teacher, cfg.teacher_epoch)
     regions_art, store = open_regions(teacher_art.manifest["inputs"]["regions"]["path"], role="the teacher's regions")
     teacher_clip = teacher_art.manifest["inputs"]["clip"]["path"]
@@ -103,33 +135,49 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
         raise UserError(f"--clip {cfg.clip} is not the CLIP {teacher_clip} the teacher {cfg.teacher} was trained on; "
                         f"the student starts from the teacher's CLIP: drop --clip")
     check_same_clip(store, clip_identity, cfg.clip or teacher_clip, regions_art.path)
+    variant = cfg.vision_variant()
+    apply_variant(clip.model.visual, variant)  # a tower that cannot take it is refused here, before any compute
     td = training_data(Path(data or data_of(teacher_art)), split=regions_art.recipe.get("split", "train"))
     keys, texts, _ = read_captions(td.path, cfg.train.seed, cfg.data.max_skip_fraction)
     check_keys(store, keys, td.path, regions_art.path)
-    dist = init_distributed()
+    steps_per_epoch = len(keys) // cfg.train.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"{len(keys)} images make no batch of train.batch_size={cfg.train.batch_size}; lower it")
+    if cfg.epochs is not None:
+        cfg.train.steps = cfg.epochs * steps_per_epoch
+    val_sets = _epoch_eval_sets(cfg, td) if cfg.epoch_eval else []
+    dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
     data_digest = source.digest()
 
     # frozen features, each computed once: the text tower's outputs, then the teacher's embeddings
     text = cached_text_states(clip, clip_identity, td.path, data_digest, keys, texts, cfg.teacher_batch_size)
-    teacher = load_teacher(teacher_art.path / "teacher", epoch)
     top_k = teacher_art.recipe.get("top_k")
+    targets = None
+    if cfg.distill_weight > 0:  # "no teacher" (λ = 0) never computes the teacher's embeddings
+        teacher = load_teacher(teacher_art.path / "teacher", epoch)
 
-    @torch.no_grad()
-    def teacher_embed(pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
-        emb = teacher(**teacher_inputs(store, text, [k for k, _ in pairs], top_k))
-        return F.normalize(emb, dim=-1)
+        @torch.no_grad()
+        def teacher_embed(pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+            emb = teacher(**teacher_inputs(store, text, [k for k, _ in pairs], top_k))
+            return F.normalize(emb, dim=-1)
 
-    # each row's input is its (key, caption) pair: the teacher reads the key's regions and text states
-    targets, _hit = cached_features("dclip.teacher", lambda: ((k, (k, t), str(td.path)) for k, t in zip(keys, texts)),
-                                    model_identity=f"{teacher_art.digest}:{epoch}", data_digest=data_digest,
-                                    encode=teacher_embed, batch_size=cfg.teacher_batch_size)
-    del teacher
+        # each row's input is its (key, caption) pair: the teacher reads the key's regions and text states
+        targets, _hit = cached_features("dclip.teacher",
+                                        lambda: ((k, (k, t), str(td.path)) for k, t in zip(keys, texts)),
+                                        model_identity=f"{teacher_art.digest}:{epoch}", data_digest=data_digest,
+                                        encode=teacher_embed, batch_size=cfg.teacher_batch_size)
+        del teacher
 
     # the student: the image tower trains, everything else of the CLIP is frozen
     for p in clip.model.parameters():
         p.requires_grad_(False)
     clip.model.visual.requires_grad_(True)
+    if variant.rope_2d:  # the absolute positions stay at zero
+        clip.model.visual.positional_embedding.requires_grad_(False)
+    # the frozen text tower goes with the image tower, so the evaluations (per epoch, final) find
+    # both on one device
+    clip.model.to(dist.device)
     student = ImageStudent(clip.model.visual).train()
     use_preserve = cfg.preserve_weight > 0
     skips = SkipCounter()
@@ -142,23 +190,101 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
     def batches(start_step: int):
         for batch in image_batches(start_step):
             k = batch["key"]
-            batch["teacher"] = targets.lookup(k)
+            if targets is not None:
+                batch["teacher"] = targets.lookup(k)
             batch["text"] = F.normalize(text.pooled(k), dim=-1)
             if use_preserve:
                 batch["original"] = store.lookup(k, top_k=0)["regions"][:, 0]
             yield batch
 
     def step(m, b):
-        return dclip_student_loss(m(b["image"]), b["teacher"], b["text"], cfg.temperature,
-                                  preserve=b.get("original"), preserve_weight=cfg.preserve_weight)
+        return dclip_student_loss(m(b["image"]), b.get("teacher"), b["text"], cfg.temperature,
+                                  preserve=b.get("original"), preserve_weight=cfg.preserve_weight,
+                                  distill_weight=cfg.distill_weight)
 
     recipe = {**asdict(cfg), "teacher_epoch": epoch, "clip_identity": clip_identity}
     inputs = {**td.inputs, "teacher": teacher_art, "clip": clip_input}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=inputs, force=force, command=command) as art:
-        train_on_pairs(art, cfg, student, step, batches, dist, skips, str(td.path))
+        after_step = None
+        if val_sets and dist.rank == 0:
+            log = art.dir / EPOCH_EVAL_LOG
+            if 0 not in _epoch_rows(log):  # epoch 0: the CLIP before any student step
+                _log_epoch(log, 0, 0, clip, val_sets, cfg.eval.batch_size)
+
+            def after_step(m, s: int) -> None:
+                if s % steps_per_epoch == 0:
+                    _log_epoch(log, s // steps_per_epoch, s, clip, val_sets, cfg.eval.batch_size)
+
+        train_on_pairs(art, cfg, student, step, batches, dist, skips, str(td.path), after_step=after_step)
         if dist.rank == 0:
             clip.model.eval()
             save_clip(clip, art.dir / "model")
+            save_variant(art.dir / "model", variant)
+            if val_sets:
+                art.extra["epoch_eval"] = _write_epoch_report(art.dir, cfg.epoch_eval_split, steps_per_epoch)
             clip.name = out.name
             evaluate_into(art, clip, td.eval_dir, cfg.eval)
     return art.artifact
+
+
+EPOCH_EVAL_LOG = "epoch_eval.jsonl"
+#: the curves: (set suffix, metric) → label
+EPOCH_SERIES = {("retrieval", "image_retrieval_recall@1"): "text→image R@1",
+                ("retrieval", "text_retrieval_recall@1"): "image→text R@1",
+                ("zeroshot", "acc1"): "zero-shot top-1"}
+
+
+def _epoch_eval_sets(cfg: TrainStudentRecipe, td) -> list:
+    """The held-out sets `epoch_eval` scores: built from the synth artifact's val split."""
+    from vla.evaluate.split_sets import split_eval_sets
+
+    if td.eval_dir is None:
+        raise UserError("epoch_eval needs --data to be a synth artifact (its val split and zero-shot classes); "
+                        "set epoch_eval: false for other data")
+    split = Path(td.eval_dir).parent / cfg.epoch_eval_split
+    if cfg.epoch_eval_split == "test" or not split.is_dir():
+        raise UserError(f"epoch_eval_split {cfg.epoch_eval_split!r}: {split} is not a held-out split of "
+                        f"{split.parent}; choose one other than test (e.g. val)")
+    zeroshot = Path(td.eval_dir) / "zeroshot"
+    return split_eval_sets(split, zeroshot if zeroshot.is_dir() else None, cfg.epoch_eval_images,
+                           prefix=cfg.epoch_eval_split)
+
+
+def _epoch_rows(log: Path) -> dict[int, dict]:
+    """{epoch: row} of the per-epoch log (an epoch a resumed run repeated: its last row)."""
+    import json
+
+    if not log.exists():
+        return {}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {r["epoch"]: r for r in rows}
+
+
+def _log_epoch(log: Path, epoch: int, step: int, clip, sets, batch_size: int) -> None:
+    """Score `clip` on `sets` and append one row {epoch, step, "set/metric": value} to the log."""
+    import json
+
+    from vla.evaluate.run import evaluate_model
+
+    row = {"epoch": epoch, "step": step}
+    for set_name, metrics in evaluate_model(clip, sets, batch_size=batch_size).items():
+        row.update({f"{set_name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    with log.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _write_epoch_report(out: Path, split: str, steps_per_epoch: int) -> list[dict]:
+    """epochs.md (a table) and epochs.png (one curve per metric) from the per-epoch log; its rows."""
+    from vla.evaluate.report import write_curve
+
+    rows = [r for _, r in sorted(_epoch_rows(out / EPOCH_EVAL_LOG).items())]
+    series = {f"{split}_{suffix}/{metric}": f"{split} {label}" for (suffix, metric), label in EPOCH_SERIES.items()}
+    series = {k: v for k, v in series.items() if any(k in r for r in rows)}
+    lines = ["| epoch | step | " + " | ".join(series.values()) + " |", "|---:|---:|" + "---:|" * len(series)]
+    for r in rows:
+        cells = [f"{100 * r[k]:.1f}" if r.get(k) is not None else "" for k in series]
+        lines.append(f"| {r['epoch']} | {r['step']} | " + " | ".join(cells) + " |")
+    (out / "epochs.md").write_text("\n".join(lines) + "\n")
+    write_curve(rows, "epoch", series, out / "epochs.png",
+                f"train-student after each epoch of {steps_per_epoch} steps (epoch 0: the CLIP it starts from)")
+    return rows

@@ -9,7 +9,11 @@ pass) trained with
 
     L = InfoNCE_τ(norm(teacher(x, T)), norm(E_T(T))),   τ = 0.05
 
-Only the teacher's layers train; an epoch reads cached rows and never runs a CLIP tower. The
+Only the teacher's layers train; an epoch reads cached rows and never runs a CLIP tower. Ablation
+switches: `top_k: 0` feeds the global image embedding only (no regions); `fusion: average` drops
+both cross-attention layers (the paper's "no bidirectional attention": each stream τ-pooled from
+its own inputs, then ½/½) — that teacher has nothing to train, so the stage only measures its loss
+over one epoch and writes it for every epoch. The
 teacher is saved after every epoch (`teacher/teacher-epochNNN.safetensors`): DCLIP's "sweet
 spot" is a teacher trained 2–3 epochs, not to convergence, so `train-student --epoch` picks one.
 `train.steps` is derived from `epochs` (epochs × images // batch size).
@@ -19,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
-from vla.artifacts import Artifact, ArtifactBuilder
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.errors import UserError
 from vla.train import TrainConfig
 
@@ -35,6 +39,7 @@ class TrainTeacherRecipe:
     clip: Optional[str] = None              # the frozen CLIP; default: the one the regions table was built with
     epochs: int = 3
     heads: int = 4
+    fusion: Literal["bidirectional", "average"] = "bidirectional"   # average: the no-attention ablation
     pool_temperature: float = 2.0           # τ of the attention pooling
     temperature: float = 0.05               # τ of the InfoNCE
     top_k: Optional[int] = None             # regions per image fed to the teacher (≤ the table's); 0: global only
@@ -64,6 +69,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     from vla.train import train
 
     # inputs, all checked before any compute
+    claim_out(out, force=force, inputs={"regions": cfg.regions, "clip": cfg.clip, "data": data})
     regions_art, store = open_regions(cfg.regions)
     clip_ref = cfg.clip or regions_art.manifest["inputs"]["clip"]["path"]
     clip, clip_input, clip_identity = load_dclip_clip(clip_ref)
@@ -77,7 +83,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     if steps_per_epoch < 1:
         raise UserError(f"{len(keys)} images make no batch of train.batch_size={cfg.train.batch_size}; lower it")
     cfg.train.steps = cfg.epochs * steps_per_epoch
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
 
     # the frozen text tower's outputs: once, into the feature cache
     text = cached_text_states(clip, clip_identity, td.path, resolve_data(td.path).digest(), keys, texts,
@@ -87,7 +93,8 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     import torch
 
     torch.manual_seed(cfg.train.seed)
-    teacher = MetaTeacher(TeacherConfig(dim=store.dim, heads=cfg.heads, pool_temperature=cfg.pool_temperature))
+    teacher = MetaTeacher(TeacherConfig(dim=store.dim, heads=cfg.heads, pool_temperature=cfg.pool_temperature,
+                                        fusion=cfg.fusion))
     teacher.train()
 
     def batches(start_step: int):
@@ -108,8 +115,15 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
             if s % steps_per_epoch == 0 and dist.rank == 0:
                 save_teacher(m, teacher_dir, epoch=s // steps_per_epoch)
 
-        result = train(cfg.train, teacher, step, batches, art.dir, after_step=save_each_epoch,
-                       samples_per_batch=lambda b: b["tokens"].shape[0] * dist.world_size)
+        if any(p.requires_grad for p in teacher.parameters()):
+            result = train(cfg.train, teacher, step, batches, art.dir, after_step=save_each_epoch,
+                           samples_per_batch=lambda b: b["tokens"].shape[0] * dist.world_size)
+        else:  # fusion: average — a fixed function of the frozen features: measure it, save it
+            result = _measure_only(teacher, step, batches(0), steps_per_epoch)
+            for epoch in range(1, cfg.epochs + 1):
+                if dist.rank == 0:
+                    save_teacher(teacher, teacher_dir, epoch=epoch)
+        art.extra["trainable_parameters"] = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
         if dist.rank == 0:
             art.counts.update(images=len(keys), steps_per_epoch=steps_per_epoch, data=skip_counts,
                               steps=result.steps, samples=result.samples)
@@ -117,3 +131,21 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
             art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
             art.extra["epochs"] = list(range(1, cfg.epochs + 1))
     return art.artifact
+
+
+def _measure_only(teacher, step, batches, steps: int):
+    """A teacher with no trainable parameter: its mean loss over one epoch, as a TrainResult."""
+    import time
+
+    import torch
+
+    from vla.train import TrainResult
+
+    start, losses, samples = time.perf_counter(), [], 0
+    with torch.no_grad():
+        for _, b in zip(range(steps), batches):
+            losses.append(float(step(teacher, b)["loss"]))
+            samples += b["tokens"].shape[0]
+    wall = time.perf_counter() - start
+    return TrainResult(steps=0, samples=samples, wall_s=wall, samples_per_s=samples / wall if wall > 0 else 0.0,
+                       metrics={"loss": sum(losses) / max(len(losses), 1)})

@@ -1,0 +1,213 @@
+"""Part e: DCLIP's two frozen-feature stages against the straightforward way of doing them.
+
+1. `precompute-regions`: images/s of the stage's own `regions_of_batch` — the detector called on a
+   batch of images, then every crop and whole image of the batch through the CLIP in big batches —
+   against the same function fed one image at a time with one crop per CLIP forward (detection
+   batch 1, encode batch 1: the per-image, per-crop loop of the public code). The two must give
+   the same regions: the boxes are asserted equal and the embeddings equal to float tolerance.
+   The detector is an untrained YOLOv8n (what matters is its cost, not its boxes) at a confidence
+   threshold low enough that every image gets `TOP_K` boxes, so each image has crops to encode.
+2. `train-teacher`: the time of one teacher epoch reading its frozen inputs from the regions table
+   and the feature cache (the stage's way) against one that re-encodes them every batch: the CLIP
+   text tower for the captions' token states and the CLIP image tower for every region crop and
+   the whole image. The same teacher, seed, batches and optimizer on both sides; the first batch's
+   inputs are asserted equal (to the table's float16 rounding).
+
+Both use vla-tiny-clip (random init) on the benchmark's synthetic world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+from vla.bench import BENCH_DIR, Figure, Part, alternate
+
+CLIP = "vla-tiny-clip"
+TOP_K = 4
+BATCH = 64           # images per detector call and per teacher step (the full run)
+CONF = 1e-6          # an untrained YOLO's scores are tiny: keep its TOP_K best boxes per image
+SEED = 0
+
+
+def _world(n: int) -> Path:
+    """A synthetic world of `n` training images (bench/dclip-world-N), generated once."""
+    from vla.data.synth import SynthConfig, generate_world
+
+    world = BENCH_DIR / f"dclip-world-{n}"
+    if (world / "done.json").exists():
+        return world
+    shutil.rmtree(world, ignore_errors=True)
+    world.mkdir(parents=True)
+    generate_world(world, SynthConfig(n_train=n, n_val=0, n_test=2, shard_size=max(n, 2), yolo_train=0))
+    (world / "done.json").write_text("{}")
+    return world
+
+
+def _samples(world: Path) -> list:
+    from vla.data.skips import SkipCounter
+    from vla.data.stream import resolve_data
+
+    return list(resolve_data(world / "train").iter_samples(SkipCounter()))
+
+
+def _recipe(detect_batch: int, encode_batch: int):
+    from vla.stages.precompute_regions import DetectConfig, PrecomputeRegionsRecipe
+
+    return PrecomputeRegionsRecipe(detector="yolov8n.yaml", clip=CLIP, top_k=TOP_K, encode_batch_size=encode_batch,
+                                   detect=DetectConfig(conf=CONF, imgsz=64, max_det=TOP_K, batch_size=detect_batch))
+
+
+def _regions(detector, clip, samples, cfg) -> tuple[list, float]:
+    """(ImageRegions of every sample, seconds): `regions_of_batch` over batches of cfg.detect.batch_size."""
+    from vla.stages.precompute_regions import _new_counts, regions_of_batch
+
+    counts, out = _new_counts(), []
+    start = time.perf_counter()
+    for i in range(0, len(samples), cfg.detect.batch_size):
+        out += regions_of_batch(detector, clip, samples[i:i + cfg.detect.batch_size], cfg, counts)
+    return out, time.perf_counter() - start
+
+
+def _same_regions(a: list, b: list) -> float:
+    """Assert two runs found the same regions; the largest embedding difference."""
+    import numpy as np
+
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        assert x.key == y.key and np.array_equal(x.boxes, y.boxes), f"{x.key}: the boxes differ"
+        worst = max(worst, float(np.abs(x.emb - y.emb).max()), float(np.abs(x.global_emb - y.global_emb).max()))
+    assert worst < 1e-3, f"region embeddings differ by {worst}"
+    return worst
+
+
+def bench_regions(samples, rounds: int, batch: int) -> tuple[Figure, dict, list]:
+    import torch
+
+    from vla.models.clip import load_clip
+    from vla.models.detector import load_detector
+    from vla.models.region_detector import RegionDetector
+
+    torch.manual_seed(SEED)
+    clip = load_clip(CLIP)
+    clip.model.eval()
+    detector = RegionDetector(load_detector("yolov8n.yaml"), {"path": "yolov8n.yaml", "kind": "detector"})
+    batched_cfg, loop_cfg = _recipe(batch, 512), _recipe(1, 1)
+    _regions(detector, clip, samples[:2], batched_cfg)  # warm-up: ultralytics builds its predictor once
+    batched, loop = alternate(lambda: _regions(detector, clip, samples, batched_cfg),
+                              lambda: _regions(detector, clip, samples, loop_cfg), rounds)
+    worst = _same_regions(batched[0][0], loop[0][0])
+    n = len(samples)
+    fast, slow = n / min(s for _, s in batched), n / min(s for _, s in loop)
+    crops = sum(len(r.conf) for r in batched[0][0])
+    fig = Figure("precompute-regions", "images/s", fast, slow, fast / slow, "vla / baseline", 2.0)
+    return fig, {"images": n, "crops": crops, "top_k": TOP_K, "detect_batch": batch, "encode_batch": 512,
+                 "batched_s": [s for _, s in batched], "per_image_per_crop_s": [s for _, s in loop],
+                 "max_embedding_difference": worst}, batched[0][0]
+
+
+def _teacher_epoch(samples, regions_dir: Path, text, clip, cached: bool, batch: int) -> tuple[float, dict]:
+    """Seconds of one teacher epoch (batches of `batch`) and the first batch's inputs."""
+    import torch
+
+    from vla.data.regions import RegionStore
+    from vla.data.teacher_inputs import teacher_inputs
+    from vla.losses import dclip_teacher_loss
+    from vla.models.dclip import MetaTeacher, TeacherConfig, clip_text_states
+    from vla.stages.precompute_regions import encode_images
+
+    store = RegionStore.open(regions_dir)
+    by_key = {s.key: s for s in samples}
+    torch.manual_seed(SEED)
+    teacher = MetaTeacher(TeacherConfig(dim=clip.embed_dim, heads=4)).train()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3)
+    keys = [s.key for s in samples]
+    first = None
+    start = time.perf_counter()
+    for i in range(0, len(keys) - batch + 1, batch):
+        batch_keys = keys[i:i + batch]
+        if cached:
+            b = teacher_inputs(store, text.table_owner, batch_keys, None)
+        else:  # the frozen towers run again on this batch: text states, then every crop and whole image
+            with torch.no_grad():
+                tokens = clip.tokenizer([text.captions[k] for k in batch_keys])
+                states, mask, pooled = clip_text_states(clip.model, tokens)
+                ims = [by_key[k].image.convert("RGB") for k in batch_keys]
+                boxes = [store.image(k)["boxes"] for k in batch_keys]
+                crops = [im.crop(tuple(int(v) for v in box)) for im, bs in zip(ims, boxes) for box in bs]
+                emb = torch.from_numpy(encode_images(clip, crops + ims, 512))
+            meta = store.lookup(batch_keys, None)  # boxes' confidences and areas: detector outputs, not CLIP's
+            regions, row = torch.zeros_like(meta["regions"]), 0
+            for j, bs in enumerate(boxes):
+                regions[j, 0] = emb[len(crops) + j]
+                regions[j, 1:1 + len(bs)] = emb[row:row + len(bs)]
+                row += len(bs)
+            b = {"tokens": states, "token_mask": mask, "text": pooled, "regions": regions,
+                 "region_mask": meta["mask"], "conf": meta["conf"], "area": meta["area"]}
+        if first is None:
+            first = {k: v.clone() for k, v in b.items()}
+        loss = dclip_teacher_loss(teacher(**b), b["text"], 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start, first
+
+
+class _Text:
+    """The cached text states and each key's caption (both sides read the same captions)."""
+
+    def __init__(self, table_owner, captions: dict[str, str]):
+        self.table_owner, self.captions = table_owner, captions
+
+
+def bench_teacher(samples, found: list, rounds: int, batch: int) -> tuple[Figure, dict]:
+    import os
+
+    import torch
+
+    from vla.data.regions import write_index, write_shard
+    from vla.data.teacher_inputs import cached_text_states, caption_for
+    from vla.models.clip import load_clip
+
+    torch.manual_seed(SEED)
+    clip = load_clip(CLIP)
+    clip.model.eval()
+    scratch = BENCH_DIR / "dclip-teacher"
+    shutil.rmtree(scratch, ignore_errors=True)
+    regions_dir = scratch / "regions"
+    write_shard(regions_dir, 0, found, clip.embed_dim, {})
+    write_index(regions_dir, {"dim": clip.embed_dim, "top_k": TOP_K, "clip": CLIP, "detector": "yolov8n.yaml",
+                              "data_digest": "bench"})
+    os.environ["VLA_CACHE_DIR"] = str((scratch / "cache").resolve())  # a fresh cache: its fill is timed
+    captions = {s.key: caption_for(SEED, s.key, s.captions) for s in samples}
+    keys = list(captions)
+    start = time.perf_counter()
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    table = cached_text_states(clip, CLIP, scratch, digest, keys, [captions[k] for k in keys], 256)
+    fill_s = time.perf_counter() - start
+    text = _Text(table, captions)
+    cached, reencoded = alternate(lambda: _teacher_epoch(samples, regions_dir, text, clip, True, batch),
+                                  lambda: _teacher_epoch(samples, regions_dir, text, clip, False, batch), rounds)
+    a, b = cached[0][1], reencoded[0][1]
+    for k in a:  # the same inputs, to the table's float16 storage
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=5e-3, atol=5e-3), f"teacher input {k} differs"
+    fast, slow = min(s for s, _ in cached), min(s for s, _ in reencoded)
+    fig = Figure("train-teacher epoch", "s", fast, slow, slow / fast, "speed-up", 2.0, higher_is_better=True)
+    return fig, {"images": len(samples), "batch": batch, "cached_epoch_s": [s for s, _ in cached],
+                 "reencoded_epoch_s": [s for s, _ in reencoded], "text_cache_fill_s": fill_s}
+
+
+def run(quick: bool) -> Part:
+    n, batch = (32, 16) if quick else (512, BATCH)
+    rounds = 1 if quick else 2
+    samples = _samples(_world(n))
+    region_fig, region_details, found = bench_regions(samples, rounds, batch)
+    teacher_fig, teacher_details = bench_teacher(samples, found, rounds, batch)
+    part = Part("e", f"DCLIP: precompute-regions on {n} images (YOLOv8n, top-{TOP_K}, {CLIP}); a train-teacher "
+                     f"epoch, batch {batch}", "per-image, per-crop loop; frozen towers re-encoded every batch")
+    part.figures = [region_fig, teacher_fig]
+    part.details = {"rounds": rounds, "kept": "best run per way", "precompute_regions": region_details,
+                    "train_teacher": teacher_details}
+    return part
