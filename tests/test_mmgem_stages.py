@@ -156,6 +156,36 @@ def test_wrong_kinds_are_refused_before_any_compute(chain, tmp_path) -> None:
         assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_bad_out_is_refused_before_any_model_loads(chain, tmp_path) -> None:
+    # --vision and --init name nothing that exists: had a stage loaded a model first, the error
+    # would be about them; claim_out must refuse the --out first, in one line
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's own file")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, expected in [
+        (("joint-train", "--data", chain / "world", "--vision", "no-such-tower", "--out", taken, *JOINT),
+         "exists and is not a vla artifact"),
+        (("joint-train", "--data", chain / "world", "--vision", "no-such-tower", "--out", a_file, *JOINT),
+         "is an existing file"),
+        (("joint-train", "--data", chain / "world", "--out", chain / "world" / "joint", *JOINT),
+         "lies inside the data input"),
+        (("stage2-roi", "--data", chain / "world", "--init", tmp_path / "no-such-joint", "--out", taken, *STAGE2),
+         "exists and is not a vla artifact"),
+        (("stage2-roi", "--data", chain / "world", "--init", chain / "joint", "--out", chain / "joint", *STAGE2),
+         "is the init input"),
+        (("stage2-roi", "--data", chain / "world", "--init", tmp_path / "no-such-joint", "--out", chain / "stage2",
+          *STAGE2), "is already a finished 'stage2-roi' artifact; pass --force"),
+    ]:
+        started = time.perf_counter()
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 2 and expected in r.output.replace("\n", ""), r.output
+        assert "Traceback" not in r.output and time.perf_counter() - started < 10
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and a_file.read_text() == "x"
+    assert not (chain / "world" / "joint").exists()
+
+
 def test_a_region_cropped_away_is_refused_with_the_sample_key(chain, tmp_path) -> None:
     from vla.data.sample import Region, Sample
     from vla.data.shards import ShardWriter

@@ -32,12 +32,11 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
 from vla.models.causal_lm import TinyLlamaSize
 from vla.models.mmgem import MMGEMConfig
-from vla.stages.common import (EvalConfig, evaluate_into, image_text_batches, record_training, skip_limit,
-                               training_data)
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.stages.common import DataConfig
 from vla.train import TrainConfig
 
@@ -140,9 +139,9 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.losses import ClipLoss
     from vla.models.mmgem import build_mmgem, save_mmgem
     from vla.models.mmgem_trainer import MMGEMTrainer, learning_rate_groups, optimizer_record
-    from vla.train import train
 
-    # inputs: the data, the image tower, the LM (refused before any compute when wrong)
+    # inputs: the --out, the data, the image tower, the LM (refused before any compute when wrong)
+    claim_out(out, force=force, inputs={"data": data, "vision": cfg.vision, "llm": cfg.llm})
     td = training_data(data)
     vision, inputs = vision_source(cfg.vision)
     dist = init_distributed()
@@ -182,11 +181,8 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
 
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, **inputs}, force=force,
                          command=command) as art:
-        limit = skip_limit(cfg.data, str(td.path))
-        result = train(cfg.train, trainer, step, batches, art.dir, param_groups=param_groups,
-                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size,
-                       skips=skips, skip_limit=limit)
-        record_training(art, result, limit)
+        result = train_on_pairs(art, cfg, trainer, step, batches, dist, skips, str(td.path),
+                                param_groups=param_groups)
         if dist.rank == 0:
             model.eval()
             model.name = out.name
