@@ -55,9 +55,12 @@ def test_the_smoke_curriculum_chains_by_manifest(chain) -> None:
     assert {"emb", "gen"} <= set(joint["metrics"]["train"])
     assert joint["counts"]["captions"]["captions"] == joint["counts"]["train"]["samples"] == 6 * 16
     assert joint["mmgem"]["optimizer"]["name"] == "lamb" and joint["mmgem"]["optimizer"]["deviation_from_paper"] is None
-    assert joint["mmgem"]["lm_forward"] == {"calls_per_step": 1, "hidden_states_shared": False,
-                                            "rows": "[EMB] rows + caption rows"}
-    assert joint["timings"]["samples_per_s"] > 0 and "retrieval" in joint["metrics"]["eval"]
+    forward = joint["mmgem"]["lm_forward"]
+    assert {k: forward[k] for k in ("calls_per_step", "hidden_states_shared", "rows")} == {
+        "calls_per_step": 1, "hidden_states_shared": False, "rows": "[EMB] rows + caption rows"}
+    assert forward["statement"].startswith("One LM forward per step is shared between [EMB] and [CAP]")
+    assert joint["mmgem"]["step_samples_per_s"] == joint["timings"]["samples_per_s"] > 0
+    assert "retrieval" in joint["metrics"]["eval"]
     assert (chain / "joint" / "model" / "lm" / "model.safetensors").is_file()  # transformers' layout
     # stage 2: only h3, h4 and the soft prompts train
     assert stage2["mmgem"]["trained"] == ["h3.bias", "h3.weight", "h4.bias", "h4.weight", "soft_prompts"]
@@ -333,3 +336,73 @@ def test_joint_train_under_torchrun_counts_every_ranks_captions(chain, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     m = _manifest(tmp_path / "ddp")
     assert m["counts"]["captions"]["captions"] == m["counts"]["train"]["samples"] == 2 * 16 * 2
+
+
+# --- vla export / vla.load of an MM-GEM artifact -------------------------------------------------------
+
+
+def _images(n: int) -> list:
+    rng = torch.Generator().manual_seed(1)
+    return [Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_an_export_reloads_with_identical_embeddings_and_greedy_captions(chain, tmp_path) -> None:
+    import vla
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vla.models.mmgem import load_mmgem
+
+    r = cli("export", chain / "stage2", "--out", tmp_path / "export")
+    assert "vla.load" in r.output
+    export = tmp_path / "export"
+    m = _manifest(export)
+    assert m["kind"] == "export" and m["inputs"]["model"]["digest"] == _manifest(chain / "stage2")["digest"]
+    # the LM alone, in transformers' layout, with every special token the artifact recorded
+    assert (export / "lm" / "model.safetensors").is_file() and (export / "mmgem.safetensors").is_file()
+    lm = AutoModelForCausalLM.from_pretrained(export / "lm", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(export / "lm", local_files_only=True)
+    tokens = _manifest(chain / "stage2")["mmgem"]["tokens"]
+    assert {t: tokenizer.convert_tokens_to_ids(t) for t in tokens} == tokens
+    source = load_mmgem(chain / "stage2" / "model")
+    assert lm.get_input_embeddings().weight.shape == source.lm.get_input_embeddings().weight.shape
+    assert torch.equal(lm.get_input_embeddings().weight, source.lm.get_input_embeddings().weight)  # soft prompts too
+
+    model = vla.load(export)
+    images, texts = _images(3), ["a large red circle in the top left", "two shapes on a blue background"]
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 4.0, 30.0, 28.0]])] * 3
+    assert torch.equal(model.encode_image(images), source.encode_image(images))
+    assert torch.equal(model.encode_text(texts), source.encode_text(texts))
+    assert torch.equal(model.encode_regions(images, boxes), source.encode_regions(images, boxes))
+    assert model.caption(images) == source.caption(images)
+    assert model.caption(images, boxes) == source.caption(images, boxes)  # regions: the soft prompts
+    assert len(model.caption(images, boxes)) == 6
+    card = (export / "README.md").read_text()
+    assert "library_name: vla" in card and 'AutoModelForCausalLM.from_pretrained("export/lm")' in card
+    assert "| `[CAP_4]` |" in card and "encode_regions" in card and "stage2-roi" in card
+    # `vla eval` scores the export like the artifact it came from
+    cli("eval", export, "--data", chain / "world", "--sets", "retrieval", "--out", tmp_path / "eval")
+    scored = next(iter(_manifest(tmp_path / "eval")["metrics"].values()))["retrieval"]
+    stage2 = next(v for k, v in _manifest(chain / "eval")["metrics"].items() if k.endswith("(stage2)"))["retrieval"]
+    assert scored == stage2
+
+
+def test_an_lm_tokenizer_without_the_recorded_tokens_is_refused_by_export_and_load(chain, tmp_path) -> None:
+    import shutil
+
+    import vla
+    from vla.errors import UserError
+
+    # a stage-2 artifact whose lm/ tokenizer was swapped for stage 1's (no soft prompts)
+    broken = tmp_path / "stage2"
+    shutil.copytree(chain / "stage2", broken)
+    for f in (chain / "joint" / "model" / "lm").glob("*token*"):
+        shutil.copy2(f, broken / "model" / "lm" / f.name)
+    r = runner.invoke(app, ["export", str(broken), "--out", str(tmp_path / "export")])
+    assert r.exit_code == 2 and "the tokenizer lacks [CAP_1], [CAP_2], [CAP_3], [CAP_4]" in r.output.replace("\n", "")
+    assert not (tmp_path / "export").exists()
+    # and an export whose tokenizer was swapped after the fact is refused by vla.load
+    cli("export", chain / "stage2", "--out", tmp_path / "good")
+    for f in (chain / "joint" / "model" / "lm").glob("*token*"):
+        shutil.copy2(f, tmp_path / "good" / "lm" / f.name)
+    with pytest.raises(UserError, match=r"lacks \[CAP_1\].*load the LM and tokenizer saved beside it"):
+        vla.load(tmp_path / "good")

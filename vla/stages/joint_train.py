@@ -45,6 +45,16 @@ KIND = "joint-train"
 VISION_KINDS = ("pretrain", "contrast-tune")
 
 
+#: what the manifest says, plainly, about the LM forward of a training step (`mmgem.lm_forward`)
+LM_FORWARD_STATEMENT = {
+    "joint": "One LM forward per step is shared between [EMB] and [CAP]: the [text, [EMB]] rows and the "
+             "[V_in, [CAP], caption] rows are stacked along the batch into one call. No hidden state is "
+             "shared between them (t must not see the image); see `vla bench --only g` against two forwards.",
+    "embed": "One LM forward per step, over the [text, [EMB]] rows only (objective: embed).",
+    "caption": "One LM forward per step, over the [V_in, [CAP], caption] rows only (objective: caption).",
+}
+
+
 def _paper_train() -> TrainConfig:
     return TrainConfig(lr=5e-4, optimizer="lamb", weight_decay=0.05)
 
@@ -199,8 +209,9 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
                 # hidden state is shared: both kinds of rows go through ONE stacked LM call.
                 "lm_forward": {"calls_per_step": 1, "hidden_states_shared": False,
                                "rows": {"joint": "[EMB] rows + caption rows", "embed": "[EMB] rows",
-                                        "caption": "caption rows"}[cfg.objective]},
-                "step_samples_per_s": result.samples_per_s,
+                                        "caption": "caption rows"}[cfg.objective],
+                               "statement": LM_FORWARD_STATEMENT[cfg.objective]},
+                "step_samples_per_s": result.samples_per_s,  # training steps only (model load, eval excluded)
             }
             evaluate_into(art, model, td.eval_dir, cfg.eval)
     return art.artifact
