@@ -406,3 +406,98 @@ def test_an_lm_tokenizer_without_the_recorded_tokens_is_refused_by_export_and_lo
         shutil.copy2(f, tmp_path / "good" / "lm" / f.name)
     with pytest.raises(UserError, match=r"lacks \[CAP_1\].*load the LM and tokenizer saved beside it"):
         vla.load(tmp_path / "good")
+
+
+# --- make mmgem -----------------------------------------------------------------------------------------
+
+REAL_MMGEM = ["NPROC=8", "VISION=clip-vit-l", "LLM=tinyllama", "DATA=/data/shards/{00000..00999}.tar",
+              "EVAL=/data/evalsets", "MMGEM_RECIPES=recipes/mmgem", "MMGEM_RUNS=runs/mmgem-vitl"]
+
+
+def _make_n(*args) -> list[str]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-n", "mmgem", *args], cwd=root, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k not in ("VISION", "LLM", "VLA_ONLINE")})
+    assert r.returncode == 0, r.stderr
+    return [ln for ln in r.stdout.replace("\\\n", " ").splitlines() if "bin/vla " in ln]
+
+
+def test_make_n_mmgem_real_line_trains_every_arm_under_torchrun_with_its_own_paths() -> None:
+    cmds = _make_n(*REAL_MMGEM)
+    stage = {c.split("--out ")[1].split()[0]: c for c in cmds if "--out " in c}
+    arms = {"runs/mmgem-vitl/joint": "joint-train.yaml", "runs/mmgem-vitl/embed-only": "joint-train-embed.yaml",
+            "runs/mmgem-vitl/caption-only": "joint-train-caption.yaml"}
+    for out, recipe in arms.items():
+        c = stage[out]
+        assert "torchrun --standalone --nproc-per-node 8 .venv/bin/vla joint-train" in c, c
+        assert "--vision clip-vit-l --llm tinyllama" in c and f"--recipe recipes/mmgem/{recipe}" in c
+        assert "--data '/data/shards/{00000..00999}.tar'" in c  # braces reach vla, not bash
+    s2 = stage["runs/mmgem-vitl/stage2"]
+    assert "torchrun" in s2 and "stage2-roi" in s2 and "--init runs/mmgem-vitl/joint" in s2
+    ev = stage["runs/mmgem-vitl/eval"]
+    assert "torchrun" not in ev and "--data '/data/evalsets'" in ev and "--recipe recipes/mmgem/eval-mmgem.yaml" in ev
+    # the base CLIP, stage 1, stage 2 and both arms side by side
+    assert ev.split("vla eval ")[1].split(" --data")[0].split() == [
+        "clip-vit-l", "runs/mmgem-vitl/joint", "runs/mmgem-vitl/stage2", "runs/mmgem-vitl/embed-only",
+        "runs/mmgem-vitl/caption-only"]
+    assert "vla export runs/mmgem-vitl/stage2" in stage["exports/mmgem-vitl"]  # MMGEM_EXPORT follows MMGEM_RUNS
+    assert not any(" pretrain " in c or " synth " in c for c in cmds)  # a VISION is given: no small CLIP
+
+
+def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) -> None:
+    cmds = _make_n(f"WORLD={tmp_path}/toy", f"RUNS={tmp_path}/runs", f"MMGEM_RUNS={tmp_path}/mm")
+    assert any(f"vla synth --out {tmp_path}/toy" in c for c in cmds)
+    assert any(f"vla pretrain --data '{tmp_path}/toy' --out {tmp_path}/runs/clip" in c for c in cmds)
+    joint = next(c for c in cmds if f"--out {tmp_path}/mm/joint " in c)
+    assert f"--vision {tmp_path}/runs/clip " in joint and "--llm" not in joint and "torchrun" not in joint
+    assert "--recipe recipes/embedded/joint-train.yaml" in joint
+    assert any(f"--out exports/mm " in c + " " for c in cmds)
+
+
+@pytest.mark.parametrize("recipes", ["recipes/embedded", "recipes/mmgem"])
+def test_the_ablation_arms_have_stage_1s_budget(recipes) -> None:
+    # same data, steps, batch, rates and model: only the objective differs
+    from dataclasses import asdict
+
+    from vla.recipes import load_recipe
+    from vla.stages.joint_train import JointTrainRecipe
+
+    joint = asdict(load_recipe(JointTrainRecipe, f"{recipes}/joint-train.yaml", kind="joint-train"))
+    assert joint.pop("objective") == "joint"
+    for objective in ("embed", "caption"):
+        arm = asdict(load_recipe(JointTrainRecipe, f"{recipes}/joint-train-{objective}.yaml", kind="joint-train"))
+        assert arm.pop("objective") == objective and arm == joint
+
+
+def test_make_mmgem_runs_the_smoke_curriculum_and_a_second_run_does_nothing(chain, tmp_path) -> None:
+    # world (chain's, as make proclip leaves it) → base CLIP → joint-train → stage2-roi → the two
+    # arms → eval side by side → export; then again: everything is up to date
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    make_vars = [f"WORLD={chain / 'world'}", f"RUNS={tmp_path / 'runs'}", f"MMGEM_RUNS={tmp_path / 'mm'}",
+                 f"MMGEM_EXPORT={tmp_path / 'export'}", "RECIPES=recipes/smoke", "SYNTH_RECIPE=recipes/smoke/synth.yaml"]
+    env = {k: v for k, v in os.environ.items() if k not in ("VISION", "LLM")}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(["make", "mmgem", *make_vars], cwd=root, capture_output=True, text=True,
+                           env={**env, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.append(r.stdout)
+    first, second = runs
+    assert "vla synth" not in first and "vla pretrain" in first  # the world is shared, the base CLIP built once
+    for stage in ("vla joint-train", "vla stage2-roi", "vla eval", "vla export"):
+        assert stage in first and stage not in second
+    mm = tmp_path / "mm"
+    assert [_manifest(mm / arm)["recipe"]["objective"] for arm in ("joint", "embed-only", "caption-only")] == [
+        "joint", "embed", "caption"]
+    assert _manifest(mm / "joint")["inputs"]["vision"]["digest"] == _manifest(tmp_path / "runs" / "clip")["digest"]
+    assert _manifest(mm / "stage2")["inputs"]["init"]["digest"] == _manifest(mm / "joint")["digest"]
+    rows = list(_manifest(mm / "eval")["metrics"])
+    assert len(rows) == 5 and all(any(f"({name})" in row for row in rows)
+                                  for name in ("clip", "joint", "stage2", "embed-only", "caption-only"))
+    assert _manifest(tmp_path / "export")["inputs"]["model"]["digest"] == _manifest(mm / "stage2")["digest"]
+    table = (mm / "eval" / "results.md").read_text()
+    assert "MM-GEM curriculum" in first and table.strip() in first and table.strip() in second
