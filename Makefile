@@ -193,6 +193,56 @@ $(DCLIP_ABL)/student-epochs/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $
 	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) \
 	  --recipe $(DCLIP_RECIPES)/train-student-epochs.yaml --force $(VLA_FLAGS)
 
+# ---- the MM-GEM curriculum --------------------------------------------------------------
+# Embedded default (no arguments): the same world and base CLIP as `make proclip` (built once,
+# shared) → joint-train (stage 1, the base CLIP's image tower + a tiny Llama) → stage2-roi →
+# the same-budget ablation arms (joint-train with objective embed, caption) → eval of the base
+# CLIP, stage 1, stage 2 and both arms side by side → export of stage 2.
+# Real models on 8 GPUs:
+#   make mmgem NPROC=8 VISION=clip-vit-l LLM=tinyllama DATA='/data/shards/{00000..00999}.tar' \
+#              EVAL=/data/evalsets MMGEM_RECIPES=recipes/mmgem MMGEM_RUNS=runs/mmgem-vitl
+MMGEM_RUNS ?= runs/mmgem
+MMGEM_RECIPES ?= $(RECIPES)
+MMGEM_EXPORT ?= exports/$(notdir $(MMGEM_RUNS))
+# with no VISION, MM-GEM starts from the base CLIP `make proclip` pre-trains (the same file target)
+ifeq ($(origin VISION),undefined)
+VISION := $(RUNS)/clip
+VISION_DEP := $(RUNS)/clip/manifest.json
+endif
+# with no LLM, the recipe's LM (the embedded tiny Llama, or recipes/mmgem's tinyllama)
+LLM ?=
+LLM_FLAG := $(if $(LLM),--llm $(LLM),)
+MMGEM_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/stage2 $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only
+
+.PHONY: mmgem
+mmgem: $(MMGEM_EXPORT)/manifest.json
+	@$(VLA) inspect $(MMGEM_RUNS)/eval >/dev/null
+	@echo; echo "MM-GEM curriculum ($(MMGEM_RUNS)) — evaluation:"; cat $(MMGEM_RUNS)/eval/results.md
+
+$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/joint \
+	  --recipe $(MMGEM_RECIPES)/joint-train.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_RUNS)/stage2/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) stage2-roi --data '$(DATA)' --init $(MMGEM_RUNS)/joint --out $(MMGEM_RUNS)/stage2 \
+	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --force $(VLA_FLAGS)
+
+# the ablation arms: stage 1 with one term, at stage 1's budget (their recipes differ only in objective)
+$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/embed-only \
+	  --recipe $(MMGEM_RECIPES)/joint-train-embed.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/caption-only \
+	  --recipe $(MMGEM_RECIPES)/joint-train-caption.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_RUNS)/eval/manifest.json: $(addsuffix /manifest.json,$(MMGEM_ARMS)) $(VISION_DEP) $(MMGEM_RECIPES)/eval-mmgem.yaml
+	$(VLA) eval $(VISION) $(MMGEM_ARMS) --data '$(EVAL)' --out $(MMGEM_RUNS)/eval \
+	  --recipe $(MMGEM_RECIPES)/eval-mmgem.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_EXPORT)/manifest.json: $(MMGEM_RUNS)/stage2/manifest.json $(MMGEM_RUNS)/eval/manifest.json
+	$(VLA) export $(MMGEM_RUNS)/stage2 --out $(MMGEM_EXPORT) --force
+
 .PHONY: install test bench gpu-check clean help
 help:
 	@echo "make install   create .venv with everything vla needs"
@@ -200,6 +250,7 @@ help:
 	@echo "make proclip   the ProCLIP curriculum on the embedded synthetic world"
 	@echo "make dclip     the DCLIP curriculum on the same world and base CLIP"
 	@echo "make dclip-ablations  DCLIP's ablation arms side by side (same student budget); make dclip-epochs: claim (c)"
+	@echo "make mmgem     the MM-GEM curriculum (joint-train, stage2-roi, ablation arms) on the same world and base CLIP"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
 	@echo "make gpu-check on a GPU machine: CUDA tests, bf16 curriculum, torchrun/NCCL, compile, ViT-B/16 MFU"
 

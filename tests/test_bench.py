@@ -56,3 +56,20 @@ def test_bench_dclip_quick(tmp_path):
     assert all(s > 0 for s in regions["batched_s"] + regions["per_image_per_crop_s"])
     assert teacher["cached_epoch_s"][0] > 0 and teacher["reencoded_epoch_s"][0] > 0
     assert all(f["vla"] > 0 and f["baseline"] > 0 for f in part["figures"])
+
+
+def test_bench_joint_step_quick(tmp_path):
+    # part g at its smallest: both ways train, give the same loss, and the figure is their ratio
+    env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "vla.bench", "--only", "g", "--quick"], env=env, check=True,
+                   capture_output=True)
+    part = json.loads((tmp_path / "results.json").read_text())["parts"]["g"]
+    details = part["details"]
+    assert details["quick"] and details["same_loss"] and details["loss_one_call"] > 0
+    assert details["lm_calls_per_step"] == {"shared": 1, "separate": 2}
+    assert details["caption_tokens_max"] > details["caption_tokens_mean"] > 0  # long captions are in the batch
+    (figure,) = part["figures"]
+    assert figure["what"] == "joint-train step" and figure["unit"] == "samples/s"
+    assert figure["vla"] == max(details["shared_samples_per_s"]) > 0
+    assert figure["baseline"] == max(details["separate_samples_per_s"]) > 0
+    assert abs(figure["ratio"] - figure["vla"] / figure["baseline"]) < 1e-9

@@ -55,9 +55,12 @@ def test_the_smoke_curriculum_chains_by_manifest(chain) -> None:
     assert {"emb", "gen"} <= set(joint["metrics"]["train"])
     assert joint["counts"]["captions"]["captions"] == joint["counts"]["train"]["samples"] == 6 * 16
     assert joint["mmgem"]["optimizer"]["name"] == "lamb" and joint["mmgem"]["optimizer"]["deviation_from_paper"] is None
-    assert joint["mmgem"]["lm_forward"] == {"calls_per_step": 1, "hidden_states_shared": False,
-                                            "rows": "[EMB] rows + caption rows"}
-    assert joint["timings"]["samples_per_s"] > 0 and "retrieval" in joint["metrics"]["eval"]
+    forward = joint["mmgem"]["lm_forward"]
+    assert {k: forward[k] for k in ("calls_per_step", "hidden_states_shared", "rows")} == {
+        "calls_per_step": 1, "hidden_states_shared": False, "rows": "[EMB] rows + caption rows"}
+    assert forward["statement"].startswith("One LM forward per step is shared between [EMB] and [CAP]")
+    assert joint["mmgem"]["step_samples_per_s"] == joint["timings"]["samples_per_s"] > 0
+    assert "retrieval" in joint["metrics"]["eval"]
     assert (chain / "joint" / "model" / "lm" / "model.safetensors").is_file()  # transformers' layout
     # stage 2: only h3, h4 and the soft prompts train
     assert stage2["mmgem"]["trained"] == ["h3.bias", "h3.weight", "h4.bias", "h4.weight", "soft_prompts"]
@@ -154,6 +157,36 @@ def test_wrong_kinds_are_refused_before_any_compute(chain, tmp_path) -> None:
         assert r.exit_code == 2 and expected in r.output.replace("\n", ""), r.output
         assert time.perf_counter() - started < 10
         assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_bad_out_is_refused_before_any_model_loads(chain, tmp_path) -> None:
+    # --vision and --init name nothing that exists: had a stage loaded a model first, the error
+    # would be about them; claim_out must refuse the --out first, in one line
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's own file")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, expected in [
+        (("joint-train", "--data", chain / "world", "--vision", "no-such-tower", "--out", taken, *JOINT),
+         "exists and is not a vla artifact"),
+        (("joint-train", "--data", chain / "world", "--vision", "no-such-tower", "--out", a_file, *JOINT),
+         "is an existing file"),
+        (("joint-train", "--data", chain / "world", "--out", chain / "world" / "joint", *JOINT),
+         "lies inside the data input"),
+        (("stage2-roi", "--data", chain / "world", "--init", tmp_path / "no-such-joint", "--out", taken, *STAGE2),
+         "exists and is not a vla artifact"),
+        (("stage2-roi", "--data", chain / "world", "--init", chain / "joint", "--out", chain / "joint", *STAGE2),
+         "is the init input"),
+        (("stage2-roi", "--data", chain / "world", "--init", tmp_path / "no-such-joint", "--out", chain / "stage2",
+          *STAGE2), "is already a finished 'stage2-roi' artifact; pass --force"),
+    ]:
+        started = time.perf_counter()
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 2 and expected in r.output.replace("\n", ""), r.output
+        assert "Traceback" not in r.output and time.perf_counter() - started < 10
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and a_file.read_text() == "x"
+    assert not (chain / "world" / "joint").exists()
 
 
 def test_a_region_cropped_away_is_refused_with_the_sample_key(chain, tmp_path) -> None:
@@ -303,3 +336,169 @@ def test_joint_train_under_torchrun_counts_every_ranks_captions(chain, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     m = _manifest(tmp_path / "ddp")
     assert m["counts"]["captions"]["captions"] == m["counts"]["train"]["samples"] == 2 * 16 * 2
+
+
+# --- vla export / vla.load of an MM-GEM artifact -------------------------------------------------------
+
+
+def _images(n: int) -> list:
+    rng = torch.Generator().manual_seed(1)
+    return [Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_an_export_reloads_with_identical_embeddings_and_greedy_captions(chain, tmp_path) -> None:
+    import vla
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vla.models.mmgem import load_mmgem
+
+    r = cli("export", chain / "stage2", "--out", tmp_path / "export")
+    assert "vla.load" in r.output
+    export = tmp_path / "export"
+    m = _manifest(export)
+    assert m["kind"] == "export" and m["inputs"]["model"]["digest"] == _manifest(chain / "stage2")["digest"]
+    # the LM alone, in transformers' layout, with every special token the artifact recorded
+    assert (export / "lm" / "model.safetensors").is_file() and (export / "mmgem.safetensors").is_file()
+    lm = AutoModelForCausalLM.from_pretrained(export / "lm", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(export / "lm", local_files_only=True)
+    tokens = _manifest(chain / "stage2")["mmgem"]["tokens"]
+    assert {t: tokenizer.convert_tokens_to_ids(t) for t in tokens} == tokens
+    source = load_mmgem(chain / "stage2" / "model")
+    assert lm.get_input_embeddings().weight.shape == source.lm.get_input_embeddings().weight.shape
+    assert torch.equal(lm.get_input_embeddings().weight, source.lm.get_input_embeddings().weight)  # soft prompts too
+
+    model = vla.load(export)
+    images, texts = _images(3), ["a large red circle in the top left", "two shapes on a blue background"]
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 4.0, 30.0, 28.0]])] * 3
+    assert torch.equal(model.encode_image(images), source.encode_image(images))
+    assert torch.equal(model.encode_text(texts), source.encode_text(texts))
+    assert torch.equal(model.encode_regions(images, boxes), source.encode_regions(images, boxes))
+    assert model.caption(images) == source.caption(images)
+    assert model.caption(images, boxes) == source.caption(images, boxes)  # regions: the soft prompts
+    assert len(model.caption(images, boxes)) == 6
+    card = (export / "README.md").read_text()
+    assert "library_name: vla" in card and 'AutoModelForCausalLM.from_pretrained("export/lm")' in card
+    assert "| `[CAP_4]` |" in card and "encode_regions" in card and "stage2-roi" in card
+    # `vla eval` scores the export like the artifact it came from
+    cli("eval", chain / "stage2", export, "--data", chain / "world", "--sets", "retrieval", "--out", tmp_path / "eval")
+    rows = _manifest(tmp_path / "eval")["metrics"]
+    scored = next(v for k, v in rows.items() if k.endswith("(export)"))["retrieval"]
+    stage2 = next(v for k, v in rows.items() if k.endswith("(stage2)"))["retrieval"]
+    assert scored == stage2
+
+
+def test_an_lm_tokenizer_without_the_recorded_tokens_is_refused_by_export_and_load(chain, tmp_path) -> None:
+    import shutil
+
+    import vla
+    from vla.errors import UserError
+
+    # a stage-2 artifact whose lm/ tokenizer was swapped for stage 1's (no soft prompts)
+    broken = tmp_path / "stage2"
+    shutil.copytree(chain / "stage2", broken)
+    for f in (chain / "joint" / "model" / "lm").glob("*token*"):
+        shutil.copy2(f, broken / "model" / "lm" / f.name)
+    r = runner.invoke(app, ["export", str(broken), "--out", str(tmp_path / "export")])
+    assert r.exit_code == 2 and "the tokenizer lacks [CAP_1], [CAP_2], [CAP_3], [CAP_4]" in r.output.replace("\n", "")
+    assert not (tmp_path / "export").exists()
+    # and an export whose tokenizer was swapped after the fact is refused by vla.load
+    cli("export", chain / "stage2", "--out", tmp_path / "good")
+    for f in (chain / "joint" / "model" / "lm").glob("*token*"):
+        shutil.copy2(f, tmp_path / "good" / "lm" / f.name)
+    with pytest.raises(UserError, match=r"lacks \[CAP_1\].*load the LM and tokenizer saved beside it"):
+        vla.load(tmp_path / "good")
+
+
+# --- make mmgem -----------------------------------------------------------------------------------------
+
+REAL_MMGEM = ["NPROC=8", "VISION=clip-vit-l", "LLM=tinyllama", "DATA=/data/shards/{00000..00999}.tar",
+              "EVAL=/data/evalsets", "MMGEM_RECIPES=recipes/mmgem", "MMGEM_RUNS=runs/mmgem-vitl"]
+
+
+def _make_n(*args) -> list[str]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-n", "mmgem", *args], cwd=root, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k not in ("VISION", "LLM", "VLA_ONLINE")})
+    assert r.returncode == 0, r.stderr
+    return [ln for ln in r.stdout.replace("\\\n", " ").splitlines() if "bin/vla " in ln]
+
+
+def test_make_n_mmgem_real_line_trains_every_arm_under_torchrun_with_its_own_paths() -> None:
+    cmds = _make_n(*REAL_MMGEM)
+    stage = {c.split("--out ")[1].split()[0]: c for c in cmds if "--out " in c}
+    arms = {"runs/mmgem-vitl/joint": "joint-train.yaml", "runs/mmgem-vitl/embed-only": "joint-train-embed.yaml",
+            "runs/mmgem-vitl/caption-only": "joint-train-caption.yaml"}
+    for out, recipe in arms.items():
+        c = stage[out]
+        assert "torchrun --standalone --nproc-per-node 8 .venv/bin/vla joint-train" in c, c
+        assert "--vision clip-vit-l --llm tinyllama" in c and f"--recipe recipes/mmgem/{recipe}" in c
+        assert "--data '/data/shards/{00000..00999}.tar'" in c  # braces reach vla, not bash
+    s2 = stage["runs/mmgem-vitl/stage2"]
+    assert "torchrun" in s2 and "stage2-roi" in s2 and "--init runs/mmgem-vitl/joint" in s2
+    ev = stage["runs/mmgem-vitl/eval"]
+    assert "torchrun" not in ev and "--data '/data/evalsets'" in ev and "--recipe recipes/mmgem/eval-mmgem.yaml" in ev
+    # the base CLIP, stage 1, stage 2 and both arms side by side
+    assert ev.split("vla eval ")[1].split(" --data")[0].split() == [
+        "clip-vit-l", "runs/mmgem-vitl/joint", "runs/mmgem-vitl/stage2", "runs/mmgem-vitl/embed-only",
+        "runs/mmgem-vitl/caption-only"]
+    assert "vla export runs/mmgem-vitl/stage2" in stage["exports/mmgem-vitl"]  # MMGEM_EXPORT follows MMGEM_RUNS
+    assert not any(" pretrain " in c or " synth " in c for c in cmds)  # a VISION is given: no small CLIP
+
+
+def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) -> None:
+    cmds = _make_n(f"WORLD={tmp_path}/toy", f"RUNS={tmp_path}/runs", f"MMGEM_RUNS={tmp_path}/mm")
+    assert any(f"vla synth --out {tmp_path}/toy" in c for c in cmds)
+    assert any(f"vla pretrain --data '{tmp_path}/toy' --out {tmp_path}/runs/clip" in c for c in cmds)
+    joint = next(c for c in cmds if f"--out {tmp_path}/mm/joint " in c)
+    assert f"--vision {tmp_path}/runs/clip " in joint and "--llm" not in joint and "torchrun" not in joint
+    assert "--recipe recipes/embedded/joint-train.yaml" in joint
+    assert any(f"--out exports/mm " in c + " " for c in cmds)
+
+
+@pytest.mark.parametrize("recipes", ["recipes/embedded", "recipes/mmgem"])
+def test_the_ablation_arms_have_stage_1s_budget(recipes) -> None:
+    # same data, steps, batch, rates and model: only the objective differs
+    from dataclasses import asdict
+
+    from vla.recipes import load_recipe
+    from vla.stages.joint_train import JointTrainRecipe
+
+    joint = asdict(load_recipe(JointTrainRecipe, f"{recipes}/joint-train.yaml", kind="joint-train"))
+    assert joint.pop("objective") == "joint"
+    for objective in ("embed", "caption"):
+        arm = asdict(load_recipe(JointTrainRecipe, f"{recipes}/joint-train-{objective}.yaml", kind="joint-train"))
+        assert arm.pop("objective") == objective and arm == joint
+
+
+def test_make_mmgem_runs_the_smoke_curriculum_and_a_second_run_does_nothing(chain, tmp_path) -> None:
+    # world (chain's, as make proclip leaves it) → base CLIP → joint-train → stage2-roi → the two
+    # arms → eval side by side → export; then again: everything is up to date
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    make_vars = [f"WORLD={chain / 'world'}", f"RUNS={tmp_path / 'runs'}", f"MMGEM_RUNS={tmp_path / 'mm'}",
+                 f"MMGEM_EXPORT={tmp_path / 'export'}", "RECIPES=recipes/smoke", "SYNTH_RECIPE=recipes/smoke/synth.yaml"]
+    env = {k: v for k, v in os.environ.items() if k not in ("VISION", "LLM")}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run(["make", "mmgem", *make_vars], cwd=root, capture_output=True, text=True,
+                           env={**env, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.append(r.stdout)
+    first, second = runs
+    assert "vla synth" not in first and "vla pretrain" in first  # the world is shared, the base CLIP built once
+    for stage in ("vla joint-train", "vla stage2-roi", "vla eval", "vla export"):
+        assert stage in first and stage not in second
+    mm = tmp_path / "mm"
+    assert [_manifest(mm / arm)["recipe"]["objective"] for arm in ("joint", "embed-only", "caption-only")] == [
+        "joint", "embed", "caption"]
+    assert _manifest(mm / "joint")["inputs"]["vision"]["digest"] == _manifest(tmp_path / "runs" / "clip")["digest"]
+    assert _manifest(mm / "stage2")["inputs"]["init"]["digest"] == _manifest(mm / "joint")["digest"]
+    rows = list(_manifest(mm / "eval")["metrics"])
+    assert len(rows) == 5 and all(any(f"({name})" in row for row in rows)
+                                  for name in ("clip", "joint", "stage2", "embed-only", "caption-only"))
+    assert _manifest(tmp_path / "export")["inputs"]["model"]["digest"] == _manifest(mm / "stage2")["digest"]
+    table = (mm / "eval" / "results.md").read_text()
+    assert "MM-GEM curriculum" in first and table.strip() in first and table.strip() in second

@@ -396,7 +396,7 @@ def stage2_roi(
 @app.command()
 @handles_errors
 def export(
-    src: Path = typer.Argument(..., help="A contrast-tune (or pretrain) artifact."),
+    src: Path = typer.Argument(..., help="A contrast-tune, pretrain, train-student, joint-train or stage2-roi artifact."),
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to write."),
     copy_embedder: bool = typer.Option(False, "--copy-embedder", help="Copy the embedder's weights into the export."),
     force: bool = ForceOpt,

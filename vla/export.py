@@ -11,6 +11,14 @@ Layout (also an artifact, kind "export", so `vla eval` and `vla inspect` accept 
     README.md                                            a model card (Hugging Face metadata header,
                                                          intended use, data, metrics, lineage)
 
+An MM-GEM export (from joint-train or stage2-roi) is `save_mmgem`'s layout instead:
+
+    lm/                                                  the causal LM and its tokenizer, transformers'
+                                                         layout (AutoModelForCausalLM.from_pretrained),
+                                                         [EMB], [CAP] and the soft prompts included
+    mmgem.safetensors, mmgem.json                        the vision tower, h1-h4, τ; config and token ids
+    README.md                                            its model card
+
 The text tower inside open_clip_model.safetensors is the teacher's, untouched by contrast-tune:
 only the image tower is meant for open_clip; the text side is Φ + g, through `vla.load`.
 
@@ -29,7 +37,9 @@ from typing import Sequence
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, lineage, open_artifact
 
 KIND = "export"
-SOURCES = ("contrast-tune", "pretrain", "train-student")
+#: MM-GEM stages: their `model/` is `save_mmgem`'s (mmgem.json, mmgem.safetensors, lm/)
+MMGEM_SOURCES = ("joint-train", "stage2-roi")
+SOURCES = ("contrast-tune", "pretrain", "train-student", *MMGEM_SOURCES)
 # the metrics a card shows per eval set, in this order (all of CLIP_benchmark's names)
 CARD_METRICS = ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc1", "acc5",
                 "mean_per_class_recall")
@@ -45,9 +55,14 @@ def run(cfg: ExportRecipe, src: Path, out: Path, *, force: bool = False,
     claim_out(out, force=force, inputs={"model": src})
     art = open_artifact(src, SOURCES, role="vla export")
     _refuse_tower_variants(art)
+    if art.kind in MMGEM_SOURCES:
+        check_mmgem_source(art)
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={"model": art}, force=force, command=command) as b:
         for f in (art.path / "model").iterdir():
-            shutil.copy2(f, b.dir / f.name)
+            if f.is_dir():  # MM-GEM's lm/: the LM and its tokenizer in transformers' layout
+                shutil.copytree(f, b.dir / f.name)
+            else:
+                shutil.copy2(f, b.dir / f.name)
         if art.kind == "contrast-tune":
             for name in ("adapter.safetensors", "adapter.json", "embedder.json"):
                 shutil.copy2(art.file(name), b.dir / name)
@@ -60,7 +75,8 @@ def run(cfg: ExportRecipe, src: Path, out: Path, *, force: bool = False,
         for f in b.dir.rglob("*"):  # copies keep their source's mode; an export is for sharing
             f.chmod(0o755 if f.is_dir() else 0o644)
         b.metrics.update(art.manifest.get("metrics", {}).get("eval") or {})
-        (b.dir / "README.md").write_text(model_card(art, out, cfg))
+        card = mmgem_card(art, out) if art.kind in MMGEM_SOURCES else model_card(art, out, cfg)
+        (b.dir / "README.md").write_text(card)
     return b.artifact
 
 
@@ -76,6 +92,83 @@ def _refuse_tower_variants(art: Artifact) -> None:
         raise UserError(f"{art.path} has {variant.describe()} in its image tower, which open_clip's layout cannot "
                         f"represent; use the artifact itself (`vla eval {art.path}`, `vla.load`), or train the "
                         f"student with rope_2d: false and clusters: 0 to export it")
+
+
+def check_mmgem_source(art: Artifact) -> None:
+    """Refuse, before anything is written, an MM-GEM artifact whose LM tokenizer lacks a special
+    token ([EMB], [CAP], the soft prompts) its manifest recorded: the export would load into a
+    model that embeds or captions with the wrong rows."""
+    from transformers import AutoTokenizer
+
+    from vla.errors import UserError
+    from vla.models.causal_lm import check_mode_tokens
+    from vla.models.mmgem import CONFIG_FILE, LM_DIR
+
+    model_dir = art.path / "model"
+    if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / LM_DIR).is_dir():
+        raise UserError(f"{model_dir}: no {CONFIG_FILE} and {LM_DIR}/ (save_mmgem's layout); the artifact is "
+                        f"damaged, rebuild it with `vla {art.kind} ... --force`")
+    recorded = list((art.manifest.get("mmgem") or {}).get("tokens") or json.loads(
+        (model_dir / CONFIG_FILE).read_text())["tokens"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir / LM_DIR, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{model_dir / LM_DIR}: cannot load its tokenizer ({str(err).splitlines()[0]}); "
+                        f"rebuild the artifact with `vla {art.kind} ... --force`") from err
+    check_mode_tokens(tokenizer, recorded, str(model_dir / LM_DIR))
+
+
+def mmgem_card(art: Artifact, out: Path) -> str:
+    """The model card of an MM-GEM export: what each file is, how to embed and caption with it,
+    and the LM alone through transformers."""
+    from vla.models.mmgem import CONFIG_FILE
+
+    m = art.manifest
+    name = out.name
+    meta = json.loads((art.path / "model" / CONFIG_FILE).read_text())
+    tokens = meta["tokens"]
+    n_soft = meta["config"].get("soft_prompts", 0)
+    record = m.get("mmgem") or {}
+    lm = (record.get("lm") or {}).get("name") or "its stage-1 artifact's LM"  # stage2-roi records no LM of its own
+    lines = ["---", "library_name: vla", "tags:", "- vla", "- mmgem", "- image-text-retrieval", "- image-captioning",
+             "- transformers", "pipeline_tag: image-to-text", "---", "", f"# {name}", "",
+             f"MM-GEM (arXiv 2405.19333) from a `{art.kind}` artifact: one open_clip ViT image tower and one "
+             f"causal LM ({lm}) that both embeds (`[EMB]`) and captions (`[CAP]`"
+             + (f"; regions with the {n_soft} soft prompts `[CAP_1]`…`[CAP_{n_soft}]`" if n_soft else "") + ").", "",
+             "## Files", "",
+             "- `lm/`: the causal LM and its tokenizer in transformers' layout (`save_pretrained`, safetensors), "
+             "with the special tokens below in the tokenizer and in the embedding table"
+             + (" (the trained soft prompts are their rows)" if n_soft else "") + ";",
+             "- `mmgem.safetensors`: the vision tower and the heads h1 (image), h2 (text), h3 (visual prefix), "
+             "h4 (regions) and the temperature;",
+             f"- `{CONFIG_FILE}`: the model's configuration, the tower's open_clip config and the special tokens' ids.",
+             "", "| token | id |", "|---|---:|"]
+    lines += [f"| `{t}` | {i} |" for t, i in tokens.items()]
+    lines += ["", "## Use", "", "```python", "import vla", "",
+              f"model = vla.load(\"{name}\")                        # the path of this folder",
+              "image_emb = model.encode_image([pil_image])            # (N, D), L2-normalised",
+              "text_emb = model.encode_text([\"a caption, long or short\"])",
+              "region_emb = model.encode_regions([pil_image], [boxes])  # boxes (K, 4) in the tower's input pixels",
+              "captions = model.caption([pil_image])                  # greedy, KV cache"
+              + ("; boxes=[boxes] captions regions" if n_soft else ""),
+              "```", "", "The LM alone, with transformers:", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f"lm = AutoModelForCausalLM.from_pretrained(\"{name}/lm\")",
+              f"tokenizer = AutoTokenizer.from_pretrained(\"{name}/lm\")", "```", "",
+              "Its text embedding is `h2` of the last hidden state at `[EMB]` and its captions start from "
+              "`[V_in, [CAP]]`: both need the heads in `mmgem.safetensors`, so use `vla.load` for them.", ""]
+    lines += ["## Intended use", "",
+              "Research on image-text alignment and captioning: embedding images, regions and texts into one "
+              "space for retrieval, and captioning images and regions. It is not evaluated for any deployed use, "
+              "for safety-critical decisions or for people; its behaviour outside the data below is unknown.", ""]
+    lines += _data_section(m) + _metrics_section(m) + ["## Lineage", ""]
+    lines += [f"{'  ' * d}- {role}: `{r.get('kind')}` {r.get('path')} (digest `{str(r.get('digest', ''))[:12]}`)"
+              for d, role, r in lineage(m)]
+    lines += ["", f"Exported by vla {m['vla_version']} from a `{art.kind}` artifact (digest `{art.digest[:16]}`).",
+              "", "## Upload", "", "```python", "from huggingface_hub import HfApi", "",
+              f"HfApi().upload_folder(folder_path=\"{name}\", repo_id=\"YOUR-NAME/{name}\", repo_type=\"model\")",
+              "```"]
+    return "\n".join(lines) + "\n"
 
 
 def model_card(art: Artifact, out: Path, cfg: ExportRecipe) -> str:
@@ -176,6 +269,8 @@ def load(path: str | Path):
     Returns a `ProCLIPModel` (image tower + embedder + adapter) or, for a plain CLIP, a
     `ClipModel`; both have `encode_image`, `encode_text` (one item or a list in, a (N, D)
     normalised float32 matrix out), `preprocess`, `tokenize` and `text_context_length`.
+    An MM-GEM export (or joint-train / stage2-roi artifact) gives an `MMGEM`: `encode_image(images)`,
+    `encode_text(texts)`, `encode_regions(images, boxes)` and `caption(images, boxes=None)`.
     """
     from vla.errors import UserError
     from vla.models.clip import load_clip
@@ -188,6 +283,14 @@ def load(path: str | Path):
         raise UserError(f"{path} is not a vla export (no manifest.json); make one with `vla export SRC --out {path}`")
     art = open_artifact(path, (KIND, *SOURCES), role="vla.load")
     model_dir = path if art.kind == KIND else path / "model"
+    from vla.models.mmgem import CONFIG_FILE
+
+    if (model_dir / CONFIG_FILE).exists():  # MM-GEM: refuses an LM tokenizer without the recorded tokens
+        from vla.models.mmgem import load_mmgem
+
+        model = load_mmgem(model_dir)
+        model.name = path.name
+        return model
     if (path / "adapter.json").exists():
         model = load_proclip_dir(path, model_dir=model_dir)
         model.lineage = [f"{art.kind} {path}"] + [f"{'  ' * (d + 1)}{role}: {r.get('kind')} {r.get('path')}"

@@ -19,7 +19,7 @@ from rich.table import Table
 from vla.bench import BENCH_DIR, Figure, Part
 
 PARTS = {"a": "trainer", "b": "cache", "c": "retrieval", "d": "cache_scale", "e": "dclip",
-         "f": "mmgem_caption"}
+         "f": "mmgem_caption", "g": "joint_step"}
 
 
 def _table(parts: list[Part]) -> Table:
@@ -46,7 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m vla.bench", description=__doc__)
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma-separated parts: a (trainer), b (feature cache), c (retrieval eval), "
-                             "d (feature cache at scale), e (DCLIP regions and teacher), f (MM-GEM captioning)")
+                             "d (feature cache at scale), e (DCLIP regions and teacher), f (MM-GEM captioning), "
+                             "g (MM-GEM joint-train step)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not figures")
     parser.add_argument("--table", action="store_true",
                         help=f"measure nothing: print the table of the last run ({BENCH_DIR / 'results.json'})")

@@ -114,14 +114,17 @@ def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what
     return batches
 
 
-def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, after_step=None):
+def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, after_step=None,
+                   param_groups=None):
     """The shared loop for a stage over image–text batches (from `image_text_batches`, each with
     its samples' `key`s), into the artifact being built; its counts, metrics and throughput then
-    go into the manifest. `cfg` is the stage's recipe (its `train` and `data` blocks)."""
+    go into the manifest. `cfg` is the stage's recipe (its `train` and `data` blocks);
+    `param_groups(model)` gives the optimizer's groups where a stage has several learning rates
+    (default: the loop's own, every trainable parameter at `train.lr`)."""
     from vla.train import train
 
     limit = skip_limit(cfg.data, what)
-    result = train(cfg.train, model, step, batches, art.dir, after_step=after_step,
+    result = train(cfg.train, model, step, batches, art.dir, after_step=after_step, param_groups=param_groups,
                    samples_per_batch=lambda b: len(b["key"]) * dist.world_size, skips=skips, skip_limit=limit)
     record_training(art, result, limit)
     art.extra["device"] = str(dist.device)  # where it trained: "cpu", "cuda:0"

@@ -32,18 +32,27 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
 from vla.models.causal_lm import TinyLlamaSize
 from vla.models.mmgem import MMGEMConfig
-from vla.stages.common import (EvalConfig, evaluate_into, image_text_batches, record_training, skip_limit,
-                               training_data)
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.stages.common import DataConfig
 from vla.train import TrainConfig
 
 KIND = "joint-train"
 #: artifacts whose CLIP image tower `--vision` may start from (their `model/` is open_clip's layout)
 VISION_KINDS = ("pretrain", "contrast-tune")
+
+
+#: what the manifest says, plainly, about the LM forward of a training step (`mmgem.lm_forward`)
+LM_FORWARD_STATEMENT = {
+    "joint": "One LM forward per step is shared between [EMB] and [CAP]: the [text, [EMB]] rows and the "
+             "[V_in, [CAP], caption] rows are stacked along the batch into one call. No hidden state is "
+             "shared between them (t must not see the image); see `vla bench --only g` against two forwards.",
+    "embed": "One LM forward per step, over the [text, [EMB]] rows only (objective: embed).",
+    "caption": "One LM forward per step, over the [V_in, [CAP], caption] rows only (objective: caption).",
+}
 
 
 def _paper_train() -> TrainConfig:
@@ -140,9 +149,9 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.losses import ClipLoss
     from vla.models.mmgem import build_mmgem, save_mmgem
     from vla.models.mmgem_trainer import MMGEMTrainer, learning_rate_groups, optimizer_record
-    from vla.train import train
 
-    # inputs: the data, the image tower, the LM (refused before any compute when wrong)
+    # inputs: the --out, the data, the image tower, the LM (refused before any compute when wrong)
+    claim_out(out, force=force, inputs={"data": data, "vision": cfg.vision, "llm": cfg.llm})
     td = training_data(data)
     vision, inputs = vision_source(cfg.vision)
     dist = init_distributed()
@@ -182,11 +191,8 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
 
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, **inputs}, force=force,
                          command=command) as art:
-        limit = skip_limit(cfg.data, str(td.path))
-        result = train(cfg.train, trainer, step, batches, art.dir, param_groups=param_groups,
-                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size,
-                       skips=skips, skip_limit=limit)
-        record_training(art, result, limit)
+        result = train_on_pairs(art, cfg, trainer, step, batches, dist, skips, str(td.path),
+                                param_groups=param_groups)
         if dist.rank == 0:
             model.eval()
             model.name = out.name
@@ -203,8 +209,9 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
                 # hidden state is shared: both kinds of rows go through ONE stacked LM call.
                 "lm_forward": {"calls_per_step": 1, "hidden_states_shared": False,
                                "rows": {"joint": "[EMB] rows + caption rows", "embed": "[EMB] rows",
-                                        "caption": "caption rows"}[cfg.objective]},
-                "step_samples_per_s": result.samples_per_s,
+                                        "caption": "caption rows"}[cfg.objective],
+                               "statement": LM_FORWARD_STATEMENT[cfg.objective]},
+                "step_samples_per_s": result.samples_per_s,  # training steps only (model load, eval excluded)
             }
             evaluate_into(art, model, td.eval_dir, cfg.eval)
     return art.artifact

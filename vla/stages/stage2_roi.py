@@ -28,10 +28,9 @@ from typing import Literal, Sequence
 
 import torch
 
-from vla.artifacts import Artifact, ArtifactBuilder, open_artifact
+from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
-from vla.stages.common import (EvalConfig, evaluate_into, image_text_batches, record_training, skip_limit,
-                               training_data)
+from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.stages.common import DataConfig
 from vla.train import TrainConfig
 
@@ -110,11 +109,11 @@ def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.losses import ClipLoss
     from vla.models.mmgem import load_mmgem, save_mmgem
     from vla.models.mmgem_trainer import MMGEMTrainer, learning_rate_groups, optimizer_record
-    from vla.train import train
 
-    # inputs: the stage-1 artifact (refused before any compute when of another kind) and the data
+    # inputs: the --out, the stage-1 artifact (refused before any compute when of another kind), the data
     if not cfg.init:
         raise UserError("stage2-roi needs its stage-1 model: pass --init runs/mmgem/joint (a joint-train artifact)")
+    claim_out(out, force=force, inputs={"data": data, "init": cfg.init})
     init = open_artifact(cfg.init, INIT_KINDS, role="--init")
     td = training_data(data)
     dist = init_distributed()
@@ -142,11 +141,7 @@ def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
 
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs={**td.inputs, "init": init}, force=force,
                          command=command) as art:
-        limit = skip_limit(cfg.data, str(td.path))
-        result = train(cfg.train, trainer, step, batches, art.dir, param_groups=param_groups,
-                       samples_per_batch=lambda b: len(b["key"]) * dist.world_size,
-                       skips=skips, skip_limit=limit)
-        record_training(art, result, limit)
+        train_on_pairs(art, cfg, trainer, step, batches, dist, skips, str(td.path), param_groups=param_groups)
         if dist.rank == 0:
             model.name = out.name
             save_mmgem(model, art.dir / "model")  # merges the trained soft prompts into the table
