@@ -157,10 +157,17 @@ def mmgem_card(art: Artifact, out: Path) -> str:
               f"tokenizer = AutoTokenizer.from_pretrained(\"{name}/lm\")", "```", "",
               "Its text embedding is `h2` of the last hidden state at `[EMB]` and its captions start from "
               "`[V_in, [CAP]]`: both need the heads in `mmgem.safetensors`, so use `vla.load` for them.", ""]
-    lines += ["## Intended use", "",
-              "Research on image-text alignment and captioning: embedding images, regions and texts into one "
-              "space for retrieval, and captioning images and regions. It is not evaluated for any deployed use, "
-              "for safety-critical decisions or for people; its behaviour outside the data below is unknown.", ""]
+    lines += _card_tail(art, name, "Research on image-text alignment and captioning: embedding images, regions "
+                        "and texts into one space for retrieval, and captioning images and regions.")
+    return "\n".join(lines) + "\n"
+
+
+def _card_tail(art: Artifact, name: str, purpose: str) -> list[str]:
+    """The sections every model card ends with: intended use, data, metrics, lineage, upload."""
+    m = art.manifest
+    lines = ["## Intended use", "",
+             f"{purpose} It is not evaluated for any deployed use, for safety-critical decisions or for "
+             "people; its behaviour outside the data below is unknown.", ""]
     lines += _data_section(m) + _metrics_section(m) + ["## Lineage", ""]
     lines += [f"{'  ' * d}- {role}: `{r.get('kind')}` {r.get('path')} (digest `{str(r.get('digest', ''))[:12]}`)"
               for d, role, r in lineage(m)]
@@ -168,13 +175,12 @@ def mmgem_card(art: Artifact, out: Path) -> str:
               "", "## Upload", "", "```python", "from huggingface_hub import HfApi", "",
               f"HfApi().upload_folder(folder_path=\"{name}\", repo_id=\"YOUR-NAME/{name}\", repo_type=\"model\")",
               "```"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def model_card(art: Artifact, out: Path, cfg: ExportRecipe) -> str:
     """The export's README.md: a Hugging Face model card. Paths in it are relative to the folder
     (or name it), so the card stays true wherever the folder is copied or uploaded."""
-    m = art.manifest
     proclip = art.kind == "contrast-tune"
     spec = json.loads((art.path / "embedder.json").read_text()) if proclip else {}
     name = out.name
@@ -201,18 +207,8 @@ def model_card(art: Artifact, out: Path, cfg: ExportRecipe) -> str:
                   + "), then the adapter in `adapter.safetensors`.", ""]
     else:
         lines += [f"It is a plain open_clip model: `open_clip.create_model_and_transforms(\"local-dir:{name}\")`.", ""]
-    lines += ["## Intended use", "",
-              "Research on image-text alignment: embedding images and texts into one space for "
-              "retrieval and zero-shot classification, and comparing alignment methods. It is not "
-              "evaluated for any deployed use, for safety-critical decisions or for people; its "
-              "behaviour outside the data below is unknown.", ""]
-    lines += _data_section(m) + _metrics_section(m) + ["## Lineage", ""]
-    lines += [f"{'  ' * d}- {role}: `{r.get('kind')}` {r.get('path')} (digest `{str(r.get('digest', ''))[:12]}`)"
-              for d, role, r in lineage(m)]
-    lines += ["", f"Exported by vla {m['vla_version']} from a `{art.kind}` artifact (digest `{art.digest[:16]}`).",
-              "", "## Upload", "", "```python", "from huggingface_hub import HfApi", "",
-              f"HfApi().upload_folder(folder_path=\"{name}\", repo_id=\"YOUR-NAME/{name}\", repo_type=\"model\")",
-              "```"]
+    lines += _card_tail(art, name, "Research on image-text alignment: embedding images and texts into one space "
+                        "for retrieval and zero-shot classification, and comparing alignment methods.")
     if proclip and not cfg.copy_embedder:
         lines += ["", "Export with `--copy-embedder` first if the embedder is not on the hub."]
     return "\n".join(lines) + "\n"
