@@ -1,6 +1,6 @@
 """Every loss vla trains with, each with its formula in the docstring.
 
-Conventions: embeddings that enter a loss are L2-normalised by the caller (METHODS.md), ``B`` is
+Conventions: embeddings that enter a loss are L2-normalised by the caller (docs/methods.md), ``B`` is
 the local batch, and a loss that has several terms returns a dict with ``"loss"`` (what to
 backpropagate) and each term by name (for logging). Targets that come from a frozen or
 teacher model are detached here, so a caller can never train through a target by accident.

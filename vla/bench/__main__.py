@@ -38,8 +38,11 @@ def _table(parts: list[Part]) -> Table:
 
 def _conditions() -> dict:
     # no `import torch` here: the parts that need it import it, and part c alone runs without it
+    from vla.artifacts import git_commit
+
     return {"cpus": os.cpu_count(), "torch": version("torch"), "python": platform.python_version(),
-            "machine": platform.machine(), "load_avg_1m": os.getloadavg()[0]}
+            "machine": platform.machine(), "device": "cpu", "git_commit": git_commit(),
+            "load_avg_1m": os.getloadavg()[0]}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""DCLIP's meta-teacher (METHODS.md §2): bidirectional cross-modal attention over a caption's
+"""DCLIP's meta-teacher (docs/methods.md §2): bidirectional cross-modal attention over a caption's
 token states and an image's regions, pooled into one embedding the student image tower distils.
 
 Inputs (all from frozen CLIP towers, hence cached; only this module's layers train):

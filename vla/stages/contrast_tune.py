@@ -1,7 +1,7 @@
 """`vla contrast-tune`: ProCLIP stage 2 — contrastive tuning with self-distillation regularisation;
 with `--init random` the same command is the LLM2CLIP baseline.
 
-Story (METHODS.md §1): image–text pairs → the CLIP image tower E_I (trained), the frozen
+Story (docs/methods.md §1): image–text pairs → the CLIP image tower E_I (trained), the frozen
 embedder Φ (cached features only) and the adapter g (from `vla distill`, or random) →
 
     L = L_info + λ · L_reg

@@ -1,6 +1,6 @@
 """`vla distill`: ProCLIP stage 1 — distil a CLIP text encoder into an LLM embedder + adapter.
 
-Story (METHODS.md §1): captions of the data → the frozen embedder Φ and the frozen CLIP text
+Story (docs/methods.md §1): captions of the data → the frozen embedder Φ and the frozen CLIP text
 encoder E_T, both through the feature cache (each is computed once per model and data) → the
 adapter g trained with
 

@@ -1,6 +1,6 @@
 """`vla joint-train`: MM-GEM stage 1 — one causal LM learns to embed and to caption at once.
 
-Story (METHODS.md §3): image–text pairs → an open_clip ViT read as a patch-token feature map V,
+Story (docs/methods.md §3): image–text pairs → an open_clip ViT read as a patch-token feature map V,
 and one causal LM with the new tokens [EMB] and [CAP] (`vla.models.mmgem`) →
 
     v    = h1(MeanPool(V))                      t = h2(LM([text, [EMB]]) at [EMB])

@@ -1,6 +1,6 @@
 """`vla precompute-regions`: DCLIP's region table — detect, crop, encode with the frozen CLIP.
 
-Story (METHODS.md §2): the data's images → the detector (`--detector`: a trained YOLO artifact, a
+Story (docs/methods.md §2): the data's images → the detector (`--detector`: a trained YOLO artifact, a
 user's YOLOv8 `.pt`, or `oracle` = the data's own exact boxes) with ultralytics' defaults
 (conf 0.25, IoU 0.7, at most 300 detections; image size and the top-K regions kept are recipe
 values) → boxes cleaned (NaN, empty or wholly-outside boxes dropped and counted; partly-outside

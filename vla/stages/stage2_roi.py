@@ -1,6 +1,6 @@
 """`vla stage2-roi`: MM-GEM stage 2 — regions, read from the frozen stage-1 feature map.
 
-Story (METHODS.md §3): a `joint-train` artifact and image–region data (each sample's region
+Story (docs/methods.md §3): a `joint-train` artifact and image–region data (each sample's region
 boxes and region captions, as `vla synth` writes them into the sample's JSON) →
 the PoolAggregator becomes RoIAlign over the ViT feature map V, and
 
