@@ -1,8 +1,8 @@
 """One module per subcommand; each reads top to bottom as the stage's story:
 inputs → models → loss → loop → outputs.
 
-`RECIPES` maps a recipe's `kind:` to its typed config, for `vla recipe show`; entries are
-import paths so that `vla --help` does not import torch.
+`RECIPES` maps a recipe's `kind:` (the command's name) to its typed config, and `stage_run` gives
+the stage's `run`; entries are import paths so that `vla --help` does not import torch.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ RECIPES: dict[str, str] = {
 }
 
 
+#: the stage module of each kind whose `run` is not beside its recipe class
+STAGE_MODULES: dict[str, str] = {"synth": "vla.stages.synth"}
+
+
 def recipe_class(kind: str) -> Any:
     from vla.errors import UserError
 
@@ -32,3 +36,10 @@ def recipe_class(kind: str) -> Any:
         raise UserError(f"unknown recipe kind '{kind}'; known kinds: {', '.join(sorted(RECIPES))}")
     module, name = RECIPES[kind].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def stage_run(kind: str) -> Any:
+    """The `run(cfg, ..., out, force=, command=)` of the stage `kind` (a key of RECIPES)."""
+    recipe_class(kind)  # an unknown kind is a one-line error
+    module = STAGE_MODULES.get(kind) or RECIPES[kind].split(":")[0]
+    return importlib.import_module(module).run

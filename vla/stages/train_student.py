@@ -1,6 +1,6 @@
 """`vla train-student`: DCLIP's student — the CLIP image tower distilled from the meta-teacher.
 
-Story (METHODS.md §2): a train-teacher artifact (one of its per-epoch teachers; DCLIP's "sweet
+Story (docs/methods.md §2): a train-teacher artifact (one of its per-epoch teachers; DCLIP's "sweet
 spot" is a 2–3-epoch one) and the CLIP it was built on → the teacher's embedding of every
 (image, caption), computed once from the cached regions and text states and cached → the CLIP's
 image tower E_I trained on the data's images with
@@ -111,7 +111,7 @@ def open_teacher(path: str, epoch: Optional[int]):
     return art, chosen
 
 
-def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool = False,
+def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.cache import cached_features
     from vla.data.skips import SkipCounter
@@ -137,7 +137,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
     check_same_clip(store, clip_identity, cfg.clip or teacher_clip, regions_art.path)
     variant = cfg.vision_variant()
     apply_variant(clip.model.visual, variant)  # a tower that cannot take it is refused here, before any compute
-    td = training_data(Path(data or data_of(teacher_art)), split=regions_art.recipe.get("split", "train"))
+    td = training_data(data or data_of(teacher_art), split=regions_art.recipe.get("split", "train"))
     keys, texts, _ = read_captions(td.path, cfg.train.seed, cfg.data.max_skip_fraction)
     check_keys(store, keys, td.path, regions_art.path)
     steps_per_epoch = len(keys) // cfg.train.batch_size

@@ -1,6 +1,6 @@
 """`vla train-teacher`: DCLIP's meta-teacher, trained on cached frozen features only.
 
-Story (METHODS.md §2): a regions table (`vla precompute-regions`: region and global embeddings
+Story (docs/methods.md §2): a regions table (`vla precompute-regions`: region and global embeddings
 from the frozen CLIP image encoder) and the data's captions (one per image, fixed by the seed) →
 the frozen CLIP text encoder's token states and pooled embedding, computed once into the feature
 cache → the meta-teacher (`vla.models.dclip.MetaTeacher`: text→regions and regions→text
@@ -56,7 +56,7 @@ class TrainTeacherRecipe:
             raise UserError(f"top_k must be 0 or more, not {self.top_k}")
 
 
-def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool = False,
+def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.data.rows import row_batches
     from vla.data.stream import resolve_data
@@ -74,7 +74,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     clip_ref = cfg.clip or regions_art.manifest["inputs"]["clip"]["path"]
     clip, clip_input, clip_identity = load_dclip_clip(clip_ref)
     check_same_clip(store, clip_identity, clip_ref, regions_art.path)
-    td = training_data(Path(data or data_of(regions_art)), split=regions_art.recipe.get("split", "train"))
+    td = training_data(data or data_of(regions_art), split=regions_art.recipe.get("split", "train"))
     if cfg.top_k is not None and cfg.top_k > store.top_k:
         raise UserError(f"top_k {cfg.top_k} exceeds the {store.top_k} regions per image {regions_art.path} keeps")
     keys, texts, skip_counts = read_captions(td.path, cfg.train.seed, cfg.max_skip_fraction)
