@@ -29,7 +29,7 @@ results_page = $(if $(4),$(DOCS) eval $(1) $(2) --make '$(3)' --out $(4) && $(DO
 # ---- the ProCLIP curriculum -------------------------------------------------------------
 # Embedded default (no arguments): synthetic world → small CLIP → distill (MiniLM) →
 # contrast-tune → LLM2CLIP baseline → eval side by side → export.
-# Real models on 8 GPUs (see the README's real-model section):
+# Real models on 8 GPUs (see docs/gpus.md):
 #   make proclip NPROC=8 TEACHER=clip-vit-l EMBEDDER=qwen DATA='/data/shards/{00000..00999}.tar' \
 #                EVAL=/data/evalsets RECIPES=recipes/proclip RUNS=runs/proclip-vitl
 # DATA is anything `vla --data` takes (a directory, a brace range, a glob, pipe:CMD); it is quoted

@@ -139,3 +139,23 @@ def test_a_quick_bench_writes_no_results_page(tmp_path):
     head = docs.headline(out.read_text())
     assert "`make bench` at commit `abc1234`; 2 CPU cores (x86_64), torch 2.14.1; device cpu; 12 s" in head
     assert "| c | time (s) | 1.00 | 4.00 | 4.00× speed-up | ≥ 3.00 | met |" in head
+
+
+def test_each_make_target_writes_its_results_page():
+    """The default runs of each curriculum (and `make bench`) end by writing docs/results/NAME.md
+    from their eval artifact and copying it into the README; a run elsewhere writes no page
+    unless it names one, so a test's or a real-model run's table never replaces the embedded one."""
+    def dry(*args):
+        r = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    for target, evals in (("proclip", "runs/proclip/eval"), ("dclip", "runs/dclip/eval"),
+                          ("dclip-ablations", "runs/dclip/ablations/eval"), ("mmgem", "runs/mmgem/eval")):
+        out = dry(target)
+        assert (f"-m vla.docs eval {target} {evals} --make 'make {target}' --out docs/results/{target}.md "
+                f"&& .venv/bin/python -m vla.docs readme") in out, out[-2000:]
+    assert "vla.docs" not in dry("proclip", "RUNS=/tmp/elsewhere")
+    assert "--out docs/results/proclip-vitl.md" in dry("proclip", "RUNS=runs/proclip-vitl",
+                                                       "PROCLIP_PAGE=docs/results/proclip-vitl.md")
+    assert "-m vla.docs bench && .venv/bin/python -m vla.docs readme" in dry("bench")

@@ -44,7 +44,7 @@ class DistillRecipe:
     adapter_dropout: float = 0.0
     # the second text variant for L_ins: a second short caption (ProCLIP's official code uses a
     # second, perturbed short text; a sample with one caption repeats it), the long caption (which
-    # pulls Φ(long) toward the teacher's embedding of its truncated preamble: see the README), or none
+    # pulls Φ(long) toward the teacher's embedding of its truncated preamble: docs/world.md), or none
     second_text: Literal["long_caption", "caption", "none"] = "caption"
     max_skip_fraction: float = 0.01
     val_rows: int = 1000                    # held-out captions for the agreement metrics
