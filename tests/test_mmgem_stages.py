@@ -250,10 +250,10 @@ def test_every_trained_parameter_gets_a_gradient(objective) -> None:
     # DDP refuses a trained parameter without a gradient; an ablation must freeze the idle heads
     from vla.losses import ClipLoss
     from vla.models.mmgem_trainer import MMGEMTrainer
-    from vla.stages.joint_train import lr_groups
+    from vla.stages.joint_train import parameter_groups
 
     model = _micro_model()
-    groups = lr_groups(model, objective)
+    groups = parameter_groups(model, objective)
     trainer = MMGEMTrainer(model, objective, ClipLoss())
     out = trainer(torch.randn(4, 3, 32, 32), CAPTIONS)
     out["loss"].backward()

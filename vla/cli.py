@@ -9,6 +9,7 @@ exit code. Output piped into a command that stops reading (`vla eval ... | head`
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -102,6 +103,18 @@ NOT_RECIPE = ("models", "data", "src", "out", "recipe", "set_", "force")
 RECIPE_KEYS = {"embedder": "embedder.name", "pooling": "embedder.pooling", "epoch": "teacher_epoch"}
 
 
+def _shared(name: str, annotation: Any, option: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+#: the training flags, in TRAIN_FLAGS' order, and the options every stage command ends with
+TRAIN_PARAMS = [_shared("steps", Optional[int], StepsOpt), _shared("batch_size", Optional[int], BatchOpt),
+                _shared("lr", Optional[float], LrOpt), _shared("precision", Optional[Precision], PrecisionOpt),
+                _shared("device", Optional[Device], DeviceOpt)]
+RECIPE_PARAMS = [_shared("recipe", Optional[Path], RecipeOpt), _shared("set_", Optional[List[str]], SetOpt),
+                 _shared("force", bool, ForceOpt)]
+
+
 def _debug() -> bool:
     return os.environ.get("VLA_DEBUG", "") not in ("", "0")
 
@@ -164,9 +177,10 @@ def _check_models(refs: list) -> None:
     check_models(refs)
 
 
-def _recipe_value(recipe: Optional[Path], set_: Optional[List[str]], key: str) -> Optional[str]:
-    """A top-level or dotted recipe value as the file and `--set` give it (unvalidated), for the
-    early model check; the stage validates the recipe fully."""
+def _recipe_value(shared: dict, key: str) -> Optional[str]:
+    """A top-level or dotted recipe value as the `--recipe` file and `--set` of a command's shared
+    options give it (unvalidated), for the early model check; the stage validates the recipe fully."""
+    recipe, set_ = shared.get("recipe"), shared.get("set_")
     for item in reversed(set_ or []):
         k, _, v = item.partition("=")
         if k.strip() == key:
@@ -223,15 +237,38 @@ def recipe_overrides(recipe_cls: Any, options: dict) -> dict:
     return keys
 
 
+def stage_command(name: Optional[str] = None, *, training: bool | tuple[str, ...] = False) -> Callable:
+    """Register a stage command: the function's own parameters, then the training flags
+    (`training=True`: all of TRAIN_FLAGS; a tuple: those named), then --recipe, --set and --force.
+    A shared option the function declares itself keeps its own help. The function receives the
+    shared options as keyword arguments (`**shared`) and hands `locals()` to `run_stage`."""
+    flags = TRAIN_FLAGS if training is True else (training or ())
+
+    def register(fn: Callable) -> Callable:
+        own = inspect.signature(fn, eval_str=True).parameters
+        params = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [p for p in [*TRAIN_PARAMS, *RECIPE_PARAMS]
+                   if p.name not in own and (p.name in flags or p in RECIPE_PARAMS)]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)  # what Typer reads
+        return app.command(name)(handles_errors(command))
+    return register
+
+
 def run_stage(kind: str, options: dict, inputs: tuple[str, ...] = ("data",)) -> Any:
     """The one call behind every stage command: `kind`'s typed recipe — the `--recipe` file, then
     `--set`, then the command's own options (`recipe_overrides`) — and its stage's
-    `run(cfg, *inputs, out, force=..., command=...)`. `options` is the command's parameters
-    (`locals()`); `inputs` names those the stage takes before `--out`, passed as given (`--data`
-    stays the string the user typed)."""
+    `run(cfg, *inputs, out, force=..., command=...)`. `options` is the command's `locals()` (its
+    own parameters and the `shared` ones); `inputs` names those the stage takes before `--out`,
+    passed as given (`--data` stays the string the user typed)."""
     from vla.recipes import load_recipe
     from vla.stages import recipe_class, stage_run
 
+    options = {**{k: v for k, v in options.items() if k != "shared"}, **options.get("shared", {})}
     cls = recipe_class(kind)
     given = [f"{key}={value}" for key, value in recipe_overrides(cls, options).items()]
     cfg = load_recipe(cls, options.get("recipe"), list(options.get("set_") or []) + given, kind=kind)
@@ -254,14 +291,11 @@ def _print_done(art) -> None:
 
 
 # --- the embedded world, a CLIP, evaluation, export ------------------------------------------
-@app.command()
-@handles_errors
+@stage_command()
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write (e.g. data/toy)."),
     seed: Optional[int] = typer.Option(None, help="World seed (overrides the recipe)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy."""
     m = run_stage("synth", locals(), inputs=()).manifest
@@ -271,28 +305,19 @@ def synth(
             console.print(f"  {key}: {value}")
 
 
-@app.command()
-@handles_errors
+@stage_command(training=True)
 def pretrain(
     data: str = DataOpt,
     out: Path = OutOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="CLIP to start from (registry name, name:pretrained, or a pretrain artifact)."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """Train or fine-tune a CLIP with InfoNCE on image-text pairs."""
-    _check_models([("--model", model or _recipe_value(recipe, set_, "model"), "clip")])
+    _check_models([("--model", model or _recipe_value(shared, "model"), "clip")])
     _print_done(run_stage("pretrain", locals()))
 
 
-@app.command("eval")
-@handles_errors
+@stage_command("eval")
 def eval_(
     models: List[str] = typer.Argument(..., help="Models to compare: registry names, artifacts or exports."),
     data: str = data_option("A synth artifact or a directory of eval sets (CLIP_benchmark's layout).", required=True),
@@ -301,9 +326,7 @@ def eval_(
     mode: Optional[str] = typer.Option(
         None, help="How tied scores rank: clip_benchmark (default: CLIP_benchmark's own topk), "
                    "pessimistic (ties count against the model) or expected (random tie order)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """Score models on retrieval, long-text, zero-shot, regional and captioning sets; compare them in one table."""
     _check_models([("model", ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()])
@@ -346,26 +369,19 @@ def export(
 
 
 # --- ProCLIP: distill → contrast-tune (--init random: the LLM2CLIP baseline) -----------------
-@app.command()
-@handles_errors
+@stage_command(training=True)
 def distill(
     data: str = DataOpt,
     out: Path = OutOpt,
     teacher: Optional[str] = typer.Option(None, "--teacher", help="CLIP whose text encoder is distilled (clip-vit-l, a pretrain artifact, ...)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder (qwen, minilm, a hub id or path)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Embedder pooling: mean | last | cls | token:<tok>."),
-    steps: Optional[int] = StepsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch of captions, split over the processes (train.batch_size)."),
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """ProCLIP stage 1: distil a CLIP text encoder into an LLM embedder + MLP adapter."""
-    _check_models([("--teacher", teacher or _recipe_value(recipe, set_, "teacher") or "clip-vit-l", "clip"),
-                   ("--embedder", embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen", "embedder")])
+    _check_models([("--teacher", teacher or _recipe_value(shared, "teacher") or "clip-vit-l", "clip"),
+                   ("--embedder", embedder or _recipe_value(shared, "embedder.name") or "qwen", "embedder")])
     art = run_stage("distill", locals())
     _print_done(art)
     if art is not None:  # None on torchrun ranks other than 0: rank 0 reports
@@ -375,26 +391,18 @@ def distill(
                       highlight=False)
 
 
-@app.command("contrast-tune")
-@handles_errors
+@stage_command("contrast-tune", training=True)
 def contrast_tune(
     data: str = DataOpt,
     out: Path = OutOpt,
     init: Optional[str] = typer.Option(None, "--init", help="A distill artifact, or 'random' for the LLM2CLIP baseline."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP whose image tower is tuned (default: the distill's teacher)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder, with --init random."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """ProCLIP stage 2: contrastive tuning with self-distillation (--init random: LLM2CLIP)."""
-    _check_contrast_tune_models(init or _recipe_value(recipe, set_, "init"), clip or _recipe_value(recipe, set_, "clip"),
-                                embedder or _recipe_value(recipe, set_, "embedder.name"))
+    _check_contrast_tune_models(init or _recipe_value(shared, "init"), clip or _recipe_value(shared, "clip"),
+                                embedder or _recipe_value(shared, "embedder.name"))
     _print_done(run_stage("contrast-tune", locals()))
 
 
@@ -406,50 +414,33 @@ def _check_contrast_tune_models(init: Optional[str], clip: Optional[str], embedd
 
 
 # --- MM-GEM: joint-train → stage2-roi ---------------------------------------------------------
-@app.command("joint-train")
-@handles_errors
+@stage_command("joint-train", training=True)
 def joint_train(
     data: str = DataOpt,
     out: Path = OutOpt,
     vision: Optional[str] = typer.Option(None, "--vision", help="Image tower: a pretrain artifact, a registry name (clip-vit-l) or open_clip name."),
     llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory); default: the embedded tiny Llama."),
     objective: Optional[str] = typer.Option(None, "--objective", help="joint | embed | caption (the ablations)."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """MM-GEM stage 1: one causal LM learns to embed ([EMB]) and caption ([CAP]), L = L_emb + L_gen."""
     _print_done(run_stage("joint-train", locals()))
 
 
-@app.command("stage2-roi")
-@handles_errors
+@stage_command("stage2-roi", training=True)
 def stage2_roi(
     data: str = data_option("A synth artifact or shards whose samples carry region boxes and captions "
                             f"({DATA_FORMS}).", required=True),
     out: Path = OutOpt,
     init: Optional[str] = typer.Option(None, "--init", help="The joint-train artifact to start from."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """MM-GEM stage 2: RoIAlign regions; trains only h3 + soft prompts (captions) and h4 (retrieval)."""
     _print_done(run_stage("stage2-roi", locals()))
 
 
 # --- DCLIP: detector → regions → meta-teacher → student ---------------------------------------
-@app.command("train-detector")
-@handles_errors
+@stage_command("train-detector")
 def train_detector(
     data: str = data_option("A synth artifact (its YOLO copy) or an ultralytics data .yaml.", required=True),
     out: Path = OutOpt,
@@ -457,9 +448,7 @@ def train_detector(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (epochs)."),
     batch: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (batch)."),
     device: Optional[str] = typer.Option(None, "--device", help="ultralytics' device: cpu, 0, 0,1 (device; default: it chooses)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """DCLIP: train a YOLO for region proposals with ultralytics' own trainer (mAP in the manifest)."""
     art = run_stage("train-detector", locals())
@@ -467,16 +456,13 @@ def train_detector(
     console.print(f"  val: {art.manifest['metrics']['val']}", highlight=False)
 
 
-@app.command("precompute-regions")
-@handles_errors
+@stage_command("precompute-regions")
 def precompute_regions(
     data: str = DataOpt,
     out: Path = OutOpt,
     detector: Optional[str] = typer.Option(None, "--detector", help="'oracle', a train-detector artifact, or a YOLO .pt on disk."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP whose image encoder embeds the crops (name or pretrain artifact)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """DCLIP: detect regions, encode each crop with the frozen CLIP, store them by sample key."""
     m = run_stage("precompute-regions", locals()).manifest
@@ -487,21 +473,14 @@ def precompute_regions(
                   highlight=False)
 
 
-@app.command("train-teacher")
-@handles_errors
+@stage_command("train-teacher", training=("batch_size", "lr", "precision", "device"))
 def train_teacher(
     regions: Optional[str] = typer.Option(None, "--regions", help="A precompute-regions artifact."),
     out: Path = OutOpt,
     data: Optional[str] = data_option("The data the regions were built from (default: theirs)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP (default: the one the regions were built with)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; a teacher is saved after each (train.steps = epochs × images // batch)."),
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on cached features."""
     art = run_stage("train-teacher", locals())
@@ -511,8 +490,7 @@ def train_teacher(
                       highlight=False)
 
 
-@app.command("train-student")
-@handles_errors
+@stage_command("train-student", training=True)
 def train_student(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A train-teacher artifact."),
     out: Path = OutOpt,
@@ -520,13 +498,7 @@ def train_student(
     data: Optional[str] = data_option("Image-text data (default: the teacher's)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="The CLIP to tune; must be the teacher's (the default)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.steps; a recipe's `epochs` sets them instead)."),
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    device: Optional[Device] = DeviceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """DCLIP: distil the meta-teacher into the CLIP image tower (text tower frozen)."""
     _print_done(run_stage("train-student", locals()))

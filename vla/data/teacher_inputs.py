@@ -26,8 +26,10 @@ def caption_for(seed: int, key: str, captions: Sequence[str]) -> str:
     return random.Random(f"{seed}:{key}").choice(list(captions))
 
 
-def read_captions(path: Path, seed: int, max_skip_fraction: float) -> tuple[list[str], "DrawnCaptions", dict]:
-    """(keys, each key's caption, skip counts) of every valid sample, images not decoded. The
+def read_drawn_captions(path: Path | str, seed: int,
+                        max_skip_fraction: float) -> tuple[list[str], "DrawnCaptions", dict]:
+    """(keys, each key's one caption drawn by `seed`, skip counts) of every valid sample, images
+    not decoded (`vla.data.captions.read_captions` gives every caption column instead). The
     keys are held (training picks rows by key); the captions are a stream, read from the data
     again on each pass (see `DrawnCaptions`), so the texts are never all in memory."""
     from vla.data.skips import SkipCounter
@@ -43,7 +45,7 @@ def read_captions(path: Path, seed: int, max_skip_fraction: float) -> tuple[list
 @dataclass(frozen=True)
 class DrawnCaptions:
     """Each sample's caption (`caption_for`), in data order, re-read from the data each time it is
-    iterated; it checks the keys are still those `read_captions` found."""
+    iterated; it checks the keys are still those `read_drawn_captions` found."""
 
     source: object              # vla.data.stream.DataSource
     seed: int

@@ -118,8 +118,9 @@ def freeze_unused(model, objective: str) -> None:
         module.requires_grad_(False)
 
 
-def lr_groups(model, objective: str) -> dict[str, list]:
-    """The trained parameters by learning-rate group: projections (h1–h3, τ), vision, lm."""
+def parameter_groups(model, objective: str) -> dict[str, list]:
+    """The trained parameters by learning-rate group: projections (h1–h3, τ), vision, lm
+    (`learning_rate_groups` makes the optimizer's groups of them)."""
     groups = model.trainable_parameters("joint")
     freeze_unused(model, objective)
     in_lm = {id(p) for p in model.lm.parameters()}
@@ -164,7 +165,7 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     lm_record = ({"name": cfg.llm} if cfg.llm else
                  {"name": "embedded tiny Llama", "size": asdict(cfg.tiny_lm), "vocab": len(model.tokenizer),
                   "tokenizer_trained_on": len(captions)})
-    groups = lr_groups(model, cfg.objective)
+    groups = parameter_groups(model, cfg.objective)
     scales = {"projections": 1.0, "vision": cfg.backbone_lr_scale,
               "lm": cfg.backbone_lr_scale if cfg.lm_lr_scale is None else cfg.lm_lr_scale}
     model.train()

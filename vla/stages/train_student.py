@@ -117,7 +117,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool 
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
     from vla.data.teacher_inputs import (cached_text_states, check_keys, check_same_clip, data_of, open_regions,
-                                         read_captions, teacher_inputs)
+                                         read_drawn_captions, teacher_inputs)
     from vla.distributed import init_distributed
     from vla.losses import dclip_student_loss
     from vla.models.clip import save_clip
@@ -138,7 +138,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool 
     variant = cfg.vision_variant()
     apply_variant(clip.model.visual, variant)  # a tower that cannot take it is refused here, before any compute
     td = training_data(data or data_of(teacher_art), split=regions_art.recipe.get("split", "train"))
-    keys, texts, _ = read_captions(td.path, cfg.train.seed, cfg.data.max_skip_fraction)
+    keys, texts, _ = read_drawn_captions(td.path, cfg.train.seed, cfg.data.max_skip_fraction)
     check_keys(store, keys, td.path, regions_art.path)
     steps_per_epoch = len(keys) // cfg.train.batch_size
     if steps_per_epoch < 1:

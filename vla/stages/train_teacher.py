@@ -61,7 +61,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
     from vla.data.rows import row_batches
     from vla.data.stream import resolve_data
     from vla.data.teacher_inputs import (cached_text_states, check_keys, check_same_clip, data_of, open_regions,
-                                         read_captions, teacher_inputs)
+                                         read_drawn_captions, teacher_inputs)
     from vla.distributed import init_distributed
     from vla.losses import dclip_teacher_loss
     from vla.models.dclip import MetaTeacher, TeacherConfig, load_dclip_clip, save_teacher
@@ -77,7 +77,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
     td = training_data(data or data_of(regions_art), split=regions_art.recipe.get("split", "train"))
     if cfg.top_k is not None and cfg.top_k > store.top_k:
         raise UserError(f"top_k {cfg.top_k} exceeds the {store.top_k} regions per image {regions_art.path} keeps")
-    keys, texts, skip_counts = read_captions(td.path, cfg.train.seed, cfg.max_skip_fraction)
+    keys, texts, skip_counts = read_drawn_captions(td.path, cfg.train.seed, cfg.max_skip_fraction)
     check_keys(store, keys, td.path, regions_art.path)
     steps_per_epoch = len(keys) // cfg.train.batch_size
     if steps_per_epoch < 1:
