@@ -1,5 +1,10 @@
 """The `vla` command line: each command parses its options, resolves its recipe and calls one stage.
 
+A stage command is its own options under `@stage_command` (which adds the shared ones: the
+training flags on a command that trains, then --recipe, --set and --force) and one call,
+`run_stage(kind, locals())`, which turns the options into recipe overrides (`recipe_overrides`)
+and runs the stage. A new stage adds its recipe class to `vla.stages.RECIPES` and a command here.
+
 Heavy imports (torch, open_clip, transformers) happen inside the commands, so `vla --help` is fast.
 Errors: a `UserError` prints one red line and exits 2, a `StageError` exits 1, anything else is
 a bug and shows its traceback only with `--debug` (or VLA_DEBUG=1); `--debug` never changes the
