@@ -54,7 +54,7 @@ class ContrastTuneRecipe:
     # that `--init random` alone is the LLM2CLIP baseline
     reg_weight: Optional[float] = None
     ema_momentum: float = 1.0               # teacher image encoder: 1.0 = frozen copy, <1 = EMA
-    long_caption_prob: float = 0.5          # share of samples that train on their long caption
+    long_caption_prob: float = 0.5          # chance, drawn each epoch per sample, of its long caption
     local_loss: bool = True
     gather_with_grad: bool = True
     data: DataConfig = field(default_factory=DataConfig)

@@ -69,7 +69,7 @@ class JointTrainRecipe:
     backbone_lr_scale: float = 0.1          # ViT and LM lr = this × train.lr (paper: 5e-5 / 5e-4)
     lm_lr_scale: Optional[float] = None     # the LM's own scale; null = backbone_lr_scale (the paper).
                                             # The embedded LM starts from random weights, not TinyLlama's
-    long_caption_prob: float = 0.0          # share of samples (fixed by key) that train on their long caption
+    long_caption_prob: float = 0.0          # chance, drawn once per sample key (the same every epoch), of its long caption
     local_loss: bool = True
     gather_with_grad: bool = True
     data: DataConfig = field(default_factory=DataConfig)
