@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_retrieval_quick(tmp_path):
     env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path)}  # leave the repo's bench/ alone
@@ -75,6 +77,7 @@ def test_bench_joint_step_quick(tmp_path):
     assert abs(figure["ratio"] - figure["vla"] / figure["baseline"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_bench_loader_quick(tmp_path):
     """Part h: the loader reads every image of both worlds in all three ways, and its JSON holds
     the two figures (draft vs full decode, 256 px draft vs a 64 px source) with positive rates."""
