@@ -217,7 +217,8 @@ def stream_shard(url: str) -> list[StreamedRecord]:
 
 
 def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
-                       max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Sample]:
+                       max_image_pixels: int = MAX_IMAGE_PIXELS,
+                       draft_size: int | None = None) -> Iterator[Sample]:
     """The valid samples of one shard, in order; corrupt ones are counted in `skips`.
 
     The whole shard's headers are read first, so a truncated shard fails before any sample."""
@@ -225,7 +226,8 @@ def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
     with open(shard, "rb") as f:
         for record in records:
             sample = sample_from_members(record.key, record.read(f), skips, decode=decode,
-                                         max_image_pixels=max_image_pixels, where=record.where)
+                                         max_image_pixels=max_image_pixels, where=record.where,
+                                         draft_size=draft_size)
             if sample is not None:
                 yield sample
 
