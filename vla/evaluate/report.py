@@ -33,7 +33,7 @@ KEY_METRICS = (
     ("acc1", [("acc1", "acc1"), ("mean_per_class_recall", "mPCR")]),
     ("cider_d", [("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D")]),
     ("grounding_acc1", [("grounding_acc1", "acc@1")]),
-    ("probe_region_acc", [("probe_region_acc", "probe region"), ("probe_global_acc", "probe global")]),
+    ("probe_region_acc", [("probe_region_acc", "region"), ("probe_global_acc", "global")]),
 )
 COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length", "image_retrieval_ties",
               "text_retrieval_ties", "ties", "n_regions", "n_captioned", "n_fit"}
