@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_retrieval_quick(tmp_path):
     env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path)}  # leave the repo's bench/ alone
@@ -73,3 +75,18 @@ def test_bench_joint_step_quick(tmp_path):
     assert figure["vla"] == max(details["shared_samples_per_s"]) > 0
     assert figure["baseline"] == max(details["separate_samples_per_s"]) > 0
     assert abs(figure["ratio"] - figure["vla"] / figure["baseline"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_bench_loader_quick(tmp_path):
+    """Part h: the loader reads every image of both worlds in all three ways, and its JSON holds
+    the two figures (draft vs full decode, 256 px draft vs a 64 px source) with positive rates."""
+    env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "vla.bench", "--only", "h", "--quick"], env=env, check=True,
+                   capture_output=True)
+    part = json.loads((tmp_path / "results.json").read_text())["parts"]["h"]
+    details = part["details"]
+    assert details["images_seen"] == {"draft": 128, "full": 128, "stored64": 128}
+    assert {f["what"] for f in part["figures"]} == {"loader, draft vs full decode",
+                                                    "loader, 256 px draft vs 64 px source"}
+    assert all(f["vla"] > 0 and f["baseline"] > 0 for f in part["figures"])

@@ -82,6 +82,12 @@ def test_synth_then_inspect_then_verify(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["kind"] == "synth" and m["counts"] and "long_text_prefix_ambiguous_fraction" in m["metrics"]
+    # the world's knobs and what they give: stored size, fill patterns, the small objects' pixels
+    assert {k: m["recipe"][k] for k in ("image_size", "pattern_period", "pattern_contrast", "probe_train")} == \
+        {"image_size": 256, "pattern_period": 3.0, "pattern_contrast": 70, "probe_train": 2000}
+    assert m["metrics"]["small_box_min_px"] >= 24
+    assert {"regional", "grounding", "probe"} <= set(m["counts"]["eval"])
+    assert "pattern_period" in runner.invoke(app, ["synth", "--help"]).output
     r = runner.invoke(app, ["inspect", str(out), "--verify"])
     assert r.exit_code == 0, r.output
     assert "kind=synth" in r.output and "outputs match their sha256" in r.output

@@ -302,7 +302,13 @@ def synth(
     seed: Optional[int] = typer.Option(None, help="World seed (overrides the recipe)."),
     **shared: Any,
 ) -> None:
-    """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy."""
+    """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy.
+
+    Recipe knobs (recipes/synth.yaml explains each; docs/world.md), beside the
+    sizes n_train, n_val, n_test: image_size (stored px; 256 = 4x the CLIP's 64,
+    so a small object's crop keeps >= 24 px), pattern_period and pattern_contrast
+    (fill patterns that the 64 px view loses and a crop keeps), probe_train (the
+    probe's train images). The manifest records every knob."""
     m = run_stage("synth", locals(), inputs=()).manifest
     console.print(f"[green]✓[/] synth → {out}  ({m['timings']['wall_s']:.1f} s)")
     for section in ("counts", "metrics"):

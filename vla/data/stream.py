@@ -199,13 +199,15 @@ class SampleStream(IterableDataset):
     def __init__(self, source: DataSource, transform: Callable[[Sample], dict] | None = None, *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 0,
                  epoch: int = 0, start_index: int = 0, repeat: bool = False,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, chunk_size: int = 0):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, chunk_size: int = 0,
+                 draft_size: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.source, self.transform = source, transform
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.epoch, self.start_index, self.repeat = shuffle_buffer, epoch, start_index, repeat
         self.max_image_pixels, self.chunk_size = max_image_pixels, chunk_size
+        self.draft_size = draft_size
 
     def rank_records(self, epoch: int) -> Iterator[Record]:
         """This rank's records in epoch `epoch`'s order (handles only: nothing is decoded)."""
@@ -272,7 +274,8 @@ class SampleStream(IterableDataset):
 
     def _item(self, record: Record, epoch: int, pos: int) -> dict:
         skips = SkipCounter()
-        sample = self.source.load(record, skips, max_image_pixels=self.max_image_pixels)
+        sample = self.source.load(record, skips, max_image_pixels=self.max_image_pixels,
+                                  draft_size=self.draft_size)
         if sample is None:
             item = {}
         elif self.transform is None:
@@ -373,7 +376,7 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
                 num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_batch: int = 0, repeat: bool = False, drop_last: bool = True,
                 shuffle_buffer: int = 0, epoch: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                chunk_size: int | None = None) -> Iterator[tuple[dict, dict]]:
+                chunk_size: int | None = None, draft_size: int | None = None) -> Iterator[tuple[dict, dict]]:
     """`(batch, skip_counts)` pairs of this rank: epoch `epoch` (or, with `repeat`, epochs
     `epoch`, `epoch+1`, ... forever) from batch `start_batch` on. The batches do not depend on
     `num_workers`; `start_batch=k` gives exactly what the uninterrupted loader gives from batch k
@@ -381,14 +384,16 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
     tail dropped by `drop_last` is not reported): the later epochs hold the same records again, so
     over a whole run each record is counted once. Raises StageError when a whole epoch has no usable sample.
     `chunk_size`: records a worker hands over at once (default `batch_size`: a chunk with no
-    skipped record then is a batch as it is); it changes only speed, never a batch."""
+    skipped record then is a batch as it is); it changes only speed, never a batch.
+    `draft_size`: decode JPEGs at a reduced size of at least this many pixels a side (see
+    `shards.sample_from_parts`): for a transform that resizes to that size anyway."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
     chunk_size = chunk_size or batch_size
     kw = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
-              max_image_pixels=max_image_pixels, chunk_size=chunk_size)
+              max_image_pixels=max_image_pixels, chunk_size=chunk_size, draft_size=draft_size)
     return _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw)
 
 

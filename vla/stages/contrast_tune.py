@@ -34,7 +34,7 @@ from vla.errors import UserError
 from vla.data.captions import Captions, Rows, read_captions, text_windows
 from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity
-from vla.stages.common import (DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs,
+from vla.stages.common import (DataConfig, EvalConfig, draft_size, evaluate_into, image_text_batches, train_on_pairs,
                                training_data)
 from vla.train import TrainConfig
 
@@ -178,7 +178,8 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         drawn = draw_caption(sample, cfg.long_caption_prob)  # first: see draw_caption
         return {"image": image_transform(sample.image), "key": sample.key, "caption_index": drawn}
 
-    image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
+    image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path),
+                                       draft_size=draft_size(clip, cfg.data))
 
     def batches(start_step: int):
         for batch in image_batches(start_step):

@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
-from vla.stages.common import DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
+from vla.stages.common import (DataConfig, EvalConfig, draft_size, evaluate_into, image_text_batches, train_on_pairs,
+                               training_data)
 from vla.train import TrainConfig
 
 KIND = "pretrain"
@@ -93,7 +94,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     skips = SkipCounter()
 
     batches = image_text_batches(source, clip_batch_transform(clip, cfg.data.train_preprocess), cfg.train, cfg.data,
-                                 dist, skips, str(td.path))
+                                 dist, skips, str(td.path), draft_size=draft_size(clip, cfg.data))
 
     def step(m, batch):
         img, txt, scale = clip_features(m, batch)
