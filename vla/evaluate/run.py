@@ -42,8 +42,15 @@ class CaptionConfig:
     #: items; None = all. Retrieval always uses the whole set.
     max_images: int | None = None
     max_regions: int | None = None
+    #: BLEU-4 / CIDEr-D tokenisation (`vla.evaluate.captioning`): auto = pycocoevalcap's Java
+    #: PTBTokenizer when java is there, else the pure-Python one; java insists; python never runs java
+    tokenizer: str = "auto"
 
     def __post_init__(self) -> None:
+        from vla.evaluate.captioning import TOKENIZERS
+
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.tokenizer!r}")
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -180,7 +187,8 @@ def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
         chosen, generated = image_captions(model, es, caption or CaptionConfig())
         if written is not None:
             written[es.name] = captions_written(es, chosen, generated)
-        return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+        tokenizer = (caption or CaptionConfig()).tokenizer
+        return {**captioning_metrics(generated, [es.captions[i] for i in chosen], tokenizer),
                 "n_images": len(es.images), "n_captioned": len(chosen)}
     raise ValueError(f"unknown task {es.task!r}")
 
@@ -191,7 +199,7 @@ def evaluate_region_captioning(model: Captioner, es: EvalSet, caption: CaptionCo
     chosen, generated = region_captions(model, es, caption)
     if written is not None:
         written[region_captioning_name(es.name)] = captions_written(es, chosen, generated)
-    return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+    return {**captioning_metrics(generated, [es.captions[i] for i in chosen], caption.tokenizer),
             "n_regions": len(es.images), "n_captioned": len(chosen)}
 
 
