@@ -267,6 +267,10 @@ $(STAMP): pyproject.toml
 	# CLIP_benchmark for the test that checks `vla eval` against it: --no-deps, as everything
 	# its metrics import is here already except pycocoevalcap (pure Python for Bleu/Cider)
 	$(BIN)/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
+	# java runs pycocoevalcap's PTBTokenizer, which `vla eval` tokenises captions with (without it:
+	# the pure-Python tokenizer, see docs/mmgem.md)
+	command -v java >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq default-jre-headless; } \
+	  || echo "warning: java could not be installed; captioning metrics use the pure-Python PTB tokenizer"
 	touch $@
 
 test: $(STAMP)
