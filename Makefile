@@ -209,8 +209,13 @@ ifeq ($(origin VISION),undefined)
 VISION := $(RUNS)/clip
 VISION_DEP := $(RUNS)/clip/manifest.json
 endif
-# with no LLM, the recipe's LM (the embedded tiny Llama, or recipes/mmgem's tinyllama)
-LLM ?=
+# with no LLM, the embedded tiny Llama pre-trained as a causal LM on the world's captions
+# (`vla pretrain-lm`, built once and shared by the joint, embed-only and caption-only arms), as the
+# paper starts from TinyLlama; LLM=tinyllama (or a directory, hub id) starts from that LM instead
+ifeq ($(origin LLM)$(wildcard $(MMGEM_RECIPES)/pretrain-lm.yaml),undefined$(MMGEM_RECIPES)/pretrain-lm.yaml)
+LLM := $(MMGEM_RUNS)/lm
+LLM_DEP := $(MMGEM_RUNS)/lm/manifest.json
+endif
 LLM_FLAG := $(if $(LLM),--llm $(LLM),)
 MMGEM_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/stage2 $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only
 
@@ -219,20 +224,24 @@ mmgem: $(MMGEM_EXPORT)/manifest.json
 	@$(VLA) inspect $(MMGEM_RUNS)/eval >/dev/null
 	@echo; echo "MM-GEM curriculum ($(MMGEM_RUNS)) — evaluation:"; cat $(MMGEM_RUNS)/eval/results.md
 
-$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
+$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/joint \
 	  --recipe $(MMGEM_RECIPES)/joint-train.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_RUNS)/lm/manifest.json: $(DATA_DEP) $(MMGEM_RECIPES)/pretrain-lm.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) pretrain-lm --data '$(DATA)' --out $(MMGEM_RUNS)/lm --recipe $(MMGEM_RECIPES)/pretrain-lm.yaml \
+	  --force $(VLA_FLAGS)
 
 $(MMGEM_RUNS)/stage2/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) stage2-roi --data '$(DATA)' --init $(MMGEM_RUNS)/joint --out $(MMGEM_RUNS)/stage2 \
 	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --force $(VLA_FLAGS)
 
 # the ablation arms: stage 1 with one term, at stage 1's budget (their recipes differ only in objective)
-$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
+$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/embed-only \
 	  --recipe $(MMGEM_RECIPES)/joint-train-embed.yaml --force $(VLA_FLAGS)
 
-$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
+$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/caption-only \
 	  --recipe $(MMGEM_RECIPES)/joint-train-caption.yaml --force $(VLA_FLAGS)
 

@@ -354,13 +354,32 @@ def contrast_tune(
     _print_done(art)
 
 
+@app.command("pretrain-lm")
+@handles_errors
+def pretrain_lm(
+    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards whose captions the LM learns."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    recipe: Optional[Path] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """MM-GEM's embedded LM: a tiny Llama + BPE trained as a causal LM on the captions (held-out perplexity)."""
+    from vla.stages.pretrain_lm import PretrainLMRecipe, run
+
+    cfg = _load_recipe(PretrainLMRecipe, "pretrain-lm", recipe, set_, {})
+    art = run(cfg, data, out, force=force, command=_command())
+    _print_done(art)
+    console.print(f"  held-out perplexity {art.manifest['metrics']['val_perplexity']:.2f} "
+                  f"(untrained: {art.manifest['metrics']['val_perplexity_at_init']:.2f})", highlight=False)
+
+
 @app.command("joint-train")
 @handles_errors
 def joint_train(
     data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards of image-text pairs."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
     vision: Optional[str] = typer.Option(None, "--vision", help="Image tower: a pretrain artifact, a registry name (clip-vit-l) or open_clip name."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory); default: the embedded tiny Llama."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory, a pretrain-lm artifact); default: the embedded tiny Llama."),
     objective: Optional[str] = typer.Option(None, "--objective", help="joint | embed | caption (the ablations)."),
     recipe: Optional[Path] = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,

@@ -43,6 +43,8 @@ from vla.train import TrainConfig
 KIND = "joint-train"
 #: artifacts whose CLIP image tower `--vision` may start from (their `model/` is open_clip's layout)
 VISION_KINDS = ("pretrain", "contrast-tune")
+#: artifacts whose LM `--llm` may start from (their `model/` is transformers' layout)
+LLM_KINDS = ("pretrain-lm",)
 
 
 #: what the manifest says, plainly, about the LM forward of a training step (`mmgem.lm_forward`)
@@ -62,7 +64,8 @@ def _paper_train() -> TrainConfig:
 @dataclass
 class JointTrainRecipe:
     vision: str = "vla-tiny-clip"           # open_clip image tower: registry name, name:pretrained, or a pretrain artifact
-    llm: Optional[str] = None               # causal LM (tinyllama, hub id, directory); null = the embedded tiny Llama
+    llm: Optional[str] = None               # causal LM (tinyllama, hub id, directory, a pretrain-lm artifact);
+                                            # null = the embedded tiny Llama at random init
     tiny_lm: TinyLlamaSize = field(default_factory=TinyLlamaSize)  # the embedded LM's size (llm: null only)
     model: MMGEMConfig = field(default_factory=MMGEMConfig)
     objective: Literal["joint", "embed", "caption"] = "joint"
@@ -84,6 +87,14 @@ class JointTrainRecipe:
                 raise UserError(f"{name} must be in (0, 1], not {scale}")
         if not 0.0 <= self.long_caption_prob <= 1.0:
             raise UserError(f"long_caption_prob must be between 0 and 1, not {self.long_caption_prob}")
+
+
+def llm_source(ref: str | None) -> tuple[str | None, dict[str, Artifact]]:
+    """`--llm` as a `load_causal_lm` name: a `pretrain-lm` artifact's `model/` directory, else the name."""
+    if ref is not None and (Path(ref) / "manifest.json").exists():
+        art = open_artifact(ref, LLM_KINDS, role="--llm")
+        return str(art.path / "model"), {"llm": art}
+    return ref, {}
 
 
 def vision_source(ref: str) -> tuple[str, dict[str, Artifact]]:
@@ -154,14 +165,18 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     claim_out(out, force=force, inputs={"data": data, "vision": cfg.vision, "llm": cfg.llm})
     td = training_data(data)
     vision, inputs = vision_source(cfg.vision)
+    llm, llm_inputs = llm_source(cfg.llm)
+    inputs.update(llm_inputs)
     dist = init_distributed()
     source = resolve_data(td.path)
 
     # models: the embedded default trains its tokenizer on the captions first
     torch.manual_seed(cfg.train.seed)  # a random-init tower (a registry name) is part of the recipe
     captions = tokenizer_captions(td.path, cfg.data.max_skip_fraction) if cfg.llm is None else ()
-    model = build_mmgem(vision, cfg.llm, captions, cfg.model, seed=cfg.train.seed, lm_size=cfg.tiny_lm)
-    lm_record = ({"name": cfg.llm} if cfg.llm else
+    model = build_mmgem(vision, llm, captions, cfg.model, seed=cfg.train.seed, lm_size=cfg.tiny_lm)
+    lm_record = ({"name": cfg.llm, **({"pretrain_lm": {k: llm_inputs["llm"].manifest["metrics"][k]
+                                                       for k in ("val_perplexity", "val_perplexity_at_init")}}
+                                      if llm_inputs else {})} if cfg.llm else
                  {"name": "embedded tiny Llama", "size": asdict(cfg.tiny_lm), "vocab": len(model.tokenizer),
                   "tokenizer_trained_on": len(captions)})
     groups = lr_groups(model, cfg.objective)
