@@ -149,6 +149,50 @@ def test_boxes_map_into_the_resized_and_centre_cropped_input() -> None:
     assert boxes_to_input_frame(box, (128, 64), 32, "squash").tolist() == [[10.0, 4.0, 22.0, 20.0]]
 
 
+def test_the_resized_side_is_truncated_as_torchvisions_resize_computes_it() -> None:
+    """640×480 at 224: torchvision's Resize(224) makes 298×224 (int, not round's 299), and the box
+    map uses that size; checked against the resize open_clip's preprocessing really runs."""
+    from PIL import Image
+    from open_clip.transform import image_transform
+
+    from vla.models.pool_aggregator import resized_size
+
+    for mode in ("shortest", "longest", "squash"):
+        resize = image_transform(224, is_train=False, resize_mode=mode).transforms[0]
+        for size in [(640, 480), (480, 640), (333, 101), (50, 77)]:
+            assert resized_size(size, 224, mode) == resize(Image.new("RGB", size)).size
+    assert resized_size((640, 480), 224) == (298, 224)
+    box = torch.tensor([[0.0, 0.0, 640.0, 480.0]])
+    assert boxes_to_input_frame(box, (640, 480), 224).tolist() == [[0.0, 0.0, 224.0, 224.0]]
+
+
+def test_a_box_in_image_pixels_of_a_640x480_image_embeds_the_region_computed_by_hand(model: MMGEM) -> None:
+    """encode_regions takes boxes in each image's own pixels: on a 640×480 image the result is
+    h4(h1(RoIAlign)) of the box mapped by hand through the tower's resize (short side 480 → 32,
+    long side int(32·640/480) = 42) and centre crop (round((42 − 32)/2) = 5 px off the left)."""
+    from PIL import Image
+    from torchvision.ops import roi_align
+
+    rng = torch.Generator().manual_seed(3)
+    image = Image.fromarray((torch.rand(480, 640, 3, generator=rng) * 255).byte().numpy())
+    box = [320.0, 120.0, 560.0, 400.0]
+    scale_x, scale_y, left = 42 / 640, 32 / 480, 5.0
+    by_hand = torch.tensor([[box[0] * scale_x - left, box[1] * scale_y, box[2] * scale_x - left, box[3] * scale_y]])
+    with torch.no_grad():
+        fmap = model.tower(model.preprocess(image)[None])
+        pooled = roi_align(fmap, [by_hand], output_size=model.config.roi_output_size, spatial_scale=1 / 8,
+                           sampling_ratio=model.config.roi_sampling_ratio, aligned=True).mean(dim=(2, 3))
+        expected = F.normalize(model.h4(model.h1(pooled)), dim=-1)
+    got = model.encode_regions([image], [[box]])
+    assert torch.allclose(got, expected, atol=1e-6)
+    # the tower's input frame only when asked for, and a box outside its image refused with the size
+    assert torch.allclose(model.encode_regions([image], [by_hand], box_frame="input"), expected, atol=1e-6)
+    with pytest.raises(UserError, match=r"image 0: region box .* outside the 640×480 image"):
+        model.encode_regions([image], [[[0.0, 0.0, 700.0, 10.0]]])
+    with pytest.raises(UserError, match="box_frame='input'"):
+        model.caption(model.preprocess(image)[None], [[box]])
+
+
 # --- tokens and the embedding table ----------------------------------------------------------------
 
 

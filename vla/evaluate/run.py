@@ -63,14 +63,16 @@ class CaptionConfig:
 class Captioner(Protocol):
     def caption(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor] | None = None,
                 **decoding: Any) -> list[str]:
-        """One caption per image, or per box (`boxes[b]`: image b's boxes in the model's input
-        pixels, see `RegionEncoder.input_boxes`); `decoding`: max_new_tokens, num_beams."""
+        """One caption per image, or per box (`boxes[b]`: image b's boxes in its own pixels, mapped
+        inside as `RegionEncoder.input_boxes` maps them); `decoding`: max_new_tokens, num_beams."""
 
 
 @runtime_checkable
 class RegionEncoder(Protocol):
-    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (model input pixels)."""
+    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor], *,
+                       keys: Sequence[str] | None = None) -> torch.Tensor:
+        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (image b's own pixels,
+        mapped inside through `input_boxes`; a bad box is refused naming `keys[b]`)."""
 
     def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
                     keys: Sequence[str] | None = None) -> list[torch.Tensor]:
@@ -119,8 +121,8 @@ def region_embeddings(model: DualEncoder, es: EvalSet, batch_size: int) -> torch
     out = []
     for batch in _region_batches(es, range(len(es.images)), batch_size):
         images = [src.load() for src in batch]
-        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
-        out.append(model.encode_regions(images, boxes).float())
+        out.append(model.encode_regions(images, [src.boxes for src in batch],
+                                        keys=[src.image.key for src in batch]).float())
     return F.normalize(torch.cat(out), dim=-1)
 
 
@@ -158,8 +160,8 @@ def region_captions(model: Captioner, es: EvalSet, cfg: CaptionConfig) -> tuple[
     captions = []
     for batch in _region_batches(es, chosen, cfg.batch_size):
         images = [src.load() for src in batch]
-        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
-        captions += model.caption(images, boxes, **_decoding(cfg))
+        captions += model.caption(images, [src.boxes for src in batch], keys=[src.image.key for src in batch],
+                                  **_decoding(cfg))
     return chosen, captions
 
 

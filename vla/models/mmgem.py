@@ -42,7 +42,7 @@ from vla.errors import UserError
 from vla.losses import LogitScale
 from vla.models.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
                                   soft_prompt_tokens)
-from vla.models.pool_aggregator import RoIPool, mean_pool
+from vla.models.pool_aggregator import RoIPool, check_boxes, mean_pool
 from vla.models.weights import load_state_dict, save_state_dict
 
 IGNORE_INDEX = -100
@@ -385,10 +385,16 @@ class MMGEM(nn.Module):
         return [_until_eos(row, self.eos_id) for row in out.tolist()]
 
     def caption(
-        self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Tensor] | None = None, **kwargs: Any
+        self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Any] | None = None, *,
+        box_frame: str = "image", keys: Sequence[str] | None = None, **kwargs: Any
     ) -> list[str]:
-        """Captions of images, or of their regions (``boxes[b]`` in the tower's input pixels)."""
+        """Captions of images, or of their regions: ``boxes[b]`` (K_b, 4) as x1, y1, x2, y2 in image
+        b's own pixels (``box_frame="image"``), mapped through the tower's resize and crop
+        (`input_boxes`); ``box_frame="input"`` takes them in the tower's input pixels as they are
+        (the only frame for pixel tensors). ``kwargs``: `generate_ids`' decoding options."""
         pixels = images if isinstance(images, Tensor) else self.pixels(images)
+        if boxes is not None:
+            boxes = self.frame_boxes(images, boxes, box_frame, keys)
         ids = self.generate_ids(pixels, boxes, **kwargs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -421,27 +427,60 @@ class MMGEM(nn.Module):
             out = [self.text_embedding(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return F.normalize(torch.cat(out), dim=-1).float().cpu() if out else torch.empty(0, self.embed_dim)
 
-    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[Tensor]) -> Tensor:
-        """(ΣK_b, D) normalised region embeddings: h4(h1(RoIAlign)) over the full image, not a crop."""
+    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[Any], *, box_frame: str = "image",
+                       keys: Sequence[str] | None = None) -> Tensor:
+        """(ΣK_b, D) normalised region embeddings h4(h1(RoIAlign)) over the full image, not a crop.
+        ``boxes[b]`` (K_b, 4) are x1, y1, x2, y2 in image b's own pixels (``box_frame="image"``, what
+        COCO and a detector give), mapped through the tower's resize and crop (`input_boxes`); or
+        in the tower's input pixels with ``box_frame="input"``."""
+        mapped = self.frame_boxes(images, boxes, box_frame, keys)
         with _inference(self):
-            out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in boxes])
+            out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in mapped])
         return F.normalize(out, dim=-1).float().cpu()
 
-    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
+    def frame_boxes(self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Any], box_frame: str,
                     keys: Sequence[str] | None = None) -> list[Tensor]:
-        """Boxes given in each PIL image's own pixels → the tower's input pixels, which
-        `encode_regions` and `caption` take: through the same resize and centre crop as
-        `preprocess` (`boxes_to_input_frame`). A box that is empty, not finite, outside its image
-        or cropped away is refused, naming ``keys[b]`` (the sample) when given."""
-        from vla.models.pool_aggregator import boxes_to_input_frame, check_boxes
+        """Boxes in the tower's input pixels from ``box_frame``'s: ``image`` (each image's own
+        pixels, `input_boxes`) or ``input`` (checked against the input size, used as they are)."""
+        if box_frame == "image":
+            if isinstance(images, Tensor):
+                raise UserError("boxes in image pixels need the images (PIL), not pixel tensors; pass the "
+                                "images, or boxes in the tower's input pixels with box_frame='input'")
+            return self.input_boxes(images, boxes, keys)
+        if box_frame != "input":
+            raise UserError(f"box_frame {box_frame!r} is not one of image, input")
+        size = self.input_size
+        out = []
+        for b, image_boxes in enumerate(boxes):
+            t = torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+            check_boxes(t, size, size, f"{keys[b] if keys is not None else f'image {b}'} "
+                                       f"(box_frame='input': the tower's {size}×{size} input)")
+            out.append(t)
+        return out
 
+    @property
+    def input_size(self) -> int:
+        """The side of the tower's square input, as its preprocessing makes it."""
         spec = (self.vision_spec or {}).get("preprocess_cfg", {})
         size = spec.get("size", self.tower.image_size)
-        size = size if isinstance(size, int) else size[0]
+        return size if isinstance(size, int) else size[0]
+
+    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Any],
+                    keys: Sequence[str] | None = None) -> list[Tensor]:
+        """Boxes given in each PIL image's own pixels → the tower's input pixels: through the same
+        resize and centre crop as `preprocess` (`boxes_to_input_frame`, the resized side truncated
+        as torchvision truncates it). A box that is empty, not finite, outside its image or
+        cropped away is refused, naming ``keys[b]`` (the sample) when given."""
+        from vla.models.pool_aggregator import boxes_to_input_frame
+
+        spec = (self.vision_spec or {}).get("preprocess_cfg", {})
+        size = self.input_size
+        if len(images) != len(boxes):
+            raise UserError(f"{len(images)} images but {len(boxes)} box lists; pass one (K, 4) list per image")
         out = []
-        for b, (image, image_boxes) in enumerate(zip(images, boxes, strict=True)):
+        for b, (image, image_boxes) in enumerate(zip(images, boxes)):
             key = keys[b] if keys is not None else f"image {b}"
-            t = torch.tensor([list(map(float, box)) for box in image_boxes], dtype=torch.float32).reshape(-1, 4)
+            t = torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
             check_boxes(t, image.width, image.height, key)
             mapped = boxes_to_input_frame(t, image.size, size, spec.get("resize_mode", "shortest"))
             check_boxes(mapped, size, size, f"{key} (in the tower's {size}×{size} input)")
