@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vla.errors import UserError
 from vla.losses import caption_loss, mmgem_objective_loss
-from vla.models.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens
+from vla.models.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens, lm_checkpointing
 from vla.models.clip import load_clip
 from vla.models.mmgem import (
     IGNORE_INDEX,
@@ -402,3 +402,50 @@ def test_a_tokenizer_without_the_recorded_tokens_is_refused(tmp_path) -> None:
     assert "[EMB]" not in AutoTokenizer.from_pretrained(tmp_path / "m" / "lm").get_vocab()
     with pytest.raises(UserError, match=r"lacks \[EMB\], \[CAP\]"):
         load_mmgem(tmp_path / "m")
+
+
+# --- gradient checkpointing ------------------------------------------------------------------------
+
+
+def _loss_and_grads(trainer, pixels, captions):
+    trainer.zero_grad(set_to_none=True)
+    loss = trainer(pixels, captions)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_of_tower_and_lm_gives_the_same_loss_and_gradients() -> None:
+    """train.grad_checkpointing on MMGEMTrainer (open_clip's switch on the tower, transformers'
+    gradient_checkpointing_enable on the LM): the joint loss and every gradient are unchanged,
+    and the LM's layers really do checkpoint."""
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer
+
+    model = _model()
+    model.trainable_parameters("joint")
+    trainer = MMGEMTrainer(model, "joint", ClipLoss()).train()
+    pixels, captions = _pixels(4), CAPTIONS
+    loss, grads = _loss_and_grads(trainer, pixels, captions)
+    trainer.set_grad_checkpointing(True)
+    assert model.tower.visual.transformer.grad_checkpointing and lm_checkpointing(model.lm)
+    loss_ckpt, grads_ckpt = _loss_and_grads(trainer, pixels, captions)
+    assert torch.allclose(loss, loss_ckpt, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 10
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_the_training_loop_accepts_grad_checkpointing_for_mmgem(tmp_path) -> None:
+    """train.grad_checkpointing=true is honoured for MMGEMTrainer (the loop refuses models that
+    cannot checkpoint): a step runs and the switch is on."""
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.train import TrainConfig, train
+
+    model = _model()
+    model.trainable_parameters("joint")
+    trainer = MMGEMTrainer(model, "joint", ClipLoss()).train()
+    batch = {"pixels": _pixels(4), "captions": CAPTIONS}
+    cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=0, grad_checkpointing=True, device="cpu")
+    result = train(cfg, trainer, lambda m, b: m(b["pixels"], b["captions"]), lambda s: iter([batch]), tmp_path)
+    assert result.steps == 1 and lm_checkpointing(model.lm)

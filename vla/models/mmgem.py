@@ -487,6 +487,14 @@ class MMGEM(nn.Module):
             out.append(mapped)
         return out
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the tower's blocks and the LM's decoder layers (see
+        `MMGEMTrainer.set_grad_checkpointing`)."""
+        from vla.models.causal_lm import set_lm_checkpointing
+
+        self.tower.visual.set_grad_checkpointing(enable)
+        set_lm_checkpointing(self.lm, enable)
+
     # ------------------------------------------------------------------ what each phase trains
 
     def trainable_parameters(self, phase: str) -> dict[str, list[nn.Parameter]]:

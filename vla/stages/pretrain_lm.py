@@ -72,8 +72,10 @@ class CausalLMTrainer(nn.Module):
         return {"loss": self.lm(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """`train.grad_checkpointing`: transformers' activation checkpointing of the decoder layers."""
+        from vla.models.causal_lm import set_lm_checkpointing
+
+        set_lm_checkpointing(self.lm, enable)
 
 
 def _labels(ids: Tensor, mask: Tensor) -> Tensor:
