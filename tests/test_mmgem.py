@@ -449,3 +449,49 @@ def test_the_training_loop_accepts_grad_checkpointing_for_mmgem(tmp_path) -> Non
     cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=0, grad_checkpointing=True, device="cpu")
     result = train(cfg, trainer, lambda m, b: m(b["pixels"], b["captions"]), lambda s: iter([batch]), tmp_path)
     assert result.steps == 1 and lm_checkpointing(model.lm)
+
+
+# --- BOS, bf16 regions ------------------------------------------------------------------------------
+
+
+def test_caption_rows_start_with_bos_as_embedding_rows_do_for_an_lm_that_has_one() -> None:
+    """With a BOS token (as TinyLlama has), training caption rows are [BOS, V_in, [CAP], caption,
+    eos] and decoding starts from [BOS, V_in, [CAP]]: the first caption token's training logits
+    equal the LM's next-token logits on the decoding input."""
+    clip = load_clip("vla-micro-clip")
+    lm, tokenizer = build_tiny_llama(CAPTIONS)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    lm.resize_token_embeddings(len(tokenizer))
+    model = MMGEM(clip.model.visual, lm, tokenizer, MMGEMConfig(prefix_length=PREFIX, max_text_tokens=24),
+                  preprocess=clip.preprocess).eval()
+    bos = tokenizer.bos_token_id
+    pixels = _pixels(2)
+    with torch.no_grad():
+        inputs = model.caption_inputs(pixels)
+        assert inputs.shape[1] == 1 + PREFIX + 1
+        assert torch.equal(inputs[:, 0], model.lm.get_input_embeddings().weight[bos].expand(2, -1))
+        out = model(pixels, CAPTIONS[:2], objective="caption")
+        head = 1 + PREFIX + 1
+        assert (out["targets"][:, :head] == -100).all() and (out["targets"][:, head] != -100).all()
+        decoding = model.lm(inputs_embeds=inputs).logits[:, -1]
+    assert torch.allclose(out["logits"][:, head - 1], decoding, atol=1e-5)
+
+
+def test_a_bf16_model_embeds_regions_with_roialign_in_fp32(model: MMGEM) -> None:
+    """RoIAlign runs in fp32 whatever the model's dtype (torchvision's CPU kernel has no bf16): a
+    bf16 copy of the model embeds regions, close to the fp32 model's embedding."""
+    import copy
+
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(4)
+    images = [Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())]
+    boxes = [[[4.0, 4.0, 30.0, 36.0]]]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.preprocess = lambda im: model.preprocess(im).to(torch.bfloat16)
+    got = half.encode_regions(images, boxes)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert F.cosine_similarity(got, model.encode_regions(images, boxes)).item() > 0.98
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = model.roi_pool(torch.randn(1, 32, 4, 4, dtype=torch.bfloat16), [torch.tensor([[0.0, 0.0, 16.0, 16.0]])])
+    assert pooled.dtype == torch.bfloat16

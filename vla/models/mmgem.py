@@ -141,9 +141,10 @@ class MMGEM(nn.Module):
         self.cap_id = self.token_ids[CAP_TOKEN]
         self.soft_prompt_ids = [self.token_ids[t] for t in soft_prompt_tokens(config.soft_prompts)]
         self.eos_id = tokenizer.eos_token_id
-        self.bos_id = tokenizer.bos_token_id  # prepended to embedding rows when the LM has one
+        self.bos_id = tokenizer.bos_token_id  # opens embedding and caption rows when the LM has one
         limit = getattr(lm.config, "max_position_embeddings", None)
-        longest = config.prefix_length + max(1, config.soft_prompts) + config.max_text_tokens + 1
+        longest = (config.prefix_length + max(1, config.soft_prompts) + config.max_text_tokens + 1
+                   + (self.bos_id is not None))
         if limit is not None and longest > limit:
             raise UserError(
                 f"prefix_length + prompts + max_text_tokens + 1 = {longest} exceeds the LM's "
@@ -252,6 +253,10 @@ class MMGEM(nn.Module):
         cap = self.config.max_text_tokens
         return [row[:cap] for row in ids], sum(len(row) > cap for row in ids)
 
+    def _bos_embedding(self) -> Tensor:
+        """(1, d_lm) BOS's input embedding, or (0, d_lm) for an LM without BOS (the embedded tiny Llama)."""
+        return self._token_embeddings([self.bos_id] if self.bos_id is not None else [])
+
     def text_token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text needs before truncation, [EMB] (and BOS) included."""
         extra = 1 + (self.bos_id is not None)
@@ -308,10 +313,10 @@ class MMGEM(nn.Module):
             rows += [self._token_embeddings(self._embedding_row(r)) for r in ids]
         start = len(rows)
         if want_gen:
-            prefix = self.visual_prefix(v)
+            bos, prefix = self._bos_embedding(), self.visual_prefix(v)
             prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft_prompts))
             for b, r in enumerate(ids):
-                rows.append(torch.cat([prefix[b], prompt, self._token_embeddings(r + [self.eos_id])]))
+                rows.append(torch.cat([bos, prefix[b], prompt, self._token_embeddings(r + [self.eos_id])]))
         states, _ = self._lm_states(rows)
 
         out: dict[str, Any] = {"truncated": truncated, "logit_scale": self.logit_scale()}
@@ -322,7 +327,7 @@ class MMGEM(nn.Module):
             out["image"] = F.normalize(self.h4(v) if boxes is not None else v, dim=-1)
             out["text"] = F.normalize(t, dim=-1)
         if want_gen:
-            head = prefix.shape[1] + prompt.shape[0]
+            head = bos.shape[0] + prefix.shape[1] + prompt.shape[0]
             gen_len = head + max(len(r) for r in ids) + 1
             out["logits"] = self.lm.get_output_embeddings()(states[start:, :gen_len])
             targets = torch.full((len(ids), gen_len), IGNORE_INDEX, dtype=torch.long, device=states.device)
@@ -350,10 +355,13 @@ class MMGEM(nn.Module):
         return sorted(self.token_ids.values())
 
     def caption_inputs(self, pixels: Tensor, boxes: Sequence[Tensor] | None = None, soft: bool | None = None) -> Tensor:
-        """``[V_in, prompt]`` (N, P+k, d_lm); soft prompts by default for regions when the model has them."""
+        """``[BOS, V_in, prompt]`` (N, 1+P+k, d_lm; no BOS for an LM without one); soft prompts by
+        default for regions when the model has them."""
         prefix = self.visual_prefix(self.image_embedding(pixels, boxes))
-        prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft))
-        return torch.cat([prefix, prompt.unsqueeze(0).expand(prefix.shape[0], -1, -1)], dim=1)
+        n = prefix.shape[0]
+        bos = self._bos_embedding().unsqueeze(0).expand(n, -1, -1)
+        prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft)).unsqueeze(0).expand(n, -1, -1)
+        return torch.cat([bos, prefix, prompt], dim=1)
 
     def generate_ids(
         self,
@@ -367,7 +375,7 @@ class MMGEM(nn.Module):
         """Caption token ids per image (or region), up to and without end of text.
 
         transformers' ``generate`` with its KV cache, greedy (``num_beams=1``) or beam search.
-        All inputs have the same length ``P+k``, so no padding is involved.
+        All inputs have the same length ``(1)+P+k``, so no padding is involved.
         """
         with _inference(self):
             embeds = self.caption_inputs(pixels, boxes, soft)

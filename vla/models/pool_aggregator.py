@@ -51,16 +51,18 @@ class RoIPool(nn.Module):
         """``boxes[b]`` (K_b, 4) are image b's boxes in input pixels → (ΣK_b, C), in image order."""
         if len(boxes) != feature_map.shape[0]:
             raise ValueError(f"{len(boxes)} box lists for {feature_map.shape[0]} images")
-        boxes = [b.to(feature_map.device, feature_map.dtype) for b in boxes]
-        bins = roi_align(
-            feature_map,
-            boxes,
-            output_size=self.output_size,
-            spatial_scale=1.0 / self.patch_size,
-            sampling_ratio=self.sampling_ratio,
-            aligned=True,
-        )  # (ΣK, C, s, s)
-        return bins.mean(dim=(2, 3))
+        # RoIAlign in fp32 whatever the model's precision: bilinear weights of box coordinates lose
+        # whole pixels in bf16 (and torchvision's CPU kernel has no bf16); autocast off around it
+        with torch.autocast(feature_map.device.type, enabled=False):
+            bins = roi_align(
+                feature_map.float(),
+                [b.to(feature_map.device, torch.float32) for b in boxes],
+                output_size=self.output_size,
+                spatial_scale=1.0 / self.patch_size,
+                sampling_ratio=self.sampling_ratio,
+                aligned=True,
+            )  # (ΣK, C, s, s)
+        return bins.mean(dim=(2, 3)).to(feature_map.dtype)
 
 
 def check_boxes(boxes: Tensor, width: float, height: float, key: str) -> None:
