@@ -3,7 +3,9 @@
 `MMGEMTrainer` wraps an `MMGEM` so that one forward call (which DDP needs to see) gives the
 stage's loss, from `vla.losses.mmgem_objective_loss`:
 
-    joint:    L = L_emb + L_gen        embed: L = L_emb        caption: L = L_gen
+    joint:    L = w_emb·L_emb + w_gen·L_gen    embed: L = w_emb·L_emb    caption: L = w_gen·L_gen
+    (+ w_gen·L_gen_img with stage 2's image captions: L_gen of the image's own caption from
+    [V_in = h3(h1(MeanPool(V))), [CAP]])
 
 with image-level pairs in stage 1 (v = h1(MeanPool(V))) and region pairs in stage 2
 (h4(h1(RoIAlign(V, R))) against the region caption's t; V_in = h3(h1(RoIAlign(V, R))) before
@@ -22,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from vla.losses import ClipLoss, mmgem_objective_loss
+from vla.losses import ClipLoss, caption_loss, mmgem_objective_loss
 from vla.models.mmgem import MMGEM
 from vla.optim import no_weight_decay
 
@@ -31,18 +33,25 @@ _LOSS_INPUTS = ("image", "text", "logit_scale", "logits", "targets")
 
 
 class MMGEMTrainer(nn.Module):
-    def __init__(self, model: MMGEM, objective: str, contrastive: ClipLoss) -> None:
+    def __init__(self, model: MMGEM, objective: str, contrastive: ClipLoss, *, emb_weight: float = 1.0,
+                 gen_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
         self.contrastive = contrastive
+        self.emb_weight, self.gen_weight = emb_weight, gen_weight
         self.register_buffer("counts", torch.zeros(len(COUNTERS), dtype=torch.long))
 
-    def forward(self, pixels: Tensor, captions: Sequence[str],
-                boxes: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+    def forward(self, pixels: Tensor, captions: Sequence[str], boxes: Sequence[Tensor] | None = None,
+                image_captions: Sequence[str] | None = None) -> dict[str, Tensor]:
         out = self.model(pixels, captions, objective=self.objective, boxes=boxes)
-        losses = mmgem_objective_loss(self.objective, contrastive=self.contrastive,
+        losses = mmgem_objective_loss(self.objective, contrastive=self.contrastive, emb_weight=self.emb_weight,
+                                      gen_weight=self.gen_weight,
                                       **{k: out[k] for k in _LOSS_INPUTS if k in out})
+        if image_captions is not None:  # stage 2's image captions: stage 1's image path, [CAP]
+            img = self.model(pixels, image_captions, objective="caption", soft_prompts=False)
+            losses["gen_img"] = caption_loss(img["logits"], img["targets"])
+            losses["loss"] = losses["loss"] + self.gen_weight * losses["gen_img"]
         counted = torch.tensor([len(captions), out["truncated"]], device=self.counts.device)
         with torch.no_grad():
             # every rank adds the global count, so DDP's buffer broadcast from rank 0 changes nothing
