@@ -495,3 +495,33 @@ def test_a_bf16_model_embeds_regions_with_roialign_in_fp32(model: MMGEM) -> None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = model.roi_pool(torch.randn(1, 32, 4, 4, dtype=torch.bfloat16), [torch.tensor([[0.0, 0.0, 16.0, 16.0]])])
     assert pooled.dtype == torch.bfloat16
+
+
+def test_objective_gradient_norms_are_those_of_each_term_alone() -> None:
+    """`objective_gradient_norms` gives ‖∇(w_emb·L_emb)‖ and ‖∇(w_gen·L_gen)‖ per group, as a
+    backward of each weighted term alone does, and their cosine; .grad is left untouched."""
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer, objective_gradient_norms
+
+    model = _model()
+    model.trainable_parameters("joint")
+    trainer = MMGEMTrainer(model, "joint", ClipLoss(), emb_weight=2.0, gen_weight=0.5).train()
+    groups = {"lm": [p for p in model.lm.parameters() if p.requires_grad], "h1": list(model.h1.parameters())}
+    pixels = _pixels(4)
+    record = objective_gradient_norms(trainer, pixels, CAPTIONS, groups)
+    assert all(p.grad is None for p in trainer.parameters())
+    by_term = {}
+    for term, objective, weight in (("emb", "embed", 2.0), ("gen", "caption", 0.5)):
+        trainer.zero_grad(set_to_none=True)
+        out = model(pixels, CAPTIONS, objective=objective)
+        loss = mmgem_objective_loss(objective, **{k: out[k] for k in ("image", "text", "logit_scale", "logits",
+                                                                       "targets") if k in out})["loss"]
+        (weight * loss).backward()
+        by_term[term] = {g: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                       for p in ps]) for g, ps in groups.items()}
+    for g in groups:
+        got = record["groups"][g]
+        assert got["emb_grad_norm"] == pytest.approx(float(by_term["emb"][g].norm()), rel=1e-4)
+        assert got["gen_grad_norm"] == pytest.approx(float(by_term["gen"][g].norm()), rel=1e-4)
+        assert got["cosine"] == pytest.approx(float(F.cosine_similarity(by_term["emb"][g], by_term["gen"][g], dim=0)),
+                                              abs=1e-4)

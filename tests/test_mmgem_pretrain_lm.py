@@ -70,3 +70,23 @@ def test_joint_train_refuses_an_llm_artifact_of_another_kind(lm, tmp_path) -> No
     r = cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe",
             "recipes/smoke/joint-train.yaml", "--llm", lm / "world", code=2)
     assert "pretrain-lm" in r.output and "synth" in r.output
+
+
+def test_joint_train_records_claim_a_gradient_norms_and_loss_curves(lm, tmp_path) -> None:
+    """The joint-train manifest holds each objective's gradient norm and their cosine on the LM,
+    the tower and h1 before training and after the probe steps, both loss curves, and the loss
+    weights: L_emb summed over its two directions (the paper), w_gen labelled when not 1."""
+    cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe", "recipes/smoke/joint-train.yaml",
+        "--llm", lm / "lm", "--set", "train.steps=2", "--set", "train.log_every=1", "--set", "eval.sets=[]",
+        "--set", "gen_weight=0.5")
+    m = json.loads((tmp_path / "joint" / "manifest.json").read_text())["mmgem"]
+    assert [r["step"] for r in m["gradient_norms"]] == [0, 1, 2]
+    for record in m["gradient_norms"]:
+        assert set(record["groups"]) == {"lm", "vision", "h1"}
+        for group in record["groups"].values():
+            assert group["emb_grad_norm"] > 0 and group["gen_grad_norm"] > 0 and -1 <= group["cosine"] <= 1
+    curves = m["loss_curves"]
+    assert curves["step"] == [1, 2] and len(curves["emb"]) == len(curves["gen"]) == 2
+    for loss, emb, gen in zip(curves["loss"], curves["emb"], curves["gen"]):
+        assert loss == pytest.approx(2 * emb + 0.5 * gen, rel=1e-5)
+    assert m["loss_weights"]["emb"] == 2.0 and "L_gen weighted 0.5" in m["loss_weights"]["deviation_from_paper"]

@@ -110,3 +110,32 @@ def optimizer_record(train_cfg: Any) -> dict[str, Any]:
         deviations.append(f"weight decay {train_cfg.weight_decay:g} instead of the paper's 0.05")
     record["deviation_from_paper"] = "; ".join(deviations) or None
     return record
+
+
+def objective_gradient_norms(trainer: MMGEMTrainer, pixels: Tensor, captions: Sequence[str],
+                             groups: dict[str, list[nn.Parameter]]) -> dict[str, Any]:
+    """Claim (a)'s evidence on one batch: per parameter group, the norm of each objective's
+    gradient as it enters L (w_emb·∇L_emb, w_gen·∇L_gen; L_emb single-process) and the cosine
+    between them. ``torch.autograd.grad`` leaves the parameters' ``.grad`` (and DDP) untouched."""
+    out = trainer.model(pixels, captions, objective="joint")
+    emb = trainer.emb_weight * ClipLoss()(out["image"], out["text"], out["logit_scale"])
+    gen = trainer.gen_weight * caption_loss(out["logits"], out["targets"])
+    names = list(groups)
+    params = [p for n in names for p in groups[n]]
+    grads = {}
+    for term, loss in (("emb", emb), ("gen", gen)):
+        grads[term] = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=term == "emb")
+    record: dict[str, Any] = {"emb_loss": float(emb.detach()), "gen_loss": float(gen.detach()), "groups": {}}
+    start = 0
+    for n in names:
+        k = len(groups[n])
+        flat = {term: torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                                 for g, p in zip(grads[term][start:start + k], groups[n])])
+                for term in grads} if k else None
+        start += k
+        if flat is None:
+            continue
+        a, b = flat["emb"], flat["gen"]
+        cos = float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else None
+        record["groups"][n] = {"emb_grad_norm": float(a.norm()), "gen_grad_norm": float(b.norm()), "cosine": cos}
+    return record
