@@ -448,11 +448,18 @@ def test_make_n_mmgem_real_line_trains_every_arm_under_torchrun_with_its_own_pat
 
 
 def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) -> None:
+    """The embedded make mmgem builds the world, the base CLIP and the pre-trained LM once each;
+    the joint, embed-only and caption-only arms all start from that LM."""
     cmds = _make_n(f"WORLD={tmp_path}/toy", f"RUNS={tmp_path}/runs", f"MMGEM_RUNS={tmp_path}/mm")
     assert any(f"vla synth --out {tmp_path}/toy" in c for c in cmds)
     assert any(f"vla pretrain --data '{tmp_path}/toy' --out {tmp_path}/runs/clip" in c for c in cmds)
+    lm = [c for c in cmds if " pretrain-lm " in c]
+    assert len(lm) == 1 and f"--data '{tmp_path}/toy' --out {tmp_path}/mm/lm" in lm[0]
+    assert "--recipe recipes/embedded/pretrain-lm.yaml" in lm[0]
+    for arm in ("joint", "embed-only", "caption-only"):
+        c = next(c for c in cmds if f"--out {tmp_path}/mm/{arm} " in c)
+        assert f"--vision {tmp_path}/runs/clip --llm {tmp_path}/mm/lm " in c and "torchrun" not in c
     joint = next(c for c in cmds if f"--out {tmp_path}/mm/joint " in c)
-    assert f"--vision {tmp_path}/runs/clip " in joint and "--llm" not in joint and "torchrun" not in joint
     assert "--recipe recipes/embedded/joint-train.yaml" in joint
     assert any(f"--out exports/mm " in c + " " for c in cmds)
 
