@@ -189,7 +189,9 @@ def test_a_bad_out_is_refused_before_any_model_loads(chain, tmp_path) -> None:
     assert not (chain / "world" / "joint").exists()
 
 
-def test_a_region_cropped_away_is_refused_with_the_sample_key(chain, tmp_path) -> None:
+def test_data_whose_regions_are_all_cropped_away_stops_naming_the_reason(chain, tmp_path) -> None:
+    """A region the centre crop removes is not usable; samples without a usable region are skipped
+    (tests/test_mmgem_stage2_data.py), and data with none at all stops, naming why."""
     from vla.data.sample import Region, Sample
     from vla.data.shards import ShardWriter
 
@@ -201,8 +203,9 @@ def test_a_region_cropped_away_is_refused_with_the_sample_key(chain, tmp_path) -
                            regions=[Region(box=(2.0, 2.0, 20.0, 20.0), label="square", caption="a red square")]))
     r = runner.invoke(app, ["stage2-roi", "--data", str(tmp_path / "shards"), "--init", str(chain / "joint"),
                             "--out", str(tmp_path / "out"), *STAGE2, "--set", "train.batch_size=2"])
-    assert r.exit_code == 2, r.output
-    assert "wide" in r.output and "empty" in r.output and not (tmp_path / "out").exists()
+    assert r.exit_code == 1, r.output
+    assert "no usable sample" in r.output and "no_usable_region: 4" in r.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_killed_joint_train_resumes_to_identical_weights(chain, tmp_path) -> None:
