@@ -225,8 +225,13 @@ ifeq ($(origin VISION),undefined)
 VISION := $(RUNS)/clip
 VISION_DEP := $(RUNS)/clip/manifest.json
 endif
-# with no LLM, the recipe's LM (the embedded tiny Llama, or recipes/mmgem's tinyllama)
-LLM ?=
+# with no LLM, the embedded tiny Llama pre-trained as a causal LM on the world's captions
+# (`vla pretrain-lm`, built once and shared by the joint, embed-only and caption-only arms), as the
+# paper starts from TinyLlama; LLM=tinyllama (or a directory, hub id) starts from that LM instead
+ifeq ($(origin LLM)$(wildcard $(MMGEM_RECIPES)/pretrain-lm.yaml),undefined$(MMGEM_RECIPES)/pretrain-lm.yaml)
+LLM := $(MMGEM_RUNS)/lm
+LLM_DEP := $(MMGEM_RUNS)/lm/manifest.json
+endif
 LLM_FLAG := $(if $(LLM),--llm $(LLM),)
 MMGEM_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/stage2 $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only
 
@@ -236,20 +241,24 @@ mmgem: $(MMGEM_EXPORT)/manifest.json
 	@echo; echo "MM-GEM curriculum ($(MMGEM_RUNS)) — evaluation:"; cat $(MMGEM_RUNS)/eval/results.md
 	$(call results_page,mmgem,$(MMGEM_RUNS)/eval,make mmgem,$(MMGEM_PAGE))
 
-$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
+$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/joint \
 	  --recipe $(MMGEM_RECIPES)/joint-train.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_RUNS)/lm/manifest.json: $(DATA_DEP) $(MMGEM_RECIPES)/pretrain-lm.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) pretrain-lm --data '$(DATA)' --out $(MMGEM_RUNS)/lm --recipe $(MMGEM_RECIPES)/pretrain-lm.yaml \
+	  --force $(VLA_FLAGS)
 
 $(MMGEM_RUNS)/stage2/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) stage2-roi --data '$(DATA)' --init $(MMGEM_RUNS)/joint --out $(MMGEM_RUNS)/stage2 \
 	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --force $(VLA_FLAGS)
 
 # the ablation arms: stage 1 with one term, at stage 1's budget (their recipes differ only in objective)
-$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
+$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/embed-only \
 	  --recipe $(MMGEM_RECIPES)/joint-train-embed.yaml --force $(VLA_FLAGS)
 
-$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
+$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/caption-only \
 	  --recipe $(MMGEM_RECIPES)/joint-train-caption.yaml --force $(VLA_FLAGS)
 
@@ -284,6 +293,10 @@ $(STAMP): pyproject.toml
 	# CLIP_benchmark for the test that checks `vla eval` against it: --no-deps, as everything
 	# its metrics import is here already except pycocoevalcap (pure Python for Bleu/Cider)
 	$(BIN)/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
+	# java runs pycocoevalcap's PTBTokenizer, which `vla eval` tokenises captions with (without it:
+	# the pure-Python tokenizer, see docs/mmgem.md)
+	command -v java >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq default-jre-headless; } \
+	  || echo "warning: java could not be installed; captioning metrics use the pure-Python PTB tokenizer"
 	touch $@
 
 test: $(STAMP)

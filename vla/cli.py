@@ -425,12 +425,27 @@ def _check_contrast_tune_models(init: Optional[str], clip: Optional[str], embedd
 
 
 # --- MM-GEM: joint-train → stage2-roi ---------------------------------------------------------
+@stage_command("pretrain-lm", training=True)
+def pretrain_lm(
+    data: str = data_option("A synth artifact or WebDataset shards whose captions the LM learns "
+                            f"({DATA_FORMS}).", required=True),
+    out: Path = OutOpt,
+    **shared: Any,
+) -> None:
+    """MM-GEM's embedded LM: a tiny Llama + BPE trained as a causal LM on the captions (held-out perplexity)."""
+    art = run_stage("pretrain-lm", locals())
+    _print_done(art)
+    if art is not None:
+        console.print(f"  held-out perplexity {art.manifest['metrics']['val_perplexity']:.2f} "
+                      f"(untrained: {art.manifest['metrics']['val_perplexity_at_init']:.2f})", highlight=False)
+
+
 @stage_command("joint-train", training=True)
 def joint_train(
     data: str = DataOpt,
     out: Path = OutOpt,
     vision: Optional[str] = typer.Option(None, "--vision", help="Image tower: a pretrain artifact, a registry name (clip-vit-l) or open_clip name."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory); default: the embedded tiny Llama."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory, a pretrain-lm artifact); default: the embedded tiny Llama."),
     objective: Optional[str] = typer.Option(None, "--objective", help="joint | embed | caption (the ablations)."),
     **shared: Any,
 ) -> None:

@@ -322,17 +322,22 @@ def mmgem_loss(
     targets: Tensor,
     contrastive: ClipLoss | None = None,
     ignore_index: int = -100,
+    emb_weight: float = 1.0,
+    gen_weight: float = 1.0,
 ) -> dict[str, Tensor]:
-    """MM-GEM's joint objective, unweighted, both paths on the same batch:
+    """MM-GEM's joint objective, both paths on the same batch:
 
-        L = L_emb + L_gen,   L_emb = ClipLoss(v, t, s),   L_gen = caption_loss(logits, targets)
+        L = w_emb · L_emb + w_gen · L_gen,   L_emb = ClipLoss(v, t, s) = ½[CE_v→t + CE_t→v],
+        L_gen = caption_loss(logits, targets)
 
+    The paper's L is unweighted with L_emb the *sum* of the two directions (CE_v→t + CE_t→v):
+    w_emb = 2, w_gen = 1; w_emb = 1 is the mean of the directions (open_clip's ClipLoss).
     ``contrastive`` is the (possibly distributed) `ClipLoss` to use; single-process by default.
-    Returns ``{"loss", "emb", "gen"}``.
+    Returns ``{"loss", "emb", "gen"}``, ``emb`` and ``gen`` unweighted (``emb`` the directions' mean).
     """
     emb = (contrastive or ClipLoss())(image, text, logit_scale)
     gen = caption_loss(logits, targets, ignore_index=ignore_index)
-    return {"loss": emb + gen, "emb": emb, "gen": gen}
+    return {"loss": emb_weight * emb + gen_weight * gen, "emb": emb, "gen": gen}
 
 
 #: MM-GEM's recipe switch: both paths (the method), or one alone (the paper's same-budget ablation)
@@ -349,12 +354,14 @@ def mmgem_objective_loss(
     targets: Tensor | None = None,
     contrastive: ClipLoss | None = None,
     ignore_index: int = -100,
+    emb_weight: float = 1.0,
+    gen_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """MM-GEM's loss under the recipe's ``objective``:
 
-        joint:    L = L_emb + L_gen          (`mmgem_loss`)
-        embed:    L = L_emb                  (CLIP-only ablation)
-        caption:  L = L_gen                  (caption-only ablation)
+        joint:    L = w_emb · L_emb + w_gen · L_gen     (`mmgem_loss`; the paper: w_emb = 2, w_gen = 1)
+        embed:    L = w_emb · L_emb                     (CLIP-only ablation)
+        caption:  L = w_gen · L_gen                     (caption-only ablation)
 
     with L_emb = ClipLoss(v, t, s), s = exp(min(θ, ln 100)) from `LogitScale` (τ₀ = 0.07,
     τ ≥ 0.01), and L_gen = `caption_loss` (next-token CE on caption tokens only). Only the
@@ -370,10 +377,11 @@ def mmgem_objective_loss(
         raise ValueError(f"objective {objective!r} needs logits and targets")
     if objective == "joint":
         return mmgem_loss(
-            image, text, logit_scale, logits, targets, contrastive, ignore_index  # type: ignore[arg-type]
+            image, text, logit_scale, logits, targets, contrastive, ignore_index,  # type: ignore[arg-type]
+            emb_weight=emb_weight, gen_weight=gen_weight,
         )
     if objective == "embed":
         emb = (contrastive or ClipLoss())(image, text, logit_scale)
-        return {"loss": emb, "emb": emb}
+        return {"loss": emb_weight * emb, "emb": emb}
     gen = caption_loss(logits, targets, ignore_index=ignore_index)  # type: ignore[arg-type]
-    return {"loss": gen, "gen": gen}
+    return {"loss": gen_weight * gen, "gen": gen}

@@ -67,7 +67,7 @@ from vla.data.jsonl import ManifestLine, iter_jsonl_samples, line_image, read_ma
 from vla.data.sample import Sample
 from vla.data.shards import (MAX_IMAGE_PIXELS, ShardRecord, StreamedRecord, sample_from_members, scan_shard,
                              stream_shard)
-from vla.data.skips import SkipCounter
+from vla.data.skips import SkipCounter, SkipSample
 from vla.errors import StageError, UserError, VlaError
 
 Record = ShardRecord | ManifestLine | StreamedRecord
@@ -287,7 +287,11 @@ class SampleStream(IterableDataset):
                 # seed every accelerator's generators, which outlive fork_rng and, while CUDA is
                 # not initialised, cost a recorded Python traceback (~2 ms) per call.
                 torch.default_generator.manual_seed(seed)
-                item = self.transform(sample)
+                try:
+                    item = self.transform(sample)
+                except SkipSample as skip:  # the stage cannot use it: counted, like a corrupt one
+                    skips.skip(skip.reason, f"key {sample.key}")
+                    item = {}
         item["__skips__"] = skips.as_dict()
         item["__pos__"] = (epoch, pos)
         return item
@@ -398,7 +402,8 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
 
 
 def _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw):
-    start = _resume_point(source, start_batch * batch_size, epoch, repeat, num_workers, kw)
+    start = _resume_point(source, start_batch * batch_size, epoch, repeat, num_workers, kw,
+                          _validator(transform))
     if start is None:
         return
     first_epoch, start_index = start
@@ -461,12 +466,12 @@ def _no_usable(source: DataSource, rank: int, counts: dict) -> StageError:
 
 
 def _resume_point(source: DataSource, todo: int, epoch: int, repeat: bool, num_workers: int,
-                  kw: dict) -> tuple[int, int] | None:
+                  kw: dict, validate: Callable[[Sample], dict]) -> tuple[int, int] | None:
     """(epoch, records of it to pass over) just after this rank's `todo`-th usable sample from
     the start of `epoch`; None when the stream ends before it (without `repeat`)."""
     if todo == 0:
         return epoch, 0
-    pos, counts = _find_usable(source, todo, epoch, num_workers, kw)
+    pos, counts = _find_usable(source, todo, epoch, num_workers, kw, validate)
     if pos is not None:
         return epoch, pos
     if not repeat:
@@ -479,14 +484,14 @@ def _resume_point(source: DataSource, todo: int, epoch: int, repeat: bool, num_w
     todo -= usable
     whole = (todo - 1) // usable
     epoch += 1 + whole
-    pos, _ = _find_usable(source, todo - whole * usable, epoch, num_workers, kw)
+    pos, _ = _find_usable(source, todo - whole * usable, epoch, num_workers, kw, validate)
     return epoch, pos
 
 
 def _find_usable(source: DataSource, todo: int, epoch: int, num_workers: int,
-                 kw: dict) -> tuple[int | None, SkipCounter]:
+                 kw: dict, validate: Callable[[Sample], dict] | None = None) -> tuple[int | None, SkipCounter]:
     """(position just after the `todo`-th usable record of `epoch`, or None; the counts so far)."""
-    stream = SampleStream(source, _validate_only, epoch=epoch, **kw)
+    stream = SampleStream(source, validate or _validate_only, epoch=epoch, **kw)
     counts = SkipCounter()
     for item in _items(stream, num_workers, batch_size=64):
         counts.add_counts(item["__skips__"])
@@ -498,3 +503,18 @@ def _find_usable(source: DataSource, todo: int, epoch: int, num_workers: int,
 def _validate_only(sample: Sample) -> dict:
     """The transform of a resume's counting pass: the sample was validated; nothing to keep."""
     return {}
+
+
+def _validator(transform: Callable[[Sample], dict] | None) -> Callable[[Sample], dict]:
+    """The counting pass's transform: the stage transform's own ``validate`` (which raises
+    `SkipSample` where the transform would) when it has one, so a resume counts the same samples
+    as usable; else `_validate_only`."""
+    check = getattr(transform, "validate", None)
+    if check is None:
+        return _validate_only
+
+    def validate(sample: Sample) -> dict:
+        check(sample)
+        return {}
+
+    return validate

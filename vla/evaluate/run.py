@@ -47,8 +47,15 @@ class CaptionConfig:
     #: items; None = all. Retrieval always uses the whole set.
     max_images: int | None = None
     max_regions: int | None = None
+    #: BLEU-4 / CIDEr-D tokenisation (`vla.evaluate.captioning`): auto = pycocoevalcap's Java
+    #: PTBTokenizer when java is there, else the pure-Python one; java insists; python never runs java
+    tokenizer: str = "auto"
 
     def __post_init__(self) -> None:
+        from vla.evaluate.captioning import TOKENIZERS
+
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.tokenizer!r}")
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -61,14 +68,16 @@ class CaptionConfig:
 class Captioner(Protocol):
     def caption(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor] | None = None,
                 **decoding: Any) -> list[str]:
-        """One caption per image, or per box (`boxes[b]`: image b's boxes in the model's input
-        pixels, see `RegionEncoder.input_boxes`); `decoding`: max_new_tokens, num_beams."""
+        """One caption per image, or per box (`boxes[b]`: image b's boxes in its own pixels, mapped
+        inside as `RegionEncoder.input_boxes` maps them); `decoding`: max_new_tokens, num_beams."""
 
 
 @runtime_checkable
 class RegionEncoder(Protocol):
-    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (model input pixels)."""
+    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor], *,
+                       keys: Sequence[str] | None = None) -> torch.Tensor:
+        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (image b's own pixels,
+        mapped inside through `input_boxes`; a bad box is refused naming `keys[b]`)."""
 
     def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
                     keys: Sequence[str] | None = None) -> list[torch.Tensor]:
@@ -117,8 +126,8 @@ def region_embeddings(model: DualEncoder, es: EvalSet, batch_size: int) -> torch
     out = []
     for batch in _region_batches(es, range(len(es.images)), batch_size):
         images = [src.load() for src in batch]
-        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
-        out.append(model.encode_regions(images, boxes).float())
+        out.append(model.encode_regions(images, [src.boxes for src in batch],
+                                        keys=[src.image.key for src in batch]).float())
     return F.normalize(torch.cat(out), dim=-1)
 
 
@@ -182,8 +191,8 @@ def region_captions(model: Captioner, es: EvalSet, cfg: CaptionConfig) -> tuple[
     captions = []
     for batch in _region_batches(es, chosen, cfg.batch_size):
         images = [src.load() for src in batch]
-        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
-        captions += model.caption(images, boxes, **_decoding(cfg))
+        captions += model.caption(images, [src.boxes for src in batch], keys=[src.image.key for src in batch],
+                                  **_decoding(cfg))
     return chosen, captions
 
 
@@ -216,7 +225,8 @@ def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
         chosen, generated = image_captions(model, es, caption or CaptionConfig())
         if written is not None:
             written[es.name] = captions_written(es, chosen, generated)
-        return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+        tokenizer = (caption or CaptionConfig()).tokenizer
+        return {**captioning_metrics(generated, [es.captions[i] for i in chosen], tokenizer),
                 "n_images": len(es.images), "n_captioned": len(chosen)}
     raise ValueError(f"unknown task {es.task!r}")
 
@@ -227,7 +237,7 @@ def evaluate_region_captioning(model: Captioner, es: EvalSet, caption: CaptionCo
     chosen, generated = region_captions(model, es, caption)
     if written is not None:
         written[region_captioning_name(es.name)] = captions_written(es, chosen, generated)
-    return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+    return {**captioning_metrics(generated, [es.captions[i] for i in chosen], caption.tokenizer),
             "n_regions": len(es.images), "n_captioned": len(chosen)}
 
 

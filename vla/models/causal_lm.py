@@ -139,3 +139,22 @@ def check_mode_tokens(tokenizer: Any, tokens: Sequence[str], where: str) -> None
             f"{where}: the tokenizer lacks {', '.join(absent)}, which this MM-GEM model was trained with; "
             "load the LM and tokenizer saved beside it (save_pretrained), not the base model"
         )
+
+
+def set_lm_checkpointing(lm: torch.nn.Module, enable: bool = True) -> None:
+    """transformers' activation checkpointing of the decoder layers, non-reentrant (its
+    ``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before it existed)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        if enable:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.activation_checkpointing_disable()
+    elif enable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
+
+
+def lm_checkpointing(lm: torch.nn.Module) -> bool:
+    """Whether any of the LM's layers checkpoints its activations."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())

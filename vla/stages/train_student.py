@@ -95,6 +95,10 @@ class ImageStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(images), dim=-1)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """`train.grad_checkpointing`: open_clip's activation checkpointing of the tower's blocks."""
+        self.visual.set_grad_checkpointing(enable)
+
 
 def open_teacher(path: str, epoch: Optional[int]):
     """(teacher artifact, epoch) — refusing another kind or an epoch it did not save."""
