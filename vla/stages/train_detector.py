@@ -55,6 +55,9 @@ class TrainDetectorRecipe:
                     "exist_ok", "resume", "model"} & set(self.overrides)
         if reserved:
             raise UserError(f"overrides.{sorted(reserved)[0]} is set by vla; use the recipe's own key or option")
+        if isinstance(self.overrides.get("pretrained"), str):  # ultralytics would unpickle it unrestricted
+            raise UserError(f"overrides.pretrained={self.overrides['pretrained']!r}: ultralytics loads a weights file "
+                            f"by running its pickle; vla trains from the model config only: drop it")
 
 
 def yolo_data_yaml(data: Path) -> tuple[Path, dict]:

@@ -1,0 +1,161 @@
+"""Reliability of the DCLIP, MM-GEM and export stages, through the CLI as a user (or an attacker)
+runs them: a detector `.pt` never runs code, a per-sample table from another data set is never
+paired silently, damaged files are one-line errors (or recomputed cache entries), a stream cut at
+a tar boundary is truncated whatever its address, and `eval-merge`, `models`, the MM-GEM export
+and `--out` inside a brace-expanded `--data` refuse what they cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vla.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+WORLD = ["--set", "n_train=24", "--set", "n_val=8", "--set", "n_test=40", "--set", "image_size=32",
+         "--set", "shard_size=12", "--set", "workers=1"]
+REGIONS = ["--detector", "oracle", "--clip", "vla-micro-clip", "--set", "detect.imgsz=32", "--set", "shard_size=12",
+           "--set", "detect.batch_size=8"]
+TEACHER = ["--set", "epochs=1", "--set", "train.batch_size=8"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The one line a refused command printed (exit 2, no traceback)."""
+    text = result.output
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("train step ", "caching "))]
+    assert result.exit_code == 2, text
+    assert len(lines) == 1, text
+    assert "Traceback" not in text and "internal error" not in text, text
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """Two tiny worlds whose sample keys are the same and whose images and captions are not."""
+    root = tmp_path_factory.mktemp("worlds")
+    for name, seed in (("A", 0), ("B", 1)):
+        r = invoke("synth", "--out", root / name, *WORLD, "--set", f"seed={seed}")
+        assert r.exit_code == 0, r.output
+    return root / "A", root / "B"
+
+
+@pytest.fixture(scope="module")
+def regions_a(worlds):
+    out = worlds[0].parent / "regions-A"
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", out, *REGIONS)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_a(worlds, regions_a):
+    out = worlds[0].parent / "teacher-A"
+    r = invoke("train-teacher", "--regions", regions_a, "--data", worlds[0], "--out", out, *TEACHER)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+# --- 1. a detector .pt never runs code ----------------------------------------------------------
+
+
+class _WritesAFile:
+    """A pickle payload: unpickling it writes `path` (as an attacker's `.pt` would run anything)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('ran')",))
+
+
+def test_a_detector_pt_whose_pickle_runs_code_is_refused_by_name_before_it_runs(worlds, tmp_path):
+    """`precompute-regions --detector evil.pt`: exit 2, one line naming the file and the refused
+    global (`builtins.exec`), and the payload never ran (its file does not exist)."""
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _WritesAFile(marker), "train_args": {}}, evil)
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", tmp_path / "r", "--detector", evil,
+               "--clip", "vla-micro-clip")
+    line = one_line_error(r)
+    assert str(evil) in line and "builtins.exec" in line and "refused" in line
+    assert not marker.exists()
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_module_class_called_with_arguments_is_refused_at_load_time(tmp_path):
+    """An allowed class used as a function (its constructor would run with the pickle's arguments)
+    is refused by the restricted unpickler itself, beyond the scan of names."""
+    from vla.errors import UserError
+    from vla.models.safe_pickle import load_checkpoint
+    from vla.offline import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.nn.tasks import DetectionModel
+
+    class Calls:
+        def __reduce__(self):
+            return (DetectionModel, (str(tmp_path / "x.yaml"),))
+
+    torch.save({"model": Calls()}, tmp_path / "calls.pt")
+    with pytest.raises(UserError, match="calling ultralytics.nn.tasks.DetectionModel"):
+        load_checkpoint(tmp_path / "calls.pt", what="detector")
+
+
+def test_ultralytics_checkpoints_load_through_the_restricted_unpickler(tmp_path):
+    """A YOLO saved by ultralytics' own `.save()` loads through vla's unpickler with the weights,
+    class names and outputs ultralytics' own loader gives, without ultralytics reading the file."""
+    from vla.models.detector import load_detector
+    from vla.offline import import_ultralytics, torch_threads_kept
+
+    ultralytics = import_ultralytics()
+    with torch_threads_kept():
+        built = ultralytics.YOLO("yolov8n.yaml")
+    pt = tmp_path / "yolo.pt"
+    built.save(str(pt))
+    ours = load_detector(str(pt))
+    with torch_threads_kept():
+        theirs = ultralytics.YOLO(str(pt))
+    assert ours.task == "detect" and ours.model.names == theirs.model.names
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model.eval()(x)[0], theirs.model.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_train_detector_refuses_a_pretrained_weights_file(worlds, tmp_path):
+    """ultralytics would unpickle `overrides.pretrained` unrestricted: refused in one line."""
+    recipe = tmp_path / "det.yaml"
+    recipe.write_text("kind: train-detector\nmodel: yolov8n.yaml\noverrides:\n  pretrained: evil.pt\n")
+    r = invoke("train-detector", "--data", worlds[0], "--out", tmp_path / "d", "--recipe", recipe)
+    assert "overrides.pretrained" in one_line_error(r)
+
+
+# --- 2. a per-sample table from another data set is refused -------------------------------------
+
+
+def test_regions_of_another_world_are_refused_by_train_teacher(worlds, regions_a, tmp_path):
+    """Worlds A and B share their sample keys: A's regions with --data B are refused (the data
+    digest the table records is not B's), naming both; nothing is written."""
+    r = invoke("train-teacher", "--regions", regions_a, "--data", worlds[1], "--out", tmp_path / "t", *TEACHER)
+    line = one_line_error(r)
+    assert f"{regions_a} was built from other data" in line and str(worlds[1]) in line
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_teacher_of_another_world_is_refused_by_train_student(worlds, teacher_a, tmp_path):
+    """A teacher (and its regions) built from world A cannot train a student on world B."""
+    r = invoke("train-student", "--teacher", teacher_a, "--data", worlds[1], "--out", tmp_path / "s",
+               "--set", "train.batch_size=8", "--set", "train.steps=1")
+    line = one_line_error(r)
+    assert "was built from other data" in line and str(worlds[1]) in line
+    assert not (tmp_path / "s").exists()
