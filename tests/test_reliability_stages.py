@@ -159,3 +159,88 @@ def test_a_teacher_of_another_world_is_refused_by_train_student(worlds, teacher_
     line = one_line_error(r)
     assert "was built from other data" in line and str(worlds[1]) in line
     assert not (tmp_path / "s").exists()
+
+
+# --- 3. damaged files are one line naming the file (or, in the cache, recomputed) -----------------
+
+
+@pytest.fixture(scope="module")
+def yolo_artifact(tmp_path_factory):
+    """A train-detector artifact holding an untrained yolov8n (as `vla train-detector` stores it)."""
+    from vla.artifacts import ArtifactBuilder
+    from vla.models.region_detector import DETECTOR_DIR, save_yolo
+    from vla.offline import import_ultralytics, torch_threads_kept
+
+    ultralytics = import_ultralytics()
+    with torch_threads_kept():
+        model = ultralytics.YOLO("yolov8n.yaml")
+    out = tmp_path_factory.mktemp("yolo") / "detector"
+    with ArtifactBuilder(out, "train-detector", recipe={"model": "yolov8n.yaml"}) as art:
+        save_yolo(model, art.dir / DETECTOR_DIR)
+    return out
+
+
+@pytest.mark.parametrize("cut", ["a few bytes", "half"])
+def test_a_cut_detector_weights_file_is_one_line(worlds, yolo_artifact, tmp_path, cut):
+    """A train-detector artifact whose weights.safetensors is cut (by a few bytes, or to half its
+    size) is refused naming the file and `vla train-detector --force`."""
+    det = tmp_path / "detector"
+    shutil.copytree(yolo_artifact, det)
+    weights = det / "detector" / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-7] if cut == "a few bytes" else data[:len(data) // 2])
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", tmp_path / "r", "--detector", det,
+               "--clip", "vla-micro-clip")
+    line = one_line_error(r)
+    assert str(weights) in line and "vla train-detector --force" in line
+
+
+@pytest.mark.parametrize("content", [b"", b"random"])
+def test_an_empty_or_random_detector_pt_is_one_line(worlds, tmp_path, content):
+    """`--detector x.pt` that is empty or random bytes: one line naming the file, exit 2."""
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(os.urandom(4096) if content == b"random" else b"")
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", tmp_path / "r", "--detector", pt,
+               "--clip", "vla-micro-clip")
+    line = one_line_error(r)
+    assert str(pt) in line and ("empty" in line if not content else "not a readable torch zip" in line)
+
+
+@pytest.mark.parametrize("content", [b"", b"random"])
+def test_an_empty_or_random_clip_checkpoint_is_one_line(worlds, tmp_path, content):
+    """`--clip ARCH@x.pt` whose weights file is empty or random bytes: one line naming the file."""
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(os.urandom(4096) if content == b"random" else b"")
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", tmp_path / "r", "--detector", "oracle",
+               "--clip", f"vla-micro-clip@{pt}")
+    line = one_line_error(r)
+    assert str(pt) in line and ("empty" in line if not content else "damaged" in line)
+
+
+def test_a_cut_region_shard_is_one_line(worlds, regions_a, tmp_path):
+    """A regions table whose shard array is cut: train-teacher names the file and the rebuild."""
+    regions = tmp_path / "regions"
+    shutil.copytree(regions_a, regions)
+    emb = regions / "regions" / "shard-00000" / "emb.npy"
+    emb.write_bytes(emb.read_bytes()[:-100])
+    r = invoke("train-teacher", "--regions", regions, "--data", worlds[0], "--out", tmp_path / "t", *TEACHER)
+    line = one_line_error(r)
+    assert str(emb) in line and "vla precompute-regions --force" in line
+
+
+def test_a_cut_feature_cache_entry_is_computed_again(worlds, regions_a, teacher_a, tmp_path):
+    """A feature-cache entry whose features.npy is cut is recomputed by the next run (exit 0),
+    which leaves it whole again."""
+    import numpy as np
+
+    from vla.cache import cache_root
+
+    entries = [p for p in cache_root().glob("dclip.text_states-*")
+               if json.loads((p / "meta.json").read_text())["count"] == 24]
+    assert entries
+    features = entries[0] / "features.npy"
+    whole = np.load(features).shape
+    features.write_bytes(features.read_bytes()[:-1000])
+    r = invoke("train-teacher", "--regions", regions_a, "--data", worlds[0], "--out", tmp_path / "t", *TEACHER)
+    assert r.exit_code == 0, r.output
+    assert np.load(features).shape == whole
