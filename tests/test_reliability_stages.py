@@ -244,3 +244,29 @@ def test_a_cut_feature_cache_entry_is_computed_again(worlds, regions_a, teacher_
     r = invoke("train-teacher", "--regions", regions_a, "--data", worlds[0], "--out", tmp_path / "t", *TEACHER)
     assert r.exit_code == 0, r.output
     assert np.load(features).shape == whole
+
+
+# --- 4. a stream cut at a tar boundary is truncated, whatever its address --------------------------
+
+
+@pytest.mark.parametrize("cut", ["between members", "whole"])
+def test_a_piped_tar_cut_at_a_header_boundary_is_refused_like_a_local_one(tmp_path, cut):
+    """`--data 'pipe:cat SHARD'` where SHARD is cut exactly between two members (a 512-byte
+    boundary) is refused as truncated, as the same file read locally is; an intact one trains."""
+    import tarfile
+
+    from tests.test_reliability import PRETRAIN, write_shards
+
+    shard = write_shards(tmp_path / "d")[0]
+    if cut == "between members":
+        with tarfile.open(shard) as tar:
+            cut_at = tar.getmembers()[4].offset
+        assert cut_at % 512 == 0
+        shard.write_bytes(shard.read_bytes()[:cut_at])
+    r = invoke("pretrain", "--data", f"pipe:cat {shard}", "--out", tmp_path / "run", *PRETRAIN,
+               "--set", "train.steps=1", "--set", "train.batch_size=2")
+    if cut == "whole":
+        assert r.exit_code == 0, r.output
+        return
+    line = one_line_error(r)
+    assert f"pipe:cat {shard} is truncated (it ends at byte {cut_at}" in line and "re-download that shard" in line
