@@ -270,3 +270,94 @@ def test_a_piped_tar_cut_at_a_header_boundary_is_refused_like_a_local_one(tmp_pa
         return
     line = one_line_error(r)
     assert f"pipe:cat {shard} is truncated (it ends at byte {cut_at}" in line and "re-download that shard" in line
+
+
+# --- 5. eval-merge and models refuse what they cannot read or must not write --------------------
+
+
+@pytest.fixture()
+def eval_artifact(tmp_path):
+    """A directory with vla's results.json, as `vla eval` writes it."""
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"m": {"retrieval": {"mean_recall": 0.5}}}))
+    return d
+
+
+def test_eval_merge_never_writes_over_an_input(eval_artifact, tmp_path):
+    """--out equal to an input, inside it, or containing it is refused, and the input is unchanged."""
+    before = (eval_artifact / "results.json").read_bytes()
+    for out in (eval_artifact, eval_artifact / "merged", tmp_path):
+        line = one_line_error(invoke("eval-merge", eval_artifact, "--out", out))
+        assert f"--out {out}" in line and "never writes over its inputs" in line
+    assert (eval_artifact / "results.json").read_bytes() == before
+    assert not (eval_artifact / "merged").exists()
+
+
+def test_eval_merge_refuses_a_json_list_and_an_out_that_is_a_file(eval_artifact, tmp_path):
+    """A results directory holding a JSON list, and an --out that is an existing file, are one line each."""
+    results = tmp_path / "cb"
+    results.mkdir()
+    (results / "a.json").write_text("[1, 2]")
+    line = one_line_error(invoke("eval-merge", results, "--out", tmp_path / "m"))
+    assert str(results / "a.json") in line and "JSON list" in line
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep")
+    line = one_line_error(invoke("eval-merge", eval_artifact, "--out", taken))
+    assert "is an existing file" in line and taken.read_text() == "keep"
+
+
+def test_models_skips_a_list_shaped_manifest(tmp_path):
+    """`vla models DIR` where another tool left a list-shaped manifest.json lists DIR's models
+    and ignores that file (exit 0)."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('["not", "an", "artifact"]')
+    r = invoke("models", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "other" not in r.output.split("Also:")[-1]
+
+
+# --- 6. an MM-GEM export checks its tokenizer's [EMB]/[CAP] ids -----------------------------------
+
+
+def _swap_emb_and_cap(lm_dir: Path) -> None:
+    """Swap the `[EMB]` and `[CAP]` tokens in a saved tokenizer (each keeps the other's id)."""
+    for f in lm_dir.glob("*token*.json"):
+        text = f.read_text()
+        f.write_text(text.replace('"[EMB]"', '"@@@"').replace('"[CAP]"', '"[EMB]"').replace('"@@@"', '"[CAP]"'))
+
+
+@pytest.fixture(scope="module")
+def mmgem_artifact(tmp_path_factory):
+    """A joint-train artifact holding a tiny MM-GEM (vla-micro-clip tower + a tiny Llama)."""
+    from vla.artifacts import ArtifactBuilder
+    from vla.models.mmgem import MMGEMConfig, build_mmgem, save_mmgem
+
+    captions = ["a small red circle", "a large blue square", "two yellow stars", "the orange circle"]
+    model = build_mmgem("vla-micro-clip", None, captions, MMGEMConfig(max_text_tokens=8))
+    out = tmp_path_factory.mktemp("mmgem") / "joint"
+    with ArtifactBuilder(out, "joint-train", recipe={}) as art:
+        save_mmgem(model, art.dir / "model")
+        art.extra["mmgem"] = {"tokens": model.token_ids}
+    return out
+
+
+def test_an_mmgem_tokenizer_with_emb_and_cap_swapped_is_refused_by_export_and_load(mmgem_artifact, tmp_path):
+    """Swapped [EMB]/[CAP] (both present, at each other's ids): `vla export` refuses the artifact
+    and `vla.load` refuses an export, naming the tokens and the recorded ids."""
+    import vla
+    from vla.errors import UserError
+
+    broken = tmp_path / "joint"
+    shutil.copytree(mmgem_artifact, broken)
+    _swap_emb_and_cap(broken / "model" / "lm")
+    line = one_line_error(invoke("export", broken, "--out", tmp_path / "export"))
+    assert "mode tokens are not the ids" in line and "[EMB] is id" in line
+    assert not (tmp_path / "export").exists()
+
+    r = invoke("export", mmgem_artifact, "--out", tmp_path / "good")
+    assert r.exit_code == 0, r.output
+    vla.load(tmp_path / "good")  # intact: loads
+    _swap_emb_and_cap(tmp_path / "good" / "lm")
+    with pytest.raises(UserError, match=r"mode tokens are not the ids.*\[EMB\] is id"):
+        vla.load(tmp_path / "good")
