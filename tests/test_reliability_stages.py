@@ -361,3 +361,19 @@ def test_an_mmgem_tokenizer_with_emb_and_cap_swapped_is_refused_by_export_and_lo
     _swap_emb_and_cap(tmp_path / "good" / "lm")
     with pytest.raises(UserError, match=r"mode tokens are not the ids.*\[EMB\] is id"):
         vla.load(tmp_path / "good")
+
+
+# --- 7. --out inside a brace-expanded --data ------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["{00000..00001}.tar", "*.tar"])
+def test_out_inside_a_brace_expanded_data_is_refused_like_the_directory(worlds, spec):
+    """`--data 'W/train/{00000..00001}.tar' --out W/train/run` (or a glob) is refused as the plain
+    `--data W/train` is: the run would be written among the data's shards."""
+    train = worlds[0] / "train"
+    plain = one_line_error(invoke("pretrain", "--data", train, "--out", train / "run", "--model", "vla-micro-clip"))
+    line = one_line_error(invoke("pretrain", "--data", f"{train}/{spec}", "--out", train / "run",
+                                 "--model", "vla-micro-clip"))
+    assert f"--out {train / 'run'} lies inside the data input {train.resolve()}" in line
+    assert "lies inside the data input" in plain
+    assert not (train / "run").exists() and not (train / ".run.partial").exists()
