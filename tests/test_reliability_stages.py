@@ -140,6 +140,45 @@ def test_train_detector_refuses_a_pretrained_weights_file(worlds, tmp_path):
     assert "overrides.pretrained" in one_line_error(r)
 
 
+def test_train_detector_refuses_a_data_yaml_with_a_download_script(tmp_path):
+    """ultralytics would run a data.yaml's `download:` when its images are missing: refused in one
+    line before anything runs."""
+    marker = tmp_path / "payload-ran"
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n"
+                    f"download: open({str(marker)!r}, 'w').write('ran')\n")
+    r = invoke("train-detector", "--data", data, "--out", tmp_path / "d", "--recipe",
+               ROOT / "recipes/smoke/train-detector.yaml")
+    line = one_line_error(r)
+    assert str(data) in line and "download:" in line
+    assert not marker.exists()
+
+
+def test_a_label_cache_whose_pickle_runs_code_is_rebuilt_not_loaded(tmp_path):
+    """ultralytics' label cache (`labels/train.cache`, a pickle it loads with allow_pickle) is read
+    by the restricted unpickler during train-detector: a cache whose payload writes a file is not
+    loaded (ultralytics rebuilds it from the labels) and the run finishes."""
+    import numpy as np
+
+    from vla.models.safe_pickle import Refused, load_npy_object
+
+    r = invoke("synth", "--out", tmp_path / "w", *WORLD)
+    assert r.exit_code == 0, r.output
+    marker = tmp_path / "payload-ran"
+    cache = tmp_path / "w" / "yolo" / "labels" / "train.cache"
+    evil = np.empty((), dtype=object)
+    evil[()] = {"version": "x", "payload": _WritesAFile(marker)}
+    with open(cache, "wb") as f:
+        np.save(f, evil, allow_pickle=True)
+    with pytest.raises(Refused, match="builtins.exec"):
+        load_npy_object(cache)
+    r = invoke("train-detector", "--data", tmp_path / "w", "--out", tmp_path / "d", "--recipe",
+               ROOT / "recipes/smoke/train-detector.yaml", "--set", "epochs=1", "--set", "imgsz=32")
+    assert r.exit_code == 0, r.output
+    assert not marker.exists()
+    assert load_npy_object(cache)["version"] != "x"  # ultralytics wrote its own cache over it
+
+
 # --- 2. a per-sample table from another data set is refused -------------------------------------
 
 

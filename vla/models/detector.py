@@ -91,6 +91,24 @@ def _checkpoint_given(path: Path, ckpt: dict) -> Iterator[None]:
         tasks.torch_safe_load = unsafe
 
 
+@contextlib.contextmanager
+def restricted_label_caches() -> Iterator[None]:
+    """While ultralytics trains, its label caches (`labels/*.cache`, pickles it loads with
+    `allow_pickle=True`) are read by vla's restricted unpickler; a cache it refuses (or any
+    unreadable one) is rebuilt by ultralytics from the labels, as a stale cache is."""
+    from ultralytics.data import dataset
+
+    from vla.models.safe_pickle import load_npy_object
+
+    unsafe = getattr(dataset, "load_dataset_cache_file", None)
+    dataset.load_dataset_cache_file = load_npy_object
+    try:
+        yield
+    finally:
+        if unsafe is not None:
+            dataset.load_dataset_cache_file = unsafe
+
+
 def ultralytics_version() -> str:
     import ultralytics
 

@@ -32,6 +32,11 @@ Refused: every other global (`os.system`, `builtins.eval`, `subprocess.*`, `torc
 constructor), passing a class or function as an argument, appending or setting items on anything
 but a list/dict/set, object state that is not a plain dict, TorchScript archives and the legacy
 (non-zip) torch format.
+
+ultralytics' label caches (`labels/*.cache`, numpy object arrays it reads with
+`allow_pickle=True`) are read the same way while `vla train-detector` trains
+(`vla.models.detector.restricted_label_caches`): a cache that asks for more is not loaded, and
+ultralytics rebuilds it from the labels.
 """
 
 from __future__ import annotations
@@ -426,6 +431,28 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint") -> Any:
             AttributeError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{what} {path} is damaged ({type(e).__name__}: {first}); {fix}") from None
+
+
+def load_npy_object(path: str | Path) -> Any:
+    """The object a `.npy` of dtype object holds (as `np.load(allow_pickle=True).item()` gives it),
+    unpickled through the restricted unpickler; `Refused` (or numpy's error) for anything else.
+    Plain arrays are read without any pickle."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            _, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            _, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise Refused(f".npy format version {version}")
+        if not dtype.hasobject:
+            return np.load(path, allow_pickle=False)
+        data = f.read()
+    check_globals(data)
+    array = RestrictedUnpickler(io.BytesIO(data)).load()
+    return array.item() if isinstance(array, np.ndarray) and array.shape == () else array
 
 
 def _refusal(path: Path, what: str, global_: str) -> str:
