@@ -186,6 +186,8 @@ def _input_paths(inputs: Mapping[str, Any]) -> list[tuple[str, Path]]:
         path = Path(str(ref)).expanduser()
         if path.exists():
             found.append((what, path.resolve()))
+        else:  # a shard specification (`W/train/{00000..00009}.tar`): its shards' directories, as --data W/train
+            found.extend((what, d) for d in _shard_spec_dirs(str(ref)))
 
     for role, ref in inputs.items():
         if isinstance(ref, Artifact):
@@ -200,6 +202,31 @@ def _input_paths(inputs: Mapping[str, Any]) -> list[tuple[str, Path]]:
         for _, ancestor, r in lineage(manifest or {}):
             add(f"{ancestor} (in the lineage of {role})", r.get("path"))
     return found
+
+
+def _shard_spec_dirs(spec: str) -> list[Path]:
+    """The directories holding the local files a shard specification names (brace ranges, `::`
+    lists, globs, as `--data` takes them); none for anything else."""
+    import glob
+    from urllib.parse import urlparse
+
+    if not any(c in spec for c in "{*?[") and "::" not in spec:
+        return []
+    try:
+        from webdataset.shardlists import expand_urls
+
+        urls = expand_urls(spec)
+    except Exception:  # not a specification webdataset reads: nothing local to protect
+        return []
+    dirs: dict[Path, None] = {}
+    for url in urls:
+        if urlparse(url).scheme not in ("", "file"):
+            continue
+        local = url.removeprefix("file://").removeprefix("file:")
+        for m in (glob.glob(local) if glob.has_magic(local) else [local]):
+            if Path(m).is_file():
+                dirs[Path(m).resolve().parent] = None
+    return list(dirs)
 
 
 def _nearest_existing(path: Path) -> Path:

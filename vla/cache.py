@@ -220,8 +220,11 @@ def _plan(root: Path, name: str, texts: Callable[[], Iterable[Row]], model_ident
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
         stem = f"{name.replace('/', '_')}-{key}"
         if (root / stem / "meta.json").is_file():
-            shutil.rmtree(build, ignore_errors=True)
-            return {"stem": stem, "hit": True, "count": count}
+            if _entry_intact(root / stem, count):
+                shutil.rmtree(build, ignore_errors=True)
+                return {"stem": stem, "hit": True, "count": count}
+            log.warning("feature cache entry %s is damaged (a cut or missing file); computing it again", root / stem)
+            shutil.rmtree(root / stem, ignore_errors=True)
         duplicate = _merge_runs(runs, build / "index.npy", count)
         for run_file in runs:
             run_file.unlink()
@@ -231,6 +234,13 @@ def _plan(root: Path, name: str, texts: Callable[[], Iterable[Row]], model_ident
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+def _entry_intact(entry: Path, count: int) -> bool:
+    """Whether an entry's tables read whole: `features.npy` (count, D) and `index.npy` (count, 3)."""
+    from vla.data.npy import npy_intact
+
+    return npy_intact(entry / "features.npy", (count, None)) and npy_intact(entry / "index.npy", (count, 3))
 
 
 def _write_run(path: Path, digests: bytearray, end: int) -> Path:

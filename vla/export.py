@@ -108,7 +108,7 @@ def check_mmgem_source(art: Artifact) -> None:
     if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / LM_DIR).is_dir():
         raise UserError(f"{model_dir}: no {CONFIG_FILE} and {LM_DIR}/ (save_mmgem's layout); the artifact is "
                         f"damaged, rebuild it with `vla {art.kind} ... --force`")
-    recorded = list((art.manifest.get("mmgem") or {}).get("tokens") or json.loads(
+    recorded = dict((art.manifest.get("mmgem") or {}).get("tokens") or json.loads(
         (model_dir / CONFIG_FILE).read_text())["tokens"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir / LM_DIR, local_files_only=True)

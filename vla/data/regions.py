@@ -140,6 +140,22 @@ class _Shard:
     keys: list[str]
 
 
+def _open_shard(d: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A shard's arrays (memory-mapped) and keys; UserError naming a damaged or missing file."""
+    from vla.data.npy import open_npy
+
+    fix = f"the regions table {d.parent} is damaged: rebuild it with `vla precompute-regions --force`"
+    arrays = {a: open_npy(d / f"{a}.npy", fix=fix) for a in ARRAYS}
+    try:
+        keys = json.loads((d / "keys.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{d / 'keys.json'} cannot be read ({type(e).__name__}); {fix}") from None
+    offsets = arrays["offsets"]
+    if len(offsets) != len(keys) + 1 or len(arrays["global"]) != len(keys) or int(offsets[-1]) > len(arrays["emb"]):
+        raise UserError(f"{d} holds arrays of inconsistent lengths ({len(keys)} keys); {fix}")
+    return arrays, keys
+
+
 @dataclass
 class RegionStore:
     """The regions table, memory-mapped; `lookup(keys)` gives padded batches for the teacher."""
@@ -158,8 +174,7 @@ class RegionStore:
         shards, index = [], {}
         for s, name in enumerate(meta["shards"]):
             d = root / name
-            arrays = {a: np.load(d / f"{a}.npy", mmap_mode="r") for a in ARRAYS}
-            keys = json.loads((d / "keys.json").read_text())
+            arrays, keys = _open_shard(d)
             shards.append(_Shard(arrays, keys))
             index.update((k, (s, row)) for row, k in enumerate(keys))
         return cls(root, meta, shards, index)

@@ -176,6 +176,11 @@ def _check_end_of_archive(shard: Path, end: int, n_records: int) -> None:
     with open(shard, "rb") as f:
         f.seek(end)
         block = f.read(tarfile.BLOCKSIZE)
+    _refuse_unended(shard, end, block, n_records)
+
+
+def _refuse_unended(shard: Path | str, end: int, block: bytes, n_records: int) -> None:
+    """UserError unless `block`, the bytes at `end` (after the last member), is a zero block."""
     if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
         return
     what = "ends" if not block else ("is cut inside a header" if len(block) < tarfile.BLOCKSIZE
@@ -183,6 +188,36 @@ def _check_end_of_archive(shard: Path, end: int, n_records: int) -> None:
     samples = f"{n_records} sample{'' if n_records == 1 else 's'}"
     raise UserError(f"{shard} is truncated (it {what} at byte {end}, after {samples}, without the tar "
                     f"end-of-archive blocks); re-write or re-download that shard")
+
+
+class _TailReader:
+    """A read-only stream that counts the bytes read through it and keeps the last `keep` of them,
+    so that the block after a streamed archive's last member can be checked (it cannot be sought)."""
+
+    def __init__(self, raw: Any, keep: int = 1 << 16):
+        self.raw, self.keep, self.pos, self.tail, self.tail_start = raw, keep, 0, bytearray(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.pos += len(data)
+        self.tail += data
+        if len(self.tail) > self.keep:
+            cut = len(self.tail) - self.keep
+            del self.tail[:cut]
+            self.tail_start += cut
+        return data
+
+    def drain(self, limit: int = 1 << 20) -> None:
+        """Read on to the end of the stream (at most `limit` more bytes: padding is short)."""
+        start = self.pos
+        while self.pos - start < limit and self.read(1 << 16):
+            pass
+
+    def block_at(self, offset: int) -> bytes:
+        """The (up to) 512 bytes from `offset`; a non-zero block when they are no longer kept."""
+        if offset < self.tail_start:
+            return b"\1" * tarfile.BLOCKSIZE
+        return bytes(self.tail[offset - self.tail_start: offset - self.tail_start + tarfile.BLOCKSIZE])
 
 
 @dataclass
@@ -201,7 +236,7 @@ def stream_shard(url: str) -> list[StreamedRecord]:
 
     records: list[StreamedRecord] = []
     try:
-        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=(reader := _TailReader(stream)), mode="r|") as tar:
             for m in tar:
                 match = _MEMBER_NAME.match(m.name)
                 if not m.isfile() or match is None:
@@ -211,8 +246,11 @@ def stream_shard(url: str) -> list[StreamedRecord]:
                     records.append(StreamedRecord(url, key, {}))
                 f = tar.extractfile(m)
                 records[-1].members.setdefault(ext, f.read() if f is not None else b"")
+            end = tar.offset  # the block after the last member: a stream cut there reads as a shorter one
+            reader.drain()
     except (tarfile.TarError, OSError, ValueError) as err:
         raise UserError(f"{url}: cannot read it as a tar shard ({err}); check the address or the command") from None
+    _refuse_unended(url, end, reader.block_at(end), len(records))
     return records
 
 

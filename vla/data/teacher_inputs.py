@@ -148,7 +148,22 @@ def data_of(art) -> str:
 
 
 def check_keys(store, keys: Sequence[str], data: Path, regions_path) -> None:
+    """Refuse a regions table built from other data than `data`, or lacking some of its keys."""
+    from vla.data.lineage import check_built_from
+
+    check_built_from(regions_path, store.meta.get("data_digest"), _recorded_data(regions_path), data,
+                     f"vla precompute-regions --data {data} --force")
     missing = [k for k in keys if k not in store]
     if missing:
         raise UserError(f"{len(missing)} samples of {data} (e.g. {missing[0]!r}) are not in the regions table "
                         f"{regions_path}; build the table from the same data with `vla precompute-regions`")
+
+
+def _recorded_data(artifact_path) -> str | None:
+    """The data path an artifact's manifest records, for messages."""
+    import json
+
+    try:
+        return json.loads((Path(artifact_path) / "manifest.json").read_text())["inputs"]["data"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -48,12 +48,19 @@ def read_results(path: str | Path) -> list[tuple[str, str, dict]]:
     if not path.exists():
         raise UserError(f"{path} does not exist; pass eval artifacts or CLIP_benchmark JSON files")
     if path.is_dir() and (path / "results.json").exists():
-        return [(model, s, dict(m)) for model, per_set in _read_json(path / "results.json").items()
-                for s, m in per_set.items()]
+        results = _read_json(path / "results.json")
+        if not (isinstance(results, dict) and all(isinstance(v, dict) and all(isinstance(m, dict) for m in v.values())
+                                                  for v in results.values())):
+            raise UserError(f"{path / 'results.json'} is not vla's {{model: {{set: metrics}}}} object; pass an eval "
+                            f"artifact that `vla eval` wrote")
+        return [(model, s, dict(m)) for model, per_set in results.items() for s, m in per_set.items()]
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
     entries = []
     for f in files:
         data = _read_json(f)
+        if not isinstance(data, dict):
+            raise UserError(f"{f} holds a JSON {type(data).__name__}, not a result object; eval-merge reads eval "
+                            f"artifacts and CLIP_benchmark result files: move it out of {path} or pass those files")
         if {"dataset", "model", "metrics"} <= set(data):
             entries.append(_clip_benchmark_entry(data))
     if not entries:
@@ -84,11 +91,27 @@ def write_benchmark_csv(results: Results, path: str | Path) -> None:
         writer.writerows(rows)
 
 
+def _check_out(inputs: Sequence[str | Path], out: Path) -> None:
+    """Refuse an --out that is a file, or that is, lies inside or contains an input: the merged
+    results.json and report would overwrite or mix with the results they are made from."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; --out names a directory for the merged table: "
+                        f"choose another path")
+    target = out.resolve()
+    for path in inputs:
+        p = Path(path).resolve()
+        if target == p or target.is_relative_to(p) or p.is_relative_to(target):
+            how = "is" if target == p else "lies inside" if target.is_relative_to(p) else "contains"
+            raise UserError(f"--out {out} {how} the input {path}; eval-merge never writes over its inputs: "
+                            f"choose an --out outside them")
+
+
 def merge(inputs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Merge `inputs` and write the table, chart, results.json and benchmark.csv into `out`."""
     if not inputs:
         raise UserError("vla eval-merge needs at least one input (eval artifacts or "
                         "CLIP_benchmark result files)")
+    _check_out(inputs, Path(out))
     results = merge_results(inputs)
     files = write_report(results, out)
     files["benchmark.csv"] = Path(out) / "benchmark.csv"

@@ -121,6 +121,8 @@ def model_artifacts(dirs: list[Path]) -> list[tuple[str, str, str]]:
                 m = json.loads(manifest.read_text())
             except (OSError, ValueError):
                 continue
+            if not isinstance(m, dict):  # another tool's manifest.json (a list, a string): not an artifact
+                continue
             if m.get("kind") in MODEL_KINDS:
                 out.append((str(manifest.parent), m["kind"], m.get("created", "")))
     return out

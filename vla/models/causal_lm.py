@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -130,8 +130,10 @@ def add_mode_tokens(lm: torch.nn.Module, tokenizer: Any, extra: Sequence[str] = 
     return {t: tokenizer.convert_tokens_to_ids(t) for t in wanted}
 
 
-def check_mode_tokens(tokenizer: Any, tokens: Sequence[str], where: str) -> None:
-    """Refuse a tokenizer that lacks special tokens an artifact recorded (before any compute)."""
+def check_mode_tokens(tokenizer: Any, tokens: Sequence[str] | Mapping[str, int], where: str) -> None:
+    """Refuse a tokenizer that lacks special tokens an artifact recorded, or (given token → id, as
+    `mmgem.json` records them) maps one to another id: the LM's rows for [EMB] and [CAP] would be
+    read for the wrong mode (before any compute)."""
     vocab = tokenizer.get_vocab()
     absent = [t for t in tokens if t not in vocab]
     if absent:
@@ -139,6 +141,13 @@ def check_mode_tokens(tokenizer: Any, tokens: Sequence[str], where: str) -> None
             f"{where}: the tokenizer lacks {', '.join(absent)}, which this MM-GEM model was trained with; "
             "load the LM and tokenizer saved beside it (save_pretrained), not the base model"
         )
+    if isinstance(tokens, Mapping):
+        moved = [f"{t} is id {vocab[t]}, recorded {i}" for t, i in tokens.items() if vocab[t] != int(i)]
+        if moved:
+            raise UserError(
+                f"{where}: the tokenizer's mode tokens are not the ids this MM-GEM model was trained with "
+                f"({'; '.join(moved[:3])}); load the tokenizer saved beside it, unmodified, or re-export the model"
+            )
 
 
 def set_lm_checkpointing(lm: torch.nn.Module, enable: bool = True) -> None:

@@ -1,14 +1,18 @@
 """Object detectors through ultralytics (DCLIP's region proposals).
 
 A name is an alias (`yolov8x`), a model `.yaml` (built from ultralytics' own configs, random init,
-offline) or a `.pt` checkpoint on disk. ultralytics checkpoints are full pickles that ultralytics
-itself loads; vla only makes sure the file is there instead of letting ultralytics try to download.
+offline) or a `.pt` checkpoint on disk. ultralytics checkpoints are pickles of its model classes,
+which ultralytics' own loader unpickles unrestricted; vla reads a `.pt` itself through the
+restricted unpickler of `vla.models.safe_pickle` (a pickle that asks for anything but torch, numpy,
+ultralytics model classes and plain values is refused by name, before any of it runs) and hands
+the objects to ultralytics, so ultralytics never reads the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from PIL import Image
 
@@ -41,10 +45,74 @@ def load_detector(name: str) -> Any:
         raise UserError(f"detector {name!r}: expected a YOLO .pt checkpoint or a model .yaml")
     ultralytics = import_ultralytics()
     with torch_threads_kept():
+        if path.suffix == ".pt" and path.is_file():
+            return _yolo_from_checkpoint(ultralytics, path)
         try:
             return ultralytics.YOLO(str(path) if path.exists() else target)
         except FileNotFoundError as err:
             raise UserError(f"detector {target}: {err}") from err
+
+
+def _yolo_from_checkpoint(ultralytics: Any, path: Path) -> Any:
+    """A YOLO from a `.pt` read by vla's restricted unpickler; ultralytics gets the objects, not the file."""
+    import torch
+
+    from vla.models.safe_pickle import load_checkpoint
+
+    ckpt = load_checkpoint(path, what="detector")
+    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"detector {path} is a torch file without an ultralytics model in it (no 'model' or "
+                        f"'ema' module); pass the .pt that YOLO(...).save() or ultralytics' trainer writes")
+    with _checkpoint_given(path, ckpt):
+        return ultralytics.YOLO(str(path))
+
+
+@contextlib.contextmanager
+def _checkpoint_given(path: Path, ckpt: dict) -> Iterator[None]:
+    """While YOLO(path) is built, ultralytics' file reader returns `ckpt` instead of unpickling `path`
+    (its model-compatibility steps still run); any other file it would read is refused."""
+    from ultralytics.nn import tasks
+
+    if not hasattr(tasks, "torch_safe_load"):
+        raise UserError(f"detector {path}: this ultralytics {ultralytics_version()} has no torch_safe_load, which "
+                        f"vla replaces to load .pt files safely; install ultralytics 8.2 to 8.4")
+    unsafe = tasks.torch_safe_load
+
+    def given(weight: Any, *args: Any, **kwargs: Any) -> tuple[dict, str]:
+        if Path(str(weight)).resolve() != path.resolve():
+            raise UserError(f"ultralytics asked to unpickle {weight} while loading {path}; refused")
+        return ckpt, str(weight)
+
+    tasks.torch_safe_load = given
+    try:
+        yield
+    finally:
+        tasks.torch_safe_load = unsafe
+
+
+@contextlib.contextmanager
+def restricted_label_caches() -> Iterator[None]:
+    """While ultralytics trains, its label caches (`labels/*.cache`, pickles it loads with
+    `allow_pickle=True`) are read by vla's restricted unpickler; a cache it refuses (or any
+    unreadable one) is rebuilt by ultralytics from the labels, as a stale cache is."""
+    from ultralytics.data import dataset
+
+    from vla.models.safe_pickle import load_npy_object
+
+    unsafe = getattr(dataset, "load_dataset_cache_file", None)
+    dataset.load_dataset_cache_file = load_npy_object
+    try:
+        yield
+    finally:
+        if unsafe is not None:
+            dataset.load_dataset_cache_file = unsafe
+
+
+def ultralytics_version() -> str:
+    import ultralytics
+
+    return getattr(ultralytics, "__version__", "?")
 
 
 def detect(

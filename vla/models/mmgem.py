@@ -651,7 +651,7 @@ def load_mmgem(path: str | Path, *, device: str = "cpu") -> MMGEM:
             f"expected {FORMAT} v{FORMAT_VERSION}; re-export it with this vla version"
         )
     tokenizer = AutoTokenizer.from_pretrained(directory / LM_DIR, local_files_only=True)
-    check_mode_tokens(tokenizer, list(meta["tokens"]), str(directory / LM_DIR))
+    check_mode_tokens(tokenizer, dict(meta["tokens"]), str(directory / LM_DIR))
     lm = AutoModelForCausalLM.from_pretrained(directory / LM_DIR, local_files_only=True, dtype=torch.float32)
     model_cfg = meta["vision"]["model_cfg"]
     visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))

@@ -57,8 +57,14 @@ def load_yolo_dir(directory: Path) -> Any:
     ultralytics = import_ultralytics()
     with torch_threads_kept():
         model = ultralytics.YOLO(str(configs[0]), task="detect")
-    model.model.load_state_dict(load_state_dict(directory / WEIGHTS_FILE))
-    model.model.names = {int(k): v for k, v in json.loads((directory / NAMES_FILE).read_text()).items()}
+    fix = "rebuild the detector with `vla train-detector --force`"
+    try:
+        model.model.load_state_dict(load_state_dict(directory / WEIGHTS_FILE, fix=fix))
+        names = json.loads((directory / NAMES_FILE).read_text())
+    except (RuntimeError, OSError, ValueError) as err:  # weights of another shape, a missing or cut names.json
+        raise UserError(f"{directory} does not load ({(str(err).splitlines() or [type(err).__name__])[0]}); "
+                        f"{fix}") from None
+    model.model.names = {int(k): v for k, v in names.items()}
     model.model.float().eval()
     return model
 

@@ -55,6 +55,9 @@ class TrainDetectorRecipe:
                     "exist_ok", "resume", "model"} & set(self.overrides)
         if reserved:
             raise UserError(f"overrides.{sorted(reserved)[0]} is set by vla; use the recipe's own key or option")
+        if isinstance(self.overrides.get("pretrained"), str):  # ultralytics would unpickle it unrestricted
+            raise UserError(f"overrides.pretrained={self.overrides['pretrained']!r}: ultralytics loads a weights file "
+                            f"by running its pickle; vla trains from the model config only: drop it")
 
 
 def yolo_data_yaml(data: Path) -> tuple[Path, dict]:
@@ -65,17 +68,38 @@ def yolo_data_yaml(data: Path) -> tuple[Path, dict]:
         path = art.path / "yolo" / "data.yaml"
         if not path.is_file():
             raise UserError(f"{data} has no YOLO copy (yolo/data.yaml); rebuild it with a newer `vla synth --force`")
+        _refuse_download_script(path)
         return path, {"data": art}
     if data.suffix in (".yaml", ".yml") and data.is_file():
         from vla.artifacts import sha256_file
 
+        _refuse_download_script(data)
         return data, {"data": {"path": str(data), "kind": "yolo-data", "digest": sha256_file(data)}}
     raise UserError(f"--data {data} is neither a synth artifact nor an ultralytics data .yaml; make the world "
                     f"with `vla synth --out {data}` or pass the path of a YOLO data.yaml")
 
 
+def _refuse_download_script(data_yaml: Path) -> None:
+    """ultralytics runs a data.yaml's `download:` (Python, a shell command or a URL) when its
+    images are missing: vla never lets a data file run code or fetch data."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(data_yaml.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{data_yaml} is not a readable YAML file ({type(err).__name__}); pass an ultralytics "
+                        f"detection data.yaml") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{data_yaml} is not an ultralytics data.yaml (a mapping with path, train, val, names)")
+    if spec.get("download"):
+        raise UserError(f"{data_yaml} has a `download:` entry, which ultralytics would run (Python, a shell "
+                        f"command or a URL) when the images are missing; fetch the data yourself and remove "
+                        f"that entry")
+
+
 def run(cfg: TrainDetectorRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
+    from vla.models.detector import restricted_label_caches
     from vla.models.region_detector import save_yolo
     from vla.offline import import_ultralytics, torch_threads_kept
 
@@ -87,7 +111,7 @@ def run(cfg: TrainDetectorRecipe, data: Path, out: Path, *, force: bool = False,
         # guess, e.g. the git repository's runs/), outside the artifact
         work = (art.dir / "ultralytics").resolve()
         shutil.rmtree(work, ignore_errors=True)  # a rerun after a crash trains again from the start
-        with torch_threads_kept():
+        with torch_threads_kept(), restricted_label_caches():
             model = ultralytics.YOLO(cfg.model, task="detect")
             try:
                 model.train(data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
