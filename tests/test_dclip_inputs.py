@@ -68,7 +68,7 @@ class World:
                                np.array([0.8, 0.7], np.float32), np.array([-1, -1], np.int32),
                                np.array([0.06, 0.05], np.float32)) for i in range(N)]
         write_shard(root, 0, images, self.dim, {})
-        write_index(root, {"dim": self.dim, "top_k": None, "clip": "micro", "detector": "synthetic"})
+        write_index(root, {"dim": self.dim, "top_k": 2, "clip": "micro", "detector": "synthetic"})
         return RegionStore.open(root)
 
     def inputs(self, rows, store=None, text_only=False, leak=False):
