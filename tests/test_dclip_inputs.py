@@ -168,3 +168,17 @@ def test_text_alone_does_not_reach_the_target(world):
     _, leaked = world.train(text_only=True, leak=True)
     assert text_only > with_regions + 0.3, (text_only, with_regions)
     assert text_only - leaked > 0.55, (text_only, leaked)
+
+
+def test_caption_draw_is_per_epoch_and_seeded_by_key():
+    """train-teacher's `caption_index` is the draw train-student's transform makes first under the
+    data stream's per-sample seed (seed, epoch, key), and it changes from epoch to epoch."""
+    from vla.data.stream import sample_seed
+    from vla.data.teacher_inputs import caption_index
+
+    for key in ("000001", "000002", "abc"):
+        for epoch in range(4):
+            torch.manual_seed(sample_seed(7, epoch, key))
+            assert caption_index(7, epoch, key, 5) == int(torch.randint(5, ()))
+    assert len({caption_index(7, epoch, "000001", 5) for epoch in range(20)}) > 1
+    assert caption_index(7, 3, "abc", 1) == 0

@@ -60,9 +60,11 @@ class TextTower:
 
     @classmethod
     def on(cls, clip, device) -> "TextTower":
+        """The CLIP frozen, in eval mode, on `device` (a stage that trains its image tower sets that
+        tower back to train mode afterwards)."""
         for p in clip.model.parameters():
             p.requires_grad_(False)
-        clip.model.to(device)
+        clip.model.to(device).eval()
         return cls(clip)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -73,13 +75,7 @@ class TextTower:
         """(token states (B, L, D), mask (B, L), pooled u (B, D)), see `clip_text_states`."""
         from vla.models.dclip import clip_text_states
 
-        model = self.clip.model
-        was_training = model.training
-        model.eval()
-        try:
-            return clip_text_states(model, token_ids)
-        finally:
-            model.train(was_training)
+        return clip_text_states(self.clip.model, token_ids)
 
 
 def teacher_inputs(regions: dict[str, torch.Tensor], states: torch.Tensor, mask: torch.Tensor,

@@ -235,6 +235,10 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
 
 EPOCH_EVAL_LOG = "epoch_eval.jsonl"
 EPOCH_SNAPSHOTS = "epoch-snapshots"   # the image tower at each epoch's end, until it is evaluated
+#: the curves: (set suffix, metric) → label
+EPOCH_SERIES = {("retrieval", "image_retrieval_recall@1"): "text→image R@1",
+                ("retrieval", "text_retrieval_recall@1"): "image→text R@1",
+                ("zeroshot", "acc1"): "zero-shot top-1"}
 
 
 def _snapshot_name(epoch: int) -> str:
