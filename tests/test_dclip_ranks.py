@@ -119,3 +119,24 @@ def test_student_epoch_eval_labels_on_two_ranks(teachers, tmp_path):
     assert m["counts"]["train"]["steps"] == 8
     assert [(r["epoch"], r["step"]) for r in m["epoch_eval"]] == [(0, 0), (1, 4), (2, 8)]
     assert not (out / "epoch-snapshots").exists()
+
+
+def test_precompute_regions_splits_its_shards_over_two_ranks(regions, tmp_path):
+    """Under torchrun each rank encodes its own shards (s % 2 == rank); the table is the one-rank
+    table, shard for shard."""
+    import numpy as np
+
+    d = regions
+    args = ["precompute-regions", "--data", d / "world", "--detector", "oracle", "--clip", f"local-dir:{d / 'clip'}",
+            "--set", "detect.imgsz=64", "--set", "shard_size=10", "--set", "device=cpu"]
+    _run([*args, "--out", tmp_path / "r1"], 1)
+    _run([*args, "--out", tmp_path / "r2"], 2)
+    m1, m2 = _manifest(tmp_path / "r1"), _manifest(tmp_path / "r2")
+    assert m2["counts"]["ranks"] == 2 and m1["counts"]["images"] == m2["counts"]["images"] == N_TRAIN
+    shards = sorted(p.name for p in (tmp_path / "r1" / "regions").glob("shard-*"))
+    assert len(shards) == 4 and shards == sorted(p.name for p in (tmp_path / "r2" / "regions").glob("shard-*"))
+    for shard in shards:
+        for name in ("emb", "global", "boxes", "offsets", "conf", "area"):
+            a = np.load(tmp_path / "r1" / "regions" / shard / f"{name}.npy")
+            b = np.load(tmp_path / "r2" / "regions" / shard / f"{name}.npy")
+            assert np.allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-3), (shard, name)

@@ -150,11 +150,6 @@ def regions_of_batch(detector, clip, samples, cfg: PrecomputeRegionsRecipe, coun
     return out
 
 
-def _shard_count(source, shard_size: int) -> int:
-    """How many table shards the data's records make (record handles only: nothing is read)."""
-    return -(-sum(1 for _ in _records(source)) // shard_size)
-
-
 def _records(source):
     for f in source.files:
         yield from source.records(f)
@@ -183,19 +178,22 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
     inputs = {**td.inputs, "detector": detector.reference, "clip": clip_ref}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=inputs, force=force, command=command) as art:
         root = art.dir / REGIONS_DIR
-        done = set(finished_shards(root))
-        done |= {i for i in range(_shard_count(source, cfg.shard_size)) if i % dist.world_size != dist.rank}
+        finished = set(finished_shards(root))
+
+        def skip(i: int) -> bool:  # a shard a previous run finished, or another rank's
+            return i in finished or i % dist.world_size != dist.rank
+
         t0, images = time.perf_counter(), 0
         shard, batch, pending = 0, [], []
         counts = _new_counts()
         for n, record in enumerate(_records(source)):
             if n // cfg.shard_size != shard:  # the previous shard's records are all read
-                if shard not in done:
+                if not skip(shard):
                     images += _flush(detector, clip, cfg, batch, pending, counts)
                     write_shard(root, shard, pending, clip.embed_dim, counts)
                 shard, batch, pending, counts = n // cfg.shard_size, [], [], _new_counts()
-            if shard in done:
-                continue  # resumed: this record is in a finished shard
+            if skip(shard):
+                continue  # a shard a previous run finished, or another rank's
             skips = SkipCounter()
             sample = source.load(record, skips)
             _add_skips(counts, skips)
@@ -203,7 +201,7 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
                 batch.append(sample)
                 if len(batch) == cfg.detect.batch_size:
                     images += _flush(detector, clip, cfg, batch, pending, counts)
-        if shard not in done:
+        if not skip(shard):
             images += _flush(detector, clip, cfg, batch, pending, counts)
             write_shard(root, shard, pending, clip.embed_dim, counts)
         wall = time.perf_counter() - t0
