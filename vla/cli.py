@@ -447,6 +447,8 @@ def precompute_regions(
 
     cfg = _load_recipe(PrecomputeRegionsRecipe, "precompute-regions", recipe, set_, {"detector": detector, "clip": clip})
     art = run(cfg, data, out, force=force, command=_command())
+    if art is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     m = art.manifest
     console.print(f"[green]✓[/] precompute-regions → {art.path}  ({m['timings']['wall_s']:.1f} s, "
                   f"{m['timings']['images_per_s']:.1f} images/s)")
@@ -467,7 +469,7 @@ def train_teacher(
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
 ) -> None:
-    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on cached features."""
+    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on frozen features."""
     from vla.stages.train_teacher import TrainTeacherRecipe, run
 
     cfg = _load_recipe(TrainTeacherRecipe, "train-teacher", recipe, set_,
