@@ -20,7 +20,7 @@ bidirectional attention": each stream τ-pooled from its own inputs, then ½/½)
 nothing to train, so the stage only measures its loss over one epoch and writes it for every
 epoch. The teacher is saved after every epoch (`teacher/teacher-epochNNN.safetensors`, N counting
 whole epochs of optimizer steps): DCLIP's "sweet spot" is a teacher trained 2–3 epochs, not to
-convergence, so `train-student --teacher-epoch` picks one.
+convergence, so `train-student --epoch` picks one.
 """
 
 from __future__ import annotations
