@@ -491,8 +491,11 @@ def precompute_regions(
     **shared: Any,
 ) -> None:
     """DCLIP: detect regions, encode each crop with the frozen CLIP, store them by sample key."""
-    m = run_stage("precompute-regions", locals()).manifest
-    console.print(f"[green]✓[/] precompute-regions → {out}  ({m['timings']['wall_s']:.1f} s, "
+    art = run_stage("precompute-regions", locals())
+    if art is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    m = art.manifest
+    console.print(f"[green]✓[/] precompute-regions → {art.path}  ({m['timings']['wall_s']:.1f} s, "
                   f"{m['timings']['images_per_s']:.1f} images/s)")
     console.print(f"  images: {m['counts']['images']}  regions: {m['counts']['regions']}  "
                   f"no detection: {m['counts']['no_detection']}  boxes dropped: {m['counts']['boxes_dropped']}",
@@ -508,7 +511,7 @@ def train_teacher(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; a teacher is saved after each (train.steps = epochs × images // batch)."),
     **shared: Any,
 ) -> None:
-    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on cached features."""
+    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on frozen features."""
     art = run_stage("train-teacher", locals())
     _print_done(art)
     if art is not None:

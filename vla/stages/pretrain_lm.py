@@ -1,6 +1,6 @@
 """`vla pretrain-lm`: the embedded world's LM learns its language before MM-GEM joins it to images.
 
-Story: MM-GEM (METHODS.md §3) starts from TinyLlama, an LM that already writes English; the
+Story: MM-GEM (docs/methods.md §3) starts from TinyLlama, an LM that already writes English; the
 embedded default has no such LM, so it pre-trains one, as `vla pretrain` pre-trains the small
 CLIP the curricula start from. Training captions (short and long) of `--data` →
 
