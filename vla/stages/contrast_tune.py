@@ -194,7 +194,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         info = loss_fn(img, txt, scale)
         out = {"loss": info, "info": info.detach(), "logit_scale": scale.detach()}
         if use_reg:
-            reg = self_distillation_loss(img, img_t)["loss"]
+            reg = self_distillation_loss(img, img_t, rank=dist.rank, world_size=dist.world_size)["loss"]
             out.update(loss=info + cfg.reg_weight * reg, reg=reg.detach())
         return out
 

@@ -121,7 +121,8 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     def step(model, b):
         s = F.normalize(model(b["phi.short"]), dim=-1)
         s2 = F.normalize(model(b["phi.second"]), dim=-1) if two else None
-        return distill_loss(s, b["teacher.short"], s2, b.get("teacher.second"))
+        return distill_loss(s, b["teacher.short"], s2, b.get("teacher.second"), rank=dist.rank,
+                            world_size=dist.world_size)
 
     recipe = {**asdict(cfg), "teacher_identity": teacher_id}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=_inputs(td, cfg.teacher), force=force,
