@@ -361,9 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU is visible here, so there is nothing to check; run it on a GPU "
-              "machine (`python -m vla.gpucheck --device cpu` self-tests the script at tiny sizes).")
-        return 0
+        from vla.distributed import unusable_gpu_message
+
+        unusable = unusable_gpu_message()
+        if unusable:  # the case that must never pass: a GPU is there, torch cannot use it
+            print(f"gpu-check FAILED: {unusable}")
+        else:
+            print("gpu-check FAILED: no CUDA GPU is visible here (no /dev/nvidia*, no nvidia-smi), so nothing "
+                  "was checked; run it on a GPU machine (`python -m vla.gpucheck --device cpu` self-tests the "
+                  "script at tiny sizes).")
+        return 1
     start = time.perf_counter()
     checks = run_checks(args.device, args.out, args.peak_tflops * 1e12 if args.peak_tflops else None,
                         {x for x in args.only.split(",") if x} or None)

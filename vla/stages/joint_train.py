@@ -154,7 +154,7 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     claim_out(out, force=force, inputs={"data": data, "vision": cfg.vision, "llm": cfg.llm})
     td = training_data(data)
     vision, inputs = vision_source(cfg.vision)
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
 
     # models: the embedded default trains its tokenizer on the captions first
