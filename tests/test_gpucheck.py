@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_gpu_check_self_test_runs_every_check_on_the_cpu(tmp_path):
     out = tmp_path / "gpu-check.json"
     proc = subprocess.run([sys.executable, "-m", "vla.gpucheck", "--device", "cpu", "--out", str(out)],
@@ -24,9 +25,13 @@ def test_gpu_check_self_test_runs_every_check_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["checks"]}
     assert proc.returncode == 0, json.dumps(report, indent=1)[-4000:]
-    assert list(checks) == ["cuda-tests", "curriculum", "torchrun", "compile", "throughput"]
+    assert list(checks) == ["cuda-tests", "curriculum", "dclip", "mmgem", "torchrun", "invariance", "compile",
+                            "throughput", "recipes"]
     assert all(c["ok"] for c in checks.values())
-    assert "| throughput | ok |" in proc.stdout and "5/5 checks passed" in proc.stdout
+    assert "| recipes | ok |" in proc.stdout and "9/9 checks passed" in proc.stdout
+    rows = checks["recipes"]["details"]["rows"]
+    assert len(rows) == 8 and all(r["samples_per_s"] > 0 for r in rows)
+    assert "2 ranks (gloo) = 1 process" in checks["invariance"]["summary"]
     assert "2 ranks (gloo)" in checks["torchrun"]["summary"]
     assert checks["throughput"]["details"]["samples_per_s"] > 0
     assert checks["throughput"]["details"]["flops_per_sample"] > 0

@@ -13,7 +13,8 @@ compares the image tower with its copy, which is zero at the first step and only
 
 fp32 tolerances: |Δloss| ≤ 1e-5·max(1, |loss|) at each step; ‖m₂ − m₁‖ ≤ 1e-4·‖m₁‖ over all
 trained tensors together; ‖θ₂ − θ₁‖ ≤ 1e-3·‖Δθ₁‖, Δθ₁ being the last step's Adam update
-(lr·m̂/(√v̂ + ε)).
+(lr·m̂/(√v̂ + ε)). `make gpu-check` runs the same harness on 2 GPUs (VLA_INVARIANCE_DEVICE=cuda:
+NCCL, and TF32 matmuls, as the loop enables them on a GPU, hence 100× looser tolerances there).
 
 The global batch: stages that take their batches from row indices (`row_batches`: the global
 batch is split by rank) get the same `train.batch_size` at both sizes; stages that stream
@@ -46,12 +47,15 @@ WORKER = Path(__file__).with_name("invariance_worker.py")
 WORLD = 2
 GLOBAL = 16  # the global batch; the world's training split is exactly this many samples
 STEPS = 2
+DEVICE = os.environ.get("VLA_INVARIANCE_DEVICE", "cpu")
+#: (loss, gradient, parameters) relative tolerances; see the module docstring
+TOL = (1e-5, 1e-4, 1e-3) if DEVICE == "cpu" else (1e-3, 1e-2, 1e-1)
 
 SYNTH = ["--recipe", "recipes/smoke/synth.yaml", "--set", f"n_train={GLOBAL}", "--set", "n_val=0",
          "--set", "n_test=8", "--set", f"shard_size={GLOBAL // WORLD}", "--set", "yolo_train=0"]
 TRAIN = ["--set", f"train.steps={STEPS}", "--set", "train.warmup_steps=0", "--set", "train.grad_clip=null",
             "--set", "train.optimizer=adamw", "--set", "train.log_every=1", "--set", "train.checkpoint_every=1",
-            "--set", "train.device=cpu", "--force"]
+            "--set", f"train.device={DEVICE}", "--force"]
 NO_EVAL = ["--set", "eval.sets=[]"]
 DCLIP_XFAIL = pytest.mark.xfail(strict=True, reason="DCLIP global-batch semantics: fixed on the dclip branch")
 
@@ -182,6 +186,6 @@ def test_two_ranks_train_as_one_process(runs, stage):
     (runs / f"report-{stage}.txt").write_text(report + "\n")
     print(report)
     assert len(l1) == len(l2) == STEPS, report
-    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(l1, l2)), report
-    assert grad_err <= 1e-4, report
-    assert update > 0 and param_err <= 1e-3 * update, report
+    assert all(abs(a - b) <= TOL[0] * max(1.0, abs(a)) for a, b in zip(l1, l2)), report
+    assert grad_err <= TOL[1], report
+    assert update > 0 and param_err <= TOL[2] * update, report

@@ -7,7 +7,8 @@ embedder Φ (cached features only) and the adapter g (from `vla distill`, or ran
     L = L_info + λ · L_reg
     L_info = ½[CE(s·I Tᵀ) + CE(s·T Iᵀ)]           (learnable s, clamped at 100; local loss +
                                                     gather-with-grad under torchrun)
-    L_reg  = ‖E_I(x) − E_I^t(x)‖² + smoothL1(pdist(E_I(x)), pdist(E_I^t(x)))
+    L_reg  = ‖E_I(x) − E_I^t(x)‖² + smoothL1(pdist(E_I(x)), pdist(E_I^t(x)))   (sums over the
+             global batch at any number of ranks: λ means the same on one GPU or eight)
     E_I^t  ← m·E_I^t + (1−m)·E_I after every step    (m = 1.0: the frozen copy of the public code)
 
 Each time a sample is read it trains on a caption drawn anew: its long caption with probability

@@ -7,6 +7,8 @@ adapter g trained with
     L_dis = L_ins(short) + L_ins(second text) + L_struct(short)
     s_i = norm(g(Φ(T_i))),  u_i = norm(E_T(T_i))   (the teacher sees at most its own context)
 
+(the sums of L_ins and L_struct run over the global batch at any number of ranks: `vla.losses`)
+
 → the adapter in safetensors, the embedder named, and in the manifest how many captions the
 teacher and the embedder truncated and how closely the student follows it on held-out captions.
 """
