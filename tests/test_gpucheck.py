@@ -117,3 +117,24 @@ def test_mfu_peaks_by_device_name():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("Some Future GPU") is None
+
+
+def test_a_dev_shm_too_small_for_the_workers_batches_stops_naming_the_fix(monkeypatch):
+    """Batches in flight (workers × 2 × local ranks) larger than /dev/shm: a one-line error saying
+    how much is needed and what to change; a /dev/shm that holds them passes."""
+    import shutil
+    from collections import namedtuple
+
+    from vla.errors import UserError
+    from vla.stages.common import check_shared_memory
+
+    usage = namedtuple("usage", "total used free")
+    batch = {"image": torch.zeros(512, 3, 224, 224), "key": ["k"] * 512}  # 294 MiB in fp32
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(64 * 2**20, 0, 64 * 2**20))  # docker's default
+    with pytest.raises(UserError, match=r"/dev/shm holds 0\.06 GiB, but 8 data workers × 2 batches in flight × 8 "
+                                        r"rank\(s\) of 294 MiB need about 36\.75 GiB; give the container more "
+                                        r"\(docker run --shm-size=56g"):
+        check_shared_memory(batch, 8)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(64 * 2**30, 0, 64 * 2**30))
+    check_shared_memory(batch, 8)  # 64 GiB holds them

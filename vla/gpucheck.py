@@ -247,7 +247,8 @@ def check_invariance(s: Sizes, work: Path) -> str:
     last = (proc.stdout.strip().splitlines() or [""])[-1]
     if proc.returncode != 0:
         raise RuntimeError(f"invariance harness: {last}\n{proc.stdout[-3000:]}")
-    return f"2 ranks ({'nccl' if s.device == 'cuda' else 'gloo'}) = 1 process for every training stage: {last}"
+    which = "every training stage" if s.device == "cuda" else "pretrain (the suite runs every stage)"
+    return f"2 ranks ({'nccl' if s.device == 'cuda' else 'gloo'}) = 1 process for {which}: {last}"
 
 
 def check_torchrun(s: Sizes, work: Path) -> str:
