@@ -278,7 +278,7 @@ help:
 	@echo "make dclip-ablations  DCLIP's ablation arms side by side (same student budget); make dclip-epochs: claim (c)"
 	@echo "make mmgem     the MM-GEM curriculum (joint-train, stage2-roi, ablation arms) on the same world and base CLIP"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
-	@echo "make gpu-check on a GPU machine: CUDA tests, bf16 curriculum, torchrun/NCCL, compile, ViT-B/16 MFU"
+	@echo "make gpu-check on a GPU machine: CUDA tests, 3 bf16 curricula, torchrun/NCCL + 2-GPU invariance, compile, MFU, every real recipe step (docs/gpus.md)"
 
 install: $(STAMP)
 

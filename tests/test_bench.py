@@ -90,3 +90,15 @@ def test_bench_loader_quick(tmp_path):
     assert {f["what"] for f in part["figures"]} == {"loader, draft vs full decode",
                                                     "loader, 256 px draft vs 64 px source"}
     assert all(f["vla"] > 0 and f["baseline"] > 0 for f in part["figures"])
+
+def test_bench_loader_dtype_quick(tmp_path):
+    """Part u at its smallest: the same loader with uint8 and with fp32 batches, both measured;
+    the uint8 batches are a quarter of the bytes."""
+    env = {**os.environ, "VLA_BENCH_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "vla.bench", "--only", "u", "--quick"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    part = json.loads((tmp_path / "results.json").read_text())["parts"]["u"]
+    rate, size = part["figures"]
+    assert rate["unit"] == "images/s" and rate["vla"] > 0 and rate["baseline"] > 0
+    assert size["ratio"] == 0.25 and size["met"]
+    assert part["details"]["uint8_images_per_s"] and part["details"]["fp32_images_per_s"]

@@ -333,7 +333,7 @@ def test_joint_train_under_torchrun_counts_every_ranks_captions(chain, tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vla", "joint-train",
                         "--data", str(chain / "world"), "--out", str(tmp_path / "ddp"), *JOINT,
-                        "--set", "train.steps=2", "--set", "eval.sets=[]"],
+                        "--set", "train.steps=2", "--set", "eval.sets=[]", "--set", "train.device=cpu"],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "VLA_NO_PROGRESS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]

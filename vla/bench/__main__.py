@@ -19,7 +19,7 @@ from rich.table import Table
 from vla.bench import BENCH_DIR, Figure, Part
 
 PARTS = {"a": "trainer", "b": "cache", "c": "retrieval", "d": "cache_scale", "e": "dclip",
-         "f": "mmgem_caption", "g": "joint_step", "h": "loader"}
+         "f": "mmgem_caption", "g": "joint_step", "h": "loader", "u": "loader_dtype"}
 
 
 def _table(parts: list[Part]) -> Table:

@@ -119,12 +119,43 @@ def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what
                              rank=dist.rank, world_size=dist.world_size, seed=train_cfg.seed,
                              start_batch=start_step * train_cfg.grad_accum, repeat=True,
                              shuffle_buffer=data_cfg.shuffle_buffer, draft_size=draft_size)
+        first = True
         for batch, skipped in loader:
+            if first and data_cfg.num_workers > 0:
+                check_shared_memory(batch, data_cfg.num_workers)
+                first = False
             skips.add_counts(skipped)
             limit.check(skips)
             yield batch
 
     return batches
+
+
+SHM = "/dev/shm"
+
+
+def check_shared_memory(batch: dict, num_workers: int, path: str = SHM) -> None:
+    """DataLoader workers hand batches over in shared memory: each worker keeps about two batches
+    in flight, on every rank of the node (torchrun's LOCAL_WORLD_SIZE). Where that cannot fit in
+    `/dev/shm` (a container's default is 64 MB), stop now with what to change, instead of the bus
+    error a worker dies of later."""
+    import os
+    import shutil
+
+    import torch
+
+    per_batch = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = per_batch * num_workers * 2 * ranks
+    try:
+        total = shutil.disk_usage(path).total
+    except OSError:
+        return  # no /dev/shm (not Linux): torch shares memory otherwise
+    if need > total:
+        raise UserError(f"{path} holds {total / 2**30:.2f} GiB, but {num_workers} data workers × 2 batches in "
+                        f"flight × {ranks} rank(s) of {per_batch / 2**20:.0f} MiB need about {need / 2**30:.2f} GiB; "
+                        f"give the container more (docker run --shm-size={max(1, int(need * 1.5 / 2**30) + 1)}g, or a "
+                        "Kubernetes emptyDir with medium: Memory) or lower data.num_workers or train.batch_size")
 
 
 def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, after_step=None,

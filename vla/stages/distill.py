@@ -7,6 +7,8 @@ adapter g trained with
     L_dis = L_ins(short) + L_ins(second text) + L_struct(short)
     s_i = norm(g(Φ(T_i))),  u_i = norm(E_T(T_i))   (the teacher sees at most its own context)
 
+(the sums of L_ins and L_struct run over the global batch at any number of ranks: `vla.losses`)
+
 → the adapter in safetensors, the embedder named, and in the manifest how many captions the
 teacher and the embedder truncated and how closely the student follows it on held-out captions.
 """
@@ -121,7 +123,8 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     def step(model, b):
         s = F.normalize(model(b["phi.short"]), dim=-1)
         s2 = F.normalize(model(b["phi.second"]), dim=-1) if two else None
-        return distill_loss(s, b["teacher.short"], s2, b.get("teacher.second"))
+        return distill_loss(s, b["teacher.short"], s2, b.get("teacher.second"), rank=dist.rank,
+                            world_size=dist.world_size)
 
     recipe = {**asdict(cfg), "teacher_identity": teacher_id}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=_inputs(td, cfg.teacher), force=force,

@@ -249,7 +249,7 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     vision, inputs = vision_source(cfg.vision)
     llm, llm_inputs = llm_source(cfg.llm)
     inputs.update(llm_inputs)
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
 
     # models: the embedded default trains its tokenizer on the captions first

@@ -50,8 +50,10 @@ def clip_batch_transform(clip, preprocess: str = "open_clip"):
     """Sample → tensors: the training transform of the image, and one of the sample's captions
     drawn anew each time it is read. Both draw from torch's generator, which the data stream
     seeds per sample by (seed, epoch, sample key): the same draws with any number of GPUs or
-    DataLoader workers and after a resume, new draws every epoch."""
-    image_transform = clip.train_preprocess(preprocess)
+    DataLoader workers and after a resume, new draws every epoch. The image stays uint8 (4× fewer
+    bytes through the workers' shared memory); the tower normalises it on the device
+    (`ClipModel.normalize_uint8_inputs`)."""
+    image_transform = clip.uint8_train_preprocess(preprocess)
 
     def transform(sample) -> dict:
         image = image_transform(sample.image)
@@ -84,6 +86,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
     model = clip.model
+    clip.normalize_uint8_inputs()  # the batches' uint8 images are normalised on the device
     for name, p in model.named_parameters():
         tower_locked = (cfg.lock_image and name.startswith("visual.")) or (
             cfg.lock_text and not name.startswith("visual.") and name != "logit_scale")

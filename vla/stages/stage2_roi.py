@@ -143,7 +143,7 @@ def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
     claim_out(out, force=force, inputs={"data": data, "init": cfg.init})
     init = open_artifact(cfg.init, INIT_KINDS, role="--init")
     td = training_data(data)
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
 
     # model: stage 1's, plus the soft prompts; only h3 + prompts and/or h4 train
