@@ -11,8 +11,9 @@ CLIP the curricula start from. Training captions (short and long) of `--data` �
     L_LM       = −mean_{rows, i ≥ 1} log p(c_i | c_<i)       next-token cross-entropy over the real
                                                             tokens (padding masked)
 
-trained by the one loop (`vla.train`): each step draws `batch_size` captions with a generator
-seeded by (seed, step), so a resumed run draws what an uninterrupted one does.
+trained by the one loop (`vla.train`): each step draws `batch_size` captions (the global batch)
+with a generator seeded by (seed, step), so a resumed run draws what an uninterrupted one does and
+N ranks (each its contiguous share, the token mean taken over the global batch) train as one.
 Held-out perplexity = exp(Σ NLL / Σ predicted tokens) over held-out captions: the synth
 artifact's `val` split, or else the training captions whose key hashes into `heldout_fraction`
 (those are then not trained on). It is measured before training (the untrained LM) and after.
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.errors import UserError
+from vla.losses import caption_loss
 from vla.models.causal_lm import TinyLlamaSize
 from vla.stages.common import DataConfig, training_data
 from vla.train import TrainConfig
@@ -64,12 +66,15 @@ class PretrainLMRecipe:
 class CausalLMTrainer(nn.Module):
     """The LM and its loss in one forward call (what the loop and DDP see): L_LM of the docstring."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, world_size: int = 1) -> None:
         super().__init__()
         self.lm = lm
+        self.world_size = world_size
 
     def forward(self, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        return {"loss": self.lm(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss}
+        # the token mean over the global batch at any rank count (`caption_loss`), as one process's
+        logits = self.lm(input_ids=ids, attention_mask=mask).logits
+        return {"loss": caption_loss(logits, _labels(ids, mask), IGNORE_INDEX, world_size=self.world_size)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """`train.grad_checkpointing`: transformers' activation checkpointing of the decoder layers."""
@@ -146,7 +151,7 @@ def run(cfg: PretrainLMRecipe, data: Path, out: Path, *, force: bool = False,
     td = training_data(data)
     dist = init_distributed(cfg.train.device)
     texts = read_texts(td.path, cfg.data.max_skip_fraction)
-    if td.eval_dir is not None and (Path(data) / "val").is_dir():
+    if td.eval_dir is not None and any((Path(data) / "val").glob("*.tar")):  # a world built with n_val: 0 has none
         heldout_from = "the synth artifact's val split"
         heldout = [t for _, t in read_texts(Path(data) / "val", cfg.data.max_skip_fraction)]
         trained = [t for _, t in texts]
@@ -166,14 +171,21 @@ def run(cfg: PretrainLMRecipe, data: Path, out: Path, *, force: bool = False,
     pad = tokenizer.pad_token_id
     at_init = perplexity(lm, heldout_rows, pad)
     lm.train()
-    model = CausalLMTrainer(lm)
+    model = CausalLMTrainer(lm, dist.world_size)
 
-    # data: each step's captions drawn by (seed, step, rank), so a resume draws the same
+    # data: train.batch_size is the global batch, drawn by (seed, step), so a resume draws the same
+    # and N ranks train on the same captions as one process (rank r takes its contiguous share)
+    if cfg.train.batch_size % dist.world_size:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is the global batch and must divide evenly "
+                        f"over {dist.world_size} ranks; choose a multiple of {dist.world_size}")
+    share = cfg.train.batch_size // dist.world_size
+
     def batches(start_step: int):
         for step in range(start_step, cfg.train.steps):
             for micro in range(cfg.train.grad_accum):
-                rng = random.Random(f"{cfg.train.seed}:{step}:{micro}:{dist.rank}")
-                ids, mask = _pad([rows[i] for i in rng.choices(range(len(rows)), k=cfg.train.batch_size)], pad)
+                rng = random.Random(f"{cfg.train.seed}:{step}:{micro}")
+                drawn = rng.choices(range(len(rows)), k=cfg.train.batch_size)
+                ids, mask = _pad([rows[i] for i in drawn[dist.rank * share:(dist.rank + 1) * share]], pad)
                 yield {"ids": ids, "mask": mask}
 
     def step(m, batch):
