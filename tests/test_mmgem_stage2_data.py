@@ -114,3 +114,19 @@ def test_the_image_captions_switch_adds_the_image_caption_loss(data, tmp_path) -
             "--recipe", "recipes/smoke/stage2-roi.yaml", "--set", "image_captions=true", "--set", "objective=embed",
             code=2)
     assert "image_captions" in r.output
+
+
+def test_stage2_with_grad_checkpointing_trains_the_same_heads(data, tmp_path) -> None:
+    """train.grad_checkpointing in stage 2 (the frozen LM checkpointed, in training mode since it
+    has no dropout) gives the heads of a run without it."""
+    from vla.models.mmgem import load_mmgem
+
+    args = ["--data", data / "train.jsonl", "--init", data / "joint", "--recipe", "recipes/smoke/stage2-roi.yaml",
+            *FEW, "--set", "data.max_skip_fraction=0.5", "--set", "train.steps=2"]
+    cli("stage2-roi", "--out", tmp_path / "plain", *args)
+    cli("stage2-roi", "--out", tmp_path / "ckpt", *args, "--set", "train.grad_checkpointing=true")
+    a, b = load_mmgem(tmp_path / "plain" / "model"), load_mmgem(tmp_path / "ckpt" / "model")
+    for name in ("h3.weight", "h4.weight"):
+        assert torch.allclose(a.state_dict()[name], b.state_dict()[name], atol=1e-6), name
+    table_a, table_b = a.lm.get_input_embeddings().weight, b.lm.get_input_embeddings().weight
+    assert torch.allclose(table_a, table_b, atol=1e-6)  # the soft prompts' rows included

@@ -128,6 +128,18 @@ class RegionTransform:
         return item
 
 
+def lm_train_mode_for_checkpointing(lm) -> None:
+    """transformers checkpoints a layer only in training mode; the frozen LM's activations are still
+    kept for the gradients of h3 and the soft prompts, so with `train.grad_checkpointing` the LM
+    goes into training mode — which changes nothing else only when it has no active dropout."""
+    rate = max([getattr(lm.config, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout", "dropout")]
+               + [m.p for m in lm.modules() if isinstance(m, torch.nn.Dropout)])
+    if rate > 0:
+        raise UserError(f"train.grad_checkpointing: the LM has dropout {rate:g}, which training mode would turn on "
+                        "in frozen stage 2; set train.grad_checkpointing=false")
+    lm.train()
+
+
 def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.data.skips import SkipCounter
@@ -152,6 +164,8 @@ def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
     params = trainable(model, cfg.objective)
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     model.eval()  # frozen parts stay in eval mode (no dropout); the heads have none
+    if cfg.train.grad_checkpointing:
+        lm_train_mode_for_checkpointing(model.lm)
     loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                        rank=dist.rank, world_size=dist.world_size)
     trainer = MMGEMTrainer(model, cfg.objective, loss_fn)
