@@ -9,7 +9,7 @@ and one causal LM with the new tokens [EMB] and [CAP] (`vla.models.mmgem`) →
     L_emb = CE(s·v tᵀ, y) + CE(s·t vᵀ, y)       the paper's sum of the directions (`emb_directions:
                                                 mean` halves it, open_clip's ClipLoss); s = 1/τ,
                                                 τ₀ = 0.07, τ ≥ 0.01; local loss + gather-with-grad
-    L_gen = −mean log p(c_i | V_in, [CAP], c_<i) over the caption's tokens and end of text only
+    L_gen = −mean log p(c_i | [BOS,] V_in, [CAP], c_<i) over the caption's tokens and end of text only
 
 `objective: embed | caption` keeps one term — the paper's ablation at the same budget.
 Everything trains, in two learning-rate groups: the projections (h1–h3, τ) at `train.lr` and the
@@ -21,9 +21,11 @@ the LM, the tower and h1 at `grad_norm_steps` (on a fixed batch), and both loss 
 → `model/` (`save_mmgem`: the LM and tokenizer in transformers' layout, the tower and heads in
 safetensors), caption counts (trained, truncated at `model.max_text_tokens`), samples/s.
 
-The embedded default (`llm: null`) is a tiny Llama built from a config, whose byte-level BPE is
-trained here on the data's captions (short and long), with the small CLIP's image tower
-(`--vision runs/proclip/clip`, a pretrain artifact, or a registry name).
+The embedded curriculum starts from the tiny Llama `vla pretrain-lm` pre-trained on the world's
+captions (`--llm runs/mmgem/lm`, a pretrain-lm artifact), as the paper starts from TinyLlama, with
+the small CLIP's image tower (`--vision runs/proclip/clip`, a pretrain artifact, or a registry
+name). `llm: null` builds that Llama at random init instead, its byte-level BPE trained here on
+the data's captions (short and long).
 """
 
 from __future__ import annotations
