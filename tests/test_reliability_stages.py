@@ -416,3 +416,30 @@ def test_out_inside_a_brace_expanded_data_is_refused_like_the_directory(worlds, 
     assert f"--out {train / 'run'} lies inside the data input {train.resolve()}" in line
     assert "lies inside the data input" in plain
     assert not (train / "run").exists() and not (train / ".run.partial").exists()
+
+
+@pytest.mark.parametrize("evil", ["activation", "layer"])
+def test_a_detector_model_yaml_that_would_run_code_is_refused(worlds, tmp_path, evil):
+    """ultralytics `eval()`s a model config's `activation` and calls any name of its module's
+    globals as a layer: `--detector evil.yaml` with either is refused in one line, nothing runs."""
+    import yaml
+
+    from vla.offline import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.cfg import ROOT as ULTRALYTICS
+
+    cfg = yaml.safe_load((ULTRALYTICS / "cfg/models/v8/yolov8.yaml").read_text())
+    marker = tmp_path / "payload-ran"
+    if evil == "activation":
+        cfg["activation"] = f"__import__('os').system('touch {marker}')"
+    else:
+        cfg["backbone"][0] = [-1, 1, "torch_safe_load", [str(tmp_path / "other.pt")]]
+    path = tmp_path / "yolov8n.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", tmp_path / "r", "--detector", path,
+               "--clip", "vla-micro-clip")
+    line = one_line_error(r)
+    assert f"model config {path} refused" in line and ("activation" in line if evil == "activation"
+                                                        else "'torch_safe_load'" in line)
+    assert not marker.exists()
