@@ -200,6 +200,41 @@ def test_a_teacher_of_another_world_is_refused_by_train_student(worlds, teacher_
     assert not (tmp_path / "s").exists()
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_an_unfinished_run_is_not_resumed_on_other_data(worlds, tmp_path, monkeypatch):
+    """precompute-regions stopped after its first shard of world A is not resumed with --data B
+    (the finished shards are A's): refused in one line naming the input; --force starts over."""
+    from vla.recipes import load_recipe
+    from vla.stages import precompute_regions as stage
+
+    out = tmp_path / "r"
+    cfg = load_recipe(stage.PrecomputeRegionsRecipe, None, ["detector=oracle", "clip=vla-micro-clip",
+                                                            "detect.imgsz=32", "shard_size=12", "detect.batch_size=8"])
+    real, calls = stage.regions_of_batch, []
+
+    def crash_in_shard_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # batches of 8 in shards of 12: calls 1-2 are shard 0, the 3rd is in shard 1
+            raise _Crash
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stage, "regions_of_batch", crash_in_shard_two)
+    with pytest.raises(_Crash):
+        stage.run(cfg, worlds[0], out)
+    assert [p.name for p in sorted((tmp_path / ".r.partial" / "regions").glob("shard-*"))] == ["shard-00000"]
+    monkeypatch.setattr(stage, "regions_of_batch", real)
+    r = invoke("precompute-regions", "--data", worlds[1], "--out", out, *REGIONS)
+    line = one_line_error(r)
+    assert "holds an unfinished run with other settings (input data: digest" in line and "--force" in line
+    r = invoke("precompute-regions", "--data", worlds[1], "--out", out, *REGIONS, "--force")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["resumed"] and m["inputs"]["data"]["path"] == str(worlds[1])
+
+
 # --- 3. damaged files are one line naming the file (or, in the cache, recomputed) -----------------
 
 
