@@ -17,10 +17,19 @@ endif
 export VLA_ONLINE
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.yolo
 
+# ---- results pages -----------------------------------------------------------------------
+# Each curriculum (and `make bench`) ends by writing its table to docs/results/NAME.md, stamped
+# with the commit, the machine and the wall time, and copying it into README.md (vla/docs.py).
+# Only the default runs write there; a run elsewhere (RUNS=runs/proclip-vitl) names its own page:
+#   make proclip RUNS=runs/proclip-vitl ... PROCLIP_PAGE=docs/results/proclip-vitl.md
+DOCS ?= $(BIN)/python -m vla.docs
+# $(call results_page,NAME,EVAL_DIR,TARGET,PAGE): write the page when PAGE is set, then the README's rows
+results_page = $(if $(4),$(DOCS) eval $(1) $(2) --make '$(3)' --out $(4) && $(DOCS) readme,@true)
+
 # ---- the ProCLIP curriculum -------------------------------------------------------------
 # Embedded default (no arguments): synthetic world → small CLIP → distill (MiniLM) →
 # contrast-tune → LLM2CLIP baseline → eval side by side → export.
-# Real models on 8 GPUs (see the README's real-model section):
+# Real models on 8 GPUs (see docs/gpus.md):
 #   make proclip NPROC=8 TEACHER=clip-vit-l EMBEDDER=qwen DATA='/data/shards/{00000..00999}.tar' \
 #                EVAL=/data/evalsets RECIPES=recipes/proclip RUNS=runs/proclip-vitl
 # DATA is anything `vla --data` takes (a directory, a brace range, a glob, pipe:CMD); it is quoted
@@ -33,6 +42,7 @@ EVAL ?= $(DATA)
 EMBEDDER ?= minilm
 # each run gets its own export: runs/proclip → exports/proclip, runs/proclip-vitl → exports/proclip-vitl
 EXPORT ?= exports/$(notdir $(RUNS))
+PROCLIP_PAGE ?= $(if $(filter runs/proclip,$(RUNS)),docs/results/proclip.md)
 SYNTH_RECIPE ?= recipes/synth.yaml
 VLA_FLAGS ?=
 # Training stages (pretrain, distill, contrast-tune) run under torchrun with NPROC processes on
@@ -53,6 +63,7 @@ endif
 proclip: $(EXPORT)/manifest.json
 	@$(VLA) inspect $(RUNS)/eval >/dev/null
 	@echo; echo "ProCLIP curriculum ($(RUNS)) — evaluation:"; cat $(RUNS)/eval/results.md
+	$(call results_page,proclip,$(RUNS)/eval,make proclip,$(PROCLIP_PAGE))
 
 world: $(WORLD)/manifest.json
 
@@ -90,6 +101,8 @@ $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.js
 DCLIP_RUNS ?= runs/dclip
 DCLIP_RECIPES ?= $(RECIPES)
 DCLIP_EXPORT ?= exports/$(notdir $(DCLIP_RUNS))
+DCLIP_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip.md)
+DCLIP_ABL_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip-ablations.md)
 # with no CLIP, DCLIP starts from the base CLIP `make proclip` pre-trains (the same file target)
 ifeq ($(origin CLIP),undefined)
 CLIP := $(RUNS)/clip
@@ -105,6 +118,7 @@ endif
 dclip: $(DCLIP_EXPORT)/manifest.json
 	@$(VLA) inspect $(DCLIP_RUNS)/eval >/dev/null
 	@echo; echo "DCLIP curriculum ($(DCLIP_RUNS)) — evaluation:"; cat $(DCLIP_RUNS)/eval/results.md
+	$(call results_page,dclip,$(DCLIP_RUNS)/eval,make dclip,$(DCLIP_PAGE))
 
 $(DCLIP_RUNS)/detector/manifest.json: $(WORLD)/manifest.json $(DCLIP_RECIPES)/train-detector.yaml | $(STAMP)
 	$(VLA) train-detector --data $(WORLD) --out $(DCLIP_RUNS)/detector --recipe $(DCLIP_RECIPES)/train-detector.yaml \
@@ -151,6 +165,7 @@ dclip-ablations: $(DCLIP_ABL)/eval/manifest.json
 	@$(VLA) inspect $(DCLIP_ABL)/eval >/dev/null
 	@echo; echo "DCLIP ablations ($(DCLIP_ABL)), one student budget for every arm — evaluation:"
 	@cat $(DCLIP_ABL)/eval/results.md
+	$(call results_page,dclip-ablations,$(DCLIP_ABL)/eval,make dclip-ablations,$(DCLIP_ABL_PAGE))
 
 $(DCLIP_ABL)/regions-oracle/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DCLIP_RECIPES)/precompute-regions.yaml | $(STAMP)
 	$(VLA) precompute-regions --data $(DATA) --detector oracle --clip $(CLIP) --out $(@D) \
@@ -204,13 +219,19 @@ $(DCLIP_ABL)/student-epochs/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $
 MMGEM_RUNS ?= runs/mmgem
 MMGEM_RECIPES ?= $(RECIPES)
 MMGEM_EXPORT ?= exports/$(notdir $(MMGEM_RUNS))
+MMGEM_PAGE ?= $(if $(filter runs/mmgem,$(MMGEM_RUNS)),docs/results/mmgem.md)
 # with no VISION, MM-GEM starts from the base CLIP `make proclip` pre-trains (the same file target)
 ifeq ($(origin VISION),undefined)
 VISION := $(RUNS)/clip
 VISION_DEP := $(RUNS)/clip/manifest.json
 endif
-# with no LLM, the recipe's LM (the embedded tiny Llama, or recipes/mmgem's tinyllama)
-LLM ?=
+# with no LLM, the embedded tiny Llama pre-trained as a causal LM on the world's captions
+# (`vla pretrain-lm`, built once and shared by the joint, embed-only and caption-only arms), as the
+# paper starts from TinyLlama; LLM=tinyllama (or a directory, hub id) starts from that LM instead
+ifeq ($(origin LLM)$(wildcard $(MMGEM_RECIPES)/pretrain-lm.yaml),undefined$(MMGEM_RECIPES)/pretrain-lm.yaml)
+LLM := $(MMGEM_RUNS)/lm
+LLM_DEP := $(MMGEM_RUNS)/lm/manifest.json
+endif
 LLM_FLAG := $(if $(LLM),--llm $(LLM),)
 MMGEM_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/stage2 $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only
 
@@ -218,21 +239,26 @@ MMGEM_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/stage2 $(MMGEM_RUNS)/embed-only 
 mmgem: $(MMGEM_EXPORT)/manifest.json
 	@$(VLA) inspect $(MMGEM_RUNS)/eval >/dev/null
 	@echo; echo "MM-GEM curriculum ($(MMGEM_RUNS)) — evaluation:"; cat $(MMGEM_RUNS)/eval/results.md
+	$(call results_page,mmgem,$(MMGEM_RUNS)/eval,make mmgem,$(MMGEM_PAGE))
 
-$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
+$(MMGEM_RUNS)/joint/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/joint \
 	  --recipe $(MMGEM_RECIPES)/joint-train.yaml --force $(VLA_FLAGS)
+
+$(MMGEM_RUNS)/lm/manifest.json: $(DATA_DEP) $(MMGEM_RECIPES)/pretrain-lm.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) pretrain-lm --data '$(DATA)' --out $(MMGEM_RUNS)/lm --recipe $(MMGEM_RECIPES)/pretrain-lm.yaml \
+	  --force $(VLA_FLAGS)
 
 $(MMGEM_RUNS)/stage2/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) stage2-roi --data '$(DATA)' --init $(MMGEM_RUNS)/joint --out $(MMGEM_RUNS)/stage2 \
 	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --force $(VLA_FLAGS)
 
 # the ablation arms: stage 1 with one term, at stage 1's budget (their recipes differ only in objective)
-$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
+$(MMGEM_RUNS)/embed-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/embed-only \
 	  --recipe $(MMGEM_RECIPES)/joint-train-embed.yaml --force $(VLA_FLAGS)
 
-$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
+$(MMGEM_RUNS)/caption-only/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-caption.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(MMGEM_RUNS)/caption-only \
 	  --recipe $(MMGEM_RECIPES)/joint-train-caption.yaml --force $(VLA_FLAGS)
 
@@ -252,11 +278,11 @@ help:
 	@echo "make dclip-ablations  DCLIP's ablation arms side by side (same student budget); make dclip-epochs: claim (c)"
 	@echo "make mmgem     the MM-GEM curriculum (joint-train, stage2-roi, ablation arms) on the same world and base CLIP"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
-	@echo "make gpu-check on a GPU machine: CUDA tests, bf16 curriculum, torchrun/NCCL, compile, ViT-B/16 MFU"
+	@echo "make gpu-check on a GPU machine: CUDA tests, 3 bf16 curricula, torchrun/NCCL + 2-GPU invariance, compile, MFU, every real recipe step (docs/gpus.md)"
 
 install: $(STAMP)
 
-# torch 2.14.1 pairs with torchvision 0.29.1 on these machines (see ../shared/DESIGN.md);
+# torch 2.14.1 pairs with torchvision 0.29.1 on these machines (see docs/architecture.md);
 # opencv-contrib-python-headless must come after ultralytics' opencv-python (same cv2 folder).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -267,6 +293,10 @@ $(STAMP): pyproject.toml
 	# CLIP_benchmark for the test that checks `vla eval` against it: --no-deps, as everything
 	# its metrics import is here already except pycocoevalcap (pure Python for Bleu/Cider)
 	$(BIN)/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
+	# java runs pycocoevalcap's PTBTokenizer, which `vla eval` tokenises captions with (without it:
+	# the pure-Python tokenizer, see docs/mmgem.md)
+	command -v java >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq default-jre-headless; } \
+	  || echo "warning: java could not be installed; captioning metrics use the pure-Python PTB tokenizer"
 	touch $@
 
 test: $(STAMP)
@@ -275,6 +305,7 @@ test: $(STAMP)
 # figures and ratios side by side (bench/results.json); BENCH_FLAGS="--quick" or "--only a,c"
 bench: $(STAMP)
 	$(BIN)/python -m vla.bench $(BENCH_FLAGS)
+	$(DOCS) bench && $(DOCS) readme
 
 # the checks only a GPU can make (see vla/gpucheck.py); without a GPU it says so and exits 0.
 # GPU_CHECK_FLAGS="--device cpu" self-tests the script at tiny sizes on the CPU.

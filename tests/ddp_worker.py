@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vla.distributed import init_distributed
+from vla.errors import Interrupted
 from vla.train import TrainConfig, train
 
 GLOBAL_BATCH = 8
@@ -56,7 +57,8 @@ def step_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 
 def main(workdir: Path, preemptible: bool = False) -> None:
     """`preemptible`: a run far too long to finish, a little slowed, logging every step, for a
-    signal to stop (tests/test_ddp.py)."""
+    signal to stop (tests/test_ddp.py); each rank writes the message it stopped with to
+    WORKDIR/stopped-rank<r>.txt."""
     info = init_distributed("cpu")
     cfg, batches = CFG, batches_for(info.rank, info.world_size)
     if preemptible:
@@ -67,7 +69,12 @@ def main(workdir: Path, preemptible: bool = False) -> None:
             for batch in fast(start_step):
                 time.sleep(0.01)
                 yield batch
-    train(cfg, make_model(), step_fn, batches, workdir)
+    try:
+        train(cfg, make_model(), step_fn, batches, workdir)
+    except Interrupted as e:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / f"stopped-rank{info.rank}.txt").write_text(str(e))
+        raise
 
 
 if __name__ == "__main__":

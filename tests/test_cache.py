@@ -149,11 +149,13 @@ def test_duplicate_keys_across_shards_stop_distill_before_training(tmp_path):
 
 
 WORKER = '''
+import json
 import sys
 import numpy as np
 import torch
 from vla.cache import cached_features
 from vla.distributed import init_distributed
+from vla.errors import UserError
 
 def encode(texts):  # exact and batch-independent: a feature depends on its own text only
     return torch.tensor([[float(len(t)), float(sum(map(ord, t)) % 1009), float(t.count("e"))] for t in texts])
@@ -164,44 +166,57 @@ def rows():
         yield "00007", "merged twice", "00099.tar"
 
 dist = init_distributed("cpu")
-table, hit = cached_features("phi.caption", rows, model_identity="m", data_digest="d", encode=encode,
-                             batch_size=8)
+result = f"{sys.argv[1]}/rank{dist.rank}.json"  # what this rank saw: never the shared stdout
+try:
+    table, hit = cached_features("phi.caption", rows, model_identity="m", data_digest="d", encode=encode,
+                                 batch_size=8)
+except UserError as e:
+    json.dump({"error": str(e)}, open(result, "w"))
+    sys.exit(2)
 np.save(f"{sys.argv[1]}/rank{dist.rank}.npy", table[:].numpy())
-print("hit" if hit else "miss")
+json.dump({"hit": hit}, open(result, "w"))
 '''
 
 
+def _seen(where: Path, ranks: int) -> list[dict]:
+    return [json.loads((where / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
 def test_two_ranks_build_the_same_table_as_one_process(tmp_path):
+    """Under torchrun both ranks build (miss) one shared cache entry, equal to one process' table;
+    a later single process hits it; a duplicate key stops every rank with the same error. Each
+    rank reports in its own file."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLA_CACHE_DIR": str(tmp_path / "shared")}
-    (tmp_path / "two").mkdir()
-    (tmp_path / "one").mkdir()
+    for d in ("two", "one", "again", "dup"):
+        (tmp_path / d).mkdir()
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path / "two")],
                        env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split().count("miss") == 2
+    assert _seen(tmp_path / "two", 2) == [{"hit": False}, {"hit": False}]
     two = [np.load(tmp_path / "two" / f"rank{i}.npy") for i in (0, 1)]
     single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], capture_output=True, text=True,
                             env={**env, "VLA_CACHE_DIR": str(tmp_path / "alone")}, timeout=120)
-    assert single.returncode == 0 and single.stdout.strip() == "miss", single.stderr[-3000:]
+    assert single.returncode == 0 and _seen(tmp_path / "one", 1) == [{"hit": False}], single.stderr[-3000:]
     one = np.load(tmp_path / "one" / "rank0.npy")
     assert one.shape == (203, 3) and np.array_equal(one, two[0]) and np.array_equal(one, two[1])
     assert len(np.unique(one[:, 1])) > 100  # rows differ, so equality is not the trivial kind
     # the entry the two ranks wrote is the one a single process finds (a hit), and no part is left
-    again = subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], capture_output=True, text=True,
+    again = subprocess.run([sys.executable, str(worker), str(tmp_path / "again")], capture_output=True, text=True,
                            env=env, timeout=120)
-    assert again.stdout.strip() == "hit", again.stderr[-3000:]
+    assert _seen(tmp_path / "again", 1) == [{"hit": True}], again.stderr[-3000:]
     shared = tmp_path / "shared" / "features"
     assert [p.name for p in shared.iterdir()] == [next(shared.iterdir()).name]  # one entry, no .build-*
     entry = FeatureTable(next(shared.iterdir()))
     assert entry.lookup(["00202", "00000"]).tolist() == [one[202].tolist(), one[0].tolist()]
     # rank 0 finds a duplicate key: every rank stops with the same one-line error, none waits forever
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path / "two"),
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path / "dup"),
                         "dup"], env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode != 0 and "miss" not in r.stdout
-    assert r.stderr.count("sample key '00007' occurs twice, in 00000.tar and in 00099.tar") == 2, r.stderr[-3000:]
+    assert r.returncode != 0
+    for seen in _seen(tmp_path / "dup", 2):
+        assert "sample key '00007' occurs twice, in 00000.tar and in 00099.tar" in seen["error"], seen
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_texts(tmp_path):

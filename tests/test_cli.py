@@ -21,11 +21,27 @@ def vla(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
+#: every command of `vla`, by name: a new command is added here and to README.md's command table
+COMMANDS = ("synth", "pretrain", "eval", "eval-merge", "export", "distill", "contrast-tune", "joint-train",
+            "stage2-roi", "train-detector", "precompute-regions", "train-teacher", "train-student", "inspect",
+            "models", "recipe")
+
+
+def _click_commands() -> dict:
+    import typer.main
+
+    return typer.main.get_command(app).commands
+
+
 def test_help_lists_every_command_with_a_description():
+    """The top-level help names all three methods and shows every command with its one-line description."""
+    assert set(_click_commands()) == set(COMMANDS)
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0
-    for cmd in ("synth", "inspect", "pretrain", "eval", "distill", "contrast-tune", "export", "recipe"):
+    for cmd in COMMANDS:
         assert cmd in r.output
+    for method in ("ProCLIP", "LLM2CLIP", "DCLIP", "MM-GEM"):
+        assert method in r.output
     assert "InfoNCE" in r.output  # the one-line descriptions are shown
 
 
@@ -66,6 +82,12 @@ def test_synth_then_inspect_then_verify(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["kind"] == "synth" and m["counts"] and "long_text_prefix_ambiguous_fraction" in m["metrics"]
+    # the world's knobs and what they give: stored size, fill patterns, the small objects' pixels
+    assert {k: m["recipe"][k] for k in ("image_size", "pattern_period", "pattern_contrast", "probe_train")} == \
+        {"image_size": 256, "pattern_period": 3.0, "pattern_contrast": 70, "probe_train": 2000}
+    assert m["metrics"]["small_box_min_px"] >= 24
+    assert {"regional", "grounding", "probe"} <= set(m["counts"]["eval"])
+    assert "pattern_period" in runner.invoke(app, ["synth", "--help"]).output
     r = runner.invoke(app, ["inspect", str(out), "--verify"])
     assert r.exit_code == 0, r.output
     assert "kind=synth" in r.output and "outputs match their sha256" in r.output
@@ -86,3 +108,101 @@ def test_wrong_artifact_kind_refused_before_compute(tmp_path):
     assert r.returncode == 2
     assert f"{out} is a 'synth' artifact; --init expects 'distill'" in r.stderr
     assert not (tmp_path / "ct").exists() and not (tmp_path / ".ct.partial").exists()
+
+
+# --- one CLI shape ----------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from vla import cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DATA = "s3://b/{000..009}.tar"
+#: the commands that train with vla's loop, and the recipe each takes in tests/CI
+TRAINING = {"pretrain": [], "distill": [], "contrast-tune": ["--init", "x"], "joint-train": [],
+            "stage2-roi": ["--init", "x"], "train-teacher": ["--regions", "x"], "train-student": ["--teacher", "x"]}
+#: every command that takes --data, with what else it needs to reach its stage
+DATA_COMMANDS = {**TRAINING, "eval": ["vla-micro-clip"], "train-detector": [], "precompute-regions": []}
+
+
+def _reach_stage(monkeypatch, kind: str, args: list) -> dict:
+    """Run `vla KIND ARGS` with the model check and the stage's `run` replaced by a recorder: what
+    the stage would have been called with (its recipe and its positional inputs, `--out` last)."""
+    from vla.stages import stage_run
+
+    seen = {}
+
+    def record(cfg, *inputs, force=False, command=None):
+        seen.update(cfg=cfg, inputs=inputs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_check_models", lambda refs: None)
+    monkeypatch.setattr(sys.modules[stage_run(kind).__module__], "run", record)
+    r = runner.invoke(app, [kind, *args, "--recipe", str(ROOT / "recipes" / "smoke" / f"{kind}.yaml")])
+    assert seen, r.output
+    return seen
+
+
+def test_data_reaches_every_stage_as_the_string_typed(monkeypatch):
+    """`--data 's3://b/{000..009}.tar'` is passed to every stage that takes data unchanged: no
+    Path turns `s3://` into `s3:/`, and the braces are left for webdataset to expand."""
+    for kind, extra in DATA_COMMANDS.items():
+        seen = _reach_stage(monkeypatch, kind, [*extra, "--data", DATA, "--out", "/tmp/vla-never-written"])
+        data = seen["inputs"][-2]  # the stage's inputs end with (data, out)
+        assert data == DATA and isinstance(data, str), (kind, seen["inputs"])
+
+
+def test_training_data_hands_the_string_to_the_reader(monkeypatch):
+    """Below the CLI, the stages' data entry (`training_data`) gives the reader the string as typed."""
+    import vla.data.stream
+    from vla.stages.common import training_data
+
+    got = []
+
+    def reader(path):
+        got.append(path)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(vla.data.stream, "resolve_data", reader)
+    try:
+        training_data(DATA)
+    except SystemExit:
+        pass
+    assert got == [DATA]
+
+
+def test_every_training_command_takes_the_shared_flags(monkeypatch):
+    """--steps --batch-size --lr --precision --device on every command that trains with vla's loop,
+    each landing in the recipe's `train:` block. train-teacher's length is its --epochs (a teacher
+    is saved after each epoch), so it takes the other four."""
+    for kind, extra in TRAINING.items():
+        opts = {o for p in _click_commands()[kind].params for o in p.opts}
+        flags = ["--batch-size", "3", "--lr", "0.25", "--precision", "bf16", "--device", "cpu"]
+        if kind == "train-teacher":
+            assert "--steps" not in opts and "--epochs" in opts
+        else:
+            flags += ["--steps", "7"]
+        assert {f for f in flags if f.startswith("--")} <= opts, kind
+        train = _reach_stage(monkeypatch, kind, [*extra, "--data", "d", "--out", "/tmp/o", *flags])["cfg"].train
+        assert (train.batch_size, train.lr, train.precision, train.device) == (3, 0.25, "bf16", "cpu"), kind
+        assert kind == "train-teacher" or train.steps == 7, kind
+
+
+def test_every_recipe_kind_has_a_command():
+    """A recipe's `kind:` is the name of the command that runs it."""
+    from vla.stages import RECIPES
+
+    assert set(RECIPES) <= set(_click_commands())
+
+
+def test_options_become_recipe_overrides():
+    """The one mapping from a command's options to recipe keys: training flags under `train.` when
+    the recipe has a loop, renamed keys, enums by value; unset options and the stage's own inputs
+    are left out."""
+    from vla.stages.distill import DistillRecipe
+    from vla.stages.train_detector import TrainDetectorRecipe
+
+    got = cli.recipe_overrides(DistillRecipe, {"data": "d", "out": "o", "embedder": "minilm", "pooling": None,
+                                               "steps": 5, "precision": cli.Precision.bf16, "recipe": None})
+    assert got == {"embedder.name": "minilm", "train.steps": 5, "train.precision": "bf16"}
+    assert cli.recipe_overrides(TrainDetectorRecipe, {"device": "cpu", "batch": 8}) == {"device": "cpu", "batch": 8}

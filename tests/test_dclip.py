@@ -113,6 +113,24 @@ def oracle_regions(world, base_clip):
 # --- precompute-regions ----------------------------------------------------------------------------
 
 
+def test_crops_are_squashed_to_the_clip_input_by_default():
+    """A crop is resized to the CLIP's square input whatever its aspect (the public code's resize):
+    a wide crop keeps its left and right ends; the centre-crop reading cuts them off."""
+    from PIL import Image
+
+    from vla.models.clip import load_clip
+    from vla.stages.precompute_regions import PrecomputeRegionsRecipe, clip_pixels
+
+    assert PrecomputeRegionsRecipe().crop_resize == "squash" and PrecomputeRegionsRecipe().top_k is None
+    clip = load_clip("vla-micro-clip")
+    crop = Image.new("RGB", (96, 24), (0, 0, 255))
+    crop.paste((255, 0, 0), (0, 0, 12, 24))  # a red left end, 1/8 of the width
+    squashed, centred = clip_pixels(clip, [crop], squash=True), clip_pixels(clip, [crop])
+    assert squashed.shape == centred.shape == (1, 3, 32, 32)
+    assert squashed[0, 0, :, :2].mean() > squashed[0, 0, :, -2:].mean() + 1  # red survives on the left
+    assert torch.allclose(centred[0, 0, :, :2], centred[0, 0, :, -2:])  # the centre crop lost it
+
+
 def test_crops_are_normalised_as_the_clips_preprocessing_does():
     from PIL import Image
 
@@ -153,14 +171,17 @@ def test_oracle_regions_are_the_worlds_boxes_encoded_by_the_frozen_clip(world, b
     assert im["area"].tolist() == pytest.approx(areas)
     crops = [sample.image.crop(tuple(int(v) for v in b)) for b in im["boxes"].tolist()]
     with torch.no_grad():
-        want = clip.model.eval().encode_image(clip_pixels(clip, crops), normalize=True)
+        want = clip.model.eval().encode_image(clip_pixels(clip, crops, squash=True), normalize=True)
         want_global = clip.model.encode_image(clip_pixels(clip, [sample.image]), normalize=True)[0]
     torch.testing.assert_close(torch.from_numpy(im["emb"].astype("float32")), want, rtol=0, atol=2e-3)
     torch.testing.assert_close(torch.from_numpy(im["global"].astype("float32")), want_global, rtol=0, atol=2e-3)
 
-    batch = store.lookup([sample.key, sample.key], top_k=2)
-    assert batch["regions"].shape == (2, 3, 32) and batch["mask"][0].tolist() == [True, True, len(crops) > 1]
-    assert batch["conf"][0, 0] == 1 and batch["area"][0, 0] == 1  # the global embedding comes first
+    batch = store.lookup([sample.key, sample.key], top_k=2)  # the crops alone: no whole-image region beside them
+    n = min(2, len(crops))
+    assert batch["regions"].shape == (2, n, 32) and batch["mask"].all()
+    torch.testing.assert_close(batch["regions"][0], torch.from_numpy(im["emb"][:n].astype("float32")))
+    alone = store.lookup([sample.key], top_k=0)  # the no-regions arm: the whole image, conf 1, area 1
+    assert alone["regions"].shape == (1, 1, 32) and alone["conf"].item() == 1 and alone["area"].item() == 1
 
 
 def test_bad_boxes_are_dropped_and_counted():
@@ -496,3 +517,30 @@ def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifac
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "det" / "detector" / "weights.safetensors").exists()
     assert not (tmp_path / "runs").exists() and not (tmp_path / "det" / "ultralytics").exists()
+
+
+def test_recipes_dclip_cover_every_arm_and_validate():
+    """`make dclip-ablations` / `dclip-epochs` with DCLIP_RECIPES=recipes/dclip resolve (every recipe
+    they read exists) and every recipe there validates against its stage (ViT-L student included)."""
+    from vla.recipes import load_recipe
+    from vla.stages import precompute_regions, train_detector, train_student, train_teacher
+    from vla.stages.evaluate import EvalRecipe
+
+    classes = {"train-detector": train_detector.TrainDetectorRecipe,
+               "precompute-regions": precompute_regions.PrecomputeRegionsRecipe,
+               "train-teacher": train_teacher.TrainTeacherRecipe, "train-student": train_student.TrainStudentRecipe,
+               "eval": EvalRecipe}
+    r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "DCLIP_RECIPES=recipes/dclip",
+                        "CLIP=clip-vit-b-16", "DETECTOR=/models/yolov8x.pt", "DATA=/data/shards", "EVAL=/data/eval"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    read = {p.split("recipes/dclip/")[1] for p in r.stdout.split() if "recipes/dclip/" in p}
+    assert {"train-teacher-noregions.yaml", "train-teacher-average.yaml", "train-teacher-converged.yaml",
+            "train-student-noteacher.yaml", "train-student-converged.yaml", "train-student-epochs.yaml"} <= read
+    import yaml
+
+    for path in sorted((ROOT / "recipes" / "dclip").glob("*.yaml")):
+        kind = yaml.safe_load(path.read_text())["kind"]
+        cfg = load_recipe(classes[kind], path)
+        if path.name == "train-student-vitl.yaml":
+            assert cfg.preserve_weight > 0 and cfg.rope_2d and cfg.clusters == 3

@@ -147,6 +147,8 @@ def test_attention_pool_temperature():
 
 
 def test_clip_text_states_pool_to_encode_text():
+    """The pooled output is encode_text; the token states are the tokens strictly between start and
+    end (a 16-token context truncated at 16 keeps its end token: 14 between)."""
     from vla.models.clip import load_clip
 
     torch.manual_seed(0)
@@ -156,8 +158,8 @@ def test_clip_text_states_pool_to_encode_text():
         states, mask, pooled = clip_text_states(clip.model.eval(), tokens)
         want = clip.model.encode_text(tokens)
     torch.testing.assert_close(pooled, want)
-    assert states.shape == (2, 16, clip.embed_dim)
-    assert torch.equal(mask, tokens != 0) and mask[1].all()  # sample 1 is truncated at 16 tokens
+    assert states.shape == (2, 14, clip.embed_dim)
+    assert torch.equal(mask.sum(1), tokens.argmax(-1) - 1) and mask[1].all()  # sample 1 is truncated at 16 tokens
 
 
 def test_average_fusion_has_no_attention_and_matches_the_hand_written_reference():

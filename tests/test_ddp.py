@@ -59,7 +59,8 @@ def test_two_ranks_match_one_process_with_the_doubled_batch(tmp_path):
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     """Slurm preemption under torchrun: torchrun passes SIGTERM to its workers; the stop request
     travels in the step's all-reduce, so both ranks stop after the same step and save one checkpoint
-    together (both ranks' RNG states in it), and rank 0 says where a rerun resumes."""
+    together (both ranks' RNG states in it), and every rank says where a rerun resumes (each in
+    its own file)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLA_NO_PROGRESS": "1"}
     workdir = tmp_path / "ddp"
@@ -75,5 +76,6 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     ckpt = torch.load(workdir / "checkpoints/last.pt", weights_only=True)
     last = _records(workdir)[-1]["step"]
     assert ckpt["step"] == last and len(ckpt["rng"]) == 2, err[-3000:]
-    assert f"stopped by SIGTERM at step {last} of 100000; checkpoint saved: rerun the same command to resume " \
-           f"from step {last}" in err
+    want = f"stopped by SIGTERM at step {last} of 100000; checkpoint saved: rerun the same command to resume " \
+           f"from step {last}"
+    assert [(workdir / f"stopped-rank{r}.txt").read_text() for r in range(2)] == [want, want], err[-3000:]

@@ -159,3 +159,32 @@ def test_bf16_autocast_step_on_cuda(tmp_path):
     assert set(seen) == {(True, torch.bfloat16)}  # every step ran under bf16 autocast
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+def test_uint8_images_normalised_on_the_device_are_the_float_transforms_pixels():
+    """pretrain and contrast-tune hand uint8 images from the workers; the tower's pre-hook makes
+    them exactly what the float transform gives (same crop: the same seeded draws), and leaves
+    float inputs (evaluation's preprocessing) alone."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from vla.models.clip import load_clip
+
+    clip = load_clip("vla-micro-clip")
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 50, 3), dtype=np.uint8))
+    torch.manual_seed(1)
+    want = clip.train_preprocess()(image)
+    torch.manual_seed(1)
+    got = clip.uint8_train_preprocess()(image)
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    clip.normalize_uint8_inputs()
+    teacher = copy.deepcopy(clip.model.visual)  # contrast-tune's EMA teacher is such a copy
+    seen = []
+    for tower in (clip.model.visual, teacher):
+        tower.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        tower(got[None])
+        tower(want[None])
+    for x in seen:
+        assert torch.equal(x[0], want)

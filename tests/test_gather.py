@@ -70,3 +70,52 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
         # the scale is replicated: DDP averages its gradient over ranks
         mean_scale_grad = sum(r[3] for r in per_rank) / WORLD
         torch.testing.assert_close(mean_scale_grad, scale.grad, msg=f"scale grad, {config}")
+
+
+def _sum_losses_worker(rank: int, init_file: str, out_dir: str, s: torch.Tensor, u: torch.Tensor,
+                       logits: torch.Tensor, targets: torch.Tensor) -> None:
+    from vla.losses import caption_loss, distill_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mine = s.chunk(WORLD)[rank].clone().requires_grad_(True)
+        out = distill_loss(mine, u.chunk(WORLD)[rank], rank=rank, world_size=WORLD)
+        out["loss"].backward()
+        lg = logits.chunk(WORLD)[rank].clone().requires_grad_(True)
+        cap = caption_loss(lg, targets.chunk(WORLD)[rank], world_size=WORLD)
+        cap.backward()
+        torch.save({"ins": out["ins"].detach(), "struct": out["struct"].detach(), "grad": mine.grad,
+                    "cap": cap.detach(), "cap_grad": lg.grad}, Path(out_dir) / f"sums{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_summed_and_token_mean_losses_cover_the_global_batch_on_two_ranks(tmp_path: Path) -> None:
+    """ProCLIP's L_ins and L_struct (sums; pairs across ranks included) and MM-GEM's caption loss
+    (a mean over every rank's tokens, ranks holding different numbers): the mean of the ranks' values
+    is the single-process value on the whole batch, and each rank's gradient is world_size × the
+    single-process one (what DDP's average turns into exactly that gradient)."""
+    from vla.losses import caption_loss, distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = F.normalize(torch.randn(WORLD * LOCAL_BATCH, 8, generator=g, dtype=torch.float64), dim=-1)
+    u = F.normalize(torch.randn(WORLD * LOCAL_BATCH, 8, generator=g, dtype=torch.float64), dim=-1)
+    logits = torch.randn(WORLD * LOCAL_BATCH, 5, 11, generator=g, dtype=torch.float64)
+    targets = torch.randint(11, (WORLD * LOCAL_BATCH, 5), generator=g)
+    targets[:LOCAL_BATCH, 3:] = -100  # rank 0 has fewer caption tokens than rank 1
+    mp.spawn(_sum_losses_worker, args=(str(tmp_path / "init"), str(tmp_path), s, u, logits, targets), nprocs=WORLD,
+             join=True)
+    ranks = [torch.load(tmp_path / f"sums{r}.pt") for r in range(WORLD)]
+
+    whole = s.clone().requires_grad_(True)
+    out = distill_loss(whole, u)
+    out["loss"].backward()
+    lg = logits.clone().requires_grad_(True)
+    cap = caption_loss(lg, targets)
+    cap.backward()
+    for key, want in (("ins", out["ins"]), ("struct", out["struct"]), ("cap", cap)):
+        torch.testing.assert_close(sum(r[key] for r in ranks) / WORLD, want.detach(), msg=key)
+    for rank, r in enumerate(ranks):
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        torch.testing.assert_close(r["grad"], WORLD * whole.grad[rows], msg=f"distill grad, rank {rank}")
+        torch.testing.assert_close(r["cap_grad"], WORLD * lg.grad[rows], msg=f"caption grad, rank {rank}")

@@ -221,8 +221,10 @@ def test_zeroshot_classifier_normalises_each_template_then_the_mean():
 # ---------------------------------------------------------------- captioning
 
 def test_ptb_tokenize_lowercases_splits_clitics_and_drops_punctuation():
+    """PTB tokens as pycocoevalcap keeps them: brackets become -lrb-/-rrb- (its punctuation list
+    holds only the upper-case forms, so they stay), other punctuation is dropped."""
     assert ptb_tokenize("A man's T-shirt, (red) -- isn't it?") == \
-        ["a", "man", "'s", "t-shirt", "red", "is", "n't", "it"]
+        ["a", "man", "'s", "t-shirt", "-lrb-", "red", "-rrb-", "is", "n't", "it"]
 
 
 def test_bleu4_by_hand():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vla.errors import UserError
 from vla.losses import caption_loss, mmgem_objective_loss
-from vla.models.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens
+from vla.models.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens, lm_checkpointing
 from vla.models.clip import load_clip
 from vla.models.mmgem import (
     IGNORE_INDEX,
@@ -147,6 +147,50 @@ def test_boxes_map_into_the_resized_and_centre_cropped_input() -> None:
     got = boxes_to_input_frame(box, (128, 64), 32, "shortest")
     assert got.tolist() == [[40 / 2 - 16, 8 / 2, 88 / 2 - 16, 40 / 2]]
     assert boxes_to_input_frame(box, (128, 64), 32, "squash").tolist() == [[10.0, 4.0, 22.0, 20.0]]
+
+
+def test_the_resized_side_is_truncated_as_torchvisions_resize_computes_it() -> None:
+    """640×480 at 224: torchvision's Resize(224) makes 298×224 (int, not round's 299), and the box
+    map uses that size; checked against the resize open_clip's preprocessing really runs."""
+    from PIL import Image
+    from open_clip.transform import image_transform
+
+    from vla.models.pool_aggregator import resized_size
+
+    for mode in ("shortest", "longest", "squash"):
+        resize = image_transform(224, is_train=False, resize_mode=mode).transforms[0]
+        for size in [(640, 480), (480, 640), (333, 101), (50, 77)]:
+            assert resized_size(size, 224, mode) == resize(Image.new("RGB", size)).size
+    assert resized_size((640, 480), 224) == (298, 224)
+    box = torch.tensor([[0.0, 0.0, 640.0, 480.0]])
+    assert boxes_to_input_frame(box, (640, 480), 224).tolist() == [[0.0, 0.0, 224.0, 224.0]]
+
+
+def test_a_box_in_image_pixels_of_a_640x480_image_embeds_the_region_computed_by_hand(model: MMGEM) -> None:
+    """encode_regions takes boxes in each image's own pixels: on a 640×480 image the result is
+    h4(h1(RoIAlign)) of the box mapped by hand through the tower's resize (short side 480 → 32,
+    long side int(32·640/480) = 42) and centre crop (round((42 − 32)/2) = 5 px off the left)."""
+    from PIL import Image
+    from torchvision.ops import roi_align
+
+    rng = torch.Generator().manual_seed(3)
+    image = Image.fromarray((torch.rand(480, 640, 3, generator=rng) * 255).byte().numpy())
+    box = [320.0, 120.0, 560.0, 400.0]
+    scale_x, scale_y, left = 42 / 640, 32 / 480, 5.0
+    by_hand = torch.tensor([[box[0] * scale_x - left, box[1] * scale_y, box[2] * scale_x - left, box[3] * scale_y]])
+    with torch.no_grad():
+        fmap = model.tower(model.preprocess(image)[None])
+        pooled = roi_align(fmap, [by_hand], output_size=model.config.roi_output_size, spatial_scale=1 / 8,
+                           sampling_ratio=model.config.roi_sampling_ratio, aligned=True).mean(dim=(2, 3))
+        expected = F.normalize(model.h4(model.h1(pooled)), dim=-1)
+    got = model.encode_regions([image], [[box]])
+    assert torch.allclose(got, expected, atol=1e-6)
+    # the tower's input frame only when asked for, and a box outside its image refused with the size
+    assert torch.allclose(model.encode_regions([image], [by_hand], box_frame="input"), expected, atol=1e-6)
+    with pytest.raises(UserError, match=r"image 0: region box .* outside the 640×480 image"):
+        model.encode_regions([image], [[[0.0, 0.0, 700.0, 10.0]]])
+    with pytest.raises(UserError, match="box_frame='input'"):
+        model.caption(model.preprocess(image)[None], [[box]])
 
 
 # --- tokens and the embedding table ----------------------------------------------------------------
@@ -358,3 +402,126 @@ def test_a_tokenizer_without_the_recorded_tokens_is_refused(tmp_path) -> None:
     assert "[EMB]" not in AutoTokenizer.from_pretrained(tmp_path / "m" / "lm").get_vocab()
     with pytest.raises(UserError, match=r"lacks \[EMB\], \[CAP\]"):
         load_mmgem(tmp_path / "m")
+
+
+# --- gradient checkpointing ------------------------------------------------------------------------
+
+
+def _loss_and_grads(trainer, pixels, captions):
+    trainer.zero_grad(set_to_none=True)
+    loss = trainer(pixels, captions)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_of_tower_and_lm_gives_the_same_loss_and_gradients() -> None:
+    """train.grad_checkpointing on MMGEMTrainer (open_clip's switch on the tower, transformers'
+    gradient_checkpointing_enable on the LM): the joint loss and every gradient are unchanged,
+    and the LM's layers really do checkpoint."""
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer
+
+    model = _model()
+    model.trainable_parameters("joint")
+    trainer = MMGEMTrainer(model, "joint", ClipLoss()).train()
+    pixels, captions = _pixels(4), CAPTIONS
+    loss, grads = _loss_and_grads(trainer, pixels, captions)
+    trainer.set_grad_checkpointing(True)
+    assert model.tower.visual.transformer.grad_checkpointing and lm_checkpointing(model.lm)
+    loss_ckpt, grads_ckpt = _loss_and_grads(trainer, pixels, captions)
+    assert torch.allclose(loss, loss_ckpt, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 10
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_the_training_loop_accepts_grad_checkpointing_for_mmgem(tmp_path) -> None:
+    """train.grad_checkpointing=true is honoured for MMGEMTrainer (the loop refuses models that
+    cannot checkpoint): a step runs and the switch is on."""
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.train import TrainConfig, train
+
+    model = _model()
+    model.trainable_parameters("joint")
+    trainer = MMGEMTrainer(model, "joint", ClipLoss()).train()
+    batch = {"pixels": _pixels(4), "captions": CAPTIONS}
+    cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=0, grad_checkpointing=True, device="cpu")
+    result = train(cfg, trainer, lambda m, b: m(b["pixels"], b["captions"]), lambda s: iter([batch]), tmp_path)
+    assert result.steps == 1 and lm_checkpointing(model.lm)
+
+
+# --- BOS, bf16 regions ------------------------------------------------------------------------------
+
+
+def test_caption_rows_start_with_bos_as_embedding_rows_do_for_an_lm_that_has_one() -> None:
+    """With a BOS token (as TinyLlama has), training caption rows are [BOS, V_in, [CAP], caption,
+    eos] and decoding starts from [BOS, V_in, [CAP]]: the first caption token's training logits
+    equal the LM's next-token logits on the decoding input."""
+    clip = load_clip("vla-micro-clip")
+    lm, tokenizer = build_tiny_llama(CAPTIONS)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    lm.resize_token_embeddings(len(tokenizer))
+    model = MMGEM(clip.model.visual, lm, tokenizer, MMGEMConfig(prefix_length=PREFIX, max_text_tokens=24),
+                  preprocess=clip.preprocess).eval()
+    bos = tokenizer.bos_token_id
+    pixels = _pixels(2)
+    with torch.no_grad():
+        inputs = model.caption_inputs(pixels)
+        assert inputs.shape[1] == 1 + PREFIX + 1
+        assert torch.equal(inputs[:, 0], model.lm.get_input_embeddings().weight[bos].expand(2, -1))
+        out = model(pixels, CAPTIONS[:2], objective="caption")
+        head = 1 + PREFIX + 1
+        assert (out["targets"][:, :head] == -100).all() and (out["targets"][:, head] != -100).all()
+        decoding = model.lm(inputs_embeds=inputs).logits[:, -1]
+    assert torch.allclose(out["logits"][:, head - 1], decoding, atol=1e-5)
+
+
+def test_a_bf16_model_embeds_regions_with_roialign_in_fp32(model: MMGEM) -> None:
+    """RoIAlign runs in fp32 whatever the model's dtype (torchvision's CPU kernel has no bf16): a
+    bf16 copy of the model embeds regions, close to the fp32 model's embedding."""
+    import copy
+
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(4)
+    images = [Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())]
+    boxes = [[[4.0, 4.0, 30.0, 36.0]]]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.preprocess = lambda im: model.preprocess(im).to(torch.bfloat16)
+    got = half.encode_regions(images, boxes)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert F.cosine_similarity(got, model.encode_regions(images, boxes)).item() > 0.98
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = model.roi_pool(torch.randn(1, 32, 4, 4, dtype=torch.bfloat16), [torch.tensor([[0.0, 0.0, 16.0, 16.0]])])
+    assert pooled.dtype == torch.bfloat16
+
+
+def test_objective_gradient_norms_are_those_of_each_term_alone() -> None:
+    """`objective_gradient_norms` gives ‖∇(w_emb·L_emb)‖ and ‖∇(w_gen·L_gen)‖ per group, as a
+    backward of each weighted term alone does, and their cosine; .grad is left untouched."""
+    from vla.losses import ClipLoss
+    from vla.models.mmgem_trainer import MMGEMTrainer, objective_gradient_norms
+
+    model = _model()
+    model.trainable_parameters("joint")
+    trainer = MMGEMTrainer(model, "joint", ClipLoss(), emb_weight=2.0, gen_weight=0.5).train()
+    groups = {"lm": [p for p in model.lm.parameters() if p.requires_grad], "h1": list(model.h1.parameters())}
+    pixels = _pixels(4)
+    record = objective_gradient_norms(trainer, pixels, CAPTIONS, groups)
+    assert all(p.grad is None for p in trainer.parameters())
+    by_term = {}
+    for term, objective, weight in (("emb", "embed", 2.0), ("gen", "caption", 0.5)):
+        trainer.zero_grad(set_to_none=True)
+        out = model(pixels, CAPTIONS, objective=objective)
+        loss = mmgem_objective_loss(objective, **{k: out[k] for k in ("image", "text", "logit_scale", "logits",
+                                                                       "targets") if k in out})["loss"]
+        (weight * loss).backward()
+        by_term[term] = {g: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                       for p in ps]) for g, ps in groups.items()}
+    for g in groups:
+        got = record["groups"][g]
+        assert got["emb_grad_norm"] == pytest.approx(float(by_term["emb"][g].norm()), rel=1e-4)
+        assert got["gen_grad_norm"] == pytest.approx(float(by_term["gen"][g].norm()), rel=1e-4)
+        assert got["cosine"] == pytest.approx(float(F.cosine_similarity(by_term["emb"][g], by_term["gen"][g], dim=0)),
+                                              abs=1e-4)

@@ -54,10 +54,9 @@ def regional(chain):
 
 
 def _full_image_and_box(model, es, i):
-    """Region i as MM-GEM should read it: its source image uncropped, its box in the tower's input."""
+    """Region i as MM-GEM should read it: its source image uncropped, its box in the image's pixels."""
     src = es.region_sources([i])[0]
-    image = src.load()
-    return [image], model.input_boxes([image], [src.boxes])
+    return [src.load()], [src.boxes]
 
 
 # --- 1. regional retrieval: full image + box for MM-GEM, crops for a CLIP ---------------------------

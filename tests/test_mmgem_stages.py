@@ -189,7 +189,9 @@ def test_a_bad_out_is_refused_before_any_model_loads(chain, tmp_path) -> None:
     assert not (chain / "world" / "joint").exists()
 
 
-def test_a_region_cropped_away_is_refused_with_the_sample_key(chain, tmp_path) -> None:
+def test_data_whose_regions_are_all_cropped_away_stops_naming_the_reason(chain, tmp_path) -> None:
+    """A region the centre crop removes is not usable; samples without a usable region are skipped
+    (tests/test_mmgem_stage2_data.py), and data with none at all stops, naming why."""
     from vla.data.sample import Region, Sample
     from vla.data.shards import ShardWriter
 
@@ -201,8 +203,9 @@ def test_a_region_cropped_away_is_refused_with_the_sample_key(chain, tmp_path) -
                            regions=[Region(box=(2.0, 2.0, 20.0, 20.0), label="square", caption="a red square")]))
     r = runner.invoke(app, ["stage2-roi", "--data", str(tmp_path / "shards"), "--init", str(chain / "joint"),
                             "--out", str(tmp_path / "out"), *STAGE2, "--set", "train.batch_size=2"])
-    assert r.exit_code == 2, r.output
-    assert "wide" in r.output and "empty" in r.output and not (tmp_path / "out").exists()
+    assert r.exit_code == 1, r.output
+    assert "no usable sample" in r.output and "skipped no_usable_region" in r.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_killed_joint_train_resumes_to_identical_weights(chain, tmp_path) -> None:
@@ -250,10 +253,10 @@ def test_every_trained_parameter_gets_a_gradient(objective) -> None:
     # DDP refuses a trained parameter without a gradient; an ablation must freeze the idle heads
     from vla.losses import ClipLoss
     from vla.models.mmgem_trainer import MMGEMTrainer
-    from vla.stages.joint_train import lr_groups
+    from vla.stages.joint_train import parameter_groups
 
     model = _micro_model()
-    groups = lr_groups(model, objective)
+    groups = parameter_groups(model, objective)
     trainer = MMGEMTrainer(model, objective, ClipLoss())
     out = trainer(torch.randn(4, 3, 32, 32), CAPTIONS)
     out["loss"].backward()
@@ -330,7 +333,7 @@ def test_joint_train_under_torchrun_counts_every_ranks_captions(chain, tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vla", "joint-train",
                         "--data", str(chain / "world"), "--out", str(tmp_path / "ddp"), *JOINT,
-                        "--set", "train.steps=2", "--set", "eval.sets=[]"],
+                        "--set", "train.steps=2", "--set", "eval.sets=[]", "--set", "train.device=cpu"],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "VLA_NO_PROGRESS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -448,11 +451,18 @@ def test_make_n_mmgem_real_line_trains_every_arm_under_torchrun_with_its_own_pat
 
 
 def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) -> None:
+    """The embedded make mmgem builds the world, the base CLIP and the pre-trained LM once each;
+    the joint, embed-only and caption-only arms all start from that LM."""
     cmds = _make_n(f"WORLD={tmp_path}/toy", f"RUNS={tmp_path}/runs", f"MMGEM_RUNS={tmp_path}/mm")
     assert any(f"vla synth --out {tmp_path}/toy" in c for c in cmds)
     assert any(f"vla pretrain --data '{tmp_path}/toy' --out {tmp_path}/runs/clip" in c for c in cmds)
+    lm = [c for c in cmds if " pretrain-lm " in c]
+    assert len(lm) == 1 and f"--data '{tmp_path}/toy' --out {tmp_path}/mm/lm" in lm[0]
+    assert "--recipe recipes/embedded/pretrain-lm.yaml" in lm[0]
+    for arm in ("joint", "embed-only", "caption-only"):
+        c = next(c for c in cmds if f"--out {tmp_path}/mm/{arm} " in c)
+        assert f"--vision {tmp_path}/runs/clip --llm {tmp_path}/mm/lm " in c and "torchrun" not in c
     joint = next(c for c in cmds if f"--out {tmp_path}/mm/joint " in c)
-    assert f"--vision {tmp_path}/runs/clip " in joint and "--llm" not in joint and "torchrun" not in joint
     assert "--recipe recipes/embedded/joint-train.yaml" in joint
     assert any(f"--out exports/mm " in c + " " for c in cmds)
 

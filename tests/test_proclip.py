@@ -3,6 +3,7 @@ a user runs `make proclip` (recipes/smoke/), then the export checked against its
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,10 +155,12 @@ def test_loaded_export_takes_one_item_and_says_what_it_is(curriculum):
 
 def test_stages_run_under_torchrun(curriculum, tmp_path):
     """`torchrun --nproc-per-node 2 -m vla STAGE` (gloo on the CPU): one artifact, written by rank 0,
-    counting both ranks' samples; the contrastive losses gather features across ranks."""
+    counting both ranks' samples; the contrastive losses gather features across ranks; rank 0 alone
+    reports (each rank's output read from its own log file, never the shared stdout)."""
     world, runs = curriculum[0] / "world", curriculum[0] / "runs"
+    logs = tmp_path / "logs"
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
-                "-m", "vla"]
+                "--redirects", "3", "--log-dir", str(logs), "-m", "vla"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     stages = {
         # before the fix, ranks other than 0 crashed reading the manifest of the artifact they
@@ -170,24 +173,33 @@ def test_stages_run_under_torchrun(curriculum, tmp_path):
     }
     for name, args in stages.items():
         out = tmp_path / name
-        sets = ["--set", "train.batch_size=16", "--set", "train.steps=4"]
+        sets = ["--set", "train.batch_size=16", "--set", "train.steps=4", "--set", "train.device=cpu"]
         if name != "distill":
             sets += ["--set", "eval.sets=[retrieval]"]
         proc = subprocess.run([*torchrun, *args, "--out", str(out), *sets], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        rank_out = [_rank_log(logs, r, "stdout") for r in range(2)]
+        assert proc.returncode == 0, rank_out[0][-2000:] + _rank_log(logs, 0, "stderr")[-3000:]
         m = manifest(out)
         if name == "distill":  # 16 rows a step over both ranks
             assert m["metrics"]["val"]["rows"] > 0 and m["resumed"] is False
-            assert "teacher truncated" in proc.stdout and proc.stdout.count("✓ distill") == 1
+            assert "teacher truncated" in rank_out[0] and rank_out[0].count("✓ distill") == 1
+            assert "✓" not in rank_out[1]
         else:
             assert m["counts"]["train"]["steps"] == 4
             assert m["counts"]["train"]["samples"] == 4 * 16 * 2  # both ranks' batches
             assert "retrieval" in m["metrics"]["eval"]
         assert sorted(p.name for p in tmp_path.iterdir() if name in p.name) == [name]  # no partial left
+        shutil.rmtree(logs)
         check = subprocess.run([sys.executable, "-m", "vla", "inspect", str(out), "--verify"], cwd=ROOT,
                                env=env, capture_output=True, text=True, timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _rank_log(logs: Path, rank: int, stream: str) -> str:
+    """What rank `rank` wrote to `stream`, from torchrun's per-rank files (`--redirects 3 --log-dir`)."""
+    (path,) = logs.glob(f"*/attempt_0/{rank}/{stream}.log")
+    return path.read_text()
 
 
 def test_distill_batch_larger_than_the_data_is_a_user_error(curriculum, tmp_path):

@@ -131,6 +131,34 @@ def test_decode_false_reads_headers_only(tmp_path):
     assert skips.as_dict()["skipped"] == {"decompression_bomb": 1}
 
 
+def test_draft_decodes_a_jpeg_at_the_smallest_scale_keeping_the_size_and_scales_its_boxes(tmp_path):
+    """`draft_size=64` decodes a 256x192 JPEG at 1/2 (128x96: 1/4 would leave 48 < 64 px) with
+    every box scaled by the same factor and pixels close to a full decode resized; a PNG, an
+    image already at most 64 px and a cut JPEG read as without draft (the cut one still skipped)."""
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (24, 32, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    big = Image.fromarray(smooth)  # 256 x 192, blocks of 8 px: little for the DCT scale to lose
+    region = Region((16.0, 8.0, 200.0, 100.0), "thing", "a thing")
+    samples = [Sample("jpg", big, ["a"], regions=[region]), Sample("small", _image(48, 40), ["b"])]
+    with ShardWriter(tmp_path / "jpg", image_format="jpg") as w:
+        for s in samples:
+            w.write(s)
+        w.write_raw("half", {"jpg": HALF_JPEG, "txt": b"a caption"})
+    with ShardWriter(tmp_path / "png", image_format="png") as w:
+        w.write(samples[0])
+    skips = SkipCounter()
+    full = {s.key: s for s in iter_shard_samples(w.shards[0], SkipCounter())}  # the PNG: lossless
+    got = {s.key: s for shard in (tmp_path / "jpg").glob("*.tar")
+           for s in iter_shard_samples(shard, skips, draft_size=64)}
+    assert got["jpg"].image.size == (128, 96) and got["small"].image.size == (48, 40)
+    assert got["jpg"].regions[0].box == (8.0, 4.0, 100.0, 50.0) and got["jpg"].regions[0].caption == "a thing"
+    reference = np.asarray(full["jpg"].image.resize((128, 96), Image.BICUBIC), dtype=np.float32)
+    assert np.abs(np.asarray(got["jpg"].image, dtype=np.float32) - reference).mean() < 6
+    assert skips.as_dict()["skipped"] == {"truncated_image": 1}
+    png = next(iter_shard_samples(w.shards[0], SkipCounter(), draft_size=64))
+    assert png.image.size == (256, 192) and png.regions == [region]
+
+
 def test_a_truncated_or_non_tar_shard_is_a_user_error_naming_it(tmp_path):
     (shard,) = _write_mixed(tmp_path / "full")[:1]
     with tarfile.open(shard) as tar:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from vla.data.synth import SHAPES, SynthConfig, generate_world, sample_tasks, make_sample
-from vla.data.synth_text import BACKGROUNDS, CLASSNAMES, COLOURS, TEMPLATES
+from vla.data.synth_text import BACKGROUNDS, CELLS, CLASSNAMES, COLOURS, PATTERNS, TEMPLATES
 from vla.errors import UserError
 
 CFG = SynthConfig(n_train=200, n_val=40, n_test=100, shard_size=64, yolo_train=60, workers=1)
@@ -88,7 +88,8 @@ def test_split_shards_hold_complete_samples(world):
 
 
 def test_boxes_are_exact_and_tight():
-    cfg = replace(CFG, n_train=60, n_val=0)
+    # Geometry alone: fill patterns off (contrast 0), so a pixel's colour says whose it is.
+    cfg = replace(CFG, n_train=60, n_val=0, pattern_contrast=0)
     cell = cfg.image_size / 3
     checked = 0
     for task in list(sample_tasks(cfg))[:60]:
@@ -98,7 +99,9 @@ def test_boxes_are_exact_and_tight():
         for obj, region in zip(objects, sample.regions):
             x0, y0, x1, y1 = (int(v) for v in region.box)
             assert region.box == (x0, y0, x1, y1) and 0 <= x0 < x1 <= cfg.image_size and 0 <= y0 < y1
-            assert region.label == obj.name and obj.position in region.caption
+            # the region caption says what the crop shows, never where the object is
+            assert region.label == obj.name and region.caption == f"a {obj.size} {obj.pattern} {obj.name}"
+            assert not any(cell in region.caption for cell in CELLS)
             # Pixels nearer the object's colour than the background's, inside its own grid cell
             # (objects never leave their cell, so no other object can be there).
             row, col = divmod(obj.cell, 3)
@@ -135,22 +138,27 @@ def test_eval_sets_follow_the_clip_benchmark_layout(world):
     test_keys = list(read_dir(out / "test"))
     expected_members = {"retrieval": {"jpg", "txt", "json"}, "long_retrieval": {"jpg", "txt", "json"},
                         "zeroshot": {"jpg", "cls", "json"}, "regional": {"jpg", "txt", "json"},
-                        "captioning": {"jpg", "txt", "json"}}
-    n_shards = math.ceil(CFG.n_test / CFG.shard_size)
+                        "captioning": {"jpg", "txt", "json"}, "grounding": {"jpg", "txt", "json"}}
     retrieval_owner: dict[str, str] = {}
     for task, members in expected_members.items():
         root = out / "eval" / task
         info = json.loads((root / "info.json").read_text())
+        samples = read_dir(root / "test")
+        n_shards = math.ceil(len(samples) / CFG.shard_size)
         # what CLIP_benchmark's build_wds_dataset reads: test/nshards.txt, test/0.tar …, dataset_type.txt
         assert (root / "test" / "nshards.txt").read_text().strip() == str(n_shards)
         assert sorted(p.name for p in (root / "test").glob("*.tar")) == [f"{i}.tar" for i in range(n_shards)]
-        assert (root / "dataset_type.txt").read_text().strip() == \
-            ("classification" if task == "zeroshot" else "retrieval")
-        samples = read_dir(root / "test")
+        if task == "grounding":  # vla's own task: CLIP_benchmark has no reader for it
+            assert not (root / "dataset_type.txt").exists()
+        else:
+            assert (root / "dataset_type.txt").read_text().strip() == \
+                ("classification" if task == "zeroshot" else "retrieval")
         assert info["task"] == task and info["n_images"] == len(samples)
         assert result["counts"]["eval"][task] == {k: v for k, v in info.items() if k != "task"}
-        if task != "retrieval":
+        if task not in ("retrieval", "regional", "grounding"):
             assert info["n_images"] == CFG.n_test and list(samples) == test_keys
+        else:
+            assert set(samples) <= set(test_keys)
         n_texts = 0
         for key, s in samples.items():
             assert set(s) == members
@@ -161,7 +169,7 @@ def test_eval_sets_follow_the_clip_benchmark_layout(world):
             lines = s["txt"].decode().split("\n")
             n_texts += len(lines)
             wanted = {"retrieval": meta["captions"], "captioning": meta["captions"],
-                      "long_retrieval": [meta["long_caption"]],
+                      "long_retrieval": [meta["long_caption"]], "grounding": meta["grounding_captions"],
                       "regional": [r["caption"] for r in meta["regions"]]}[task]
             if task == "retrieval":
                 # a subset of its captions, none of which any other test image has
@@ -172,11 +180,26 @@ def test_eval_sets_follow_the_clip_benchmark_layout(world):
                 assert lines == wanted
         assert n_texts == info["n_texts"] or task == "zeroshot"
     # what was dropped is exactly the captions another test image shares
-    all_captions = [c for s in read_dir(out / "test").values()
-                    for c in json.loads(s["json"]).get("captions", [])]
+    test_metas = [json.loads(s["json"]) for s in read_dir(out / "test").values()]
+    all_captions = [c for meta in test_metas for c in meta.get("captions", [])]
     info = json.loads((out / "eval" / "retrieval" / "info.json").read_text())
-    assert info["dropped_captions"] == len(all_captions) - info["n_texts"] > 0
+    assert info["dropped_captions"] == len(all_captions) - info["n_texts"]
     assert info["n_images"] + info["dropped_images"] == CFG.n_test
+    # regional: the first region of each region caption, in test order; no caption twice
+    regional = [json.loads(s["json"]) for s in read_dir(out / "eval" / "regional" / "test").values()]
+    kept = [r["caption"] for meta in regional for r in meta["regions"]]
+    first = list(dict.fromkeys(r["caption"] for meta in test_metas for r in meta["regions"]))
+    info = json.loads((out / "eval" / "regional" / "info.json").read_text())
+    assert kept == first and info["n_texts"] == len(kept)
+    n_regions = sum(len(meta["regions"]) for meta in test_metas)
+    assert info["dropped_regions"] == n_regions - len(kept) > 0
+    assert info["n_images"] + info["dropped_images"] == CFG.n_test
+    # grounding: every test image with two or more objects, each query naming its region's cell
+    grounding = [json.loads(s["json"]) for s in read_dir(out / "eval" / "grounding" / "test").values()]
+    assert len(grounding) == sum(len(meta["regions"]) >= 2 for meta in test_metas)
+    for meta in grounding:
+        for r, query in zip(meta["regions"], meta["grounding_captions"], strict=True):
+            assert r["caption"] == query and query.split(" in the ")[1] in CELLS
     classnames = (out / "eval" / "zeroshot" / "classnames.txt").read_text().splitlines()
     assert classnames == sorted(classnames) == list(CLASSNAMES) and len(classnames) == len(COLOURS) * len(SHAPES)
     templates = (out / "eval" / "zeroshot" / "zeroshot_classification_templates.txt").read_text().splitlines()
@@ -231,3 +254,73 @@ def test_refuses_a_non_empty_directory_and_bad_settings(tmp_path):
         generate_world(empty, replace(CFG, max_objects=10))
     with pytest.raises(UserError, match="captions_per_image"):
         generate_world(empty, replace(CFG, captions_per_image=99))
+
+
+def test_fill_patterns_survive_in_a_crop_and_fade_in_the_64px_view():
+    """A small object's fill pattern averages to its colour (a global colour is no hint), swings
+    strongly in its crop resized to the CLIP's 64 px, and is mostly gone where the whole
+    256 px image is resized to 64 px; the large object's coarser pattern stays partly visible."""
+    from PIL import Image
+
+    cfg = replace(CFG, n_train=60, n_val=0)
+    swing: dict[str, list[tuple[float, float, float]]] = {"small": [], "large": []}
+    offsets = []  # a window's mean minus the solid colour: off by the cut periods only
+    for task in list(sample_tasks(cfg))[:60]:
+        sample, objects = make_sample(task)
+        img = np.asarray(sample.image, dtype=np.float32)
+        view = np.asarray(sample.image.resize((64, 64), Image.BICUBIC), dtype=np.float32)
+        for obj, region in zip(objects, sample.regions):
+            if obj.shape not in ("square", "circle", "hexagon"):
+                continue  # shapes whose middle fifth is all fill
+            x0, y0, x1, y1 = region.box
+            cx, cy, hw = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 5
+            middle = img[int(cy - hw):int(cy + hw), int(cx - hw):int(cx + hw)].reshape(-1, 3)
+            if obj.pattern == "solid":
+                assert middle.std(0).max() == 0
+                continue
+            offsets.append(middle.mean(0) - COLOURS[obj.colour])
+            crop = sample.image.crop((int(x0), int(y0), int(x1), int(y1))).resize((64, 64), Image.BICUBIC)
+            in_crop = np.asarray(crop, dtype=np.float32)[20:44, 20:44].reshape(-1, 3)
+            in_view = view[round((cy - hw) / 4):round((cy + hw) / 4), round((cx - hw) / 4):round((cx + hw) / 4)]
+            swing[obj.size].append((middle.std(0).mean(), in_crop.std(0).mean(),
+                                    in_view.reshape(-1, 3).std(0).mean()))
+    assert np.abs(offsets).max() < 25 and np.abs(np.mean(offsets, 0)).max() < 3  # zero-mean modulation
+    small, large = np.mean(swing["small"], 0), np.mean(swing["large"], 0)
+    assert len(swing["small"]) >= 20 and small[1] > 25 and small[2] < 0.25 * small[1]
+    assert large[2] > 2 * small[2]
+
+
+def test_attribute_probe_set_pairs_one_small_object_with_its_pattern(world):
+    """eval/probe: train/ from the train split, test/ from val, only images with exactly one
+    small object; its one region is that object and its class is the object's fill pattern."""
+    out, result = world
+    probe = out / "eval" / "probe"
+    info = json.loads((probe / "info.json").read_text())
+    assert info["task"] == "attribute_probe" and (probe / "classnames.txt").read_text().split() == list(PATTERNS)
+    for split, source in (("train", "train"), ("test", "val")):
+        samples = read_dir(probe / split)
+        originals = read_dir(out / source)
+        two = [k for k, s in originals.items() if json.loads(s["json"])["n_objects"] == 2]
+        assert list(samples) == two and len(two) > 0
+        for key, s in samples.items():
+            meta, original = json.loads(s["json"]), json.loads(originals[key]["json"])
+            assert meta["regions"] == original["regions"][1:] and original["regions"][1]["caption"].startswith("a small")
+            assert PATTERNS[int(s["cls"])] == original["patterns"][1] == meta["pattern"]
+            assert s["jpg"] == originals[key]["jpg"]
+    assert info["n_images"] == len(read_dir(probe / "test")) and info["n_fit"] == len(read_dir(probe / "train"))
+    # every small object keeps at least ~24 px a side at the default 256 px
+    assert result["metrics"]["small_box_min_px"] >= 24
+
+
+def test_captions_name_the_fill_pattern(world):
+    """The long caption names every object's pattern; short captions name the primary's unless
+    it is solid; region captions name it always."""
+    out, _ = world
+    for s in list(read_dir(out / "train").values())[:40]:
+        meta = json.loads(s["json"])
+        for region, pattern in zip(meta["regions"], meta["patterns"]):
+            assert region["caption"].split()[2] == pattern
+            assert f"{pattern} {region['label']}" in meta["long_caption"]
+        primary = meta["patterns"][0]
+        assert all((f"{primary} {meta['regions'][0]['label']}" in c) == (primary != "solid")
+                   for c in meta["captions"])

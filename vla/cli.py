@@ -1,5 +1,10 @@
 """The `vla` command line: each command parses its options, resolves its recipe and calls one stage.
 
+A stage command is its own options under `@stage_command` (which adds the shared ones: the
+training flags on a command that trains, then --recipe, --set and --force) and one call,
+`run_stage(kind, locals())`, which turns the options into recipe overrides (`recipe_overrides`)
+and runs the stage. A new stage adds its recipe class to `vla.stages.RECIPES` and a command here.
+
 Heavy imports (torch, open_clip, transformers) happen inside the commands, so `vla --help` is fast.
 Errors: a `UserError` prints one red line and exits 2, a `StageError` exits 1, anything else is
 a bug and shows its traceback only with `--debug` (or VLA_DEBUG=1); `--debug` never changes the
@@ -9,6 +14,7 @@ exit code. Output piped into a command that stops reading (`vla eval ... | head`
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -27,8 +33,8 @@ from vla.errors import Interrupted, UserError, VlaError
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="vla",
-    help="Vision-language alignment curricula (ProCLIP, with the LLM2CLIP baseline) as staged, "
-         "reproducible commands.",
+    help="Vision-language alignment curricula as staged, reproducible commands: ProCLIP (with the "
+         "LLM2CLIP baseline), DCLIP and MM-GEM.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,19 +59,25 @@ class _StdoutConsole(Console):
 console = _StdoutConsole(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
+# --- the shared options ----------------------------------------------------------------------
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe file (see recipes/).")
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                       help="Override a recipe value: --set train.lr=1e-3 (repeatable).")
 ForceOpt = typer.Option(False, "--force", help="Rebuild even if --out is a finished artifact.")
+OutOpt = typer.Option(..., "--out", "-o", help="Artifact directory to write.")
+DATA_FORMS = ("a directory, a .tar, '/shards/{00000..00999}.tar', a glob, pipe:CMD or a URL, "
+              "as webdataset names them")
 DataOpt = typer.Option(..., "--data", "-d", metavar="DATA",
-                       help="A synth artifact, a .jsonl manifest, or WebDataset shards as webdataset names "
-                            "them: a directory, a .tar, '/shards/{00000..00999}.tar', a glob, pipe:CMD or a URL.")
-# the training loop's most used settings as flags; each is the recipe key train.<name>
-StepsOpt = typer.Option(None, "--steps", help="Optimizer steps (train.steps).")
-BatchOpt = typer.Option(None, "--batch-size", help="Batch per process (train.batch_size).")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate (train.lr).")
+                       help=f"A synth artifact, a .jsonl manifest, or WebDataset shards: {DATA_FORMS}.")
 
 
+def data_option(what: str, required: bool = False) -> Any:
+    """`--data` as a plain string (URLs and `pipe:` reach the reader unchanged), described per command."""
+    return typer.Option(... if required else None, "--data", "-d", metavar="DATA", help=what)
+
+
+# The training loop's most used settings, on every command that trains with it; each is the
+# recipe key train.<name> (vla/train.py's TrainConfig).
 class Precision(str, Enum):
     """The training loop's precisions (vla.train.PRECISIONS), as a choice the CLI can list."""
 
@@ -74,12 +86,38 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Device(str, Enum):
+    """Where the training loop runs (TrainConfig.device)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+StepsOpt = typer.Option(None, "--steps", help="Optimizer steps (train.steps).")
+BatchOpt = typer.Option(None, "--batch-size", help="Batch per process (train.batch_size).")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate (train.lr).")
 PrecisionOpt = typer.Option(None, "--precision", help="Training precision (train.precision).")
+DeviceOpt = typer.Option(None, "--device", help="auto (a GPU when there is one), cpu or cuda (train.device).")
+
+#: the options above, by parameter name: on every training command (tests/test_cli.py holds it)
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "precision", "device")
+#: parameters that are no recipe value: what `run_stage` passes to the stage itself
+NOT_RECIPE = ("models", "data", "src", "out", "recipe", "set_", "force")
+#: parameters named otherwise in the recipe (everything else is the top-level key of its own name)
+RECIPE_KEYS = {"embedder": "embedder.name", "pooling": "embedder.pooling", "epoch": "teacher_epoch"}
 
 
-def _train_flags(steps, batch_size, lr, precision) -> dict:
-    return {"train.steps": steps, "train.batch_size": batch_size, "train.lr": lr,
-            "train.precision": precision.value if precision else None}
+def _shared(name: str, annotation: Any, option: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+#: the training flags, in TRAIN_FLAGS' order, and the options every stage command ends with
+TRAIN_PARAMS = [_shared("steps", Optional[int], StepsOpt), _shared("batch_size", Optional[int], BatchOpt),
+                _shared("lr", Optional[float], LrOpt), _shared("precision", Optional[Precision], PrecisionOpt),
+                _shared("device", Optional[Device], DeviceOpt)]
+RECIPE_PARAMS = [_shared("recipe", Optional[Path], RecipeOpt), _shared("set_", Optional[List[str]], SetOpt),
+                 _shared("force", bool, ForceOpt)]
 
 
 def _debug() -> bool:
@@ -144,9 +182,10 @@ def _check_models(refs: list) -> None:
     check_models(refs)
 
 
-def _recipe_value(recipe: Optional[Path], set_: Optional[List[str]], key: str) -> Optional[str]:
-    """A top-level or dotted recipe value as the file and `--set` give it (unvalidated), for the
-    early model check; the stage validates the recipe fully."""
+def _recipe_value(shared: dict, key: str) -> Optional[str]:
+    """A top-level or dotted recipe value as the `--recipe` file and `--set` of a command's shared
+    options give it (unvalidated), for the early model check; the stage validates the recipe fully."""
+    recipe, set_ = shared.get("recipe"), shared.get("set_")
     for item in reversed(set_ or []):
         k, _, v = item.partition("=")
         if k.strip() == key:
@@ -186,89 +225,123 @@ def _command() -> list[str]:
     return ["vla", *sys.argv[1:]]
 
 
-def _load_recipe(cls, kind: str, recipe: Optional[Path], set_: Optional[List[str]], options: dict):
-    """The stage's typed recipe: the file, then `--set` overrides, then the command's own options
-    (`{recipe key: value}`; those not given, None or empty, are left to the recipe)."""
+def recipe_overrides(recipe_cls: Any, options: dict) -> dict:
+    """A command's options as recipe overrides `{key: value}`: the training flags under `train.`
+    (when the recipe has a training loop), the names in RECIPE_KEYS renamed, every other option
+    under its own name; enums by their value. Options not given (None or empty) are left to the
+    recipe, and NOT_RECIPE ones go to the stage itself."""
+    import dataclasses
+
+    has_loop = "train" in {f.name for f in dataclasses.fields(recipe_cls)}
+    keys = {}
+    for name, value in options.items():
+        if name in NOT_RECIPE or value is None or value == "":
+            continue
+        key = f"train.{name}" if has_loop and name in TRAIN_FLAGS else RECIPE_KEYS.get(name, name)
+        keys[key] = value.value if isinstance(value, Enum) else value
+    return keys
+
+
+def stage_command(name: Optional[str] = None, *, training: bool | tuple[str, ...] = False) -> Callable:
+    """Register a stage command: the function's own parameters, then the training flags
+    (`training=True`: all of TRAIN_FLAGS; a tuple: those named), then --recipe, --set and --force.
+    A shared option the function declares itself keeps its own help. The function receives the
+    shared options as keyword arguments (`**shared`) and hands `locals()` to `run_stage`."""
+    flags = TRAIN_FLAGS if training is True else (training or ())
+
+    def register(fn: Callable) -> Callable:
+        own = inspect.signature(fn, eval_str=True).parameters
+        params = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [p for p in [*TRAIN_PARAMS, *RECIPE_PARAMS]
+                   if p.name not in own and (p.name in flags or p in RECIPE_PARAMS)]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)  # what Typer reads
+        return app.command(name)(handles_errors(command))
+    return register
+
+
+def run_stage(kind: str, options: dict, inputs: tuple[str, ...] = ("data",)) -> Any:
+    """The one call behind every stage command: `kind`'s typed recipe — the `--recipe` file, then
+    `--set`, then the command's own options (`recipe_overrides`) — and its stage's
+    `run(cfg, *inputs, out, force=..., command=...)`. `options` is the command's `locals()` (its
+    own parameters and the `shared` ones); `inputs` names those the stage takes before `--out`,
+    passed as given (`--data` stays the string the user typed)."""
     from vla.recipes import load_recipe
+    from vla.stages import recipe_class, stage_run
 
-    given = [f"{key}={value}" for key, value in options.items() if value is not None and value != ""]
-    return load_recipe(cls, recipe, list(set_ or []) + given, kind=kind)
+    options = {**{k: v for k, v in options.items() if k != "shared"}, **options.get("shared", {})}
+    cls = recipe_class(kind)
+    given = [f"{key}={value}" for key, value in recipe_overrides(cls, options).items()]
+    cfg = load_recipe(cls, options.get("recipe"), list(options.get("set_") or []) + given, kind=kind)
+    return stage_run(kind)(cfg, *(options[name] for name in inputs), options["out"],
+                           force=options.get("force", False), command=_command())
 
 
-# ---------------------------------------------------------------------------------------------
-@app.command()
-@handles_errors
+def _print_done(art) -> None:
+    if art is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    m = art.manifest
+    sps = m["timings"].get("samples_per_s")
+    console.print(f"[green]✓[/] {m['kind']} → {art.path}  ({m['timings']['wall_s']:.1f} s"
+                  + (f", {sps:.0f} samples/s" if sps else "") + ")")
+    for set_name, metrics in (m.get("metrics", {}).get("eval") or {}).items():
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and
+                 k in ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc1",
+                       "mean_per_class_recall", "text_truncated_fraction")}
+        console.print(f"  {set_name}: {shown}", highlight=False)
+
+
+# --- the embedded world, a CLIP, evaluation, export ------------------------------------------
+@stage_command()
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write (e.g. data/toy)."),
     seed: Optional[int] = typer.Option(None, help="World seed (overrides the recipe)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
-    """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy."""
-    from vla.data.synth import SynthConfig
-    from vla.stages.synth import run
+    """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy.
 
-    cfg = _load_recipe(SynthConfig, "synth", recipe, set_, {"seed": seed})
-    art = run(cfg, out, force=force, command=_command())
-    m = art.manifest
+    Recipe knobs (recipes/synth.yaml explains each; docs/world.md), beside the
+    sizes n_train, n_val, n_test: image_size (stored px; 256 = 4x the CLIP's 64,
+    so a small object's crop keeps >= 24 px), pattern_period and pattern_contrast
+    (fill patterns that the 64 px view loses and a crop keeps), probe_train (the
+    probe's train images). The manifest records every knob."""
+    m = run_stage("synth", locals(), inputs=()).manifest
     console.print(f"[green]✓[/] synth → {out}  ({m['timings']['wall_s']:.1f} s)")
-    _print_counts(m)
+    for section in ("counts", "metrics"):
+        for key, value in m.get(section, {}).items():
+            console.print(f"  {key}: {value}")
 
 
-def _print_counts(m: dict) -> None:
-    for key, value in m.get("counts", {}).items():
-        console.print(f"  {key}: {value}")
-    for key, value in m.get("metrics", {}).items():
-        console.print(f"  {key}: {value}")
-
-
-# ---------------------------------------------------------------------------------------------
-@app.command()
-@handles_errors
+@stage_command(training=True)
 def pretrain(
     data: str = DataOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    out: Path = OutOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="CLIP to start from (registry name, name:pretrained, or a pretrain artifact)."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """Train or fine-tune a CLIP with InfoNCE on image-text pairs."""
-    _check_models([("--model", model or _recipe_value(recipe, set_, "model"), "clip")])
-    from vla.stages.pretrain import PretrainRecipe, run
-
-    cfg = _load_recipe(PretrainRecipe, "pretrain", recipe, set_,
-                       {"model": model, **_train_flags(steps, batch_size, lr, precision)})
-    art = run(cfg, data, out, force=force, command=_command())
-    _print_done(art)
+    _check_models([("--model", model or _recipe_value(shared, "model"), "clip")])
+    _print_done(run_stage("pretrain", locals()))
 
 
-@app.command("eval")
-@handles_errors
+@stage_command("eval")
 def eval_(
     models: List[str] = typer.Argument(..., help="Models to compare: registry names, artifacts or exports."),
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or a directory of eval sets."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    data: str = data_option("A synth artifact or a directory of eval sets (CLIP_benchmark's layout).", required=True),
+    out: Path = OutOpt,
     sets: Optional[str] = typer.Option(None, help="Comma-separated eval sets (default: the recipe's)."),
     mode: Optional[str] = typer.Option(
         None, help="How tied scores rank: clip_benchmark (default: CLIP_benchmark's own topk), "
                    "pessimistic (ties count against the model) or expected (random tie order)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """Score models on retrieval, long-text, zero-shot, regional and captioning sets; compare them in one table."""
     _check_models([("model", ref, "clip") for ref in models if not (Path(ref) / "manifest.json").exists()])
-    from vla.stages.evaluate import EvalRecipe, run
-
-    cfg = _load_recipe(EvalRecipe, "eval", recipe, set_,
-                       {"sets": f"[{sets}]" if sets else None, "mode": mode})
-    art = run(cfg, models, data, out, force=force, command=_command())
+    art = run_stage("eval", {**locals(), "sets": f"[{sets}]" if sets else None}, inputs=("models", "data"))
     console.print((art.path / "results.md").read_text(), highlight=False)
     console.print(f"[green]✓[/] eval → {out}")
 
@@ -292,29 +365,35 @@ def eval_merge(
 
 @app.command()
 @handles_errors
+def export(
+    src: Path = typer.Argument(..., help="A contrast-tune, pretrain, train-student, joint-train or stage2-roi artifact."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export directory to write."),
+    copy_embedder: bool = typer.Option(False, "--copy-embedder", help="Copy the embedder's weights into the export."),
+    force: bool = ForceOpt,
+) -> None:
+    """Write a model directory for vla.load (weights, tokenizer or embedder name, model card); the embedder is copied only with --copy-embedder."""
+    from vla.export import ExportRecipe, run
+
+    art = run(ExportRecipe(copy_embedder=copy_embedder), src, out, force=force, command=_command())
+    console.print(f"[green]✓[/] export → {art.path}  ({len(art.manifest['outputs'])} files); "
+                  f"load it with vla.load({str(art.path)!r})")
+
+
+# --- ProCLIP: distill → contrast-tune (--init random: the LLM2CLIP baseline) -----------------
+@stage_command(training=True)
 def distill(
     data: str = DataOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    out: Path = OutOpt,
     teacher: Optional[str] = typer.Option(None, "--teacher", help="CLIP whose text encoder is distilled (clip-vit-l, a pretrain artifact, ...)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder (qwen, minilm, a hub id or path)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Embedder pooling: mean | last | cls | token:<tok>."),
-    steps: Optional[int] = StepsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch of captions, split over the processes (train.batch_size)."),
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """ProCLIP stage 1: distil a CLIP text encoder into an LLM embedder + MLP adapter."""
-    _check_models([("--teacher", teacher or _recipe_value(recipe, set_, "teacher") or "clip-vit-l", "clip"),
-                   ("--embedder", embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen", "embedder")])
-    from vla.stages.distill import DistillRecipe, run
-
-    cfg = _load_recipe(DistillRecipe, "distill", recipe, set_,
-                       {"teacher": teacher, "embedder.name": embedder, "embedder.pooling": pooling,
-                        **_train_flags(steps, batch_size, lr, precision)})
-    art = run(cfg, data, out, force=force, command=_command())
+    _check_models([("--teacher", teacher or _recipe_value(shared, "teacher") or "clip-vit-l", "clip"),
+                   ("--embedder", embedder or _recipe_value(shared, "embedder.name") or "qwen", "embedder")])
+    art = run_stage("distill", locals())
     _print_done(art)
     if art is not None:  # None on torchrun ranks other than 0: rank 0 reports
         counts = art.manifest["counts"]
@@ -323,130 +402,98 @@ def distill(
                       highlight=False)
 
 
-@app.command("contrast-tune")
-@handles_errors
+@stage_command("contrast-tune", training=True)
 def contrast_tune(
     data: str = DataOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    out: Path = OutOpt,
     init: Optional[str] = typer.Option(None, "--init", help="A distill artifact, or 'random' for the LLM2CLIP baseline."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP whose image tower is tuned (default: the distill's teacher)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="LLM embedder, with --init random."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    precision: Optional[Precision] = PrecisionOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """ProCLIP stage 2: contrastive tuning with self-distillation (--init random: LLM2CLIP)."""
-    init_ref = init or _recipe_value(recipe, set_, "init")
-    _check_models([("--clip", clip or _recipe_value(recipe, set_, "clip"), "clip"),
-                   ("--init", init_ref if init_ref not in (None, "random", "distill") else None, None),
-                   ("--embedder", (embedder or _recipe_value(recipe, set_, "embedder.name") or "qwen")
-                    if init_ref == "random" else None, "embedder")])
-    from vla.stages.contrast_tune import ContrastTuneRecipe, run
+    _check_contrast_tune_models(init or _recipe_value(shared, "init"), clip or _recipe_value(shared, "clip"),
+                                embedder or _recipe_value(shared, "embedder.name"))
+    _print_done(run_stage("contrast-tune", locals()))
 
-    cfg = _load_recipe(ContrastTuneRecipe, "contrast-tune", recipe, set_,
-                       {"init": init, "clip": clip, "embedder.name": embedder,
-                        **_train_flags(steps, batch_size, lr, precision)})
-    art = run(cfg, data, out, force=force, command=_command())
+
+def _check_contrast_tune_models(init: Optional[str], clip: Optional[str], embedder: Optional[str]) -> None:
+    """The CLIP, a distill artifact as --init, and with --init random the embedder (qwen by default)."""
+    _check_models([("--clip", clip, "clip"),
+                   ("--init", init if init not in (None, "random", "distill") else None, None),
+                   ("--embedder", (embedder or "qwen") if init == "random" else None, "embedder")])
+
+
+# --- MM-GEM: joint-train → stage2-roi ---------------------------------------------------------
+@stage_command("pretrain-lm", training=True)
+def pretrain_lm(
+    data: str = data_option("A synth artifact or WebDataset shards whose captions the LM learns "
+                            f"({DATA_FORMS}).", required=True),
+    out: Path = OutOpt,
+    **shared: Any,
+) -> None:
+    """MM-GEM's embedded LM: a tiny Llama + BPE trained as a causal LM on the captions (held-out perplexity)."""
+    art = run_stage("pretrain-lm", locals())
     _print_done(art)
+    if art is not None:
+        console.print(f"  held-out perplexity {art.manifest['metrics']['val_perplexity']:.2f} "
+                      f"(untrained: {art.manifest['metrics']['val_perplexity_at_init']:.2f})", highlight=False)
 
 
-@app.command("joint-train")
-@handles_errors
+@stage_command("joint-train", training=True)
 def joint_train(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards of image-text pairs."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    data: str = DataOpt,
+    out: Path = OutOpt,
     vision: Optional[str] = typer.Option(None, "--vision", help="Image tower: a pretrain artifact, a registry name (clip-vit-l) or open_clip name."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory); default: the embedded tiny Llama."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM (tinyllama, a hub id or directory, a pretrain-lm artifact); default: the embedded tiny Llama."),
     objective: Optional[str] = typer.Option(None, "--objective", help="joint | embed | caption (the ablations)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """MM-GEM stage 1: one causal LM learns to embed ([EMB]) and caption ([CAP]), L = L_emb + L_gen."""
-    from vla.stages.joint_train import JointTrainRecipe, run
-
-    cfg = _load_recipe(JointTrainRecipe, "joint-train", recipe, set_,
-                       {"vision": vision, "llm": llm, "objective": objective})
-    art = run(cfg, data, out, force=force, command=_command())
-    _print_done(art)
+    _print_done(run_stage("joint-train", locals()))
 
 
-@app.command("stage2-roi")
-@handles_errors
+@stage_command("stage2-roi", training=True)
 def stage2_roi(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or shards whose samples carry region boxes and captions."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    data: str = data_option("A synth artifact or shards whose samples carry region boxes and captions "
+                            f"({DATA_FORMS}).", required=True),
+    out: Path = OutOpt,
     init: Optional[str] = typer.Option(None, "--init", help="The joint-train artifact to start from."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """MM-GEM stage 2: RoIAlign regions; trains only h3 + soft prompts (captions) and h4 (retrieval)."""
-    from vla.stages.stage2_roi import Stage2RoiRecipe, run
-
-    cfg = _load_recipe(Stage2RoiRecipe, "stage2-roi", recipe, set_, {"init": init})
-    art = run(cfg, data, out, force=force, command=_command())
-    _print_done(art)
+    _print_done(run_stage("stage2-roi", locals()))
 
 
-@app.command()
-@handles_errors
-def export(
-    src: Path = typer.Argument(..., help="A contrast-tune, pretrain, train-student, joint-train or stage2-roi artifact."),
-    out: Path = typer.Option(..., "--out", "-o", help="Export directory to write."),
-    copy_embedder: bool = typer.Option(False, "--copy-embedder", help="Copy the embedder's weights into the export."),
-    force: bool = ForceOpt,
-) -> None:
-    """Write a model directory for vla.load (image tower, adapter, model card); the embedder is named, copied only with --copy-embedder."""
-    from vla.export import ExportRecipe, run
-
-    art = run(ExportRecipe(copy_embedder=copy_embedder), src, out, force=force, command=_command())
-    console.print(f"[green]✓[/] export → {art.path}  ({len(art.manifest['outputs'])} files); "
-                  f"load it with vla.load({str(art.path)!r})")
-
-
-# ---------------------------------------------------------------------------------------------
-# DCLIP: detector → regions → meta-teacher → student
-@app.command("train-detector")
-@handles_errors
+# --- DCLIP: detector → regions → meta-teacher → student ---------------------------------------
+@stage_command("train-detector")
 def train_detector(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact (its YOLO copy) or an ultralytics data .yaml."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    data: str = data_option("A synth artifact (its YOLO copy) or an ultralytics data .yaml.", required=True),
+    out: Path = OutOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="ultralytics model config (yolov8n.yaml)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the recipe)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (epochs)."),
+    batch: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (batch)."),
+    device: Optional[str] = typer.Option(None, "--device", help="ultralytics' device: cpu, 0, 0,1 (device; default: it chooses)."),
+    **shared: Any,
 ) -> None:
     """DCLIP: train a YOLO for region proposals with ultralytics' own trainer (mAP in the manifest)."""
-    from vla.stages.train_detector import TrainDetectorRecipe, run
-
-    cfg = _load_recipe(TrainDetectorRecipe, "train-detector", recipe, set_, {"model": model, "epochs": epochs})
-    art = run(cfg, data, out, force=force, command=_command())
+    art = run_stage("train-detector", locals())
     _print_done(art)
     console.print(f"  val: {art.manifest['metrics']['val']}", highlight=False)
 
 
-@app.command("precompute-regions")
-@handles_errors
+@stage_command("precompute-regions")
 def precompute_regions(
-    data: Path = typer.Option(..., "--data", "-d", help="A synth artifact or WebDataset shards / JSONL of images."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    data: str = DataOpt,
+    out: Path = OutOpt,
     detector: Optional[str] = typer.Option(None, "--detector", help="'oracle', a train-detector artifact, or a YOLO .pt on disk."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP whose image encoder embeds the crops (name or pretrain artifact)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """DCLIP: detect regions, encode each crop with the frozen CLIP, store them by sample key."""
-    from vla.stages.precompute_regions import PrecomputeRegionsRecipe, run
-
-    cfg = _load_recipe(PrecomputeRegionsRecipe, "precompute-regions", recipe, set_, {"detector": detector, "clip": clip})
-    art = run(cfg, data, out, force=force, command=_command())
+    art = run_stage("precompute-regions", locals())
+    if art is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     m = art.manifest
     console.print(f"[green]✓[/] precompute-regions → {art.path}  ({m['timings']['wall_s']:.1f} s, "
                   f"{m['timings']['images_per_s']:.1f} images/s)")
@@ -455,63 +502,35 @@ def precompute_regions(
                   highlight=False)
 
 
-@app.command("train-teacher")
-@handles_errors
+@stage_command("train-teacher", training=("batch_size", "lr", "precision", "device"))
 def train_teacher(
     regions: Optional[str] = typer.Option(None, "--regions", help="A precompute-regions artifact."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="The data the regions were built from (default: theirs)."),
+    out: Path = OutOpt,
+    data: Optional[str] = data_option("The data the regions were built from (default: theirs)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Frozen CLIP (default: the one the regions were built with)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; a teacher is saved after each."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; a teacher is saved after each (train.steps = epochs × images // batch)."),
+    **shared: Any,
 ) -> None:
-    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on cached features."""
-    from vla.stages.train_teacher import TrainTeacherRecipe, run
-
-    cfg = _load_recipe(TrainTeacherRecipe, "train-teacher", recipe, set_,
-                       {"regions": regions, "clip": clip, "epochs": epochs})
-    art = run(cfg, data, out, force=force, command=_command())
+    """DCLIP: train the region-aware meta-teacher (cross-attention, InfoNCE) on frozen features."""
+    art = run_stage("train-teacher", locals())
     _print_done(art)
     if art is not None:
         console.print(f"  teachers saved for epochs {art.manifest['epochs']}; train loss {art.manifest['metrics']['train']}",
                       highlight=False)
 
 
-@app.command("train-student")
-@handles_errors
+@stage_command("train-student", training=True)
 def train_student(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A train-teacher artifact."),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    out: Path = OutOpt,
     epoch: Optional[int] = typer.Option(None, "--epoch", help="Which of the teacher's epochs (default: its last)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Image-text data (default: the teacher's)."),
+    data: Optional[str] = data_option("Image-text data (default: the teacher's)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="The CLIP to tune; must be the teacher's (the default)."),
-    recipe: Optional[Path] = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.steps; a recipe's `epochs` sets them instead)."),
+    **shared: Any,
 ) -> None:
     """DCLIP: distil the meta-teacher into the CLIP image tower (text tower frozen)."""
-    from vla.stages.train_student import TrainStudentRecipe, run
-
-    cfg = _load_recipe(TrainStudentRecipe, "train-student", recipe, set_,
-                       {"teacher": teacher, "teacher_epoch": epoch, "clip": clip})
-    art = run(cfg, data, out, force=force, command=_command())
-    _print_done(art)
-
-
-def _print_done(art) -> None:
-    if art is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    m = art.manifest
-    sps = m["timings"].get("samples_per_s")
-    console.print(f"[green]✓[/] {m['kind']} → {art.path}  ({m['timings']['wall_s']:.1f} s"
-                  + (f", {sps:.0f} samples/s" if sps else "") + ")")
-    for set_name, metrics in (m.get("metrics", {}).get("eval") or {}).items():
-        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and
-                 k in ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc1",
-                       "mean_per_class_recall", "text_truncated_fraction")}
-        console.print(f"  {set_name}: {shown}", highlight=False)
+    _print_done(run_stage("train-student", locals()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,12 +36,93 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto" → this process' GPU when there is one, else CPU; "cuda" without a GPU is an error."""
+#: the oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table)
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+#: set to 1 to let `device: auto` train on the CPU where a GPU was expected (see `resolve_device`)
+ALLOW_CPU_ENV = "VLA_ALLOW_CPU"
+
+
+def gpu_hardware() -> str | None:
+    """What says this machine has an NVIDIA GPU (a /dev/nvidia* device, `nvidia-smi` on PATH), or None."""
+    import glob
+    import shutil
+
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if devices:
+        return devices[0]
+    smi = shutil.which("nvidia-smi")
+    return smi
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version, from `nvidia-smi` (or /proc/driver/nvidia/version); None if unknown."""
+    import re
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        # the query's answer is the version alone; nvidia-smi's table says "Driver Version: X"
+        m = re.search(r"Driver Version:\s*([0-9][0-9.]*)", out) or re.match(r"\s*([0-9]+\.[0-9.]+)\s", out + " ")
+        if m:
+            return m.group(1)
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            m = re.search(r"Kernel Module\s+([0-9.]+)", f.read())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def unusable_gpu_message() -> str | None:
+    """One line naming torch's CUDA build, the driver and the fix, where a GPU is present but this
+    torch cannot use it; None where torch sees a GPU or there is none to see."""
+    if torch.cuda.is_available() or gpu_hardware() is None:
+        return None
+    driver = driver_version()
+    build = torch.version.cuda
+    if build is None:
+        return (f"an NVIDIA GPU is present ({gpu_hardware()}, driver {driver or 'unknown'}) but this torch "
+                f"{torch.__version__} is a CPU-only build: install a CUDA build, pip install torch "
+                "--index-url https://download.pytorch.org/whl/cuXYZ (docs/gpus.md)")
+    major = int(build.split(".")[0])
+    need = MIN_DRIVER.get(major)
+    too_old = need is not None and driver is not None and int(driver.split(".")[0]) < need
+    why = (f"CUDA {build} needs driver >= {need}" if too_old
+           else "the driver does not answer (is the kernel module loaded, the device visible to this container?)"
+           if driver is None else "CUDA did not initialise (check CUDA_VISIBLE_DEVICES and nvidia-smi)")
+    return (f"an NVIDIA GPU is present (driver {driver or 'unknown'}) but torch {torch.__version__}, built for "
+            f"CUDA {build}, cannot use it: {why}; install a torch build for a CUDA your driver runs, pip install "
+            "torch --index-url https://download.pytorch.org/whl/cu12X (CUDA 12: driver >= 525), or update the "
+            "driver (docs/gpus.md)")
+
+
+def resolve_device(device: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """"auto" → this process' GPU when there is one, else CPU; "cuda" without a GPU is an error.
+
+    "auto" refuses to fall back to the CPU where that cannot be what the user meant: on a machine
+    with an NVIDIA GPU that torch cannot use (a driver older than torch's CUDA build needs), and
+    under torchrun (world_size > 1), which launches a process per GPU. `device: cpu` in the recipe
+    (`--set train.device=cpu`), or VLA_ALLOW_CPU=1, trains on the CPU on purpose."""
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but no GPU is visible: use device=cpu or auto")
+        raise UserError(unusable_gpu_message()
+                        or "device 'cuda' requested but no GPU is visible: use device=cpu or auto")
+    if device == "auto" and not torch.cuda.is_available() and os.environ.get(ALLOW_CPU_ENV) != "1":
+        unusable = unusable_gpu_message()
+        if unusable:
+            raise UserError(f"device 'auto' would train on the CPU: {unusable}; set train.device=cpu "
+                            f"(or {ALLOW_CPU_ENV}=1) to train on the CPU on purpose")
+        if world_size > 1:
+            raise UserError(f"torchrun started {world_size} ranks but no GPU is visible, so device 'auto' "
+                            f"would train every rank on the CPU; set train.device=cpu (or {ALLOW_CPU_ENV}=1) "
+                            "to do that on purpose, or run where torch sees the GPUs (nvidia-smi; docs/gpus.md)")
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
@@ -51,7 +132,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPU); idempotent."""
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
         # Collectives (nccl, gather_object) use the "current" GPU: make it this rank's.
         torch.cuda.set_device(dev)

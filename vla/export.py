@@ -148,7 +148,7 @@ def mmgem_card(art: Artifact, out: Path) -> str:
               f"model = vla.load(\"{name}\")                        # the path of this folder",
               "image_emb = model.encode_image([pil_image])            # (N, D), L2-normalised",
               "text_emb = model.encode_text([\"a caption, long or short\"])",
-              "region_emb = model.encode_regions([pil_image], [boxes])  # boxes (K, 4) in the tower's input pixels",
+              "region_emb = model.encode_regions([pil_image], [boxes])  # boxes (K, 4) in the image's own pixels",
               "captions = model.caption([pil_image])                  # greedy, KV cache"
               + ("; boxes=[boxes] captions regions" if n_soft else ""),
               "```", "", "The LM alone, with transformers:", "", "```python",
@@ -156,7 +156,11 @@ def mmgem_card(art: Artifact, out: Path) -> str:
               f"lm = AutoModelForCausalLM.from_pretrained(\"{name}/lm\")",
               f"tokenizer = AutoTokenizer.from_pretrained(\"{name}/lm\")", "```", "",
               "Its text embedding is `h2` of the last hidden state at `[EMB]` and its captions start from "
-              "`[V_in, [CAP]]`: both need the heads in `mmgem.safetensors`, so use `vla.load` for them.", ""]
+              "`[V_in, [CAP]]`: both need the heads in `mmgem.safetensors`, so use `vla.load` for them.", "",
+              "Region boxes are x1, y1, x2, y2 in each image's own pixels (as COCO and detectors give them); "
+              "the model maps them through the tower's resize and centre crop itself, and refuses a box that "
+              "is empty, outside its image or cropped away. `box_frame=\"input\"` takes boxes in the tower's "
+              "input pixels instead.", ""]
     lines += _card_tail(art, name, "Research on image-text alignment and captioning: embedding images, regions "
                         "and texts into one space for retrieval, and captioning images and regions.")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Every loss vla trains with, each with its formula in the docstring.
 
-Conventions: embeddings that enter a loss are L2-normalised by the caller (METHODS.md), ``B`` is
+Conventions: embeddings that enter a loss are L2-normalised by the caller (docs/methods.md), ``B`` is
 the local batch, and a loss that has several terms returns a dict with ``"loss"`` (what to
 backpropagate) and each term by name (for logging). Targets that come from a frozen or
 teacher model are detached here, so a caller can never train through a target by accident.
@@ -153,17 +153,36 @@ class LogitScale(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def instance_alignment_loss(student: Tensor, teacher: Tensor) -> Tensor:
+def _gather_rows(x: Tensor, world_size: int, *, with_grad: bool) -> Tensor:
+    """``x`` from every rank, concatenated by rank: (B, D) → (world_size·B, D). With ``with_grad``
+    the all-gather's backward sums every rank's gradient into the rank that owns the rows."""
+    if world_size == 1:
+        return x
+    if with_grad:
+        return torch.cat(all_gather_with_grad(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def instance_alignment_loss(student: Tensor, teacher: Tensor, *, world_size: int = 1) -> Tensor:
     """ProCLIP's instance semantic alignment ``L_ins = Σ_i ‖s_i − u_i‖²``.
 
     A sum over the batch and the dimensions (official code: ``mse_loss(reduction='sum')``), so
     it grows with B; the recipe's learning rate is tuned with that in mind. The teacher ``u`` is
     a target and is detached.
+
+    The sum is over the *global* batch at any rank count: rank r returns
+    ``world_size · Σ_{i ∈ rank r} ‖s_i − u_i‖²``, so that the mean over ranks (what the loop logs,
+    and what DDP's gradient average differentiates) is ``Σ_{i ∈ global batch}``, the value one
+    process computes on the whole batch. (The official code's per-GPU sum would shrink the term,
+    and the learning rate's meaning, by the number of GPUs.)
     """
-    return F.mse_loss(student, teacher.detach(), reduction="sum")
+    return world_size * F.mse_loss(student, teacher.detach(), reduction="sum")
 
 
-def structure_alignment_loss(student: Tensor, teacher: Tensor, beta: float = 1.0) -> Tensor:
+def structure_alignment_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, *, rank: int = 0,
+                             world_size: int = 1) -> Tensor:
     """ProCLIP's embedding structure alignment:
 
         L_struct = Σ_{i<j} smoothL1(‖s_i − s_j‖, ‖u_i − u_j‖)
@@ -172,10 +191,32 @@ def structure_alignment_loss(student: Tensor, teacher: Tensor, beta: float = 1.0
     similarity matrices; sum reduction as the official code (``smooth_l1_loss(reduction='sum')``,
     which is unambiguous there). ``smoothL1(x, y) = ½(x−y)²/β`` if ``|x−y| < β`` else
     ``|x−y| − ½β``, with torch's default β = 1. The teacher is detached.
+
+    The pairs are those of the *global* batch at any rank count (per GPU, the official code's
+    pairs within a GPU's batch would be ~1/world_size of them, and the term's weight against
+    ``L_ins`` would fall with the GPU count). Under torchrun rank r gathers every rank's features
+    (the student's with gradient) and sums over its own rows i against all columns j ≠ i:
+
+        L_r = world_size · ½ Σ_{i ∈ rank r} Σ_{j ≠ i} smoothL1(‖s_i − s_j‖, ‖u_i − u_j‖)
+
+    whose mean over ranks is the single-process L_struct on the global batch, and whose gradient,
+    averaged by DDP, is its gradient.
     """
-    return F.smooth_l1_loss(
-        F.pdist(student, p=2), F.pdist(teacher.detach(), p=2), reduction="sum", beta=beta
-    )
+    if world_size == 1:
+        return F.smooth_l1_loss(
+            F.pdist(student, p=2), F.pdist(teacher.detach(), p=2), reduction="sum", beta=beta
+        )
+    teacher = teacher.detach()
+    every_s = _gather_rows(student, world_size, with_grad=True)
+    every_t = _gather_rows(teacher, world_size, with_grad=False)
+    exact = "donot_use_mm_for_euclid_dist"  # a pair's distance as pdist computes it
+    d_s = torch.cdist(student, every_s, compute_mode=exact)
+    d_t = torch.cdist(teacher, every_t, compute_mode=exact)
+    b = student.shape[0]
+    others = torch.ones_like(d_s, dtype=torch.bool)
+    others[torch.arange(b), rank * b + torch.arange(b)] = False  # i ≠ j
+    pairs = F.smooth_l1_loss(d_s[others], d_t[others], reduction="sum", beta=beta)
+    return world_size * pairs / 2
 
 
 def distill_loss(
@@ -183,6 +224,9 @@ def distill_loss(
     teacher: Tensor,
     student2: Tensor | None = None,
     teacher2: Tensor | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Tensor]:
     """ProCLIP stage 1: ``L_dis = L_ins + L_struct``.
 
@@ -190,29 +234,32 @@ def distill_loss(
         L_struct = Σ_{i<j} smoothL1(‖s_i − s_j‖, ‖u_i − u_j‖)   (first variant only)
 
     As the official code: the instance term covers both text variants (short caption and a
-    perturbed text), the structure term the short captions only.
+    perturbed text), the structure term the short captions only. Both sums run over the global
+    batch at any rank count (see `instance_alignment_loss`, `structure_alignment_loss`).
     Returns ``{"loss", "ins", "struct"}``.
     """
     if (student2 is None) != (teacher2 is None):
         raise ValueError("give both student2 and teacher2, or neither")
-    ins = instance_alignment_loss(student, teacher)
+    ins = instance_alignment_loss(student, teacher, world_size=world_size)
     if student2 is not None and teacher2 is not None:
-        ins = ins + instance_alignment_loss(student2, teacher2)
-    struct = structure_alignment_loss(student, teacher)
+        ins = ins + instance_alignment_loss(student2, teacher2, world_size=world_size)
+    struct = structure_alignment_loss(student, teacher, rank=rank, world_size=world_size)
     return {"loss": ins + struct, "ins": ins, "struct": struct}
 
 
-def self_distillation_loss(image: Tensor, image_teacher: Tensor) -> dict[str, Tensor]:
+def self_distillation_loss(image: Tensor, image_teacher: Tensor, *, rank: int = 0,
+                           world_size: int = 1) -> dict[str, Tensor]:
     """ProCLIP stage 2's regulariser ``L_reg`` on image embeddings against a teacher image encoder:
 
         L_reg = Σ_i ‖z_i − z^t_i‖² + Σ_{i<j} smoothL1(‖z_i − z_j‖, ‖z^t_i − z^t_j‖),
         z = E_I(x) (student),  z^t = E_I^t(x) (teacher)
 
-    The same two terms as stage 1 (sum reductions), the teacher being an EMA or frozen copy of
-    the student. Returns ``{"loss", "ins", "struct"}``; the total enters as ``L_info + λ·L_reg``.
+    The same two terms as stage 1 (sum reductions, over the global batch at any rank count, so
+    that λ in ``L_info + λ·L_reg`` weighs the same term on one GPU or eight), the teacher being
+    an EMA or frozen copy of the student. Returns ``{"loss", "ins", "struct"}``.
     """
-    ins = instance_alignment_loss(image, image_teacher)
-    struct = structure_alignment_loss(image, image_teacher)
+    ins = instance_alignment_loss(image, image_teacher, world_size=world_size)
+    struct = structure_alignment_loss(image, image_teacher, rank=rank, world_size=world_size)
     return {"loss": ins + struct, "ins": ins, "struct": struct}
 
 
@@ -221,19 +268,21 @@ def self_distillation_loss(image: Tensor, image_teacher: Tensor) -> dict[str, Te
 # ---------------------------------------------------------------------------------------------
 
 
-def infonce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
-    """Symmetric InfoNCE with a fixed temperature, over the local batch:
+def infonce(a: Tensor, b: Tensor, temperature: float, *, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Symmetric InfoNCE with a fixed temperature, over the global batch:
 
-        L = ½ [ CE(a bᵀ / τ, y) + CE(b aᵀ / τ, y) ],   y_i = i.
+        L = ½ [ CE(A Bᵀ / τ, y) + CE(B Aᵀ / τ, y) ],   y_i = i,
 
-    DCLIP trains both its meta-teacher (teacher embedding vs frozen CLIP text embedding) and its
-    student (image vs text) with τ = 0.05 and no learnable scale. The paper writes "InfoNCE"
-    without a direction; we take the symmetric form, as CLIP does, so both sides are pulled
-    together. Inputs are L2-normalised by the caller.
+    A, B the rows of every rank (N = world_size · B_local): under torchrun the features are
+    gathered with gradients and each rank computes its own rows against all N columns, as
+    open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` does, so the negatives are the
+    global batch and the mean of the ranks' losses is the one-process loss on the concatenated
+    batch. DCLIP trains both its meta-teacher (teacher embedding vs frozen CLIP text embedding)
+    and its student (image vs text) with τ = 0.05 and no learnable scale. The paper writes
+    "InfoNCE" without a direction; we take the symmetric form, as CLIP does, so both sides are
+    pulled together. Inputs are L2-normalised by the caller.
     """
-    logits = a @ b.T / temperature
-    labels = torch.arange(a.shape[0], device=a.device)
-    return _symmetric_cross_entropy(logits, logits.T, labels)
+    return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(a, b, 1.0 / temperature)
 
 
 def dclip_student_loss(
@@ -244,11 +293,17 @@ def dclip_student_loss(
     preserve: Tensor | None = None,
     preserve_weight: float = 1.0,
     distill_weight: float = 1.0,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Tensor]:
     """DCLIP's student loss:
 
         L = λ · mean_i (1 − cos(E_I(x_i), teacher_i)) + InfoNCE_τ(E_I(x), E_T(T))
             [+ w · mean_i (1 − cos(E_I(x_i), E_I^orig(x_i)))   — the ViT-L preservation term]
+
+    The means are over the rank's rows (equal shares: their mean over ranks is the global
+    mean); the InfoNCE gathers the global batch across `world_size` ranks (`infonce`).
 
     λ = ``distill_weight`` is 1 in DCLIP; λ = 0 with ``teacher=None`` is the "no teacher"
     ablation (InfoNCE only; no ``"distill"`` entry).
@@ -258,7 +313,7 @@ def dclip_student_loss(
     code's variant unfreezes the text encoder. Returns ``{"loss", "distill", "contrastive"}``
     plus ``"preserve"`` when given.
     """
-    contrastive = infonce(image, text, temperature)
+    contrastive = infonce(image, text, temperature, rank=rank, world_size=world_size)
     out = {"loss": contrastive, "contrastive": contrastive}
     if teacher is not None:
         out["distill"] = (1 - F.cosine_similarity(image, teacher.detach(), dim=-1)).mean()
@@ -269,16 +324,18 @@ def dclip_student_loss(
     return out
 
 
-def dclip_teacher_loss(teacher: Tensor, text: Tensor, temperature: float = 0.05) -> Tensor:
+def dclip_teacher_loss(teacher: Tensor, text: Tensor, temperature: float = 0.05, *, rank: int = 0,
+                       world_size: int = 1) -> Tensor:
     """DCLIP's meta-teacher objective: symmetric InfoNCE between the teacher embedding and the
     frozen CLIP text embedding of the same caption, fixed τ = 0.05:
 
         L = InfoNCE_τ(norm(teacher(x, T)), norm(E_T(T)))        (see `infonce`)
 
     Both are L2-normalised here (the teacher's ½ z_text + ½ z_image is not); the text embedding
-    is a frozen target and is detached.
+    is a frozen target and is detached. Negatives: the global batch over `world_size` ranks.
     """
-    return infonce(F.normalize(teacher, dim=-1), F.normalize(text.detach(), dim=-1), temperature)
+    return infonce(F.normalize(teacher, dim=-1), F.normalize(text.detach(), dim=-1), temperature,
+                   rank=rank, world_size=world_size)
 
 
 def preservation_loss(image: Tensor, original: Tensor) -> Tensor:
@@ -296,7 +353,7 @@ def preservation_loss(image: Tensor, original: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def caption_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+def caption_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100, *, world_size: int = 1) -> Tensor:
     """Next-token cross-entropy on caption tokens, as in MM-GEM's generation path:
 
         L_gen = − (1/|C|) Σ_{(b,t) ∈ C} log softmax(logits[b, t−1])[targets[b, t]],
@@ -307,11 +364,20 @@ def caption_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> T
     ``ignore_index`` for the visual prefix, the [CAP] token and padding). The shift happens here:
     position t−1 predicts token t. The mean is over caption tokens of the whole batch, not per
     sequence, so long captions weigh by their length (as HF causal LMs and open_clip's CoCa do).
+
+    "The whole batch" is the global batch at any rank count: under torchrun, C is every rank's
+    caption tokens, so rank r returns ``world_size · Σ_{C_r} (−log p) / |C|`` with |C| summed over
+    ranks (a count, no gradient). The mean over ranks, and DDP's averaged gradient, are then one
+    process's on the global batch; a per-rank mean would weigh a rank's tokens by how few it had.
     """
     vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab), targets[:, 1:].reshape(-1), ignore_index=ignore_index
-    )
+    flat_logits, flat_targets = logits[:, :-1].reshape(-1, vocab), targets[:, 1:].reshape(-1)
+    if world_size == 1:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index)
+    total = (flat_targets != ignore_index).sum().float()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    summed = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")
+    return world_size * summed / total.clamp_min(1)
 
 
 def mmgem_loss(
@@ -322,17 +388,27 @@ def mmgem_loss(
     targets: Tensor,
     contrastive: ClipLoss | None = None,
     ignore_index: int = -100,
+    emb_weight: float = 1.0,
+    gen_weight: float = 1.0,
 ) -> dict[str, Tensor]:
-    """MM-GEM's joint objective, unweighted, both paths on the same batch:
+    """MM-GEM's joint objective, both paths on the same batch:
 
-        L = L_emb + L_gen,   L_emb = ClipLoss(v, t, s),   L_gen = caption_loss(logits, targets)
+        L = w_emb · L_emb + w_gen · L_gen,   L_emb = ClipLoss(v, t, s) = ½[CE_v→t + CE_t→v],
+        L_gen = caption_loss(logits, targets)
 
+    The paper's L is unweighted with L_emb the *sum* of the two directions (CE_v→t + CE_t→v):
+    w_emb = 2, w_gen = 1; w_emb = 1 is the mean of the directions (open_clip's ClipLoss).
     ``contrastive`` is the (possibly distributed) `ClipLoss` to use; single-process by default.
-    Returns ``{"loss", "emb", "gen"}``.
+    Returns ``{"loss", "emb", "gen"}``, ``emb`` and ``gen`` unweighted (``emb`` the directions' mean).
     """
     emb = (contrastive or ClipLoss())(image, text, logit_scale)
-    gen = caption_loss(logits, targets, ignore_index=ignore_index)
-    return {"loss": emb + gen, "emb": emb, "gen": gen}
+    gen = caption_loss(logits, targets, ignore_index=ignore_index, world_size=_world_size(contrastive))
+    return {"loss": emb_weight * emb + gen_weight * gen, "emb": emb, "gen": gen}
+
+
+def _world_size(contrastive: ClipLoss | None) -> int:
+    """The rank count MM-GEM's losses run over: the contrastive loss's (1 without one)."""
+    return contrastive.world_size if contrastive is not None else 1
 
 
 #: MM-GEM's recipe switch: both paths (the method), or one alone (the paper's same-budget ablation)
@@ -349,12 +425,14 @@ def mmgem_objective_loss(
     targets: Tensor | None = None,
     contrastive: ClipLoss | None = None,
     ignore_index: int = -100,
+    emb_weight: float = 1.0,
+    gen_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """MM-GEM's loss under the recipe's ``objective``:
 
-        joint:    L = L_emb + L_gen          (`mmgem_loss`)
-        embed:    L = L_emb                  (CLIP-only ablation)
-        caption:  L = L_gen                  (caption-only ablation)
+        joint:    L = w_emb · L_emb + w_gen · L_gen     (`mmgem_loss`; the paper: w_emb = 2, w_gen = 1)
+        embed:    L = w_emb · L_emb                     (CLIP-only ablation)
+        caption:  L = w_gen · L_gen                     (caption-only ablation)
 
     with L_emb = ClipLoss(v, t, s), s = exp(min(θ, ln 100)) from `LogitScale` (τ₀ = 0.07,
     τ ≥ 0.01), and L_gen = `caption_loss` (next-token CE on caption tokens only). Only the
@@ -370,10 +448,12 @@ def mmgem_objective_loss(
         raise ValueError(f"objective {objective!r} needs logits and targets")
     if objective == "joint":
         return mmgem_loss(
-            image, text, logit_scale, logits, targets, contrastive, ignore_index  # type: ignore[arg-type]
+            image, text, logit_scale, logits, targets, contrastive, ignore_index,  # type: ignore[arg-type]
+            emb_weight=emb_weight, gen_weight=gen_weight,
         )
     if objective == "embed":
         emb = (contrastive or ClipLoss())(image, text, logit_scale)
-        return {"loss": emb, "emb": emb}
-    gen = caption_loss(logits, targets, ignore_index=ignore_index)  # type: ignore[arg-type]
-    return {"loss": gen, "gen": gen}
+        return {"loss": emb_weight * emb, "emb": emb}
+    gen = caption_loss(logits, targets, ignore_index=ignore_index,  # type: ignore[arg-type]
+                       world_size=_world_size(contrastive))
+    return {"loss": gen_weight * gen, "gen": gen}

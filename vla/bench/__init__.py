@@ -8,6 +8,7 @@ Parts, each a module with `run(quick) -> Part`:
     e  dclip.py        precompute-regions batched vs per-image/per-crop; a teacher epoch cached vs re-encoded
     f  mmgem_caption.py  MM-GEM captions/s: batched `generate` + KV cache vs decoding without a cache
     g  joint_step.py   an MM-GEM joint-train step: one shared LM forward vs two separate ones
+    h  loader.py       the training loader's images/s on 256 px sources: draft decode vs full, vs 64 px sources
 
 These are measurements, not tests: figures depend on the machine and on whatever else runs on it,
 so every part records its sizes and conditions next to its numbers in `bench/results.json`.

@@ -19,7 +19,7 @@ from rich.table import Table
 from vla.bench import BENCH_DIR, Figure, Part
 
 PARTS = {"a": "trainer", "b": "cache", "c": "retrieval", "d": "cache_scale", "e": "dclip",
-         "f": "mmgem_caption", "g": "joint_step"}
+         "f": "mmgem_caption", "g": "joint_step", "h": "loader", "u": "loader_dtype"}
 
 
 def _table(parts: list[Part]) -> Table:
@@ -38,8 +38,11 @@ def _table(parts: list[Part]) -> Table:
 
 def _conditions() -> dict:
     # no `import torch` here: the parts that need it import it, and part c alone runs without it
+    from vla.artifacts import git_commit
+
     return {"cpus": os.cpu_count(), "torch": version("torch"), "python": platform.python_version(),
-            "machine": platform.machine(), "load_avg_1m": os.getloadavg()[0]}
+            "machine": platform.machine(), "device": "cpu", "git_commit": git_commit(),
+            "load_avg_1m": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma-separated parts: a (trainer), b (feature cache), c (retrieval eval), "
                              "d (feature cache at scale), e (DCLIP regions and teacher), f (MM-GEM captioning), "
-                             "g (MM-GEM joint-train step)")
+                             "g (MM-GEM joint-train step), h (training loader, 256 px source with/without draft decode)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not figures")
     parser.add_argument("--table", action="store_true",
                         help=f"measure nothing: print the table of the last run ({BENCH_DIR / 'results.json'})")

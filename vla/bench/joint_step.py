@@ -36,7 +36,7 @@ SEED = 0
 def _samples(n: int) -> list:
     from vla.data.synth import SynthConfig, make_sample, sample_tasks
 
-    cfg = SynthConfig(n_train=n, n_val=0, n_test=0, yolo_train=0)
+    cfg = SynthConfig(n_train=n, n_val=0, n_test=0, yolo_train=0, image_size=64)  # the CLIP's own size
     return [make_sample(task)[0] for task in sample_tasks(cfg)]
 
 

@@ -103,7 +103,7 @@ def run(quick: bool) -> Part:
                     "tokens_per_caption": tokens / n, "threads": torch.get_num_threads(),
                     "lm": {"layers": model.lm.config.num_hidden_layers, "hidden": model.lm.config.hidden_size,
                            "vocab": len(model.tokenizer)},
-                    "prefix_tokens": model.config.prefix_length + 1,
+                    "prefix_tokens": model.config.prefix_length + 1 + (model.bos_id is not None),
                     "cached": {"seconds": [r[1] for r in cached_runs]},
                     "without_cache": {"seconds": [r[1] for r in naive_runs]}}
     return part

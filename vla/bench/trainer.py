@@ -54,7 +54,9 @@ def ensure_world() -> Path:
     from vla.data.synth import SynthConfig, generate_world
 
     world = BENCH_DIR / "world"
-    cfg = SynthConfig(n_train=WORLD_TRAIN, n_val=0, n_test=100, shard_size=SHARD_SIZE, yolo_train=0)
+    # 64 px stored: this part compares trainers, not source sizes (part h measures those)
+    cfg = SynthConfig(n_train=WORLD_TRAIN, n_val=0, n_test=100, shard_size=SHARD_SIZE, yolo_train=0,
+                      image_size=64)
     stamp = BENCH_DIR / "world.json"  # the config it was made with: a changed config remakes it
     wanted = json.dumps(cfg.__dict__, sort_keys=True)
     if world.is_dir() and stamp.exists() and stamp.read_text() == wanted:

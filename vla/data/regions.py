@@ -4,13 +4,16 @@ Written by `vla precompute-regions`, read by key by `train-teacher` and `train-s
 scale to millions of images, so like the feature cache it is arrays on disk, memory-mapped and
 read row by row, never loaded whole:
 
-    regions/index.json                 dim, top_k, the CLIP and detector used, shard list, counts
+    regions/index.json                 dim, top_k (null: every detection kept), the CLIP and detector used,
+                                       shard list, counts
     regions/shard-00000/keys.json      the shard's sample keys, in row order
-    regions/shard-00000/global.npy     (n, D) float16  the whole image's embedding
+    regions/shard-00000/global.npy     (n, D) float16  the whole image's embedding (not a region: the
+                                                       "no regions" arm and the preservation target)
     regions/shard-00000/offsets.npy    (n+1,) int64    image i's regions are rows offsets[i]:offsets[i+1]
     regions/shard-00000/emb.npy        (R, D) float16  region embeddings (L2-normalised)
     regions/shard-00000/boxes.npy      (R, 4) float32  x0, y0, x1, y1 in pixels of the image
-    regions/shard-00000/conf.npy       (R,)   float32  detector confidence (1 for oracle / whole-image regions)
+    regions/shard-00000/conf.npy       (R,)   float32  detector confidence (1 for the whole-image region
+                                                       of an image with no usable detection)
     regions/shard-00000/cls.npy        (R,)   int32    detector class (−1: no class)
     regions/shard-00000/area.npy       (R,)   float32  box area / image area
     regions/shard-00000/counts.json    what the shard's records gave (images, skips, drops)
@@ -184,8 +187,9 @@ class RegionStore:
         return int(self.meta["dim"])
 
     @property
-    def top_k(self) -> int:
-        return int(self.meta["top_k"])
+    def top_k(self) -> int | None:
+        """The most regions per image the table kept (None: every detection)."""
+        return None if self.meta.get("top_k") is None else int(self.meta["top_k"])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -205,27 +209,34 @@ class RegionStore:
                 **{n: np.asarray(a[n][lo:hi]) for n in ("emb", "boxes", "conf", "cls", "area")}}
 
     def lookup(self, keys: Sequence[str], top_k: int | None = None) -> dict[str, torch.Tensor]:
-        """The teacher's region inputs for `keys`: `regions` (B, 1+K, D) with the global embedding
-        first (as a region with confidence 1 and area 1), then up to K regions in confidence order;
-        `conf`, `area` (B, 1+K) and `mask` (B, 1+K, True for real entries). K defaults to the
-        store's top_k; top_k=0 gives the global embedding alone (the no-regions ablation)."""
-        k_max = self.top_k if top_k is None else top_k
+        """The teacher's region inputs for `keys`: `regions` (B, K, D), each image's regions in
+        confidence order (the detector's crops; for an image with no usable detection, its one
+        whole-image region with confidence 1 and area 1, as `precompute-regions` stored it),
+        `conf`, `area` (B, K) and `mask` (B, K, True for real entries), K the most regions of an
+        image in the batch. `top_k` keeps at most that many per image (default: all the table
+        holds); `top_k=0` gives the whole image's embedding alone, with confidence 1 and area 1
+        (the "no regions" ablation). The whole image is never added beside crops."""
         missing = [k for k in keys if k not in self.index]
         if missing:
             raise UserError(f"sample {missing[0]!r} is not in the regions table {self.root}; build the table "
                             f"from the same --data with `vla precompute-regions`")
+        images = [self.image(key) for key in keys]
         b = len(keys)
-        regions = np.zeros((b, 1 + k_max, self.dim), np.float32)
-        conf = np.zeros((b, 1 + k_max), np.float32)
-        area = np.zeros((b, 1 + k_max), np.float32)
-        mask = np.zeros((b, 1 + k_max), bool)
-        for i, key in enumerate(keys):
-            im = self.image(key)
-            n = min(k_max, len(im["conf"]))
-            regions[i, 0], conf[i, 0], area[i, 0], mask[i, 0] = im["global"], 1.0, 1.0, True
-            regions[i, 1:1 + n] = im["emb"][:n]
-            conf[i, 1:1 + n] = im["conf"][:n]
-            area[i, 1:1 + n] = im["area"][:n]
-            mask[i, 1:1 + n] = True
+        if top_k == 0:
+            regions = np.stack([im["global"] for im in images]).astype(np.float32)[:, None, :]
+            ones = np.ones((b, 1), np.float32)
+            return {"regions": torch.from_numpy(regions), "conf": torch.from_numpy(ones),
+                    "area": torch.from_numpy(ones.copy()), "mask": torch.ones(b, 1, dtype=torch.bool)}
+        sizes = [len(im["conf"]) if top_k is None else min(top_k, len(im["conf"])) for im in images]
+        k_max = max(sizes + [1])
+        regions = np.zeros((b, k_max, self.dim), np.float32)
+        conf = np.zeros((b, k_max), np.float32)
+        area = np.zeros((b, k_max), np.float32)
+        mask = np.zeros((b, k_max), bool)
+        for i, (im, n) in enumerate(zip(images, sizes)):
+            regions[i, :n] = im["emb"][:n]
+            conf[i, :n] = im["conf"][:n]
+            area[i, :n] = im["area"][:n]
+            mask[i, :n] = True
         return {"regions": torch.from_numpy(regions), "conf": torch.from_numpy(conf),
                 "area": torch.from_numpy(area), "mask": torch.from_numpy(mask)}

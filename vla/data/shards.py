@@ -16,7 +16,7 @@ import re
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -255,7 +255,8 @@ def stream_shard(url: str) -> list[StreamedRecord]:
 
 
 def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
-                       max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Sample]:
+                       max_image_pixels: int = MAX_IMAGE_PIXELS,
+                       draft_size: int | None = None) -> Iterator[Sample]:
     """The valid samples of one shard, in order; corrupt ones are counted in `skips`.
 
     The whole shard's headers are read first, so a truncated shard fails before any sample."""
@@ -263,7 +264,8 @@ def iter_shard_samples(shard: Path, skips: SkipCounter, *, decode: bool = True,
     with open(shard, "rb") as f:
         for record in records:
             sample = sample_from_members(record.key, record.read(f), skips, decode=decode,
-                                         max_image_pixels=max_image_pixels, where=record.where)
+                                         max_image_pixels=max_image_pixels, where=record.where,
+                                         draft_size=draft_size)
             if sample is not None:
                 yield sample
 
@@ -294,7 +296,7 @@ class _Skip(Exception):
 def sample_from_parts(key: str, image: bytes | None, txt: bytes | None,
                       meta: bytes | dict[str, Any] | None, skips: SkipCounter, *,
                       decode: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                      where: str | None = None) -> Sample | None:
+                      where: str | None = None, draft_size: int | None = None) -> Sample | None:
     """Validate one sample's parts and build it, or count why it is skipped and return None.
 
     `txt` is the caption file's bytes; `meta` the JSON (bytes, or already parsed). The caption
@@ -302,24 +304,32 @@ def sample_from_parts(key: str, image: bytes | None, txt: bytes | None,
     the image is only opened (its header read, so its size is known and checked) and corrupt
     pixel data go undetected; with `decode=True` it is fully decoded and converted to RGB.
     `where` names the sample in the skip counts (default: its key).
+
+    `draft_size=S`: a JPEG is decoded at the smallest of its DCT scales (1/1, 1/2, 1/4, 1/8) that
+    keeps both sides at least S pixels (PIL's `Image.draft`), at a fraction of a full decode's
+    cost, and the region boxes are scaled with it; other formats decode at full size. For a
+    reader that resizes to S anyway (a CLIP of input size S). Validation sees the stored size.
     """
     skips.seen += 1
     try:
-        return _build(key, image, txt, meta, decode, max_image_pixels)
+        return _build(key, image, txt, meta, decode, max_image_pixels, draft_size)
     except _Skip as skip:
         skips.skip(skip.reason, where or f"key {key}")
         return None
 
 
 def _build(key: str, image: bytes | None, txt: bytes | None, meta: bytes | dict[str, Any] | None,
-           decode: bool, max_image_pixels: int) -> Sample:
+           decode: bool, max_image_pixels: int, draft_size: int | None = None) -> Sample:
     captions, long_caption, regions, label, meta = _texts(image is not None, txt, meta)
-    img = _open_image(image, decode, max_image_pixels)
-    width, height = img.size
+    img, (width, height) = _open_image(image, decode, max_image_pixels, draft_size)
     for r in regions:
         x0, y0, x1, y1 = r.box
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             raise _Skip("box_outside_image")
+    if img.size != (width, height):  # decoded at a reduced size: boxes in its pixels
+        sx, sy = img.width / width, img.height / height
+        regions = [replace(r, box=(r.box[0] * sx, r.box[1] * sy, r.box[2] * sx, r.box[3] * sy))
+                   for r in regions]
     return Sample(key=key, image=img, captions=captions, long_caption=long_caption, regions=regions,
                   label=label, meta={k: v for k, v in meta.items() if k not in SAMPLE_FIELDS})
 
@@ -382,7 +392,10 @@ def _json_fields(meta: dict[str, Any]) -> tuple[list[str], str | None, list[Regi
     return list(captions or []), long_caption, regions, label
 
 
-def _open_image(data: bytes, decode: bool, max_image_pixels: int) -> Image.Image:
+def _open_image(data: bytes, decode: bool, max_image_pixels: int,
+                draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """The image (decoded unless `decode` is False, at a reduced size under `draft_size`) and
+    its stored size, from the header."""
     if not data:
         raise _Skip("empty_file")
     try:
@@ -396,13 +409,17 @@ def _open_image(data: bytes, decode: bool, max_image_pixels: int) -> Image.Image
         raise _Skip(_decode_failure(err)) from None
     if img.width * img.height > max_image_pixels:
         raise _Skip("decompression_bomb")  # from the header alone: the pixels are never decoded
+    stored = img.size
     if not decode:
-        return img
+        return img, stored
+    if draft_size and img.format == "JPEG" and min(stored) > draft_size:
+        # the scale keeps both sides >= draft_size (PIL picks the largest such reduction)
+        img.draft(None, (stored[0] * draft_size // min(stored), stored[1] * draft_size // min(stored)))
     truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut image must fail, not load padded with grey
     try:
         img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return (img if img.mode == "RGB" else img.convert("RGB")), stored
     except Exception as err:
         raise _Skip(_decode_failure(err)) from None
     finally:

@@ -22,8 +22,22 @@ from vla.errors import StageError
 SKIP_REASONS = (
     "missing_image", "missing_caption", "empty_file", "undecodable_image", "truncated_image",
     "decompression_bomb", "empty_caption", "non_utf8_caption", "box_outside_image", "bad_json",
+    "no_usable_region",
 )
 MAX_EXAMPLES = 5  # skipped samples named in the counts and in the error
+
+
+class SkipSample(Exception):
+    """Raised by a stage's transform for a sample it cannot use (e.g. stage2-roi: no region with a
+    caption and a box left by the crop): the stream counts it as skipped for `reason` (one of
+    SKIP_REASONS) instead of failing. A transform that raises it may define ``validate(sample)``,
+    the same test without the work, which a resume's counting pass runs to find its place."""
+
+    def __init__(self, reason: str) -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass

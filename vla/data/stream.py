@@ -67,7 +67,7 @@ from vla.data.jsonl import ManifestLine, iter_jsonl_samples, line_image, read_ma
 from vla.data.sample import Sample
 from vla.data.shards import (MAX_IMAGE_PIXELS, ShardRecord, StreamedRecord, sample_from_members, scan_shard,
                              stream_shard)
-from vla.data.skips import SkipCounter
+from vla.data.skips import SkipCounter, SkipSample
 from vla.errors import StageError, UserError, VlaError
 
 Record = ShardRecord | ManifestLine | StreamedRecord
@@ -199,13 +199,15 @@ class SampleStream(IterableDataset):
     def __init__(self, source: DataSource, transform: Callable[[Sample], dict] | None = None, *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 0,
                  epoch: int = 0, start_index: int = 0, repeat: bool = False,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, chunk_size: int = 0):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, chunk_size: int = 0,
+                 draft_size: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.source, self.transform = source, transform
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.epoch, self.start_index, self.repeat = shuffle_buffer, epoch, start_index, repeat
         self.max_image_pixels, self.chunk_size = max_image_pixels, chunk_size
+        self.draft_size = draft_size
 
     def rank_records(self, epoch: int) -> Iterator[Record]:
         """This rank's records in epoch `epoch`'s order (handles only: nothing is decoded)."""
@@ -272,7 +274,8 @@ class SampleStream(IterableDataset):
 
     def _item(self, record: Record, epoch: int, pos: int) -> dict:
         skips = SkipCounter()
-        sample = self.source.load(record, skips, max_image_pixels=self.max_image_pixels)
+        sample = self.source.load(record, skips, max_image_pixels=self.max_image_pixels,
+                                  draft_size=self.draft_size)
         if sample is None:
             item = {}
         elif self.transform is None:
@@ -284,7 +287,11 @@ class SampleStream(IterableDataset):
                 # seed every accelerator's generators, which outlive fork_rng and, while CUDA is
                 # not initialised, cost a recorded Python traceback (~2 ms) per call.
                 torch.default_generator.manual_seed(seed)
-                item = self.transform(sample)
+                try:
+                    item = self.transform(sample)
+                except SkipSample as skip:  # the stage cannot use it: counted, like a corrupt one
+                    skips.skip(skip.reason, f"key {sample.key}")
+                    item = {}
         item["__skips__"] = skips.as_dict()
         item["__pos__"] = (epoch, pos)
         return item
@@ -373,7 +380,7 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
                 num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_batch: int = 0, repeat: bool = False, drop_last: bool = True,
                 shuffle_buffer: int = 0, epoch: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                chunk_size: int | None = None) -> Iterator[tuple[dict, dict]]:
+                chunk_size: int | None = None, draft_size: int | None = None) -> Iterator[tuple[dict, dict]]:
     """`(batch, skip_counts)` pairs of this rank: epoch `epoch` (or, with `repeat`, epochs
     `epoch`, `epoch+1`, ... forever) from batch `start_batch` on. The batches do not depend on
     `num_workers`; `start_batch=k` gives exactly what the uninterrupted loader gives from batch k
@@ -381,19 +388,22 @@ def make_loader(source: DataSource, transform: Callable[[Sample], dict] | None, 
     tail dropped by `drop_last` is not reported): the later epochs hold the same records again, so
     over a whole run each record is counted once. Raises StageError when a whole epoch has no usable sample.
     `chunk_size`: records a worker hands over at once (default `batch_size`: a chunk with no
-    skipped record then is a batch as it is); it changes only speed, never a batch."""
+    skipped record then is a batch as it is); it changes only speed, never a batch.
+    `draft_size`: decode JPEGs at a reduced size of at least this many pixels a side (see
+    `shards.sample_from_parts`): for a transform that resizes to that size anyway."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
     chunk_size = chunk_size or batch_size
     kw = dict(rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
-              max_image_pixels=max_image_pixels, chunk_size=chunk_size)
+              max_image_pixels=max_image_pixels, chunk_size=chunk_size, draft_size=draft_size)
     return _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw)
 
 
 def _batches(source, transform, batch_size, num_workers, start_batch, repeat, drop_last, epoch, kw):
-    start = _resume_point(source, start_batch * batch_size, epoch, repeat, num_workers, kw)
+    start = _resume_point(source, start_batch * batch_size, epoch, repeat, num_workers, kw,
+                          _validator(transform))
     if start is None:
         return
     first_epoch, start_index = start
@@ -456,12 +466,12 @@ def _no_usable(source: DataSource, rank: int, counts: dict) -> StageError:
 
 
 def _resume_point(source: DataSource, todo: int, epoch: int, repeat: bool, num_workers: int,
-                  kw: dict) -> tuple[int, int] | None:
+                  kw: dict, validate: Callable[[Sample], dict]) -> tuple[int, int] | None:
     """(epoch, records of it to pass over) just after this rank's `todo`-th usable sample from
     the start of `epoch`; None when the stream ends before it (without `repeat`)."""
     if todo == 0:
         return epoch, 0
-    pos, counts = _find_usable(source, todo, epoch, num_workers, kw)
+    pos, counts = _find_usable(source, todo, epoch, num_workers, kw, validate)
     if pos is not None:
         return epoch, pos
     if not repeat:
@@ -474,14 +484,14 @@ def _resume_point(source: DataSource, todo: int, epoch: int, repeat: bool, num_w
     todo -= usable
     whole = (todo - 1) // usable
     epoch += 1 + whole
-    pos, _ = _find_usable(source, todo - whole * usable, epoch, num_workers, kw)
+    pos, _ = _find_usable(source, todo - whole * usable, epoch, num_workers, kw, validate)
     return epoch, pos
 
 
 def _find_usable(source: DataSource, todo: int, epoch: int, num_workers: int,
-                 kw: dict) -> tuple[int | None, SkipCounter]:
+                 kw: dict, validate: Callable[[Sample], dict] | None = None) -> tuple[int | None, SkipCounter]:
     """(position just after the `todo`-th usable record of `epoch`, or None; the counts so far)."""
-    stream = SampleStream(source, _validate_only, epoch=epoch, **kw)
+    stream = SampleStream(source, validate or _validate_only, epoch=epoch, **kw)
     counts = SkipCounter()
     for item in _items(stream, num_workers, batch_size=64):
         counts.add_counts(item["__skips__"])
@@ -493,3 +503,18 @@ def _find_usable(source: DataSource, todo: int, epoch: int, num_workers: int,
 def _validate_only(sample: Sample) -> dict:
     """The transform of a resume's counting pass: the sample was validated; nothing to keep."""
     return {}
+
+
+def _validator(transform: Callable[[Sample], dict] | None) -> Callable[[Sample], dict]:
+    """The counting pass's transform: the stage transform's own ``validate`` (which raises
+    `SkipSample` where the transform would) when it has one, so a resume counts the same samples
+    as usable; else `_validate_only`."""
+    check = getattr(transform, "validate", None)
+    if check is None:
+        return _validate_only
+
+    def validate(sample: Sample) -> dict:
+        check(sample)
+        return {}
+
+    return validate

@@ -4,16 +4,22 @@
 
     train/ val/ test/            img2dataset shards of `Sample`s (jpg, txt, json)
     eval/<task>/                 CLIP_benchmark's WebDataset layout, all from the test split, for
-                                   retrieval, long_retrieval, zeroshot, regional, captioning:
+                                   retrieval, long_retrieval, zeroshot, regional, captioning,
+                                   grounding (vla's own task: no dataset_type.txt):
     eval/<task>/test/0.tar …       shards, with test/nshards.txt; dataset_type.txt; info.json
     eval/zeroshot/classnames.txt, eval/zeroshot/zeroshot_classification_templates.txt
+    eval/probe/{train,test}/     the attribute probe (task attribute_probe): train and val images
+                                   with one small object, its box, its fill pattern as the class;
+                                   eval/probe/classnames.txt names the patterns
     yolo/data.yaml, yolo/{images,labels}/{train,val}/   a detection copy ultralytics trains on
 
 Every sample is a pure function of (seed, split, index) (test scenes also of the earlier test
 scenes: the test split is de-duplicated so that no two test images share a long caption's
 content). The retrieval set keeps only short captions that no other test image has: a
 caption shared by two images could not tell them apart, and retrieval would then measure how ties
-are ranked; the dropped ones are counted (`eval.retrieval.dropped_captions`). Scenes are sampled in the parent and rendered in a worker pool whose results come back
+are ranked; the dropped ones are counted (`eval.retrieval.dropped_captions`). The regional set
+keeps the first region of each region caption (`eval.regional.dropped_regions`); the grounding set
+holds every test image with two or more objects, each region with its grounding caption. Scenes are sampled in the parent and rendered in a worker pool whose results come back
 in index order, so shards are byte-identical for a seed whatever the number of workers.
 """
 
@@ -36,14 +42,15 @@ from PIL import Image, ImageDraw
 from vla.data.sample import Region, Sample
 from vla.data.shards import ShardWriter
 from vla.data.synth_text import (BACKGROUNDS, CELLS, CLASSNAMES, COLOURS, MAX_CAPTIONS_PER_IMAGE,
-                                 SHAPES, TEMPLATES, Obj, Scene, long_caption, region_caption,
-                                 short_captions)
+                                 PATTERNS, SHAPES, TEMPLATES, Obj, Scene, grounding_caption,
+                                 long_caption, region_caption, short_captions)
 from vla.errors import UserError
 
 SPLITS = ("train", "val", "test")
 SUPERSAMPLE = 4  # draw at 4x and box-average down: antialiased edges with exact pixel coverage
 JPEG_QUALITY = 95
-EVAL_TASKS = ("retrieval", "long_retrieval", "zeroshot", "regional", "captioning")
+EVAL_TASKS = ("retrieval", "long_retrieval", "zeroshot", "regional", "captioning", "grounding", "probe")
+EVAL_INFO_TASKS = {"probe": "attribute_probe"}  # info.json's task where it differs from the set's name
 _KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 _MAX_RESAMPLES = 1000  # per test index; only a tiny world (1 object, many test images) runs out
 
@@ -56,10 +63,20 @@ class SynthConfig:
     n_train: int = 20000
     n_val: int = 1000
     n_test: int = 1000
-    image_size: int = 64
+    # Stored (source) image side in pixels. Larger than the CLIP's input (64 px for the embedded
+    # small CLIP, which resizes as open_clip does), so a small object's crop keeps its pixels:
+    # at 256 px a small object is 34-43 px a side, its fill pattern a few pixels a period.
+    image_size: int = 256
+    # Fill patterns (PATTERNS): the stripe / dot / check period is the object's radius divided
+    # by this (larger: finer patterns, which the downscaled global view loses sooner) ...
+    pattern_period: float = 3.0
+    # ... and the light/dark swing around the object's colour, in 0-255 units per channel
+    # (capped per channel so nothing clips: the pattern's mean is the solid colour).
+    pattern_contrast: int = 70
     min_objects: int = 1
     max_objects: int = 4
     captions_per_image: int = 5  # short paraphrases per image (retrieval with several captions)
+    probe_train: int = 2000  # attribute probe: at most this many train images in eval/probe/train
     shard_size: int = 2000
     context_length: int = 16  # the small CLIP's text context, for the long-text metrics
     workers: int = 2
@@ -71,6 +88,9 @@ class SynthConfig:
             (min(self.n_train, self.n_val) >= 0 and self.n_test >= 2,
              "n_train and n_val must be >= 0 and n_test >= 2 (retrieval needs a gallery)"),
             (self.image_size >= 32, f"image_size must be >= 32 pixels, got {self.image_size}"),
+            (self.pattern_period > 0 and 0 <= self.pattern_contrast <= 127,
+             f"pattern_period must be > 0 and pattern_contrast 0..127, got {self.pattern_period} "
+             f"and {self.pattern_contrast}"),
             (1 <= self.min_objects <= self.max_objects <= len(CELLS),
              f"need 1 <= min_objects <= max_objects <= {len(CELLS)}, got {self.min_objects}..{self.max_objects}"),
             (1 <= self.captions_per_image <= MAX_CAPTIONS_PER_IMAGE,
@@ -101,7 +121,8 @@ def sample_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
         # Jitter the centre but keep the whole object (plus half a pixel) inside its cell.
         cx = rng.uniform(col * cell_w + r + 0.5, (col + 1) * cell_w - r - 0.5)
         cy = rng.uniform(row * cell_w + r + 0.5, (row + 1) * cell_w - r - 0.5)
-        objects.append(Obj(colour, shape, "large" if large else "small", cell, cx, cy, r))
+        objects.append(Obj(colour, shape, "large" if large else "small", cell, cx, cy, r,
+                           rng.choice(PATTERNS)))
     return Scene(rng.choice(list(BACKGROUNDS)), tuple(objects))
 
 
@@ -168,11 +189,37 @@ def _coverage(obj: Obj, size: int) -> tuple[int, int, np.ndarray]:
     return x0, y0, np.asarray(mask.reduce(s), dtype=np.float32) / 255.0
 
 
-def render(scene: Scene, size: int, noise_seed: list[int]) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+def pattern_field(pattern: str, xs: np.ndarray, ys: np.ndarray, period: float) -> np.ndarray:
+    """The fill modulation at pixel offsets (xs, ys) from the object's centre: +1 light, negative
+    dark, 0 for "solid", with mean ~0 over the object, so the fill averages to the solid colour
+    and a view that cannot resolve `period` sees a solid object. striped: horizontal bands
+    +1/-1; checked: a checkerboard of +1/-1 squares; dotted: +1 dots of radius 0.3 period on a
+    square lattice, the rest -f/(1-f) (f: the dots' area fraction)."""
+    if pattern == "solid":
+        return np.zeros(np.broadcast(xs, ys).shape, dtype=np.float32)
+    u, v = xs / period, ys / period
+    band_x = np.where((u - np.floor(u)) < 0.5, 1.0, -1.0)
+    band_y = np.where((v - np.floor(v)) < 0.5, 1.0, -1.0)
+    if pattern == "striped":
+        return np.broadcast_to(band_y, np.broadcast(xs, ys).shape).astype(np.float32)
+    if pattern == "checked":
+        return (band_x * band_y).astype(np.float32)
+    if pattern == "dotted":
+        du, dv = u - np.rint(u), v - np.rint(v)
+        radius = 0.3
+        f = math.pi * radius ** 2
+        return np.where(du * du + dv * dv < radius ** 2, 1.0, -f / (1 - f)).astype(np.float32)
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def render(scene: Scene, size: int, noise_seed: list[int], pattern_period: float = 3.0,
+           pattern_contrast: int = 70) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
     """The image and each object's box (x0, y0, x1, y1), x1/y1 exclusive.
 
     A box is the extent of the pixels the object covers at least half of — taken from the drawn
     coverage itself, so it is exact by construction rather than predicted from the geometry.
+    An object's fill is its colour plus `pattern_field` times a per-channel swing of
+    min(pattern_contrast, c, 255 - c) (no channel clips), at period r / pattern_period pixels.
     """
     rng = np.random.default_rng(noise_seed)
     # Light texture: a soft linear shading in a random direction plus uniform pixel noise of +-7
@@ -188,7 +235,15 @@ def render(scene: Scene, size: int, noise_seed: list[int]) -> tuple[Image.Image,
         h, w = alpha.shape
         window = img[y0:y0 + h, x0:x0 + w]
         a = alpha[..., None]
-        window[:] = window * (1.0 - a) + np.asarray(COLOURS[obj.colour], dtype=np.float32) * a
+        colour = np.asarray(COLOURS[obj.colour], dtype=np.float32)
+        fill = colour
+        if obj.pattern != "solid":
+            swing = np.minimum(np.minimum(colour, 255.0 - colour), float(pattern_contrast))
+            xs = np.arange(x0, x0 + w, dtype=np.float32)[None, :] + 0.5 - obj.cx
+            ys = np.arange(y0, y0 + h, dtype=np.float32)[:, None] + 0.5 - obj.cy
+            field = pattern_field(obj.pattern, xs, ys, max(obj.r / pattern_period, 2.0))
+            fill = colour + field[..., None] * swing
+        window[:] = window * (1.0 - a) + fill * a
         ys, xs = np.nonzero(alpha >= 0.5)
         boxes.append((x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
     pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -205,6 +260,8 @@ class SampleTask:
     scene: Scene
     image_size: int
     captions_per_image: int
+    pattern_period: float = 3.0
+    pattern_contrast: int = 70
 
 
 @dataclass(frozen=True)
@@ -221,14 +278,18 @@ def make_sample(task: SampleTask) -> tuple[Sample, list[Obj]]:
     """Render one scene and write its texts; pure in (seed, split, index, scene)."""
     scene = task.scene
     noise_seed = [task.seed, SPLITS.index(task.split), task.index]
-    image, boxes = render(scene, task.image_size, noise_seed)
+    image, boxes = render(scene, task.image_size, noise_seed, task.pattern_period, task.pattern_contrast)
     text_rng = random.Random(f"vla-synth-text/{task.seed}/{task.split}/{task.index}")
     regions = [Region(box=tuple(float(v) for v in box), label=o.name, caption=region_caption(o))
                for o, box in zip(scene.objects, boxes)]
+    # per region (same order): its fill pattern and its grounding caption (which names its cell)
+    meta = {"background": scene.background, "n_objects": len(scene.objects),
+            "patterns": [o.pattern for o in scene.objects],
+            "grounding_captions": [grounding_caption(o) for o in scene.objects]}
     sample = Sample(key=f"{task.split}{task.index:07d}", image=image,
                     captions=short_captions(scene, text_rng, task.captions_per_image),
                     long_caption=long_caption(scene, text_rng), regions=regions, label=scene.label,
-                    meta={"background": scene.background, "n_objects": len(scene.objects)})
+                    meta=meta)
     return sample, list(scene.objects)
 
 
@@ -248,7 +309,8 @@ def sample_tasks(cfg: SynthConfig, stats: Counter | None = None) -> Iterator[Sam
     stats = Counter() if stats is None else stats
     for split, n in zip(SPLITS, (cfg.n_train, cfg.n_val, cfg.n_test)):
         for index, scene in _scenes(cfg, split, n, stats):
-            yield SampleTask(cfg.seed, split, index, scene, cfg.image_size, cfg.captions_per_image)
+            yield SampleTask(cfg.seed, split, index, scene, cfg.image_size, cfg.captions_per_image,
+                             cfg.pattern_period, cfg.pattern_contrast)
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -262,29 +324,65 @@ def _captions(meta: dict[str, Any]) -> list[str]:
 
 
 class _EvalSets:
-    """The five CLIP_benchmark-layout evaluation sets, filled from the test split in one pass
-    (the retrieval set at the end, once every test caption is known)."""
+    """The CLIP_benchmark-layout evaluation sets, filled from the test split in one pass (the
+    retrieval set at the end, once every test caption is known), and the attribute probe's set,
+    filled from the train and val splits."""
 
-    def __init__(self, root: Path, shard_size: int):
+    def __init__(self, root: Path, shard_size: int, probe_train: int):
         self.root = root
         self.writers = {t: ShardWriter(root / t / "test", maxcount=shard_size) for t in EVAL_TASKS}
+        self.probe_fit = ShardWriter(root / "probe" / "train", maxcount=shard_size)
+        self.probe_train = probe_train
         self.n_texts = Counter()
         self.retrieval: list[tuple[_Made, list[str]]] = []
+        self.region_owner: set[str] = set()
+        self.regional_dropped = {"dropped_regions": 0, "dropped_images": 0}
 
-    def _write(self, task: str, m: _Made, lines: list[str]) -> None:
+    def _write(self, task: str, m: _Made, lines: list[str], meta: dict[str, Any] | None = None) -> None:
         self.writers[task].write_raw(m.key, {"jpg": m.jpg, "txt": "\n".join(lines).encode("utf-8"),
-                                             "json": _json_bytes(m.meta)})
+                                             "json": _json_bytes(meta or m.meta)})
         self.n_texts[task] += len(lines)
 
     def add(self, m: _Made) -> None:
         captions = _captions(m.meta)
         self.retrieval.append((m, captions))
-        texts = {"long_retrieval": [m.meta["long_caption"]],
-                 "regional": [r["caption"] for r in m.meta["regions"]], "captioning": captions}
+        texts = {"long_retrieval": [m.meta["long_caption"]], "captioning": captions}
         for task, lines in texts.items():
             self._write(task, m, lines)
         self.writers["zeroshot"].write_raw(m.key, {"jpg": m.jpg, "cls": str(m.meta["label"]).encode(),
                                                    "json": _json_bytes(m.meta)})
+        self._add_regional(m)
+        regions = m.meta["regions"]
+        if len(regions) >= 2:  # with one box, grounding has nothing to choose
+            grounding = [{**r, "caption": c} for r, c in zip(regions, m.meta["grounding_captions"])]
+            self._write("grounding", m, [r["caption"] for r in grounding], {**m.meta, "regions": grounding})
+
+    def _add_regional(self, m: _Made) -> None:
+        """Each region whose caption no earlier test region has: every caption in the set then
+        names one region (a shared one could not tell its regions apart). A region caption says
+        only size, pattern, colour and shape (~450 values), so, unlike the global set, which drops
+        every copy of a shared caption, the set keeps the first region with each caption; an
+        image left without regions is left out. The rest are counted."""
+        kept = [r for r in m.meta["regions"] if r["caption"] not in self.region_owner]
+        self.region_owner.update(r["caption"] for r in kept)
+        self.regional_dropped["dropped_regions"] += len(m.meta["regions"]) - len(kept)
+        if kept:
+            self._write("regional", m, [r["caption"] for r in kept], {**m.meta, "regions": kept})
+        else:
+            self.regional_dropped["dropped_images"] += 1
+
+    def add_probe(self, m: _Made) -> None:
+        """Train and val images with exactly one small object go to the attribute probe's set
+        (fit on train/, scored on test/ = val): its one region is that object, its class the
+        object's fill pattern."""
+        if m.meta["n_objects"] != 2 or m.split not in ("train", "val"):
+            return
+        writer = self.probe_fit if m.split == "train" else self.writers["probe"]
+        if m.split == "train" and writer.total >= self.probe_train:
+            return
+        meta = {"key": m.key, "regions": m.meta["regions"][1:], "pattern": m.meta["patterns"][1]}
+        writer.write_raw(m.key, {"jpg": m.jpg, "cls": str(PATTERNS.index(meta["pattern"])).encode(),
+                                 "json": _json_bytes(meta)})
 
     def _write_retrieval(self) -> dict[str, int]:
         """Each image with only the captions no other image has; an image left with none is left
@@ -304,29 +402,43 @@ class _EvalSets:
         dropped = self._write_retrieval()
         (self.root / "zeroshot" / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
         (self.root / "zeroshot" / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+        (self.root / "probe" / "classnames.txt").write_text("\n".join(PATTERNS) + "\n")
         self.n_texts["zeroshot"] = len(CLASSNAMES)
+        self.probe_fit.close()
+        _clip_benchmark_layout(self.root / "probe", self.probe_fit, None, split="train")
         counts = {}
         for task, w in self.writers.items():
             w.close()
+            # grounding and probe are vla's own tasks: no dataset_type.txt for CLIP_benchmark
             _clip_benchmark_layout(self.root / task, w, "classification" if task == "zeroshot"
-                                   else "retrieval")
-            info = {"task": task, "n_images": w.total, "n_texts": self.n_texts[task]}
+                                   else None if task in ("grounding", "probe") else "retrieval")
+            info = {"task": EVAL_INFO_TASKS.get(task, task), "n_images": w.total}
+            if task == "probe":
+                info.update(n_fit=self.probe_fit.total, n_classes=len(PATTERNS),
+                            attribute="fill pattern of the image's one small object")
+            else:
+                info["n_texts"] = self.n_texts[task]
             if task == "zeroshot":
                 info.update(n_classes=len(CLASSNAMES), n_templates=len(TEMPLATES))
             if task == "retrieval":
                 info.update(dropped)
+            if task == "regional":
+                info.update(self.regional_dropped)
             (self.root / task / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-            counts[task] = {k: v for k, v in info.items() if k != "task"}
+            counts[task] = {k: v for k, v in info.items() if k not in ("task", "attribute")}
         return counts
 
 
-def _clip_benchmark_layout(root: Path, writer: ShardWriter, dataset_type: str) -> None:
-    """What CLIP_benchmark's `build_wds_dataset` reads: shards named test/0.tar, 1.tar, …,
-    test/nshards.txt, and dataset_type.txt (without which a set is read as classification)."""
+def _clip_benchmark_layout(root: Path, writer: ShardWriter, dataset_type: str | None,
+                           split: str = "test") -> None:
+    """What CLIP_benchmark's `build_wds_dataset` reads: shards named <split>/0.tar, 1.tar, …,
+    <split>/nshards.txt, and dataset_type.txt (without which a set is read as classification)."""
     for i, shard in enumerate(writer.shards):
         shard.rename(shard.with_name(f"{i}.tar"))
-    (root / "test" / "nshards.txt").write_text(f"{len(writer.shards)}\n")
-    (root / "dataset_type.txt").write_text(dataset_type + "\n")
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / split / "nshards.txt").write_text(f"{len(writer.shards)}\n")
+    if dataset_type is not None:
+        (root / "dataset_type.txt").write_text(dataset_type + "\n")
 
 
 def _write_yolo_yaml(root: Path) -> None:
@@ -344,13 +456,14 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
     cfg.validate()
     stats: Counter = Counter()
     writers = {split: ShardWriter(out / split, maxcount=cfg.shard_size) for split in SPLITS}
-    evals = _EvalSets(out / "eval", cfg.shard_size)
+    evals = _EvalSets(out / "eval", cfg.shard_size, cfg.probe_train)
     yolo_root = out / "yolo"
     yolo_n = {"train": min(cfg.n_train, cfg.yolo_train), "val": cfg.n_val}
     for sub in ("images", "labels"):
         for split in yolo_n:
             (yolo_root / sub / split).mkdir(parents=True)
     test_texts: dict[str, list[str]] = {"short": [], "long": []}
+    box_sides: list[float] = []  # the shorter side of every small object's box, in stored pixels
 
     def consume(made: Iterator[_Made]) -> None:
         for m in made:
@@ -359,6 +472,9 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
             if m.index < yolo_n.get(m.split, 0):
                 (yolo_root / "images" / m.split / f"{m.key}.jpg").write_bytes(m.jpg)
                 (yolo_root / "labels" / m.split / f"{m.key}.txt").write_text(m.yolo)
+            evals.add_probe(m)
+            box_sides.extend(min(r["box"][2] - r["box"][0], r["box"][3] - r["box"][1])
+                             for r in m.meta["regions"][1:])
             if m.split == "test":
                 evals.add(m)
                 test_texts["short"] += _captions(m.meta)
@@ -380,7 +496,11 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
     counts = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "classes": len(CLASSNAMES),
               "test_resampled": stats["test_resampled"],
               "yolo_train": yolo_n["train"], "yolo_val": yolo_n["val"], "eval": evals.close()}
-    return {"counts": counts, "metrics": text_metrics(test_texts["short"], test_texts["long"], cfg.context_length)}
+    metrics = text_metrics(test_texts["short"], test_texts["long"], cfg.context_length)
+    if box_sides:
+        metrics.update(small_box_min_px=float(min(box_sides)),
+                       small_box_mean_px=float(sum(box_sides) / len(box_sides)))
+    return {"counts": counts, "metrics": metrics}
 
 
 # --------------------------------------------------------------------------------------- metrics

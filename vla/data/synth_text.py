@@ -1,7 +1,9 @@
 """The synthetic world's vocabulary and grammar: what a scene is, and how it is described.
 
-A scene is a background plus 1–9 objects, each a (colour, shape, size) in its own cell of a 3x3
-grid. Object 0 is the *primary* object: the only large one, so "the largest object" is always
+A scene is a background plus 1–9 objects, each a (colour, shape, size, pattern) in its own cell
+of a 3x3 grid. The fill pattern (`PATTERNS`: solid, striped, dotted, checked) is a fine
+attribute: a zero-mean light/dark modulation of the object's colour with a period of a few
+source pixels, which the CLIP's downscaled global view averages away and a crop keeps. Object 0 is the *primary* object: the only large one, so "the largest object" is always
 well defined and its "colour shape" is the image's class for zero-shot classification.
 
 Three kinds of text describe a scene:
@@ -11,7 +13,10 @@ Three kinds of text describe a scene:
   with a generic preamble (style, background, object count) that alone fills the first 14 BPE
   tokens, so a 16-token CLIP sees only what many images share and the deciding details lie past
   its context — the analogue of 77-token CLIP on DOCCI / Urban-1k captions;
-- region captions: one per object, e.g. "a small blue star in the center".
+- region captions: one per object, what its crop shows and nothing else, e.g. "a small dotted
+  blue star" (no position: a crop does not know where it was);
+- grounding captions: a region caption with the object's cell, e.g. "a small dotted blue star in
+  the center", for the within-image grounding set (rank one image's boxes).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 CELLS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
          "bottom left", "bottom middle", "bottom right")
+# Fill patterns: the fine attribute (see the module doc); "solid" is an unmodulated fill.
+PATTERNS = ("solid", "striped", "dotted", "checked")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # Zero-shot classes: every "colour shape", sorted so class indices are stable across runs.
@@ -47,7 +54,7 @@ TEMPLATES = (
     "a close-up of the {c}.",
 )
 
-# Short-caption paraphrases. {p}: primary "colour shape", {a_p}: the same with its article,
+# Short-caption paraphrases. {p}: primary "pattern colour shape" ("solid" left unsaid), {a_p}: the same with its article,
 # {q}: a second object, {pos}: the primary's cell. Each names the primary and at least two more
 # facts (cell, background, second object, count), so that few test images share a caption (the
 # eval sets drop the few that still do). Each fits in 14 BPE tokens (16 with start/end) for every
@@ -92,10 +99,16 @@ class Obj:
     cx: float
     cy: float
     r: float
+    pattern: str = "solid"  # one of PATTERNS
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
+
+    @property
+    def described(self) -> str:
+        """"size pattern colour shape", e.g. "small striped red star"."""
+        return f"{self.size} {self.pattern} {self.name}"
 
     @property
     def position(self) -> str:
@@ -121,7 +134,8 @@ class Scene:
 
     def signature(self) -> tuple:
         """Everything the long caption states; two scenes with equal signatures read the same."""
-        return (self.background,) + tuple((o.colour, o.shape, o.size, o.cell) for o in self.described_order())
+        return (self.background,) + tuple((o.colour, o.shape, o.size, o.pattern, o.cell)
+                                          for o in self.described_order())
 
 
 def _with_article(phrase: str) -> str:
@@ -129,14 +143,25 @@ def _with_article(phrase: str) -> str:
 
 
 def region_caption(obj: Obj) -> str:
-    return f"a {obj.size} {obj.name} in the {obj.position}"
+    """What the object's crop shows: size, pattern, colour, shape; never its place in the image."""
+    return f"a {obj.described}"
+
+
+def grounding_caption(obj: Obj) -> str:
+    """A region caption that also names the object's cell (the within-image grounding set)."""
+    return f"{region_caption(obj)} in the {obj.position}"
+
+
+def _patterned(obj: Obj) -> str:
+    """ "pattern colour shape", with "solid" left unsaid (short captions stay short)."""
+    return obj.name if obj.pattern == "solid" else f"{obj.pattern} {obj.name}"
 
 
 def short_captions(scene: Scene, rng: random.Random, k: int) -> list[str]:
     """`k` distinct paraphrases about the primary object, in random order."""
     others = scene.described_order()[1:]
     pool = _SHORT_COMMON + (_SHORT_MANY if others else _SHORT_ALONE)
-    p = scene.primary.name
+    p = _patterned(scene.primary)
     fields = dict(p=p, a_p=_with_article(p), q=others[0].name if others else "", bg=scene.background,
                   pos=scene.primary.position, n=NUMBERS[len(scene.objects)])
     return [t.format(**fields) for t in rng.sample(pool, k)]
@@ -151,14 +176,14 @@ def _relation(a: Obj, b: Obj) -> str:
 
 
 def long_caption(scene: Scene, rng: random.Random) -> str:
-    """Preamble, every object (colour, size, shape, position), then relations of consecutive objects."""
+    """Preamble, every object (size, pattern, colour, shape, position), then relations of consecutive objects."""
     objs = scene.described_order()
     n = len(objs)
     parts = [rng.choice(_PREAMBLES).format(bg=scene.background, n=NUMBERS[n],
                                            shapes="shape" if n == 1 else "shapes")]
-    parts.append(f"The largest one is a {objs[0].size} {objs[0].name} in the {objs[0].position}.")
+    parts.append(f"The largest one is a {objs[0].described} in the {objs[0].position}.")
     for o in objs[1:]:
-        parts.append(rng.choice(_OTHER_OBJECT).format(d=f"{o.size} {o.name}", pos=o.position))
+        parts.append(rng.choice(_OTHER_OBJECT).format(d=o.described, pos=o.position))
     for a, b in zip(objs, objs[1:]):
         parts.append(f"The {a.name} is {_relation(a, b)} the {b.name}.")
     return " ".join(parts)

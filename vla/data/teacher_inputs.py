@@ -1,14 +1,21 @@
-"""What DCLIP's teacher and student stages both read: one caption per image, the frozen CLIP text
-tower's outputs for it (cached), and the teacher's inputs assembled by sample key.
+"""What DCLIP's teacher and student stages both read: each image's captions (one drawn per epoch),
+the frozen CLIP text tower run on the training device, and the teacher's inputs by sample key.
 
-The text tower's outputs are cached once per (CLIP, data, captions) in the feature cache as one
-row per caption: [pooled embedding (D) | token states (L·D) | real-token mask (L)], so an epoch of
-the teacher, and the student's teacher targets, never run the text encoder again.
+Each epoch, every training image trains on one of its captions, drawn anew: `caption_index`
+seeds a generator by (seed, epoch, sample key) with the data stream's `sample_seed`, so the draw
+is the same whatever the number of ranks or workers and after a resume, and new every epoch
+(as `vla contrast-tune` draws its captions). train-teacher draws it from its row batches' epoch;
+train-student draws it first in its image transform, from the generator the stream seeds with the
+same (seed, epoch, key), which gives the same index.
+
+The frozen text tower runs on the training device, on each batch's drawn captions (`TextTower`):
+its token states are those of the tokens strictly between the start and end tokens, only as many
+positions as the batch's longest caption needs (`vla.models.dclip.clip_text_states`), so nothing
+of 77 padded positions per caption is ever stored.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,104 +24,66 @@ import torch
 
 from vla.errors import UserError
 
-TEXT_STATES = "dclip.text_states"
+
+def caption_index(seed: int, epoch: int, key: str, n: int) -> int:
+    """Which of its `n` captions sample `key` trains on in `epoch`: `torch.randint(n)` from a
+    generator seeded with `sample_seed(seed, epoch, key)` — the draw train-student's transform
+    makes first under the data stream's per-sample seed, so both stages draw alike."""
+    from vla.data.stream import sample_seed
+
+    if n == 1:
+        return 0
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, key))
+    return int(torch.randint(n, (), generator=g))
 
 
-def caption_for(seed: int, key: str, captions: Sequence[str]) -> str:
-    """The caption sample `key` trains on: fixed by (seed, key), so every epoch, worker and
-    resumed run use the same one (as `vla pretrain` chooses)."""
-    return random.Random(f"{seed}:{key}").choice(list(captions))
+def read_caption_lists(path: Path, max_skip_fraction: float) -> tuple[list[str], list[tuple[str, ...]], dict]:
+    """(keys, each key's captions, skip counts) of every sample with valid text, in data order,
+    reading only the samples' text members (no image is opened: `vla.data.captions`). The
+    captions are held in memory, as the regions table's key index is (one row per image)."""
+    from vla.data.captions import read_captions
 
-
-def read_captions(path: Path, seed: int, max_skip_fraction: float) -> tuple[list[str], "DrawnCaptions", dict]:
-    """(keys, each key's caption, skip counts) of every valid sample, images not decoded. The
-    keys are held (training picks rows by key); the captions are a stream, read from the data
-    again on each pass (see `DrawnCaptions`), so the texts are never all in memory."""
-    from vla.data.skips import SkipCounter
-    from vla.data.stream import resolve_data
-
-    skips = SkipCounter()
-    source = resolve_data(path)
-    keys = [s.key for s in source.iter_samples(skips, decode=False)]
-    skips.check(max_skip_fraction, str(path))
-    return keys, DrawnCaptions(source, seed, keys), skips.as_dict()
-
-
-@dataclass(frozen=True)
-class DrawnCaptions:
-    """Each sample's caption (`caption_for`), in data order, re-read from the data each time it is
-    iterated; it checks the keys are still those `read_captions` found."""
-
-    source: object              # vla.data.stream.DataSource
-    seed: int
-    keys: Sequence[str]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __iter__(self):
-        from vla.data.skips import SkipCounter
-
-        n = 0
-        for s in self.source.iter_samples(SkipCounter(), decode=False):
-            if n >= len(self.keys) or s.key != self.keys[n]:
-                break
-            yield caption_for(self.seed, s.key, s.captions)
-            n += 1
-        else:
-            if n == len(self.keys):
-                return
-        raise UserError(f"{self.source.path} changed while its captions were read; rerun when it no longer changes")
+    captions, skips = read_captions(path, max_skip_fraction)
+    keys, texts = [], []
+    for _origin, key, caps, _long in captions.records():
+        keys.append(key)
+        texts.append(tuple(caps))
+    return keys, texts, skips
 
 
 @dataclass
-class TextStates:
-    """The cached text-tower rows of one caption per key."""
+class TextTower:
+    """The frozen CLIP text tower on the training device: `tokenize` on the host (in the batch
+    functions), `states` on the device (in the step)."""
 
-    table: object            # vla.cache.FeatureTable
-    context: int             # L
-    dim: int                 # D
+    clip: object                     # vla.models.clip.ClipModel, frozen
 
-    def lookup(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """`text` (B, D) pooled embeddings, `tokens` (B, L, D), `token_mask` (B, L) bool."""
-        rows = self.table.lookup(keys)
-        d, n = self.dim, self.context
-        return {"text": rows[:, :d], "tokens": rows[:, d:d + n * d].reshape(-1, n, d),
-                "token_mask": rows[:, d + n * d:] > 0.5}
+    @classmethod
+    def on(cls, clip, device) -> "TextTower":
+        """The CLIP frozen, in eval mode, on `device` (a stage that trains its image tower sets that
+        tower back to train mode afterwards)."""
+        for p in clip.model.parameters():
+            p.requires_grad_(False)
+        clip.model.to(device).eval()
+        return cls(clip)
 
-    def pooled(self, keys: Sequence[str]) -> torch.Tensor:
-        """(B, D) pooled text embeddings alone (a row's first D columns: no token states read)."""
-        rows = self.table.rows_of(keys)
-        return torch.from_numpy(self.table.features[rows, :self.dim].astype("float32"))
-
-
-def cached_text_states(clip, clip_identity: str, data_dir: Path, data_digest: str, keys: list[str],
-                       texts: list[str], batch_size: int) -> TextStates:
-    """The frozen text tower's outputs for `texts` (from the cache, computed on a miss)."""
-    from vla.cache import cached_features
-    from vla.models.dclip import clip_text_states
-
-    context, dim = int(clip.text_context_length), int(clip.embed_dim)
-    device = next(clip.model.parameters()).device
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.clip.tokenizer(list(texts))
 
     @torch.no_grad()
-    def encode(batch: Sequence[str]) -> torch.Tensor:
-        tokens = clip.tokenizer(list(batch)).to(device)
-        states, mask, pooled = clip_text_states(clip.model.eval(), tokens)
-        return torch.cat([pooled, states.flatten(1), mask.to(states.dtype)], dim=1).float().cpu()
+    def states(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token states (B, L, D), mask (B, L), pooled u (B, D)), see `clip_text_states`."""
+        from vla.models.dclip import clip_text_states
 
-    table, _hit = cached_features(TEXT_STATES, lambda: ((k, t, str(data_dir)) for k, t in zip(keys, texts)),
-                                  model_identity=clip_identity, data_digest=data_digest, encode=encode,
-                                  batch_size=batch_size)
-    return TextStates(table, context, dim)
+        return clip_text_states(self.clip.model, token_ids)
 
 
-def teacher_inputs(store, text: TextStates, keys: Sequence[str], top_k: int | None) -> dict[str, torch.Tensor]:
-    """The meta-teacher's keyword inputs for a batch of sample keys."""
-    r = store.lookup(keys, top_k)
-    t = text.lookup(keys)
-    return {"tokens": t["tokens"], "token_mask": t["token_mask"], "text": t["text"], "regions": r["regions"],
-            "region_mask": r["mask"], "conf": r["conf"], "area": r["area"]}
+def teacher_inputs(regions: dict[str, torch.Tensor], states: torch.Tensor, mask: torch.Tensor,
+                   pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The meta-teacher's keyword inputs from a batch's regions (`RegionStore.lookup`, moved to
+    the device) and its text tower outputs (`TextTower.states`)."""
+    return {"tokens": states, "token_mask": mask, "text": pooled, "regions": regions["regions"],
+            "region_mask": regions["mask"], "conf": regions["conf"], "area": regions["area"]}
 
 
 def open_regions(path: str | Path, role: str = "--regions"):
@@ -165,3 +134,20 @@ def _recorded_data(artifact_path) -> str | None:
         return json.loads((Path(artifact_path) / "manifest.json").read_text())["inputs"]["data"]["path"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+def global_batch(batch_size: int, world_size: int, what: str) -> int:
+    """This rank's share of the global `train.batch_size`; refused unless the ranks share it equally."""
+    if batch_size % world_size:
+        raise UserError(f"{what}: train.batch_size {batch_size} is the global batch and must divide evenly over "
+                        f"{world_size} ranks; choose a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def steps_per_epoch(images: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over `images`: each step takes grad_accum global batches of
+    batch_size (an epoch's last partial step is left out); refused when that is none."""
+    steps = images // batch_size // grad_accum
+    if steps < 1:
+        raise UserError(f"{images} images make no optimizer step of train.batch_size={batch_size} × "
+                        f"train.grad_accum={grad_accum}; lower them")
+    return steps

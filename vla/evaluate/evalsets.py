@@ -18,7 +18,10 @@ Tasks: retrieval, long_retrieval (retrieval on long captions), zeroshot_classifi
 zeroshot), regional_retrieval (alias regional: retrieval where the images are the region crops and
 each crop's one text is its region caption; `EvalSet.region_sources` gives a model that reads
 regions from the whole image — MM-GEM's RoIAlign — the full image and its boxes instead),
-captioning (the captions are the references). Without info.json the task is dataset_type.txt's
+captioning (the captions are the references), grounding (vla's: each image's key.json regions
+with their captions, which may name a position; a caption is to pick its own box among its image's
+boxes), attribute_probe (vla's: key.cls is an attribute class of the one box in key.json;
+a linear probe is fit on the set's `train/` split and scored on `test/`). Without info.json the task is dataset_type.txt's
 (as CLIP_benchmark reads it); without either, classnames.txt → zero-shot classification,
 otherwise retrieval.
 
@@ -49,9 +52,10 @@ from vla.errors import UserError
 log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "long_retrieval", "zeroshot_classification", "regional_retrieval",
-         "captioning")
+         "captioning", "grounding", "attribute_probe")
 # short names that vla's synthetic world also writes into info.json
-TASK_ALIASES = {"zeroshot": "zeroshot_classification", "regional": "regional_retrieval"}
+TASK_ALIASES = {"zeroshot": "zeroshot_classification", "regional": "regional_retrieval",
+                "probe": "attribute_probe"}
 RETRIEVAL_TASKS = ("retrieval", "long_retrieval", "regional_retrieval")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CLASSNAMES = "classnames.txt"
@@ -62,6 +66,8 @@ NSHARDS = "nshards.txt"
 DATASET_TYPES = {"retrieval": "retrieval", "long_retrieval": "retrieval",
                  "regional_retrieval": "retrieval", "captioning": "retrieval",
                  "zeroshot_classification": "classification"}
+#: the tasks whose samples' key.json give boxes (one `EvalSet.boxes` list per image)
+BOX_TASKS = ("grounding", "attribute_probe")
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,11 @@ class EvalSet:
     regions: list[str] | None = None
     #: blank lines read as CLIP_benchmark reads them: {file kind: count}
     blank_lines: dict[str, int] = field(default_factory=dict)
+    #: grounding / attribute_probe: each image's boxes (its own pixels); grounding's
+    #: `captions[i][j]` is the query of `boxes[i][j]`
+    boxes: list[list[tuple[float, float, float, float]]] | None = None
+    #: attribute_probe: the set's train split (the same fields), which the probe is fit on
+    fit: "EvalSet | None" = None
 
     def texts(self) -> tuple[list[str], list[int]]:
         """All captions flattened, and the index of each caption's image."""
@@ -172,28 +183,28 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _shards(path: Path) -> list[Path]:
+def _shards(path: Path, split: str = "test") -> list[Path]:
     """The shards in CLIP_benchmark's order: test/0.tar … test/{n-1}.tar from nshards.txt; without
     it every shard, numbered ones in numeric order (so 10.tar comes after 9.tar)."""
-    nshards = path / "test" / NSHARDS
+    nshards = path / split / NSHARDS
     if nshards.exists():
         try:
             n = int(nshards.read_text(encoding="utf-8"))
         except ValueError:
             raise UserError(f"{nshards} must hold the number of shards; fix it") from None
-        shards = [path / "test" / f"{i}.tar" for i in range(n)]
+        shards = [path / split / f"{i}.tar" for i in range(n)]
         missing = [p for p in shards if not p.exists()]
         if missing:
             raise UserError(f"{nshards} says {n} shards but {missing[0]} does not exist; "
                             f"fix {NSHARDS} or restore the shard")
         if shards:
             return shards
-    for folder in (path / "test", path):
+    for folder in (path / split, path) if split == "test" else (path / split,):
         shards = list(folder.glob("*.tar"))
         if shards:
             numbered = all(re.fullmatch(r"\d+", p.stem) for p in shards)
             return sorted(shards, key=(lambda p: int(p.stem)) if numbered else (lambda p: p.name))
-    raise UserError(f"eval set {path} has no shards (expected {path}/test/*.tar); "
+    raise UserError(f"eval set {path} has no shards (expected {path}/{split}/*.tar); "
                     f"write it with `vla` or CLIP_benchmark's WebDataset layout")
 
 
@@ -251,7 +262,21 @@ def load_eval_set(path: str | Path) -> EvalSet:
                         f"(and info.json)")
     info = _read_info(path)
     task = info["task"]
+    es = _load_split(path, info, "test")
+    if task == "attribute_probe":
+        es.fit = _load_split(path, info, "train")
+    return es
+
+
+def _load_split(path: Path, info: dict, split: str) -> EvalSet:
+    task = info["task"]
     es = EvalSet(name=str(info.get("name", path.name)), task=task, path=path, images=[])
+    if task in BOX_TASKS:
+        es.boxes = []
+    if task == "attribute_probe":
+        if not (path / CLASSNAMES).exists():
+            raise UserError(f"attribute-probe eval set {path} lacks {CLASSNAMES}; add it (one class a line)")
+        es.classnames, es.labels = _read_lines(path / CLASSNAMES), []
     if task == "zeroshot_classification":
         for f in (CLASSNAMES, TEMPLATES):
             if not (path / f).exists():
@@ -267,7 +292,7 @@ def load_eval_set(path: str | Path) -> EvalSet:
     refs: list[ImageRef] = []
     if task == "regional_retrieval":
         es.regions = []
-    for shard in _shards(path):
+    for shard in _shards(path, split):
         for key, members in _samples(shard).items():
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
             if image_ext is None:
@@ -282,6 +307,17 @@ def load_eval_set(path: str | Path) -> EvalSet:
                     es.regions.append(key)
                 continue
             refs.append(ref)
+            if task in BOX_TASKS:
+                regions = list(_regions(members, key, shard))
+                if not regions or (task == "attribute_probe") != (len(regions) == 1):
+                    raise UserError(f"sample {key} in {shard} has {len(regions)} regions; a {task} "
+                                    f"sample needs {'exactly one' if task == 'attribute_probe' else 'at least one'}")
+                es.boxes.append([box for box, _ in regions])
+                if task == "grounding":
+                    es.captions.append([caption for _, caption in regions])
+                else:
+                    es.labels.append(_label(members, key, shard, len(es.classnames)))
+                continue
             if task == "zeroshot_classification":
                 es.labels.append(_label(members, key, shard, len(es.classnames)))
             else:

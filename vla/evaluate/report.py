@@ -32,12 +32,16 @@ KEY_METRICS = (
                      ("text_retrieval_recall@1", "I→T R@1")]),
     ("acc1", [("acc1", "acc1"), ("mean_per_class_recall", "mPCR")]),
     ("cider_d", [("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D")]),
+    ("grounding_acc1", [("grounding_acc1", "acc@1")]),
+    ("probe_region_acc", [("probe_region_acc", "region"), ("probe_global_acc", "global")]),
 )
 COUNT_KEYS = {"n_images", "n_texts", "n_classes", "context_length", "image_retrieval_ties",
-              "text_retrieval_ties", "ties", "n_regions", "n_captioned"}
+              "text_retrieval_ties", "ties", "n_regions", "n_captioned", "n_fit"}
 LEGEND = ("All numbers ×100. mR: mean of R@1/5/10 text→image and image→text; T→I R@1: a caption "
           "finds its image first; I→T R@1: an image finds one of its captions first; "
-          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers.")
+          "mPCR: mean per-class recall; CIDEr-D ×100 as in captioning papers; acc@1 (grounding): a "
+          "caption picks its own box among its image's boxes; probe region / global: a linear "
+          "probe's val accuracy on a small object's attribute from its region / the whole image.")
 MODE_NOTES = {
     "clip_benchmark": "Ties ranked as CLIP_benchmark ranks them (`torch.topk` / `argmax` order).",
     "pessimistic": "Ties count against the model (a lower bound).",
@@ -50,7 +54,8 @@ TIE_NOTE = ("`image_retrieval_ties` / `text_retrieval_ties` / `ties`: how many t
 CLIP_BENCHMARK_TASKS = {"retrieval": "zeroshot_retrieval", "long_retrieval": "zeroshot_retrieval",
                         "regional_retrieval": "zeroshot_retrieval",
                         "zeroshot_classification": "zeroshot_classification",
-                        "captioning": "captioning"}
+                        "captioning": "captioning", "grounding": "grounding",
+                        "attribute_probe": "linear_probe"}
 
 
 def key_columns(results: Results) -> list[tuple[str, str, str]]:

@@ -7,6 +7,11 @@ text side reads any length) and `context_length` (None for such a model).
 Regions: a model that embeds a region from the whole image and its box (`RegionEncoder`, MM-GEM's
 RoIAlign) gets the full image and the box; any other model gets the region's crop.
 
+Grounding (`grounding_metrics`): each query caption against the boxes of its own image only,
+embedded as regions are; `grounding_acc1` is the fraction of queries whose own box scores highest
+(a tie counts against), `grounding_chance` what random picks get (mean of 1/boxes). An
+attribute-probe set is scored by `vla.evaluate.probe.attribute_probe`.
+
 Captioning, for a model that also generates (`Captioner`, MM-GEM): the images of a `captioning`
 set, scored against all their references, and the regions of a regional set, each against its
 region caption, reported as a set of its own, `<regional set>_captioning` (`region_captioning_name`).
@@ -15,7 +20,7 @@ Decoding follows `CaptionConfig`; a model that does not generate has no captioni
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vla.evaluate.captioning import captioning_metrics
-from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet
+from vla.evaluate.evalsets import RETRIEVAL_TASKS, EvalSet, LazyImages
 from vla.evaluate.retrieval import retrieval_metrics
 from vla.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from vla.models.encoder import DualEncoder
@@ -42,8 +47,15 @@ class CaptionConfig:
     #: items; None = all. Retrieval always uses the whole set.
     max_images: int | None = None
     max_regions: int | None = None
+    #: BLEU-4 / CIDEr-D tokenisation (`vla.evaluate.captioning`): auto = pycocoevalcap's Java
+    #: PTBTokenizer when java is there, else the pure-Python one; java insists; python never runs java
+    tokenizer: str = "auto"
 
     def __post_init__(self) -> None:
+        from vla.evaluate.captioning import TOKENIZERS
+
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {self.tokenizer!r}")
         for name in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -56,14 +68,16 @@ class CaptionConfig:
 class Captioner(Protocol):
     def caption(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor] | None = None,
                 **decoding: Any) -> list[str]:
-        """One caption per image, or per box (`boxes[b]`: image b's boxes in the model's input
-        pixels, see `RegionEncoder.input_boxes`); `decoding`: max_new_tokens, num_beams."""
+        """One caption per image, or per box (`boxes[b]`: image b's boxes in its own pixels, mapped
+        inside as `RegionEncoder.input_boxes` maps them); `decoding`: max_new_tokens, num_beams."""
 
 
 @runtime_checkable
 class RegionEncoder(Protocol):
-    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (model input pixels)."""
+    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor], *,
+                       keys: Sequence[str] | None = None) -> torch.Tensor:
+        """(ΣK_b, D) L2-normalised embeddings of image b's boxes `boxes[b]` (image b's own pixels,
+        mapped inside through `input_boxes`; a bad box is refused naming `keys[b]`)."""
 
     def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
                     keys: Sequence[str] | None = None) -> list[torch.Tensor]:
@@ -112,9 +126,35 @@ def region_embeddings(model: DualEncoder, es: EvalSet, batch_size: int) -> torch
     out = []
     for batch in _region_batches(es, range(len(es.images)), batch_size):
         images = [src.load() for src in batch]
-        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
-        out.append(model.encode_regions(images, boxes).float())
+        out.append(model.encode_regions(images, [src.boxes for src in batch],
+                                        keys=[src.image.key for src in batch]).float())
     return F.normalize(torch.cat(out), dim=-1)
+
+
+def box_embeddings(model: DualEncoder, es: EvalSet, batch_size: int) -> torch.Tensor:
+    """One row per box of a set with `boxes` (grounding, attribute_probe), image by image, each
+    embedded as a regional set's region is (`region_embeddings`: crop, or full image + box)."""
+    refs = [replace(ref, box=tuple(box)) for ref, boxes in zip(es.images.refs, es.boxes) for box in boxes]
+    regions = EvalSet(es.name, "regional_retrieval", es.path, LazyImages(refs))
+    return region_embeddings(model, regions, batch_size)
+
+
+def grounding_metrics(model: DualEncoder, es: EvalSet, batch_size: int) -> dict[str, float]:
+    """Within-image grounding: accuracy@1 of each query over its own image's boxes, and chance."""
+    boxes = box_embeddings(model, es, batch_size)
+    texts, _ = es.texts()
+    queries = _batched_texts(model, texts, batch_size)
+    correct, start = 0, 0
+    for caps in es.captions:
+        k = len(caps)
+        scores = queries[start:start + k] @ boxes[start:start + k].T
+        own = scores.diagonal()
+        others = scores.masked_fill(torch.eye(k, dtype=torch.bool), -torch.inf).amax(1)
+        correct += int((own > others).sum())
+        start += k
+    # chance: the mean over queries of 1 / (boxes in its image) = images / queries
+    return {"grounding_acc1": correct / start, "grounding_chance": len(es.captions) / start,
+            **truncation(model, texts), "n_images": len(es.images), "n_texts": start}
 
 
 def _region_batches(es: EvalSet, indices: Sequence[int], batch_size: int):
@@ -151,8 +191,8 @@ def region_captions(model: Captioner, es: EvalSet, cfg: CaptionConfig) -> tuple[
     captions = []
     for batch in _region_batches(es, chosen, cfg.batch_size):
         images = [src.load() for src in batch]
-        boxes = model.input_boxes(images, [src.boxes for src in batch], [src.image.key for src in batch])
-        captions += model.caption(images, boxes, **_decoding(cfg))
+        captions += model.caption(images, [src.boxes for src in batch], keys=[src.image.key for src in batch],
+                                  **_decoding(cfg))
     return chosen, captions
 
 
@@ -169,6 +209,11 @@ def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
         metrics = retrieval_metrics(images, _batched_texts(model, texts, batch_size), owner, mode=mode)
         return {**metrics, **truncation(model, texts),
                 "n_images": len(es.images), "n_texts": len(texts)}
+    if es.task == "grounding":
+        return grounding_metrics(model, es, batch_size)
+    if es.task == "attribute_probe":
+        from vla.evaluate.probe import attribute_probe
+        return attribute_probe(model, es, batch_size)
     if es.task == "zeroshot_classification":
         classifier = zeroshot_classifier(model.encode_text, es.classnames, es.templates)
         metrics = zeroshot_metrics(_batched_images(model, es.images, batch_size), es.labels,
@@ -180,7 +225,8 @@ def evaluate_set(model: DualEncoder, es: EvalSet, batch_size: int = 256,
         chosen, generated = image_captions(model, es, caption or CaptionConfig())
         if written is not None:
             written[es.name] = captions_written(es, chosen, generated)
-        return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+        tokenizer = (caption or CaptionConfig()).tokenizer
+        return {**captioning_metrics(generated, [es.captions[i] for i in chosen], tokenizer),
                 "n_images": len(es.images), "n_captioned": len(chosen)}
     raise ValueError(f"unknown task {es.task!r}")
 
@@ -191,7 +237,7 @@ def evaluate_region_captioning(model: Captioner, es: EvalSet, caption: CaptionCo
     chosen, generated = region_captions(model, es, caption)
     if written is not None:
         written[region_captioning_name(es.name)] = captions_written(es, chosen, generated)
-    return {**captioning_metrics(generated, [es.captions[i] for i in chosen]),
+    return {**captioning_metrics(generated, [es.captions[i] for i in chosen], caption.tokenizer),
             "n_regions": len(es.images), "n_captioned": len(chosen)}
 
 

@@ -1,6 +1,6 @@
 """The adapter ``g`` that maps an LLM embedder's output into CLIP's embedding space.
 
-LLM2CLIP's design, which ProCLIP reuses (METHODS.md §1):
+LLM2CLIP's design, which ProCLIP reuses (docs/methods.md §1):
 
     g(e) = W_out · LN(B_n ∘ … ∘ B_1(e / ‖e‖)) + b_out,   B_k(x) = x + W2(Dropout(GELU(W1(LN(x)))))
 

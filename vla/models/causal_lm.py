@@ -148,3 +148,22 @@ def check_mode_tokens(tokenizer: Any, tokens: Sequence[str] | Mapping[str, int],
                 f"{where}: the tokenizer's mode tokens are not the ids this MM-GEM model was trained with "
                 f"({'; '.join(moved[:3])}); load the tokenizer saved beside it, unmodified, or re-export the model"
             )
+
+
+def set_lm_checkpointing(lm: torch.nn.Module, enable: bool = True) -> None:
+    """transformers' activation checkpointing of the decoder layers, non-reentrant (its
+    ``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before it existed)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        if enable:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.activation_checkpointing_disable()
+    elif enable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
+
+
+def lm_checkpointing(lm: torch.nn.Module) -> bool:
+    """Whether any of the LM's layers checkpoints its activations."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())

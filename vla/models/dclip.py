@@ -1,13 +1,18 @@
-"""DCLIP's meta-teacher (METHODS.md §2): bidirectional cross-modal attention over a caption's
+"""DCLIP's meta-teacher (docs/methods.md §2): bidirectional cross-modal attention over a caption's
 token states and an image's regions, pooled into one embedding the student image tower distils.
 
-Inputs (all from frozen CLIP towers, hence cached; only this module's layers train):
-- text: the CLIP text encoder's last hidden states of the real tokens, through ln_final and the
-  text projection — `clip_text_states` — shape (B, L, D) with a mask (B, L); and the caption's
-  pooled CLIP text embedding u (B, D) (the EOT token's state, the usual text embedding);
-- regions: r_0..r_K (B, K+1, D), r_0 the global image embedding, r_1..r_K the detector crops'
-  embeddings, with their detector confidences and box areas (fractions of the image) and a mask
-  for padding. The global "region" counts as the whole image: confidence 1, area 1.
+Inputs (all from frozen CLIP towers; only this module's layers train):
+- text: the CLIP text encoder's last hidden states of the caption's tokens strictly between the
+  start and end tokens, through ln_final and the text projection — `clip_text_states` — shape
+  (B, L, D) with a mask (B, L) of the real ones (no start, no end, no padding); and the caption's
+  pooled CLIP text embedding u (B, D), the end token's state, used here only in the region
+  weights (and, outside this module, as the InfoNCE target). The end token is never an input:
+  its state *is* u, the teacher's own target; the start token's state is one vector for every
+  caption;
+- regions: the detector crops' embeddings r_1..r_K (B, K, D) with their detector confidences,
+  box areas (fractions of the image) and a mask for padding. The whole image is not a region:
+  it is the one region of an image with no usable detection (confidence 1, area 1) and the only
+  region in the "no regions" ablation (`vla.data.regions.RegionStore.lookup`).
 
 Forward (token states and regions are L2-normalised first: both live in CLIP's cosine space):
 
@@ -116,8 +121,10 @@ class MetaTeacher(nn.Module):
                 conf: Tensor, area: Tensor) -> Tensor:
         """(B, D) teacher embeddings (not normalised; the losses normalise).
 
-        tokens (B, L, D), token_mask (B, L) bool; text (B, D); regions (B, K, D) with the global
-        embedding as one of them, region_mask (B, K) bool, conf and area (B, K).
+        tokens (B, L, D), token_mask (B, L) bool (the tokens strictly between start and end);
+        text (B, D) the pooled text embedding (region weights only); regions (B, K, D) — the
+        detector's crops, or the whole image where there are none — region_mask (B, K) bool,
+        conf and area (B, K).
         """
         t = F.normalize(tokens, dim=-1)
         r = F.normalize(regions, dim=-1)
@@ -144,8 +151,13 @@ def clip_text_states(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, 
     (token states (B, L, D) through ln_final and the text projection, real-token mask (B, L),
     pooled text embedding (B, D), equal to `model.encode_text(tokens)`).
 
-    Real tokens are start-of-text up to end-of-text (open_clip's CLIP tokenizer pads with 0 and
-    its EOT has the largest id, which is how open_clip's own 'argmax' pooling finds it).
+    The token states are those of the tokens strictly between the start and end tokens, left
+    aligned (position j holds token j+1), L = the longest such run in the batch (at least 1): no
+    start token, no end token, no padding (docs/methods.md §2; the public code drops both). open_clip's
+    CLIP tokenizer puts the start token first, pads with 0 and gives the end token the largest id,
+    which is how its own 'argmax' pooling finds it. Masked positions hold zeros. A caption with no
+    token between start and end (an empty text) gets one zero state, masked in, so that it still
+    has a position to attend to.
     """
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
     if not all(hasattr(model, a) for a in needed) or getattr(model, "text_pool_type", "argmax") != "argmax":
@@ -157,9 +169,13 @@ def clip_text_states(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, 
     proj = model.text_projection
     x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
     eot = tokens.argmax(dim=-1)
-    mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eot[:, None]
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]
-    return x, mask, pooled
+    inner = (eot - 1).clamp(min=0)  # how many tokens lie strictly between start and end
+    length = max(int(inner.max()) if inner.numel() else 0, 1)
+    mask = torch.arange(length, device=tokens.device)[None, :] < inner[:, None]
+    states = x[:, 1:1 + length] * mask[..., None].to(x.dtype)
+    mask[inner == 0, 0] = True  # an empty caption: one zero state
+    return states, mask, pooled
 
 
 # ---------------------------------------------------------------------------------------- on disk

@@ -1,6 +1,6 @@
 """Frozen text embedders through transformers: one vector per text, pooled over the real tokens.
 
-Pooling is a property of the embedder (METHODS.md §1):
+Pooling is a property of the embedder (docs/methods.md §1):
 - `mean`: average of the hidden states under the attention mask (sentence-transformers, MiniLM);
 - `last`: the state of the last token of what the tokenizer itself produces — for
   Qwen3-Embedding the `<|endoftext|>` its post-processor appends (not its `eos_token`,

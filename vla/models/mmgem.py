@@ -42,7 +42,7 @@ from vla.errors import UserError
 from vla.losses import LogitScale
 from vla.models.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
                                   soft_prompt_tokens)
-from vla.models.pool_aggregator import RoIPool, mean_pool
+from vla.models.pool_aggregator import RoIPool, check_boxes, mean_pool
 from vla.models.weights import load_state_dict, save_state_dict
 
 IGNORE_INDEX = -100
@@ -141,9 +141,10 @@ class MMGEM(nn.Module):
         self.cap_id = self.token_ids[CAP_TOKEN]
         self.soft_prompt_ids = [self.token_ids[t] for t in soft_prompt_tokens(config.soft_prompts)]
         self.eos_id = tokenizer.eos_token_id
-        self.bos_id = tokenizer.bos_token_id  # prepended to embedding rows when the LM has one
+        self.bos_id = tokenizer.bos_token_id  # opens embedding and caption rows when the LM has one
         limit = getattr(lm.config, "max_position_embeddings", None)
-        longest = config.prefix_length + max(1, config.soft_prompts) + config.max_text_tokens + 1
+        longest = (config.prefix_length + max(1, config.soft_prompts) + config.max_text_tokens + 1
+                   + (self.bos_id is not None))
         if limit is not None and longest > limit:
             raise UserError(
                 f"prefix_length + prompts + max_text_tokens + 1 = {longest} exceeds the LM's "
@@ -252,6 +253,10 @@ class MMGEM(nn.Module):
         cap = self.config.max_text_tokens
         return [row[:cap] for row in ids], sum(len(row) > cap for row in ids)
 
+    def _bos_embedding(self) -> Tensor:
+        """(1, d_lm) BOS's input embedding, or (0, d_lm) for an LM without BOS (the embedded tiny Llama)."""
+        return self._token_embeddings([self.bos_id] if self.bos_id is not None else [])
+
     def text_token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text needs before truncation, [EMB] (and BOS) included."""
         extra = 1 + (self.bos_id is not None)
@@ -308,10 +313,10 @@ class MMGEM(nn.Module):
             rows += [self._token_embeddings(self._embedding_row(r)) for r in ids]
         start = len(rows)
         if want_gen:
-            prefix = self.visual_prefix(v)
+            bos, prefix = self._bos_embedding(), self.visual_prefix(v)
             prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft_prompts))
             for b, r in enumerate(ids):
-                rows.append(torch.cat([prefix[b], prompt, self._token_embeddings(r + [self.eos_id])]))
+                rows.append(torch.cat([bos, prefix[b], prompt, self._token_embeddings(r + [self.eos_id])]))
         states, _ = self._lm_states(rows)
 
         out: dict[str, Any] = {"truncated": truncated, "logit_scale": self.logit_scale()}
@@ -322,7 +327,7 @@ class MMGEM(nn.Module):
             out["image"] = F.normalize(self.h4(v) if boxes is not None else v, dim=-1)
             out["text"] = F.normalize(t, dim=-1)
         if want_gen:
-            head = prefix.shape[1] + prompt.shape[0]
+            head = bos.shape[0] + prefix.shape[1] + prompt.shape[0]
             gen_len = head + max(len(r) for r in ids) + 1
             out["logits"] = self.lm.get_output_embeddings()(states[start:, :gen_len])
             targets = torch.full((len(ids), gen_len), IGNORE_INDEX, dtype=torch.long, device=states.device)
@@ -350,10 +355,13 @@ class MMGEM(nn.Module):
         return sorted(self.token_ids.values())
 
     def caption_inputs(self, pixels: Tensor, boxes: Sequence[Tensor] | None = None, soft: bool | None = None) -> Tensor:
-        """``[V_in, prompt]`` (N, P+k, d_lm); soft prompts by default for regions when the model has them."""
+        """``[BOS, V_in, prompt]`` (N, 1+P+k, d_lm; no BOS for an LM without one); soft prompts by
+        default for regions when the model has them."""
         prefix = self.visual_prefix(self.image_embedding(pixels, boxes))
-        prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft))
-        return torch.cat([prefix, prompt.unsqueeze(0).expand(prefix.shape[0], -1, -1)], dim=1)
+        n = prefix.shape[0]
+        bos = self._bos_embedding().unsqueeze(0).expand(n, -1, -1)
+        prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft)).unsqueeze(0).expand(n, -1, -1)
+        return torch.cat([bos, prefix, prompt], dim=1)
 
     def generate_ids(
         self,
@@ -367,7 +375,7 @@ class MMGEM(nn.Module):
         """Caption token ids per image (or region), up to and without end of text.
 
         transformers' ``generate`` with its KV cache, greedy (``num_beams=1``) or beam search.
-        All inputs have the same length ``P+k``, so no padding is involved.
+        All inputs have the same length ``(1)+P+k``, so no padding is involved.
         """
         with _inference(self):
             embeds = self.caption_inputs(pixels, boxes, soft)
@@ -385,10 +393,16 @@ class MMGEM(nn.Module):
         return [_until_eos(row, self.eos_id) for row in out.tolist()]
 
     def caption(
-        self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Tensor] | None = None, **kwargs: Any
+        self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Any] | None = None, *,
+        box_frame: str = "image", keys: Sequence[str] | None = None, **kwargs: Any
     ) -> list[str]:
-        """Captions of images, or of their regions (``boxes[b]`` in the tower's input pixels)."""
+        """Captions of images, or of their regions: ``boxes[b]`` (K_b, 4) as x1, y1, x2, y2 in image
+        b's own pixels (``box_frame="image"``), mapped through the tower's resize and crop
+        (`input_boxes`); ``box_frame="input"`` takes them in the tower's input pixels as they are
+        (the only frame for pixel tensors). ``kwargs``: `generate_ids`' decoding options."""
         pixels = images if isinstance(images, Tensor) else self.pixels(images)
+        if boxes is not None:
+            boxes = self.frame_boxes(images, boxes, box_frame, keys)
         ids = self.generate_ids(pixels, boxes, **kwargs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -421,32 +435,73 @@ class MMGEM(nn.Module):
             out = [self.text_embedding(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return F.normalize(torch.cat(out), dim=-1).float().cpu() if out else torch.empty(0, self.embed_dim)
 
-    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[Tensor]) -> Tensor:
-        """(ΣK_b, D) normalised region embeddings: h4(h1(RoIAlign)) over the full image, not a crop."""
+    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[Any], *, box_frame: str = "image",
+                       keys: Sequence[str] | None = None) -> Tensor:
+        """(ΣK_b, D) normalised region embeddings h4(h1(RoIAlign)) over the full image, not a crop.
+        ``boxes[b]`` (K_b, 4) are x1, y1, x2, y2 in image b's own pixels (``box_frame="image"``, what
+        COCO and a detector give), mapped through the tower's resize and crop (`input_boxes`); or
+        in the tower's input pixels with ``box_frame="input"``."""
+        mapped = self.frame_boxes(images, boxes, box_frame, keys)
         with _inference(self):
-            out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in boxes])
+            out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in mapped])
         return F.normalize(out, dim=-1).float().cpu()
 
-    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
+    def frame_boxes(self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Any], box_frame: str,
                     keys: Sequence[str] | None = None) -> list[Tensor]:
-        """Boxes given in each PIL image's own pixels → the tower's input pixels, which
-        `encode_regions` and `caption` take: through the same resize and centre crop as
-        `preprocess` (`boxes_to_input_frame`). A box that is empty, not finite, outside its image
-        or cropped away is refused, naming ``keys[b]`` (the sample) when given."""
-        from vla.models.pool_aggregator import boxes_to_input_frame, check_boxes
+        """Boxes in the tower's input pixels from ``box_frame``'s: ``image`` (each image's own
+        pixels, `input_boxes`) or ``input`` (checked against the input size, used as they are)."""
+        if box_frame == "image":
+            if isinstance(images, Tensor):
+                raise UserError("boxes in image pixels need the images (PIL), not pixel tensors; pass the "
+                                "images, or boxes in the tower's input pixels with box_frame='input'")
+            return self.input_boxes(images, boxes, keys)
+        if box_frame != "input":
+            raise UserError(f"box_frame {box_frame!r} is not one of image, input")
+        size = self.input_size
+        out = []
+        for b, image_boxes in enumerate(boxes):
+            t = torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+            check_boxes(t, size, size, f"{keys[b] if keys is not None else f'image {b}'} "
+                                       f"(box_frame='input': the tower's {size}×{size} input)")
+            out.append(t)
+        return out
 
+    @property
+    def input_size(self) -> int:
+        """The side of the tower's square input, as its preprocessing makes it."""
         spec = (self.vision_spec or {}).get("preprocess_cfg", {})
         size = spec.get("size", self.tower.image_size)
-        size = size if isinstance(size, int) else size[0]
+        return size if isinstance(size, int) else size[0]
+
+    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Any],
+                    keys: Sequence[str] | None = None) -> list[Tensor]:
+        """Boxes given in each PIL image's own pixels → the tower's input pixels: through the same
+        resize and centre crop as `preprocess` (`boxes_to_input_frame`, the resized side truncated
+        as torchvision truncates it). A box that is empty, not finite, outside its image or
+        cropped away is refused, naming ``keys[b]`` (the sample) when given."""
+        from vla.models.pool_aggregator import boxes_to_input_frame
+
+        spec = (self.vision_spec or {}).get("preprocess_cfg", {})
+        size = self.input_size
+        if len(images) != len(boxes):
+            raise UserError(f"{len(images)} images but {len(boxes)} box lists; pass one (K, 4) list per image")
         out = []
-        for b, (image, image_boxes) in enumerate(zip(images, boxes, strict=True)):
+        for b, (image, image_boxes) in enumerate(zip(images, boxes)):
             key = keys[b] if keys is not None else f"image {b}"
-            t = torch.tensor([list(map(float, box)) for box in image_boxes], dtype=torch.float32).reshape(-1, 4)
+            t = torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
             check_boxes(t, image.width, image.height, key)
             mapped = boxes_to_input_frame(t, image.size, size, spec.get("resize_mode", "shortest"))
             check_boxes(mapped, size, size, f"{key} (in the tower's {size}×{size} input)")
             out.append(mapped)
         return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the tower's blocks and the LM's decoder layers (see
+        `MMGEMTrainer.set_grad_checkpointing`)."""
+        from vla.models.causal_lm import set_lm_checkpointing
+
+        self.tower.visual.set_grad_checkpointing(enable)
+        set_lm_checkpointing(self.lm, enable)
 
     # ------------------------------------------------------------------ what each phase trains
 

@@ -51,16 +51,18 @@ class RoIPool(nn.Module):
         """``boxes[b]`` (K_b, 4) are image b's boxes in input pixels → (ΣK_b, C), in image order."""
         if len(boxes) != feature_map.shape[0]:
             raise ValueError(f"{len(boxes)} box lists for {feature_map.shape[0]} images")
-        boxes = [b.to(feature_map.device, feature_map.dtype) for b in boxes]
-        bins = roi_align(
-            feature_map,
-            boxes,
-            output_size=self.output_size,
-            spatial_scale=1.0 / self.patch_size,
-            sampling_ratio=self.sampling_ratio,
-            aligned=True,
-        )  # (ΣK, C, s, s)
-        return bins.mean(dim=(2, 3))
+        # RoIAlign in fp32 whatever the model's precision: bilinear weights of box coordinates lose
+        # whole pixels in bf16 (and torchvision's CPU kernel has no bf16); autocast off around it
+        with torch.autocast(feature_map.device.type, enabled=False):
+            bins = roi_align(
+                feature_map.float(),
+                [b.to(feature_map.device, torch.float32) for b in boxes],
+                output_size=self.output_size,
+                spatial_scale=1.0 / self.patch_size,
+                sampling_ratio=self.sampling_ratio,
+                aligned=True,
+            )  # (ΣK, C, s, s)
+        return bins.mean(dim=(2, 3)).to(feature_map.dtype)
 
 
 def check_boxes(boxes: Tensor, width: float, height: float, key: str) -> None:
@@ -81,27 +83,44 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
+def resized_size(image_size: tuple[int, int], input_size: int, resize_mode: str = "shortest") -> tuple[int, int]:
+    """(width, height) of the image after open_clip's resize, computed as the resize computes it:
+    ``shortest`` = torchvision's ``Resize(input_size)``, which truncates the long side
+    (``int(input_size · long / short)``: 640×480 → 298×224 at 224, not 299); ``longest`` = open_clip's
+    ``ResizeKeepRatio(longest=1)``, which rounds each side; ``squash`` = both sides ``input_size``."""
+    width, height = image_size
+    if resize_mode == "squash":
+        return input_size, input_size
+    if resize_mode == "shortest":
+        short, long = min(width, height), max(width, height)
+        new_long = int(input_size * long / short)
+        return (input_size, new_long) if width <= height else (new_long, input_size)
+    if resize_mode == "longest":
+        ratio = max(width / input_size, height / input_size)
+        return round(width / ratio), round(height / ratio)
+    raise UserError(f"resize mode {resize_mode!r} is not one of shortest, longest, squash")
+
+
+def _crop_or_pad_offset(new: int, size: int) -> float:
+    """Where pixel 0 of the resized side lands in the input: torchvision's CenterCrop starts the crop
+    at ``round((new − size) / 2)``; open_clip's CenterCropOrPad pads ``(size − new) // 2`` first."""
+    return -float(round((new - size) / 2)) if new >= size else float((size - new) // 2)
+
+
 def boxes_to_input_frame(
     boxes: Tensor, image_size: tuple[int, int], input_size: int, resize_mode: str = "shortest"
 ) -> Tensor:
     """Map (K, 4) boxes from an original ``(width, height)`` image to the tower's square input.
 
-    Mirrors open_clip's preprocessing: ``shortest`` = resize the short side to ``input_size``
-    then centre-crop (boxes are clipped to the crop); ``squash`` = resize each side to
-    ``input_size``; ``longest`` = resize the long side then centre-pad. A box clipped to nothing
-    by the crop comes back empty, and `check_boxes` refuses it.
+    Mirrors open_clip's eval preprocessing exactly (`resized_size`, then the centre crop or pad):
+    ``shortest`` = resize the short side to ``input_size`` then centre-crop (boxes are clipped to
+    the crop); ``squash`` = resize each side to ``input_size``; ``longest`` = resize the long side
+    then centre-pad. A box clipped to nothing by the crop comes back empty, and `check_boxes`
+    refuses it.
     """
     width, height = image_size
-    boxes = boxes.to(torch.float32)
-    if resize_mode == "squash":
-        sx, sy, ox, oy = input_size / width, input_size / height, 0.0, 0.0
-    elif resize_mode in ("shortest", "longest"):
-        scale = input_size / (min(width, height) if resize_mode == "shortest" else max(width, height))
-        new_w, new_h = round(width * scale), round(height * scale)
-        sx, sy = new_w / width, new_h / height
-        # torchvision's CenterCrop and open_clip's centre padding put the offset at round((new - size) / 2)
-        ox, oy = -float(round((new_w - input_size) / 2)), -float(round((new_h - input_size) / 2))
-    else:
-        raise UserError(f"resize mode {resize_mode!r} is not one of shortest, longest, squash")
-    out = boxes * torch.tensor([sx, sy, sx, sy]) + torch.tensor([ox, oy, ox, oy])
+    new_w, new_h = resized_size(image_size, input_size, resize_mode)
+    sx, sy = new_w / width, new_h / height
+    ox, oy = _crop_or_pad_offset(new_w, input_size), _crop_or_pad_offset(new_h, input_size)
+    out = boxes.to(torch.float32) * torch.tensor([sx, sy, sx, sy]) + torch.tensor([ox, oy, ox, oy])
     return out.clamp(0, input_size)

@@ -1,4 +1,4 @@
-"""DCLIP's ViT-L additions to a CLIP image tower (METHODS.md §2): 2-D rotary position embeddings
+"""DCLIP's ViT-L additions to a CLIP image tower (docs/methods.md §2): 2-D rotary position embeddings
 in place of the absolute ones, and three-cluster embedding aggregation. `vla train-student`
 switches them on (`rope_2d`, `clusters`); the trained tower keeps open_clip's state-dict layout,
 and `vla_vision.json` beside open_clip's files says which changes to re-apply: `load_clip` does so

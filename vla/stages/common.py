@@ -21,6 +21,10 @@ class DataConfig:
     # training images: open_clip's train transform (RandomResizedCrop, scale 0.9–1), or "eval":
     # the eval preprocessing (resize + centre crop), e.g. where aspect or position is the label
     train_preprocess: Literal["open_clip", "eval"] = "open_clip"
+    # decode JPEGs at a reduced size (PIL's draft: a DCT scale of 1/2, 1/4 or 1/8) that keeps at
+    # least the model's input size, where the transform resizes the whole image down to it
+    # anyway: a 256 px source read by a 64 px CLIP decodes at 64 px (1/16 of the pixels)
+    draft_decode: bool = True
 
 
 @dataclass
@@ -92,11 +96,20 @@ def skip_limit(data_cfg, what: str):
     return SkipLimit(data_cfg.max_skip_fraction, what, min_seen=MIN_SEEN)
 
 
-def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what: str):
+def draft_size(clip, data_cfg) -> int | None:
+    """The loader's `draft_size` for a CLIP whose whole image is resized to its input: that
+    input's side, when the recipe's `data.draft_decode` allows it; None otherwise."""
+    size = clip.image_size
+    return size if data_cfg.draft_decode and isinstance(size, int) else None
+
+
+def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what: str,
+                       draft_size: int | None = None):
     """`batches(start_step)` for the training loop over image–text shards: batch k of the run is
     always the same samples, so a resumed run continues exactly; corrupt samples are counted in
     `skips` (each once, however many epochs) and this rank stops once they pass
-    `data_cfg.max_skip_fraction` (the loop checks all ranks' counts at each checkpoint)."""
+    `data_cfg.max_skip_fraction` (the loop checks all ranks' counts at each checkpoint).
+    `draft_size`: see `make_loader` (only for a transform that resizes the whole image to it)."""
     from vla.data.stream import make_loader
 
     limit = skip_limit(data_cfg, what)
@@ -105,13 +118,44 @@ def image_text_batches(source, transform, train_cfg, data_cfg, dist, skips, what
         loader = make_loader(source, transform, train_cfg.batch_size, num_workers=data_cfg.num_workers,
                              rank=dist.rank, world_size=dist.world_size, seed=train_cfg.seed,
                              start_batch=start_step * train_cfg.grad_accum, repeat=True,
-                             shuffle_buffer=data_cfg.shuffle_buffer)
+                             shuffle_buffer=data_cfg.shuffle_buffer, draft_size=draft_size)
+        first = True
         for batch, skipped in loader:
+            if first and data_cfg.num_workers > 0:
+                check_shared_memory(batch, data_cfg.num_workers)
+                first = False
             skips.add_counts(skipped)
             limit.check(skips)
             yield batch
 
     return batches
+
+
+SHM = "/dev/shm"
+
+
+def check_shared_memory(batch: dict, num_workers: int, path: str = SHM) -> None:
+    """DataLoader workers hand batches over in shared memory: each worker keeps about two batches
+    in flight, on every rank of the node (torchrun's LOCAL_WORLD_SIZE). Where that cannot fit in
+    `/dev/shm` (a container's default is 64 MB), stop now with what to change, instead of the bus
+    error a worker dies of later."""
+    import os
+    import shutil
+
+    import torch
+
+    per_batch = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = per_batch * num_workers * 2 * ranks
+    try:
+        total = shutil.disk_usage(path).total
+    except OSError:
+        return  # no /dev/shm (not Linux): torch shares memory otherwise
+    if need > total:
+        raise UserError(f"{path} holds {total / 2**30:.2f} GiB, but {num_workers} data workers × 2 batches in "
+                        f"flight × {ranks} rank(s) of {per_batch / 2**20:.0f} MiB need about {need / 2**30:.2f} GiB; "
+                        f"give the container more (docker run --shm-size={max(1, int(need * 1.5 / 2**30) + 1)}g, or a "
+                        "Kubernetes emptyDir with medium: Memory) or lower data.num_workers or train.batch_size")
 
 
 def train_on_pairs(art, cfg, model, step, batches, dist, skips, what: str, *, after_step=None,

@@ -1,13 +1,14 @@
 """`vla contrast-tune`: ProCLIP stage 2 — contrastive tuning with self-distillation regularisation;
 with `--init random` the same command is the LLM2CLIP baseline.
 
-Story (METHODS.md §1): image–text pairs → the CLIP image tower E_I (trained), the frozen
+Story (docs/methods.md §1): image–text pairs → the CLIP image tower E_I (trained), the frozen
 embedder Φ (cached features only) and the adapter g (from `vla distill`, or random) →
 
     L = L_info + λ · L_reg
     L_info = ½[CE(s·I Tᵀ) + CE(s·T Iᵀ)]           (learnable s, clamped at 100; local loss +
                                                     gather-with-grad under torchrun)
-    L_reg  = ‖E_I(x) − E_I^t(x)‖² + smoothL1(pdist(E_I(x)), pdist(E_I^t(x)))
+    L_reg  = ‖E_I(x) − E_I^t(x)‖² + smoothL1(pdist(E_I(x)), pdist(E_I^t(x)))   (sums over the
+             global batch at any number of ranks: λ means the same on one GPU or eight)
     E_I^t  ← m·E_I^t + (1−m)·E_I after every step    (m = 1.0: the frozen copy of the public code)
 
 Each time a sample is read it trains on a caption drawn anew: its long caption with probability
@@ -34,7 +35,7 @@ from vla.errors import UserError
 from vla.data.captions import Captions, Rows, read_captions, text_windows
 from vla.models.embedder import EmbedderConfig
 from vla.models.load import model_identity
-from vla.stages.common import (DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs,
+from vla.stages.common import (DataConfig, EvalConfig, draft_size, evaluate_into, image_text_batches, train_on_pairs,
                                training_data)
 from vla.train import TrainConfig
 
@@ -54,7 +55,7 @@ class ContrastTuneRecipe:
     # that `--init random` alone is the LLM2CLIP baseline
     reg_weight: Optional[float] = None
     ema_momentum: float = 1.0               # teacher image encoder: 1.0 = frozen copy, <1 = EMA
-    long_caption_prob: float = 0.5          # share of samples that train on their long caption
+    long_caption_prob: float = 0.5          # chance, drawn each epoch per sample, of its long caption
     local_loss: bool = True
     gather_with_grad: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,19 +167,22 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     for p in visual.parameters():
         p.requires_grad_(True)
     use_reg = cfg.reg_weight > 0
+    clip.normalize_uint8_inputs(visual)  # before the teacher's copy, which keeps the hook
     model = ImageTextAligner(visual, adapter, LogitScale(), make_ema_teacher(visual) if use_reg else None)
     model.train()
     loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                        rank=dist.rank, world_size=dist.world_size)
     skips = SkipCounter()
 
-    image_transform = clip.train_preprocess(cfg.data.train_preprocess)
+    # uint8 through the workers (4× fewer bytes than fp32); the tower normalises on the device
+    image_transform = clip.uint8_train_preprocess(cfg.data.train_preprocess)
 
     def transform(sample) -> dict:
         drawn = draw_caption(sample, cfg.long_caption_prob)  # first: see draw_caption
         return {"image": image_transform(sample.image), "key": sample.key, "caption_index": drawn}
 
-    image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
+    image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path),
+                                       draft_size=draft_size(clip, cfg.data))
 
     def batches(start_step: int):
         for batch in image_batches(start_step):
@@ -194,7 +198,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
         info = loss_fn(img, txt, scale)
         out = {"loss": info, "info": info.detach(), "logit_scale": scale.detach()}
         if use_reg:
-            reg = self_distillation_loss(img, img_t)["loss"]
+            reg = self_distillation_loss(img, img_t, rank=dist.rank, world_size=dist.world_size)["loss"]
             out.update(loss=info + cfg.reg_weight * reg, reg=reg.detach())
         return out
 

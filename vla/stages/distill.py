@@ -1,11 +1,13 @@
 """`vla distill`: ProCLIP stage 1 — distil a CLIP text encoder into an LLM embedder + adapter.
 
-Story (METHODS.md §1): captions of the data → the frozen embedder Φ and the frozen CLIP text
+Story (docs/methods.md §1): captions of the data → the frozen embedder Φ and the frozen CLIP text
 encoder E_T, both through the feature cache (each is computed once per model and data) → the
 adapter g trained with
 
     L_dis = L_ins(short) + L_ins(second text) + L_struct(short)
     s_i = norm(g(Φ(T_i))),  u_i = norm(E_T(T_i))   (the teacher sees at most its own context)
+
+(the sums of L_ins and L_struct run over the global batch at any number of ranks: `vla.losses`)
 
 → the adapter in safetensors, the embedder named, and in the manifest how many captions the
 teacher and the embedder truncated and how closely the student follows it on held-out captions.
@@ -44,7 +46,7 @@ class DistillRecipe:
     adapter_dropout: float = 0.0
     # the second text variant for L_ins: a second short caption (ProCLIP's official code uses a
     # second, perturbed short text; a sample with one caption repeats it), the long caption (which
-    # pulls Φ(long) toward the teacher's embedding of its truncated preamble: see the README), or none
+    # pulls Φ(long) toward the teacher's embedding of its truncated preamble: docs/world.md), or none
     second_text: Literal["long_caption", "caption", "none"] = "caption"
     max_skip_fraction: float = 0.01
     val_rows: int = 1000                    # held-out captions for the agreement metrics
@@ -121,7 +123,8 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
     def step(model, b):
         s = F.normalize(model(b["phi.short"]), dim=-1)
         s2 = F.normalize(model(b["phi.second"]), dim=-1) if two else None
-        return distill_loss(s, b["teacher.short"], s2, b.get("teacher.second"))
+        return distill_loss(s, b["teacher.short"], s2, b.get("teacher.second"), rank=dist.rank,
+                            world_size=dist.world_size)
 
     recipe = {**asdict(cfg), "teacher_identity": teacher_id}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=_inputs(td, cfg.teacher), force=force,

@@ -127,6 +127,11 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
                                      refs=dict(zip(names, models)), mode=cfg.mode)
         art.metrics.update(results)
         art.extra["device"] = str(device)
+        if any(s.task in ("captioning", "regional_retrieval") for s in sets):
+            from vla.evaluate.captioning import resolve_tokenizer
+
+            # "java": pycocoevalcap's own PTBTokenizer; "python": vla's re-implementation
+            art.extra["captioning_tokenizer"] = resolve_tokenizer(cfg.caption.tokenizer)
         art.timings["seconds_per_model"] = seconds
         art.counts.update({s.name: {"images": len(s.images)} for s in sets})
     return art.artifact

@@ -1,15 +1,19 @@
 """`vla precompute-regions`: DCLIP's region table — detect, crop, encode with the frozen CLIP.
 
-Story (METHODS.md §2): the data's images → the detector (`--detector`: a trained YOLO artifact, a
+Story (docs/methods.md §2): the data's images → the detector (`--detector`: a trained YOLO artifact, a
 user's YOLOv8 `.pt`, or `oracle` = the data's own exact boxes) with ultralytics' defaults
-(conf 0.25, IoU 0.7, at most 300 detections; image size and the top-K regions kept are recipe
-values) → boxes cleaned (NaN, empty or wholly-outside boxes dropped and counted; partly-outside
-ones clipped) → each crop and the whole image through the frozen CLIP image encoder **with the
-CLIP's own preprocessing** (resize, crop, mean/std normalisation — the public code forgets the
-normalisation) → the regions table (`vla.data.regions`), keyed by sample key, sharded and
-memory-mapped. An image with no usable detection gets the whole image as its one region and is
-counted. Detection and crop encoding are batched; the table is written shard by shard, so an
-interrupted run resumes after its last finished shard.
+(conf 0.25, IoU 0.7, at most 300 detections; the image size is a recipe value) → boxes cleaned
+(NaN, empty or wholly-outside boxes dropped and counted; partly-outside ones clipped), every
+detection kept (`top_k: N` keeps the N most confident: a deviation, counted) → each crop resized
+to the CLIP's square input (`crop_resize: squash`, as the public code; `center_crop`: the CLIP's
+own resize + centre crop) and the whole image through the frozen CLIP image encoder **with the
+CLIP's own normalisation** (the public code forgets it) → the regions table (`vla.data.regions`),
+keyed by sample key, sharded and memory-mapped. The whole image's embedding is stored beside the
+regions (the "no regions" arm, the preservation target); an image with no usable detection gets
+the whole image as its one region and is counted. Detection and crop encoding are batched; the
+table is written shard by shard, so an interrupted run resumes after its last finished shard.
+Under torchrun, rank r detects and encodes the shards s with s % N == r on its own device; rank 0
+writes the index once every rank is done.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +49,11 @@ class PrecomputeRegionsRecipe:
     detector: str = "yolov8x"       # `oracle`, a train-detector artifact, a YOLO .pt on disk, an alias
     clip: str = "clip-vit-b-16"     # the frozen CLIP whose image encoder embeds the crops
     detect: DetectConfig = field(default_factory=DetectConfig)
-    top_k: int = 10                 # regions kept per image, by confidence
+    top_k: Optional[int] = None     # most regions kept per image, by confidence; None: every detection
+                                    # (the public code's; a number here is a deviation, counted)
+    crop_resize: Literal["squash", "center_crop"] = "squash"  # a crop → the CLIP's square input:
+                                    # resized to it whatever its aspect (the public code), or the
+                                    # CLIP's own resize-shortest-side + centre crop
     min_box_size: float = 1.0       # pixels; a clipped box narrower or lower than this is dropped
     encode_batch_size: int = 256    # crops per CLIP forward
     shard_size: int = 1000          # data records per table shard (the unit of resumption)
@@ -55,7 +63,9 @@ class PrecomputeRegionsRecipe:
 
     def __post_init__(self) -> None:
         d = self.detect
-        checks = {"top_k": (self.top_k, self.top_k >= 1), "shard_size": (self.shard_size, self.shard_size >= 1),
+        checks = {"top_k": (self.top_k, self.top_k is None or self.top_k >= 1),
+                  "crop_resize": (self.crop_resize, self.crop_resize in ("squash", "center_crop")),
+                  "shard_size": (self.shard_size, self.shard_size >= 1),
                   "encode_batch_size": (self.encode_batch_size, self.encode_batch_size >= 1),
                   "detect.batch_size": (d.batch_size, d.batch_size >= 1), "detect.conf": (d.conf, 0 <= d.conf <= 1),
                   "detect.iou": (d.iou, 0 < d.iou <= 1), "detect.max_det": (d.max_det, d.max_det >= 1),
@@ -66,19 +76,27 @@ class PrecomputeRegionsRecipe:
                 raise UserError(f"precompute-regions recipe: {key} has an invalid value: {value!r}")
 
 
-def clip_pixels(clip, images) -> torch.Tensor:
+def clip_pixels(clip, images, squash: bool = False) -> torch.Tensor:
     """Images (crops or whole) → the CLIP's input tensor, by the CLIP's own preprocessing
-    (open_clip's transform: resize, centre crop, to tensor, normalise with the model's mean/std)."""
-    return torch.stack([clip.preprocess(im.convert("RGB")) for im in images])
+    (open_clip's transform: resize, centre crop, to tensor, normalise with the model's mean/std).
+    `squash`: each image is first resized to the CLIP's square input whatever its aspect (bicubic,
+    as open_clip resizes), so the centre crop cuts nothing — DCLIP's public code feeds crops so."""
+    from PIL import Image
+
+    size = clip.image_size if isinstance(clip.image_size, tuple) else (clip.image_size, clip.image_size)
+    prepared = (im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC) if squash else im.convert("RGB")
+                for im in images)
+    return torch.stack([clip.preprocess(im) for im in prepared])
 
 
 @torch.no_grad()
-def encode_images(clip, images, batch_size: int) -> np.ndarray:
-    """(N, D) L2-normalised image embeddings, `batch_size` images per forward."""
+def encode_images(clip, images, batch_size: int, squash: bool = False) -> np.ndarray:
+    """(N, D) L2-normalised image embeddings, `batch_size` images per forward (`squash`: see
+    `clip_pixels`)."""
     device = next(clip.model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = clip_pixels(clip, images[start:start + batch_size]).to(device)
+        pixels = clip_pixels(clip, images[start:start + batch_size], squash).to(device)
         out.append(clip.model.encode_image(pixels, normalize=True).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
 
@@ -107,14 +125,17 @@ def regions_of_batch(detector, clip, samples, cfg: PrecomputeRegionsRecipe, coun
         for reason, n in dropped.items():
             counts["boxes_dropped"][reason] += n
         dets = sorted((dets[i] for i in kept), key=lambda d: -d[1])  # confidence order, stable
-        counts["regions_over_top_k"] += max(0, len(dets) - cfg.top_k)
-        dets = [(clip_box(b, w, h), c, k) for b, c, k in dets[:cfg.top_k]]
+        if cfg.top_k is not None:
+            counts["regions_over_top_k"] += max(0, len(dets) - cfg.top_k)
+            dets = dets[:cfg.top_k]
+        dets = [(clip_box(b, w, h), c, k) for b, c, k in dets]
         if not dets:  # nothing usable: the whole image is the one region
             counts["no_detection"] += 1
             dets = [((0, 0, w, h), 1.0, -1)]
         plan.append(dets)
         crops += [s.image.crop(b) for b, _, _ in dets]
-    emb = encode_images(clip, crops + [s.image for s in samples], cfg.encode_batch_size)
+    emb = np.concatenate([encode_images(clip, crops, cfg.encode_batch_size, squash=cfg.crop_resize == "squash"),
+                          encode_images(clip, [s.image for s in samples], cfg.encode_batch_size)])
     out, row = [], 0
     for i, (s, dets) in enumerate(zip(samples, plan)):
         k = len(dets)
@@ -139,6 +160,7 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
     from vla.data.regions import finished_shards, write_index, write_shard
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
+    from vla.distributed import barrier, init_distributed
     from vla.models.dclip import load_dclip_clip
     from vla.models.region_detector import resolve_detector
     from vla.stages.common import training_data
@@ -148,26 +170,30 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
     td = training_data(data, split=cfg.split)
     detector = resolve_detector(cfg.detector)
     clip, clip_ref, clip_identity = load_dclip_clip(cfg.clip)
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    clip.model.to(device).eval()
+    dist = init_distributed(cfg.device)  # under torchrun: rank r does the shards s with s % N == r
+    clip.model.to(dist.device).eval()
     source = resolve_data(td.path)
 
     recipe = {**asdict(cfg), "clip_identity": clip_identity}
     inputs = {**td.inputs, "detector": detector.reference, "clip": clip_ref}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=inputs, force=force, command=command) as art:
         root = art.dir / REGIONS_DIR
-        done = set(finished_shards(root))
+        finished = set(finished_shards(root))
+
+        def skip(i: int) -> bool:  # a shard a previous run finished, or another rank's
+            return i in finished or i % dist.world_size != dist.rank
+
         t0, images = time.perf_counter(), 0
         shard, batch, pending = 0, [], []
         counts = _new_counts()
         for n, record in enumerate(_records(source)):
             if n // cfg.shard_size != shard:  # the previous shard's records are all read
-                if shard not in done:
+                if not skip(shard):
                     images += _flush(detector, clip, cfg, batch, pending, counts)
                     write_shard(root, shard, pending, clip.embed_dim, counts)
                 shard, batch, pending, counts = n // cfg.shard_size, [], [], _new_counts()
-            if shard in done:
-                continue  # resumed: this record is in a finished shard
+            if skip(shard):
+                continue  # a shard a previous run finished, or another rank's
             skips = SkipCounter()
             sample = source.load(record, skips)
             _add_skips(counts, skips)
@@ -175,10 +201,13 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
                 batch.append(sample)
                 if len(batch) == cfg.detect.batch_size:
                     images += _flush(detector, clip, cfg, batch, pending, counts)
-        if shard not in done:
+        if not skip(shard):
             images += _flush(detector, clip, cfg, batch, pending, counts)
             write_shard(root, shard, pending, clip.embed_dim, counts)
         wall = time.perf_counter() - t0
+        barrier()  # every rank's shards are written
+        if dist.rank != 0:
+            return art.artifact
 
         meta = {"dim": clip.embed_dim, "top_k": cfg.top_k, "clip": clip_identity, "detector": detector.reference,
                 "data_digest": source.digest()}
@@ -192,7 +221,8 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
                              f"fix the data or raise the limit")
         art.counts.update(total)
         art.counts["images"] = total["data"]["seen"] - skipped
-        art.timings.update(images_per_s=images / wall if wall > 0 else None, regions_wall_s=wall)
+        art.counts["ranks"] = dist.world_size
+        art.timings.update(images_per_s=images / wall if wall > 0 else None, regions_wall_s=wall)  # rank 0's
     return art.artifact
 
 

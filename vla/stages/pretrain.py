@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
-from vla.stages.common import DataConfig, EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
+from vla.stages.common import (DataConfig, EvalConfig, draft_size, evaluate_into, image_text_batches, train_on_pairs,
+                               training_data)
 from vla.train import TrainConfig
 
 KIND = "pretrain"
@@ -49,8 +50,10 @@ def clip_batch_transform(clip, preprocess: str = "open_clip"):
     """Sample → tensors: the training transform of the image, and one of the sample's captions
     drawn anew each time it is read. Both draw from torch's generator, which the data stream
     seeds per sample by (seed, epoch, sample key): the same draws with any number of GPUs or
-    DataLoader workers and after a resume, new draws every epoch."""
-    image_transform = clip.train_preprocess(preprocess)
+    DataLoader workers and after a resume, new draws every epoch. The image stays uint8 (4× fewer
+    bytes through the workers' shared memory); the tower normalises it on the device
+    (`ClipModel.normalize_uint8_inputs`)."""
+    image_transform = clip.uint8_train_preprocess(preprocess)
 
     def transform(sample) -> dict:
         image = image_transform(sample.image)
@@ -83,6 +86,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     dist = init_distributed(cfg.train.device)
     source = resolve_data(td.path)
     model = clip.model
+    clip.normalize_uint8_inputs()  # the batches' uint8 images are normalised on the device
     for name, p in model.named_parameters():
         tower_locked = (cfg.lock_image and name.startswith("visual.")) or (
             cfg.lock_text and not name.startswith("visual.") and name != "logit_scale")
@@ -93,7 +97,7 @@ def run(cfg: PretrainRecipe, data: Path, out: Path, *, force: bool = False,
     skips = SkipCounter()
 
     batches = image_text_batches(source, clip_batch_transform(clip, cfg.data.train_preprocess), cfg.train, cfg.data,
-                                 dist, skips, str(td.path))
+                                 dist, skips, str(td.path), draft_size=draft_size(clip, cfg.data))
 
     def step(m, batch):
         img, txt, scale = clip_features(m, batch)

@@ -1,18 +1,22 @@
 """`vla train-student`: DCLIP's student — the CLIP image tower distilled from the meta-teacher.
 
-Story (METHODS.md §2): a train-teacher artifact (one of its per-epoch teachers; DCLIP's "sweet
-spot" is a 2–3-epoch one) and the CLIP it was built on → the teacher's embedding of every
-(image, caption), computed once from the cached regions and text states and cached → the CLIP's
-image tower E_I trained on the data's images with
+Story (docs/methods.md §2): a train-teacher artifact (one of its per-epoch teachers; DCLIP's "sweet
+spot" is a 2–3-epoch one) and the CLIP it was built on → the data's images, each with one of its
+captions drawn anew every epoch by (seed, epoch, key) (train-teacher's draw) → in each step, on
+the training device, the frozen text tower's outputs for the drawn captions and the frozen
+teacher's embedding of (the image's regions, the caption) → the CLIP's image tower E_I trained with
 
     L = mean_i (1 − cos(E_I(x_i), teacher(x_i, T_i))) + InfoNCE_τ(E_I(x), E_T(T))    (τ = 0.05)
         [+ w · mean_i (1 − cos(E_I(x_i), E_I^orig(x_i)))   with preserve_weight w > 0 (ViT-L)]
 
 The text tower is frozen for the whole run (the public code unfreezes it at epoch 3: vla does
-not), so E_T(T) comes from the cache and the text weights are saved bit-identical. E_I^orig(x)
-is the frozen original encoder's global embedding, already in the regions table. The student is
-a plain CLIP in open_clip's layout (`model/`): `vla eval` scores it with no boxes, `vla export`
-exports it.
+not), and the text weights are saved bit-identical. E_I^orig(x) is the frozen original encoder's
+whole-image embedding, already in the regions table. Training images go through
+`data.train_preprocess` (open_clip's RandomResizedCrop, or "eval": resize + centre crop). Ranks:
+`train.batch_size` is the global batch (each of N ranks streams batch_size / N images; the
+InfoNCE gathers them all, as open_clip's ClipLoss); an epoch is images // (batch_size ·
+grad_accum) optimizer steps on any number of ranks. The student is a plain CLIP in open_clip's
+layout (`model/`): `vla eval` scores it with no boxes, `vla export` exports it.
 
 Switches (recipe fields): `distill_weight` λ scales the first term; λ = 0 is the paper's "no
 teacher" ablation (InfoNCE only: the teacher's embeddings are then never computed, though
@@ -23,7 +27,8 @@ does and which reading of the paper it is; a student with either keeps open_clip
 plus `model/vla_vision.json`, which vla re-applies on loading and `vla export` refuses.
 `epochs` sets the length in passes over the data; `epoch_eval` scores the student on held-out
 data (the `val` split: nothing is chosen on the test split) before training and after every
-epoch, into the manifest (`epoch_eval`), `epochs.md` and `epochs.png` — DCLIP's "more epochs:
+epoch (rank 0 keeps the image tower of each epoch's end and scores them all once training is
+done, so no rank waits in a collective meanwhile), into the manifest (`epoch_eval`), `epochs.md` and `epochs.png` — DCLIP's "more epochs:
 text→image up, zero-shot down".
 """
 
@@ -57,11 +62,10 @@ class TrainStudentRecipe:
     distill_weight: float = 1.0             # λ of the distillation term; 0 = "no teacher" (InfoNCE only)
     rope_2d: bool = False                   # 2-D RoPE in place of absolute positions (ViT-L addition)
     clusters: int = 0                       # k-cluster embedding aggregation, DCLIP: 3 (ViT-L addition); 0 = off
-    epochs: Optional[int] = None            # when set, train.steps = epochs × (images // train.batch_size)
+    epochs: Optional[int] = None            # when set, train.steps = epochs × images // (batch_size · grad_accum)
     epoch_eval: bool = False                # score the val split before training and after every epoch
     epoch_eval_split: str = "val"           # the synth artifact's split scored by epoch_eval
     epoch_eval_images: int = 1000           # its first N samples
-    teacher_batch_size: int = 256           # (image, caption) pairs per teacher forward when filling the cache
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -95,6 +99,10 @@ class ImageStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(images), dim=-1)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """`train.grad_checkpointing`: open_clip's activation checkpointing of the tower's blocks."""
+        self.visual.set_grad_checkpointing(enable)
+
 
 def open_teacher(path: str, epoch: Optional[int]):
     """(teacher artifact, epoch) — refusing another kind or an epoch it did not save."""
@@ -111,13 +119,14 @@ def open_teacher(path: str, epoch: Optional[int]):
     return art, chosen
 
 
-def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool = False,
+def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.cache import cached_features
+    import dataclasses
+
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
-    from vla.data.teacher_inputs import (cached_text_states, check_keys, check_same_clip, data_of, open_regions,
-                                         read_captions, teacher_inputs)
+    from vla.data.teacher_inputs import (TextTower, check_keys, check_same_clip, data_of, global_batch,
+                                         open_regions, read_caption_lists, steps_per_epoch, teacher_inputs)
     from vla.distributed import init_distributed
     from vla.losses import dclip_student_loss
     from vla.models.clip import save_clip
@@ -137,101 +146,133 @@ def run(cfg: TrainStudentRecipe, data: Optional[Path], out: Path, *, force: bool
     check_same_clip(store, clip_identity, cfg.clip or teacher_clip, regions_art.path)
     variant = cfg.vision_variant()
     apply_variant(clip.model.visual, variant)  # a tower that cannot take it is refused here, before any compute
-    td = training_data(Path(data or data_of(teacher_art)), split=regions_art.recipe.get("split", "train"))
-    keys, texts, _ = read_captions(td.path, cfg.train.seed, cfg.data.max_skip_fraction)
+    td = training_data(data or data_of(teacher_art), split=regions_art.recipe.get("split", "train"))
+    keys, _, _ = read_caption_lists(td.path, cfg.data.max_skip_fraction)
     check_keys(store, keys, td.path, regions_art.path)
-    steps_per_epoch = len(keys) // cfg.train.batch_size
-    if steps_per_epoch < 1:
-        raise UserError(f"{len(keys)} images make no batch of train.batch_size={cfg.train.batch_size}; lower it")
-    if cfg.epochs is not None:
-        cfg.train.steps = cfg.epochs * steps_per_epoch
-    val_sets = _epoch_eval_sets(cfg, td) if cfg.epoch_eval else []
     dist = init_distributed(cfg.train.device)
+    # train.batch_size is the global batch (the InfoNCE's negatives); epochs count global steps
+    local_train = dataclasses.replace(cfg.train, batch_size=global_batch(cfg.train.batch_size, dist.world_size,
+                                                                         "train-student"))
+    per_epoch = steps_per_epoch(len(keys), cfg.train.batch_size, cfg.train.grad_accum)
+    if cfg.epochs is not None:
+        cfg.train.steps = local_train.steps = cfg.epochs * per_epoch
+    val_sets = _epoch_eval_sets(cfg, td) if cfg.epoch_eval else []
     source = resolve_data(td.path)
-    data_digest = source.digest()
 
-    # frozen features, each computed once: the text tower's outputs, then the teacher's embeddings
-    text = cached_text_states(clip, clip_identity, td.path, data_digest, keys, texts, cfg.teacher_batch_size)
-    top_k = teacher_art.recipe.get("top_k")
-    targets = None
-    if cfg.distill_weight > 0:  # "no teacher" (λ = 0) never computes the teacher's embeddings
-        teacher = load_teacher(teacher_art.path / "teacher", epoch)
-
-        @torch.no_grad()
-        def teacher_embed(pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
-            emb = teacher(**teacher_inputs(store, text, [k for k, _ in pairs], top_k))
-            return F.normalize(emb, dim=-1)
-
-        # each row's input is its (key, caption) pair: the teacher reads the key's regions and text states
-        targets, _hit = cached_features("dclip.teacher",
-                                        lambda: ((k, (k, t), str(td.path)) for k, t in zip(keys, texts)),
-                                        model_identity=f"{teacher_art.digest}:{epoch}", data_digest=data_digest,
-                                        encode=teacher_embed, batch_size=cfg.teacher_batch_size)
-        del teacher
-
-    # the student: the image tower trains, everything else of the CLIP is frozen
+    # the frozen parts, all on the training device: the text tower, the teacher (λ > 0 only: the
+    # "no teacher" arm never loads it) and, in each step, the teacher's targets for the batch
     for p in clip.model.parameters():
         p.requires_grad_(False)
+    text = TextTower.on(clip, dist.device)
+    top_k = teacher_art.recipe.get("top_k")
+    teacher = None
+    if cfg.distill_weight > 0:
+        teacher = load_teacher(teacher_art.path / "teacher", epoch).to(dist.device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    # the student: the image tower trains, everything else of the CLIP is frozen
     clip.model.visual.requires_grad_(True)
     if variant.rope_2d:  # the absolute positions stay at zero
         clip.model.visual.positional_embedding.requires_grad_(False)
-    # the frozen text tower goes with the image tower, so the evaluations (per epoch, final) find
-    # both on one device
-    clip.model.to(dist.device)
     student = ImageStudent(clip.model.visual).train()
     use_preserve = cfg.preserve_weight > 0
     skips = SkipCounter()
+    image_transform = clip.train_preprocess(cfg.data.train_preprocess)
+    tokenizer = clip.tokenizer  # the transform runs in DataLoader workers: it holds no model
 
     def transform(sample) -> dict:
-        return {"image": clip.preprocess(sample.image), "key": sample.key}
+        # the caption first: the stream seeds torch's generator by (seed, epoch, key), so this draw
+        # equals train-teacher's `caption_index` for the same epoch, whatever the augmentation after it
+        drawn = int(torch.randint(len(sample.captions), ())) if len(sample.captions) > 1 else 0
+        return {"image": image_transform(sample.image), "key": sample.key,
+                "token_ids": tokenizer([sample.captions[drawn]])[0]}
 
-    image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path))
+    image_batches = image_text_batches(source, transform, local_train, cfg.data, dist, skips, str(td.path))
 
     def batches(start_step: int):
         for batch in image_batches(start_step):
             k = batch["key"]
-            if targets is not None:
-                batch["teacher"] = targets.lookup(k)
-            batch["text"] = F.normalize(text.pooled(k), dim=-1)
+            if teacher is not None:
+                batch["regions"] = store.lookup(k, top_k)
             if use_preserve:
                 batch["original"] = store.lookup(k, top_k=0)["regions"][:, 0]
             yield batch
 
     def step(m, b):
-        return dclip_student_loss(m(b["image"]), b.get("teacher"), b["text"], cfg.temperature,
+        states, mask, pooled = text.states(b["token_ids"])
+        target = None
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.normalize(teacher(**teacher_inputs(b["regions"], states, mask, pooled)).float(), dim=-1)
+        return dclip_student_loss(m(b["image"]), target, F.normalize(pooled.float(), dim=-1), cfg.temperature,
                                   preserve=b.get("original"), preserve_weight=cfg.preserve_weight,
-                                  distill_weight=cfg.distill_weight)
+                                  distill_weight=cfg.distill_weight, rank=dist.rank, world_size=dist.world_size)
 
     recipe = {**asdict(cfg), "teacher_epoch": epoch, "clip_identity": clip_identity}
     inputs = {**td.inputs, "teacher": teacher_art, "clip": clip_input}
     with ArtifactBuilder(out, KIND, recipe=recipe, inputs=inputs, force=force, command=command) as art:
+        snapshots = art.dir / EPOCH_SNAPSHOTS
         after_step = None
-        if val_sets and dist.rank == 0:
-            log = art.dir / EPOCH_EVAL_LOG
-            if 0 not in _epoch_rows(log):  # epoch 0: the CLIP before any student step
-                _log_epoch(log, 0, 0, clip, val_sets, cfg.eval.batch_size)
+        if val_sets:
+            # rank 0 only writes the image tower at each epoch's end; the evaluations run after
+            # training, so that no rank waits in a collective while rank 0 evaluates
+            if dist.rank == 0 and not (snapshots / _snapshot_name(0)).exists():
+                _save_snapshot(clip.model.visual, snapshots, 0)  # epoch 0: the CLIP before any step
 
             def after_step(m, s: int) -> None:
-                if s % steps_per_epoch == 0:
-                    _log_epoch(log, s // steps_per_epoch, s, clip, val_sets, cfg.eval.batch_size)
+                if s % per_epoch == 0 and dist.rank == 0:
+                    _save_snapshot(m.visual, snapshots, s // per_epoch)
 
         train_on_pairs(art, cfg, student, step, batches, dist, skips, str(td.path), after_step=after_step)
         if dist.rank == 0:
             clip.model.eval()
+            if val_sets:
+                _evaluate_snapshots(art.dir, snapshots, clip, val_sets, cfg.eval.batch_size, per_epoch)
+                art.extra["epoch_eval"] = _write_epoch_report(art.dir, cfg.epoch_eval_split, per_epoch)
             save_clip(clip, art.dir / "model")
             save_variant(art.dir / "model", variant)
-            if val_sets:
-                art.extra["epoch_eval"] = _write_epoch_report(art.dir, cfg.epoch_eval_split, steps_per_epoch)
             clip.name = out.name
             evaluate_into(art, clip, td.eval_dir, cfg.eval)
     return art.artifact
 
 
 EPOCH_EVAL_LOG = "epoch_eval.jsonl"
+EPOCH_SNAPSHOTS = "epoch-snapshots"   # the image tower at each epoch's end, until it is evaluated
 #: the curves: (set suffix, metric) → label
 EPOCH_SERIES = {("retrieval", "image_retrieval_recall@1"): "text→image R@1",
                 ("retrieval", "text_retrieval_recall@1"): "image→text R@1",
                 ("zeroshot", "acc1"): "zero-shot top-1"}
+
+
+def _snapshot_name(epoch: int) -> str:
+    return f"epoch{epoch:03d}.safetensors"
+
+
+def _save_snapshot(visual: nn.Module, directory: Path, epoch: int) -> None:
+    from vla.models.weights import save_state_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict({k: v.detach().cpu() for k, v in visual.state_dict().items()}, directory / _snapshot_name(epoch))
+
+
+def _evaluate_snapshots(out: Path, directory: Path, clip, sets, batch_size: int, per_epoch: int) -> None:
+    """Score each saved epoch's image tower on `sets` into the per-epoch log (epochs a resumed run
+    logged already are skipped), then put the final weights back and delete the snapshots."""
+    import shutil
+
+    from vla.models.weights import load_state_dict
+
+    visual = clip.model.visual
+    final = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    logged = _epoch_rows(out / EPOCH_EVAL_LOG)
+    for path in sorted(directory.glob("epoch*.safetensors")):
+        epoch = int(path.stem[len("epoch"):])
+        if epoch not in logged:
+            visual.load_state_dict(load_state_dict(path))
+            _log_epoch(out / EPOCH_EVAL_LOG, epoch, epoch * per_epoch, clip, sets, batch_size)
+    visual.load_state_dict(final)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _epoch_eval_sets(cfg: TrainStudentRecipe, td) -> list:

@@ -1,22 +1,26 @@
-"""`vla train-teacher`: DCLIP's meta-teacher, trained on cached frozen features only.
+"""`vla train-teacher`: DCLIP's meta-teacher, trained on frozen features.
 
-Story (METHODS.md §2): a regions table (`vla precompute-regions`: region and global embeddings
-from the frozen CLIP image encoder) and the data's captions (one per image, fixed by the seed) →
-the frozen CLIP text encoder's token states and pooled embedding, computed once into the feature
-cache → the meta-teacher (`vla.models.dclip.MetaTeacher`: text→regions and regions→text
-cross-attention, τ = 2 attention pooling, ½ z_text + ½ z_image, region weights in the forward
-pass) trained with
+Story (docs/methods.md §2): a regions table (`vla precompute-regions`: the detector crops' embeddings
+from the frozen CLIP image encoder) and the data's captions (read without opening an image; each
+epoch, each image trains on one of its captions, drawn anew by (seed, epoch, key)) → the frozen
+CLIP text tower, on the training device, gives each batch's token states (strictly between the
+start and end tokens) and pooled embedding u → the meta-teacher (`vla.models.dclip.MetaTeacher`:
+text→regions and regions→text cross-attention, τ = 2 attention pooling, ½ z_text + ½ z_image,
+region weights in the forward pass) trained with
 
-    L = InfoNCE_τ(norm(teacher(x, T)), norm(E_T(T))),   τ = 0.05
+    L = InfoNCE_τ(norm(teacher(x, T)), norm(E_T(T))),   τ = 0.05,   negatives = the global batch
 
-Only the teacher's layers train; an epoch reads cached rows and never runs a CLIP tower. Ablation
-switches: `top_k: 0` feeds the global image embedding only (no regions); `fusion: average` drops
-both cross-attention layers (the paper's "no bidirectional attention": each stream τ-pooled from
-its own inputs, then ½/½) — that teacher has nothing to train, so the stage only measures its loss
-over one epoch and writes it for every epoch. The
-teacher is saved after every epoch (`teacher/teacher-epochNNN.safetensors`): DCLIP's "sweet
-spot" is a teacher trained 2–3 epochs, not to convergence, so `train-student --epoch` picks one.
-`train.steps` is derived from `epochs` (epochs × images // batch size).
+Only the teacher's layers train. Ranks: `train.batch_size` is the global batch (each of N ranks
+takes batch_size / N rows of it, and the InfoNCE gathers all of them, as open_clip's ClipLoss);
+an optimizer step takes `train.grad_accum` such batches; an epoch is images // (batch_size ·
+grad_accum) optimizer steps, the same on any number of ranks, and `train.steps` is
+`epochs` × that. Ablation switches: `top_k: 0` feeds the whole image's embedding as the only
+region (no regions); `fusion: average` drops both cross-attention layers (the paper's "no
+bidirectional attention": each stream τ-pooled from its own inputs, then ½/½) — that teacher has
+nothing to train, so the stage only measures its loss over one epoch and writes it for every
+epoch. The teacher is saved after every epoch (`teacher/teacher-epochNNN.safetensors`, N counting
+whole epochs of optimizer steps): DCLIP's "sweet spot" is a teacher trained 2–3 epochs, not to
+convergence, so `train-student --epoch` picks one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
+from vla.data.rows import row_batches
 from vla.errors import UserError
 from vla.train import TrainConfig
 
@@ -42,8 +47,8 @@ class TrainTeacherRecipe:
     fusion: Literal["bidirectional", "average"] = "bidirectional"   # average: the no-attention ablation
     pool_temperature: float = 2.0           # τ of the attention pooling
     temperature: float = 0.05               # τ of the InfoNCE
-    top_k: Optional[int] = None             # regions per image fed to the teacher (≤ the table's); 0: global only
-    text_batch_size: int = 256              # captions per text-tower forward when filling the cache
+    top_k: Optional[int] = None             # most regions per image fed to the teacher (default: all the
+                                            # table holds); 0: the whole image alone (the no-regions arm)
     max_skip_fraction: float = 0.01
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -56,12 +61,13 @@ class TrainTeacherRecipe:
             raise UserError(f"top_k must be 0 or more, not {self.top_k}")
 
 
-def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool = False,
+def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.data.rows import row_batches
-    from vla.data.stream import resolve_data
-    from vla.data.teacher_inputs import (cached_text_states, check_keys, check_same_clip, data_of, open_regions,
-                                         read_captions, teacher_inputs)
+    import torch
+
+    from vla.data.teacher_inputs import (TextTower, caption_index, check_keys, check_same_clip, data_of,
+                                         global_batch, open_regions, read_caption_lists, steps_per_epoch,
+                                         teacher_inputs)
     from vla.distributed import init_distributed
     from vla.losses import dclip_teacher_loss
     from vla.models.dclip import MetaTeacher, TeacherConfig, load_dclip_clip, save_teacher
@@ -74,23 +80,21 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     clip_ref = cfg.clip or regions_art.manifest["inputs"]["clip"]["path"]
     clip, clip_input, clip_identity = load_dclip_clip(clip_ref)
     check_same_clip(store, clip_identity, clip_ref, regions_art.path)
-    td = training_data(Path(data or data_of(regions_art)), split=regions_art.recipe.get("split", "train"))
-    if cfg.top_k is not None and cfg.top_k > store.top_k:
+    td = training_data(data or data_of(regions_art), split=regions_art.recipe.get("split", "train"))
+    if cfg.top_k is not None and store.top_k is not None and cfg.top_k > store.top_k:
         raise UserError(f"top_k {cfg.top_k} exceeds the {store.top_k} regions per image {regions_art.path} keeps")
-    keys, texts, skip_counts = read_captions(td.path, cfg.train.seed, cfg.max_skip_fraction)
+    keys, captions, skip_counts = read_caption_lists(td.path, cfg.max_skip_fraction)
     check_keys(store, keys, td.path, regions_art.path)
-    steps_per_epoch = len(keys) // cfg.train.batch_size
-    if steps_per_epoch < 1:
-        raise UserError(f"{len(keys)} images make no batch of train.batch_size={cfg.train.batch_size}; lower it")
-    cfg.train.steps = cfg.epochs * steps_per_epoch
     dist = init_distributed(cfg.train.device)
+    # train.batch_size is the global batch (the InfoNCE's negatives); an epoch counts global steps
+    global_batch(cfg.train.batch_size, dist.world_size, "train-teacher")  # refuses unequal shares
+    per_epoch = steps_per_epoch(len(keys), cfg.train.batch_size, cfg.train.grad_accum)
+    cfg.train.steps = cfg.epochs * per_epoch
+    micro_per_epoch = per_epoch * cfg.train.grad_accum
 
-    # the frozen text tower's outputs: once, into the feature cache
-    text = cached_text_states(clip, clip_identity, td.path, resolve_data(td.path).digest(), keys, texts,
-                              cfg.text_batch_size)
-    del clip  # nothing below runs a CLIP tower
-
-    import torch
+    # the frozen text tower runs on the training device, on each batch's drawn captions
+    del clip.model.visual  # the teacher never runs the image tower: its regions are in the table
+    text = TextTower.on(clip, dist.device)
 
     torch.manual_seed(cfg.train.seed)
     teacher = MetaTeacher(TeacherConfig(dim=store.dim, heads=cfg.heads, pool_temperature=cfg.pool_temperature,
@@ -98,13 +102,23 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
     teacher.train()
 
     def batches(start_step: int):
-        for rows in row_batches(len(keys), cfg.train.batch_size, cfg.train.seed, start_step * cfg.train.grad_accum,
-                                dist.world_size, dist.rank):
-            yield teacher_inputs(store, text, [keys[i] for i in rows.tolist()], cfg.top_k)
+        """Micro-batch m of the run: the rows of global batch m (reshuffled every epoch), this
+        rank's share, each image with the caption it draws in that epoch."""
+        start = start_step * cfg.train.grad_accum
+        for m, rows in enumerate(row_batches(len(keys), cfg.train.batch_size, cfg.train.seed, start,
+                                             dist.world_size, dist.rank, batches_per_epoch=micro_per_epoch),
+                                 start):
+            epoch = m // micro_per_epoch
+            ks = [keys[i] for i in rows.tolist()]
+            drawn = [captions[i][caption_index(cfg.train.seed, epoch, keys[i], len(captions[i]))]
+                     for i in rows.tolist()]
+            yield {"token_ids": text.tokenize(drawn), **store.lookup(ks, cfg.top_k), "n": len(ks)}
 
     def step(m, b):
-        emb = m(b["tokens"], b["token_mask"], b["text"], b["regions"], b["region_mask"], b["conf"], b["area"])
-        return {"loss": dclip_teacher_loss(emb, b["text"], cfg.temperature)}
+        states, mask, pooled = text.states(b["token_ids"])
+        emb = m(**teacher_inputs(b, states, mask, pooled))
+        return {"loss": dclip_teacher_loss(emb, pooled, cfg.temperature, rank=dist.rank,
+                                           world_size=dist.world_size)}
 
     recipe = {**asdict(cfg), "clip_identity": clip_identity}
     inputs = {**td.inputs, "regions": regions_art, "clip": clip_input}
@@ -112,40 +126,44 @@ def run(cfg: TrainTeacherRecipe, data: Optional[Path], out: Path, *, force: bool
         teacher_dir = art.dir / TEACHER_DIR
 
         def save_each_epoch(m, s: int) -> None:
-            if s % steps_per_epoch == 0 and dist.rank == 0:
-                save_teacher(m, teacher_dir, epoch=s // steps_per_epoch)
+            if s % per_epoch == 0 and dist.rank == 0:  # s counts optimizer steps: epoch = s / per_epoch
+                save_teacher(m, teacher_dir, epoch=s // per_epoch)
 
         if any(p.requires_grad for p in teacher.parameters()):
             result = train(cfg.train, teacher, step, batches, art.dir, after_step=save_each_epoch,
-                           samples_per_batch=lambda b: b["tokens"].shape[0] * dist.world_size)
+                           samples_per_batch=lambda b: b["n"] * dist.world_size)
         else:  # fusion: average — a fixed function of the frozen features: measure it, save it
-            result = _measure_only(teacher, step, batches(0), steps_per_epoch)
+            result = _measure_only(teacher.to(dist.device), step, batches(0), micro_per_epoch, dist)
             for epoch in range(1, cfg.epochs + 1):
                 if dist.rank == 0:
                     save_teacher(teacher, teacher_dir, epoch=epoch)
         art.extra["trainable_parameters"] = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
         if dist.rank == 0:
-            art.counts.update(images=len(keys), steps_per_epoch=steps_per_epoch, data=skip_counts,
+            art.counts.update(images=len(keys), steps_per_epoch=per_epoch, data=skip_counts,
                               steps=result.steps, samples=result.samples)
             art.metrics["train"] = result.metrics
             art.timings.update(samples_per_s=result.samples_per_s, train_wall_s=result.wall_s)
             art.extra["epochs"] = list(range(1, cfg.epochs + 1))
+            art.extra["device"] = str(dist.device)
     return art.artifact
 
 
-def _measure_only(teacher, step, batches, steps: int):
-    """A teacher with no trainable parameter: its mean loss over one epoch, as a TrainResult."""
+def _measure_only(teacher, step, batches, micro_batches: int, dist):
+    """A teacher with no trainable parameter: its mean loss over one epoch (every rank's share,
+    the InfoNCE over the global batch), as a TrainResult."""
     import time
 
     import torch
 
-    from vla.train import TrainResult
+    from vla.distributed import all_reduce_mean
+    from vla.train import TrainResult, _to_device
 
     start, losses, samples = time.perf_counter(), [], 0
     with torch.no_grad():
-        for _, b in zip(range(steps), batches):
-            losses.append(float(step(teacher, b)["loss"]))
-            samples += b["tokens"].shape[0]
+        for _, b in zip(range(micro_batches), batches):
+            losses.append(step(teacher, _to_device(b, dist.device))["loss"].float())
+            samples += b["n"] * dist.world_size
+    mean = float(all_reduce_mean(torch.stack(losses).mean())) if losses else 0.0
     wall = time.perf_counter() - start
     return TrainResult(steps=0, samples=samples, wall_s=wall, samples_per_s=samples / wall if wall > 0 else 0.0,
-                       metrics={"loss": sum(losses) / max(len(losses), 1)})
+                       metrics={"loss": mean})

@@ -1,0 +1,227 @@
+"""The results pages in docs/results/ and the README rows generated from them.
+
+    python -m vla.docs eval NAME EVAL_DIR --make TARGET   # after `make TARGET`: docs/results/NAME.md
+    python -m vla.docs bench                              # after `make bench`: docs/results/bench.md
+    python -m vla.docs readme                             # README.md's blocks from docs/results/
+    python -m vla.docs readme --check                     # exit 1 when README.md differs from them
+
+A results page holds, between `<!-- headline -->` and `<!-- /headline -->`, one stamp line and
+the headline table; the README holds the same text between `<!-- results:NAME -->` and
+`<!-- /results -->`. The stamp names the git commit the artifacts were built at, the machine that
+wrote the page (CPU cores, torch version) and the device the stages ran on, and the wall time:
+the sum of `timings.wall_s` over the evaluation and every artifact in its lineage (each stage's
+own time, model loading and feature caching included; the export, which follows the evaluation,
+is not in its lineage), and the span from the earliest of those stages' starts to the
+evaluation's end. A page that no command has written yet says so, and so does the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path("docs/results")
+HEADLINE = re.compile(r"<!-- headline -->\n(.*?)<!-- /headline -->", re.S)
+README_BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+#: the results pages the README shows, and the command that writes each
+PAGES = {"proclip": "make proclip", "dclip": "make dclip", "dclip-ablations": "make dclip-ablations",
+         "mmgem": "make mmgem", "bench": "make bench"}
+
+
+def placeholder(name: str) -> str:
+    """The headline of a page that its command has not written yet."""
+    return (f"*Not yet generated: `{PAGES.get(name, 'its make target')}` writes this table to "
+            f"`docs/results/{name}.md`, stamped with the commit, the machine and the wall time.*\n")
+
+
+def page(title: str, headline: str, body: str = "") -> str:
+    return f"# {title}\n\n<!-- headline -->\n{headline}<!-- /headline -->\n" + (f"\n{body}" if body else "")
+
+
+def headline(text: str, where: str = "page") -> str:
+    m = HEADLINE.search(text)
+    if not m:
+        raise SystemExit(f"{where} has no <!-- headline --> … <!-- /headline --> block; "
+                         f"rewrite it with `python -m vla.docs`")
+    return m.group(1)
+
+
+# --- stamps -------------------------------------------------------------------------------------
+def _torch_version() -> str:
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    """The machine writing the page: cores and torch, read without importing torch."""
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {_torch_version()}"
+
+
+def _parse_time(s: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(s) if s else None
+    except ValueError:
+        return None
+
+
+def lineage_manifests(eval_dir: Path) -> list[tuple[Path, dict]]:
+    """The evaluation's manifest and those of every artifact in its lineage that is still on disk
+    (each once, in lineage order)."""
+    from vla.artifacts import MANIFEST, lineage
+
+    top = json.loads((eval_dir / MANIFEST).read_text())
+    found: dict[Path, dict] = {eval_dir.resolve(): top}
+    for _, _, ref in lineage(top):
+        p = Path(str(ref.get("path", "")))
+        f = p / MANIFEST
+        if ref.get("path") and f.is_file() and p.resolve() not in found:
+            m = json.loads(f.read_text())
+            if m.get("digest") == ref.get("digest"):  # the artifact that was read, not a rebuild
+                found[p.resolve()] = m
+    return [(p, m) for p, m in reversed(list(found.items()))]
+
+
+def stamp(target: str, stages: list[tuple[Path, dict]]) -> tuple[str, list[str]]:
+    """The stamp line and a table of the stages (path, kind, wall time, device, commit)."""
+    commits = sorted({str(m.get("git_commit") or "unknown")[:12] for _, m in stages})
+    devices = sorted({str(m["device"]) for _, m in stages if m.get("device")}) or ["not recorded"]
+    wall = sum(float(m.get("timings", {}).get("wall_s") or 0) for _, m in stages)
+    starts, ends = [], []
+    for _, m in stages:
+        end = _parse_time(m.get("created"))
+        if end:
+            ends.append(end)
+            starts.append(end - dt.timedelta(seconds=float(m.get("timings", {}).get("wall_s") or 0)))
+    span = f", {(max(ends) - min(starts)).total_seconds():.0f} s from the first stage's start to the last's end" \
+        if ends else ""
+    line = (f"`{target}` at commit {', '.join(f'`{c}`' for c in commits)}; {machine()}; device "
+            f"{', '.join(devices)}; {wall:.0f} s of stage wall time over {len(stages)} stages{span}.\n")
+    rows = ["| artifact | kind | wall s | device | commit |", "|---|---|---:|---|---|"]
+    rows += [f"| `{_short(p)}` | {m.get('kind')} | {float(m.get('timings', {}).get('wall_s') or 0):.1f} | "
+             f"{m.get('device', '–')} | `{str(m.get('git_commit') or 'unknown')[:12]}` |" for p, m in stages]
+    return line, rows
+
+
+def _short(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+# --- pages --------------------------------------------------------------------------------------
+def eval_page(name: str, eval_dir: Path, target: str) -> str:
+    """A curriculum's page: the stamp and the summary table of the eval's results.md as the
+    headline, then the full results.md and the stages."""
+    results = (eval_dir / "results.md").read_text(encoding="utf-8").splitlines()
+    legend = next((ln for ln in results[1:] if ln.strip() and not ln.startswith("#")), "")
+    first = next(i for i, ln in enumerate(results) if ln.startswith("|"))
+    end = next((i for i in range(first, len(results)) if not results[i].startswith("|")), len(results))
+    table = results[first:end]
+    line, rows = stamp(target, lineage_manifests(eval_dir))
+    head = line + "\n" + legend + "\n\n" + "\n".join(table) + "\n"
+    rest = [("#" + ln if ln.startswith("#") else ln) for ln in results[end:]]
+    body = ("## Every metric\n" + "\n".join(rest).rstrip() + "\n\n## Stages\n\n"
+            "Each artifact the table depends on (the evaluation and its lineage), with its own wall time "
+            "(`timings.wall_s` in its manifest).\n\n" + "\n".join(rows) + "\n")
+    return page(f"`{target}`", head, body)
+
+
+def bench_page(results: dict) -> str:
+    """`make bench`'s page: every figure against its baseline and goal, stamped."""
+    cond = results.get("conditions", {})
+    wall = sum(float(p.get("details", {}).get("wall_s") or 0) for p in results["parts"].values())
+    line = (f"`make bench` at commit `{str(cond.get('git_commit') or 'unknown')[:12]}`; {cond.get('cpus')} CPU "
+            f"cores ({cond.get('machine')}), torch {cond.get('torch')}; device {cond.get('device', 'cpu')}; {wall:.0f} s over parts "
+            f"{', '.join(results['parts'])}; load average {cond.get('load_avg_1m', 0):.1f} at start.\n")
+    rows = ["| part | measure | vla | baseline | ratio | goal | |", "|---|---|---:|---:|---:|---:|---|"]
+    notes = []
+    for name, part in results["parts"].items():
+        for f in part["figures"]:
+            goal = ("≥ " if f.get("higher_is_better", True) else "≤ ") + f"{f['goal']:.2f}"
+            rows.append(f"| {name} | {f['what']} ({f['unit']}) | {f['vla']:,.2f} | {f['baseline']:,.2f} | "
+                        f"{f['ratio']:.2f}× {f['ratio_is']} | {goal} | {'met' if f['met'] else 'not met'} |")
+        notes.append(f"- {name}: {part['title']} — baseline: {part['baseline']}")
+    head = line + "\n" + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+    return page("`make bench`", head, "Sizes and raw numbers per part: `bench/results.json`.\n")
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- the README ---------------------------------------------------------------------------------
+def readme_text(readme: str, results_dir: Path) -> str:
+    """README text with every `<!-- results:NAME -->` block set to docs/results/NAME.md's headline."""
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        f = results_dir / f"{name}.md"
+        body = headline(f.read_text(encoding="utf-8"), str(f)) if f.is_file() else placeholder(name)
+        return m.group(1) + body + m.group(4)
+    return README_BLOCK.sub(fill, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vla.docs", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="write a curriculum's page from its eval artifact")
+    e.add_argument("name")
+    e.add_argument("eval_dir", type=Path)
+    e.add_argument("--make", required=True, help="the make target that built it, e.g. 'make proclip'")
+    e.add_argument("--out", type=Path, help="default: docs/results/NAME.md")
+    b = sub.add_parser("bench", help="write docs/results/bench.md from bench/results.json")
+    b.add_argument("--json", type=Path, default=Path(os.environ.get("VLA_BENCH_DIR", "bench")) / "results.json")
+    b.add_argument("--out", type=Path, default=RESULTS_DIR / "bench.md")
+    r = sub.add_parser("readme", help="regenerate README.md's result blocks from docs/results/")
+    r.add_argument("--check", action="store_true", help="change nothing; exit 1 if README.md differs")
+    r.add_argument("--root", type=Path, default=Path("."))
+    a = ap.parse_args(argv)
+
+    if a.cmd == "eval":
+        if not (a.eval_dir / "results.md").is_file():
+            print(f"error: {a.eval_dir} has no results.md; give the eval artifact `make` built", file=sys.stderr)
+            return 2
+        out = a.out or RESULTS_DIR / f"{a.name}.md"
+        write(out, eval_page(a.name, a.eval_dir, a.make))
+        print(f"wrote {out}; `python -m vla.docs readme` copies its table into README.md")
+    elif a.cmd == "bench":
+        results = json.loads(a.json.read_text()) if a.json.is_file() else None
+        if results is None or results.get("quick"):
+            print(f"{a.out} not written: {a.json} " + ("is a --quick run (smoke sizes, not figures)"
+                                                       if results else "does not exist"), file=sys.stderr)
+            return 0 if results else 2
+        write(a.out, bench_page(results))
+        print(f"wrote {a.out}; `python -m vla.docs readme` copies its table into README.md")
+    else:
+        readme = a.root / "README.md"
+        old = readme.read_text(encoding="utf-8")
+        new = readme_text(old, a.root / RESULTS_DIR)
+        if a.check:
+            if new != old:
+                print("README.md's result blocks differ from docs/results/: run `python -m vla.docs readme`",
+                      file=sys.stderr)
+                return 1
+            return 0
+        if new != old:
+            write(readme, new)
+        print("README.md " + ("updated from docs/results/" if new != old else "already matches docs/results/"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
