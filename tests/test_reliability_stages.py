@@ -200,6 +200,41 @@ def test_a_teacher_of_another_world_is_refused_by_train_student(worlds, teacher_
     assert not (tmp_path / "s").exists()
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_an_unfinished_run_is_not_resumed_on_other_data(worlds, tmp_path, monkeypatch):
+    """precompute-regions stopped after its first shard of world A is not resumed with --data B
+    (the finished shards are A's): refused in one line naming the input; --force starts over."""
+    from vla.recipes import load_recipe
+    from vla.stages import precompute_regions as stage
+
+    out = tmp_path / "r"
+    cfg = load_recipe(stage.PrecomputeRegionsRecipe, None, ["detector=oracle", "clip=vla-micro-clip",
+                                                            "detect.imgsz=32", "shard_size=12", "detect.batch_size=8"])
+    real, calls = stage.regions_of_batch, []
+
+    def crash_in_shard_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # batches of 8 in shards of 12: calls 1-2 are shard 0, the 3rd is in shard 1
+            raise _Crash
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stage, "regions_of_batch", crash_in_shard_two)
+    with pytest.raises(_Crash):
+        stage.run(cfg, worlds[0], out)
+    assert [p.name for p in sorted((tmp_path / ".r.partial" / "regions").glob("shard-*"))] == ["shard-00000"]
+    monkeypatch.setattr(stage, "regions_of_batch", real)
+    r = invoke("precompute-regions", "--data", worlds[1], "--out", out, *REGIONS)
+    line = one_line_error(r)
+    assert "holds an unfinished run with other settings (input data: digest" in line and "--force" in line
+    r = invoke("precompute-regions", "--data", worlds[1], "--out", out, *REGIONS, "--force")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["resumed"] and m["inputs"]["data"]["path"] == str(worlds[1])
+
+
 # --- 3. damaged files are one line naming the file (or, in the cache, recomputed) -----------------
 
 
@@ -267,23 +302,25 @@ def test_a_cut_region_shard_is_one_line(worlds, regions_a, tmp_path):
     assert str(emb) in line and "vla precompute-regions --force" in line
 
 
-def test_a_cut_feature_cache_entry_is_computed_again(worlds, regions_a, teacher_a, tmp_path):
-    """A feature-cache entry whose features.npy is cut is recomputed by the next run (exit 0),
-    which leaves it whole again."""
+def test_a_cut_feature_cache_entry_is_computed_again(worlds, tmp_path, monkeypatch):
+    """A feature-cache entry whose features.npy is cut is recomputed by the next run that needs it
+    (`vla distill`, exit 0), which leaves it whole again."""
     import numpy as np
 
     from vla.cache import cache_root
 
-    entries = [p for p in cache_root().glob("dclip.text_states-*")
-               if json.loads((p / "meta.json").read_text())["count"] == 24]
-    assert entries
-    features = entries[0] / "features.npy"
-    whole = np.load(features).shape
-    features.write_bytes(features.read_bytes()[:-1000])
-    r = invoke("train-teacher", "--regions", regions_a, "--data", worlds[0], "--out", tmp_path / "t", *TEACHER)
+    monkeypatch.setenv("VLA_CACHE_DIR", str(tmp_path / "cache"))
+    distill = ["distill", "--data", worlds[0], "--teacher", "vla-tiny-clip", "--embedder", "vla-tiny-qwen",
+               "--set", "train.steps=1", "--set", "train.batch_size=4"]
+    r = invoke(*distill, "--out", tmp_path / "d1")
     assert r.exit_code == 0, r.output
-    assert np.load(features).shape == whole
-
+    entries = sorted(cache_root().glob("*/features.npy"))
+    assert entries
+    whole = {p: np.load(p).shape for p in entries}
+    entries[0].write_bytes(entries[0].read_bytes()[:-1000])
+    r = invoke(*distill, "--out", tmp_path / "d2")
+    assert r.exit_code == 0, r.output
+    assert {p: np.load(p).shape for p in entries} == whole
 
 # --- 4. a stream cut at a tar boundary is truncated, whatever its address --------------------------
 
@@ -416,3 +453,30 @@ def test_out_inside_a_brace_expanded_data_is_refused_like_the_directory(worlds, 
     assert f"--out {train / 'run'} lies inside the data input {train.resolve()}" in line
     assert "lies inside the data input" in plain
     assert not (train / "run").exists() and not (train / ".run.partial").exists()
+
+
+@pytest.mark.parametrize("evil", ["activation", "layer"])
+def test_a_detector_model_yaml_that_would_run_code_is_refused(worlds, tmp_path, evil):
+    """ultralytics `eval()`s a model config's `activation` and calls any name of its module's
+    globals as a layer: `--detector evil.yaml` with either is refused in one line, nothing runs."""
+    import yaml
+
+    from vla.offline import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.cfg import ROOT as ULTRALYTICS
+
+    cfg = yaml.safe_load((ULTRALYTICS / "cfg/models/v8/yolov8.yaml").read_text())
+    marker = tmp_path / "payload-ran"
+    if evil == "activation":
+        cfg["activation"] = f"__import__('os').system('touch {marker}')"
+    else:
+        cfg["backbone"][0] = [-1, 1, "torch_safe_load", [str(tmp_path / "other.pt")]]
+    path = tmp_path / "yolov8n.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = invoke("precompute-regions", "--data", worlds[0], "--out", tmp_path / "r", "--detector", path,
+               "--clip", "vla-micro-clip")
+    line = one_line_error(r)
+    assert f"model config {path} refused" in line and ("activation" in line if evil == "activation"
+                                                        else "'torch_safe_load'" in line)
+    assert not marker.exists()

@@ -517,7 +517,8 @@ class ArtifactBuilder:
             except (OSError, ValueError):
                 started = {}
             diff = (f"kind {started.get('kind', '?')}" if started.get("kind") != self.kind
-                    else _recipe_diff(_results_only(started.get("recipe", {})), _results_only(self.recipe)))
+                    else _recipe_diff(_results_only(started.get("recipe", {})), _results_only(self.recipe))
+                    or _inputs_diff(started.get("inputs") or {}, _input_digests(self.inputs)))
             if diff is None:
                 self.resumed = True
                 (self.dir / STOPPED).unlink(missing_ok=True)
@@ -528,7 +529,8 @@ class ArtifactBuilder:
         try:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
-            state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe}, indent=1))
+            state.write_text(json.dumps({"kind": self.kind, "recipe": self.recipe,
+                                         "inputs": _input_digests(self.inputs)}, indent=1))
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot write {self.dir} ({e.strerror}); choose an --out "
                             f"in a directory you can write to") from None
@@ -600,6 +602,24 @@ class ArtifactBuilder:
         release(self.out)
         self.artifact = Artifact(self.out, manifest)
         return self.artifact
+
+
+def _input_digests(inputs: Mapping[str, Any]) -> dict[str, str]:
+    """Each input's content digest (an artifact's digest, raw data's digest, a file's sha256)."""
+    out = {}
+    for role, ref in inputs.items():
+        if isinstance(ref, dict) and (digest := ref.get("digest") or ref.get("sha256")):
+            out[role] = str(digest)
+    return out
+
+
+def _inputs_diff(old: Mapping[str, str], new: Mapping[str, str]) -> str | None:
+    """How the inputs a partial was started with differ from this run's (roles both record):
+    resuming would mix what was built from one input with what is built from another."""
+    for role in sorted(set(old) & set(new)):
+        if old[role] != new[role]:
+            return f"input {role}: digest {old[role][:12]} → {new[role][:12]}"
+    return None
 
 
 def _results_only(recipe: Any) -> Any:

@@ -44,6 +44,8 @@ def load_detector(name: str) -> Any:
     elif path.suffix not in (".pt", ".yaml", ".yml"):
         raise UserError(f"detector {name!r}: expected a YOLO .pt checkpoint or a model .yaml")
     ultralytics = import_ultralytics()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        check_model_yaml(path)
     with torch_threads_kept():
         if path.suffix == ".pt" and path.is_file():
             return _yolo_from_checkpoint(ultralytics, path)
@@ -107,6 +109,61 @@ def restricted_label_caches() -> Iterator[None]:
     finally:
         if unsafe is not None:
             dataset.load_dataset_cache_file = unsafe
+
+
+def check_model_yaml(path: Path) -> None:
+    """Refuse a YOLO model config that would make ultralytics run code while building the model.
+
+    ultralytics' `parse_model` `eval()`s the config's `activation` string and looks each layer's
+    module name up among its own module's globals (functions such as `torch_safe_load` included)
+    before calling it with the config's arguments. So a model `.yaml` (a user's `--detector`, a
+    train-detector artifact's, a recipe's `model`) must name only `torch.nn.Module` classes, and
+    its activation must be a `nn.<Class>(<literals>)` call, as ultralytics' own restricted mode
+    requires."""
+    import ast
+
+    import torch
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"model config {path} is not a readable YAML file ({type(err).__name__}); pass an "
+                        f"ultralytics model .yaml (e.g. yolov8n.yaml)") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("backbone"), list) or not isinstance(cfg.get("head"), list):
+        raise UserError(f"model config {path} is not an ultralytics model config (backbone and head lists)")
+    from ultralytics.nn import tasks
+
+    def refuse(what: str) -> None:
+        raise UserError(f"model config {path} refused: {what}, which ultralytics would run while building the "
+                        f"model; use an ultralytics model config that names torch.nn module classes only")
+
+    for layer in cfg["backbone"] + cfg["head"]:
+        name = layer[2] if isinstance(layer, list) and len(layer) == 4 else None
+        if not isinstance(name, str):
+            refuse(f"the layer {layer!r} (not [from, repeats, module, args])")
+        module = (getattr(torch.nn, name[3:], None) if name.startswith("nn.")
+                  else getattr(__import__("torchvision").ops, name[16:], None) if name.startswith("torchvision.ops.")
+                  else vars(tasks).get(name))
+        if not (isinstance(module, type) and issubclass(module, torch.nn.Module)):
+            refuse(f"the layer module {name!r} (not a torch.nn.Module class)")
+    act = cfg.get("activation")
+    if act is not None:
+        try:
+            call = ast.parse(str(act).strip(), mode="eval").body
+            assert isinstance(call, ast.Call)
+            func = call.func
+            dotted = []
+            while isinstance(func, ast.Attribute):
+                dotted.append(func.attr)
+                func = func.value
+            assert isinstance(func, ast.Name) and [func.id, *reversed(dotted)][:-1] in (["nn"], ["torch", "nn"])
+            klass = getattr(torch.nn, dotted[0], None)
+            assert isinstance(klass, type) and issubclass(klass, torch.nn.Module)
+            for a in [*call.args, *(k.value for k in call.keywords)]:
+                ast.literal_eval(a)
+        except (SyntaxError, ValueError, AssertionError, IndexError):
+            refuse(f"the activation {act!r} (not nn.<Class>(<literal arguments>))")
 
 
 def ultralytics_version() -> str:

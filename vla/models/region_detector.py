@@ -47,6 +47,7 @@ def save_yolo(model: Any, out_dir: Path) -> Path:
 
 def load_yolo_dir(directory: Path) -> Any:
     """The YOLO `save_yolo` wrote, built from its config and loaded from safetensors."""
+    from vla.models.detector import check_model_yaml
     from vla.models.weights import load_state_dict
     from vla.offline import import_ultralytics, torch_threads_kept
 
@@ -55,6 +56,7 @@ def load_yolo_dir(directory: Path) -> Any:
         raise UserError(f"{directory} lacks its model .yaml or {WEIGHTS_FILE}; rebuild the detector with "
                         f"`vla train-detector --force`")
     ultralytics = import_ultralytics()
+    check_model_yaml(configs[0])
     with torch_threads_kept():
         model = ultralytics.YOLO(str(configs[0]), task="detect")
     fix = "rebuild the detector with `vla train-detector --force`"

@@ -99,13 +99,15 @@ def _refuse_download_script(data_yaml: Path) -> None:
 
 def run(cfg: TrainDetectorRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.models.detector import restricted_label_caches
+    from vla.models.detector import check_model_yaml, restricted_label_caches
     from vla.models.region_detector import save_yolo
     from vla.offline import import_ultralytics, torch_threads_kept
 
     claim_out(out, force=force, inputs={"data": data})
     data_yaml, inputs = yolo_data_yaml(data)
     ultralytics = import_ultralytics()
+    if Path(cfg.model).is_file():  # ultralytics reads a local file before its own packaged configs
+        check_model_yaml(Path(cfg.model))
     with ArtifactBuilder(out, KIND, recipe=cfg, inputs=inputs, force=force, command=command) as art:
         # absolute: ultralytics puts a relative `project` under its own runs_dir (its settings'
         # guess, e.g. the git repository's runs/), outside the artifact
