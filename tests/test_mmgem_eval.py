@@ -17,7 +17,9 @@ from vla.evaluate.run import (CaptionConfig, Captioner, RegionEncoder, caption_s
                               image_captions, region_captions, region_embeddings, truncation)
 
 runner = CliRunner()
-WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=32", "--set", "n_val=8", "--set", "n_test=12",
+# n_test=24: the long-text property (>= 50% of long captions share their visible prefix) is a
+# statistic over the test images, which 12 images of this world do not reach
+WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=32", "--set", "n_val=8", "--set", "n_test=24",
          "--set", "shard_size=16"]
 FEW_STEPS = ["--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--set", "eval.sets=[]"]
 CLIP = "vla-micro-clip"
@@ -94,11 +96,16 @@ def test_boxes_map_into_the_towers_input_and_a_bad_box_is_refused_with_its_key(m
     model = models["stage2"]
     src = regional.region_sources([0])[0]
     image = src.load()
-    # the world's images are the tower's size: the mapping is the identity there
-    assert torch.allclose(model.input_boxes([image], [src.boxes])[0], torch.tensor(src.boxes))
+    # the world's square images are stored at 4x the tower's size: the mapping is a plain scale,
+    # the whole image onto the whole input
+    side = model.input_boxes([image], [[[0, 0, image.width, image.height]]])[0]
+    tower = float(side[0, 2])
+    assert side.tolist() == [[0, 0, tower, tower]] and tower < image.width
+    expected = torch.tensor(src.boxes) * tower / image.width
+    assert torch.allclose(model.input_boxes([image], [src.boxes])[0], expected, atol=1e-4)
     big = image.resize((image.width * 2, image.height * 2))
     doubled = [[2 * v for v in box] for box in src.boxes]
-    assert torch.allclose(model.input_boxes([big], [doubled])[0], torch.tensor(src.boxes), atol=1e-4)
+    assert torch.allclose(model.input_boxes([big], [doubled])[0], expected, atol=1e-4)
     with pytest.raises(UserError, match="sample-7: region box .* lies outside"):
         model.input_boxes([image], [[[0, 0, image.width + 5, 4]]], keys=["sample-7"])
 
@@ -116,10 +123,14 @@ def test_image_and_region_captions_are_generated_from_the_image_and_from_the_ful
     assert captions == stage2.caption([captioning.images[i] for i in chosen], num_beams=2, max_new_tokens=6)
     chosen, captions = region_captions(stage2, regional, cfg)
     assert len(chosen) == len(captions) == 5
+    without_soft = []
     for i, caption in zip(chosen, captions):  # each region from its full image, box and soft prompts
         images, boxes = _full_image_and_box(stage2, regional, i)
         assert [caption] == stage2.caption(images, boxes, num_beams=2, max_new_tokens=6)
-        assert [caption] != stage2.caption(images, boxes, num_beams=2, max_new_tokens=6, soft=False)
+        without_soft += stage2.caption(images, boxes, num_beams=2, max_new_tokens=6, soft=False)
+    # the soft prompts change what is written (an untrained tiny LM may still write the same
+    # 6 tokens for some regions either way)
+    assert without_soft != captions
 
 
 def test_caption_subset_is_evenly_spread_and_the_same_for_every_call() -> None:
@@ -170,7 +181,8 @@ def test_vla_eval_scores_a_clip_and_both_mmgem_stages_on_every_task(chain, model
         for entry in ("captioning", "regional_captioning"):
             assert {"bleu4", "cider_d", "n_captioned"} <= set(rows[name][entry])
         assert rows[name]["regional_captioning"]["n_captioned"] == 7
-        assert rows[name]["captioning"]["n_captioned"] == rows[name]["captioning"]["n_images"] == 12
+        # the recipe's cap (max_images: 16) on the world's 24 test images
+        assert rows[name]["captioning"]["n_images"] == 24 and rows[name]["captioning"]["n_captioned"] == 16
     # stage 2: global retrieval is stage 1's exactly; regions come from its own heads
     for entry in ("retrieval", "long_retrieval", "zeroshot"):
         assert rows["stage2"][entry] == rows["joint"][entry], entry

@@ -65,7 +65,7 @@ class SynthConfig:
     n_test: int = 1000
     # Stored (source) image side in pixels. Larger than the CLIP's input (64 px for the embedded
     # small CLIP, which resizes as open_clip does), so a small object's crop keeps its pixels:
-    # at 256 px a small object is 34-43 px a side, its fill pattern a few pixels a period.
+    # at 256 px a small object's box is 25-43 px a side (diamonds are the narrow ones).
     image_size: int = 256
     # Fill patterns (PATTERNS): the stripe / dot / check period is the object's radius divided
     # by this (larger: finer patterns, which the downscaled global view loses sooner) ...

@@ -59,21 +59,22 @@ TEMPLATES = (
 # facts (cell, background, second object, count), so that few test images share a caption (the
 # eval sets drop the few that still do). Each fits in 14 BPE tokens (16 with start/end) for every
 # word above.
+# (Templates at 14 tokens without it end without a period; {ns}: "one shape", "two shapes", ...)
 _SHORT_COMMON = (
     "a large {p} in the {pos} on {bg}.",
-    "{p} in the {pos}; {n} shapes on {bg}.",
+    "{p} in the {pos}; {ns} on {bg}",
 )
 _SHORT_MANY = (
     "a large {p} and a small {q}.",
-    "{p} in the {pos} and a {q}.",
+    "{p} in the {pos} and a {q}",
     "{a_p} and a {q} on {bg}.",
-    "{n} shapes: {a_p} and a {q}.",
+    "{n} shapes: {a_p} and a {q}",
 )
 _SHORT_ALONE = (
     "a single {p} in the {pos} on {bg}.",
-    "only one shape: {a_p} in the {pos}.",
+    "only one shape: {a_p} in the {pos}",
     "one {p} in the {pos} and nothing else.",
-    "{a_p} alone in the {pos}, {bg} background.",
+    "{a_p} alone in the {pos}, {bg} background",
 )
 MAX_CAPTIONS_PER_IMAGE = len(_SHORT_COMMON) + len(_SHORT_MANY)
 
@@ -163,7 +164,8 @@ def short_captions(scene: Scene, rng: random.Random, k: int) -> list[str]:
     pool = _SHORT_COMMON + (_SHORT_MANY if others else _SHORT_ALONE)
     p = _patterned(scene.primary)
     fields = dict(p=p, a_p=_with_article(p), q=others[0].name if others else "", bg=scene.background,
-                  pos=scene.primary.position, n=NUMBERS[len(scene.objects)])
+                  pos=scene.primary.position, n=NUMBERS[len(scene.objects)],
+                  ns=f"{NUMBERS[len(scene.objects)]} shape{'s' if len(scene.objects) > 1 else ''}")
     return [t.format(**fields) for t in rng.sample(pool, k)]
 
 
