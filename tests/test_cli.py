@@ -22,8 +22,8 @@ def vla(*args, env=None):
 
 
 #: every command of `vla`, by name: a new command is added here and to README.md's command table
-COMMANDS = ("synth", "pretrain", "eval", "eval-merge", "export", "distill", "contrast-tune", "joint-train",
-            "stage2-roi", "train-detector", "precompute-regions", "train-teacher", "train-student", "inspect",
+COMMANDS = ("synth", "pretrain", "eval", "eval-merge", "export", "distill", "contrast-tune", "pretrain-lm",
+            "joint-train", "stage2-roi", "train-detector", "precompute-regions", "train-teacher", "train-student", "inspect",
             "models", "recipe")
 
 
@@ -119,7 +119,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DATA = "s3://b/{000..009}.tar"
 #: the commands that train with vla's loop, and the recipe each takes in tests/CI
-TRAINING = {"pretrain": [], "distill": [], "contrast-tune": ["--init", "x"], "joint-train": [],
+TRAINING = {"pretrain": [], "distill": [], "contrast-tune": ["--init", "x"], "pretrain-lm": [], "joint-train": [],
             "stage2-roi": ["--init", "x"], "train-teacher": ["--regions", "x"], "train-student": ["--teacher", "x"]}
 #: every command that takes --data, with what else it needs to reach its stage
 DATA_COMMANDS = {**TRAINING, "eval": ["vla-micro-clip"], "train-detector": [], "precompute-regions": []}

@@ -292,7 +292,8 @@ def test_smoke_dclip_chains_by_manifest(chain, world, base_clip, detector):
 
     store = RegionStore.open(chain / "regions" / "regions")
     im = store.image(store.keys()[0])
-    assert im["boxes"].tolist() == [[0, 0, 64, 64]] and im["area"].tolist() == [1.0]
+    size = _manifest(world)["recipe"]["image_size"]  # the stored image, whole
+    assert im["boxes"].tolist() == [[0, 0, size, size]] and im["area"].tolist() == [1.0]
     assert teacher["inputs"]["regions"]["digest"] == regions["digest"]
     assert teacher["inputs"]["clip"]["digest"] == _manifest(base_clip)["digest"]
     assert teacher["epochs"] == [1, 2] and teacher["counts"]["steps"] == 2 * (60 // 16)

@@ -18,6 +18,10 @@ from vla.errors import StageError
 KIND = "synth"
 
 
+#: the test-split size from which the long-text property is enforced
+PROPERTY_MIN_TEST = 50
+
+
 def run(cfg: SynthConfig, out: Path, *, force: bool = False, command: Sequence[str] | None = None) -> Artifact:
     claim_out(out, force=force)
     with ArtifactBuilder(out, KIND, recipe=cfg, force=force, command=command) as art:
@@ -34,7 +38,9 @@ def run(cfg: SynthConfig, out: Path, *, force: bool = False, command: Sequence[s
         art.counts.update(result["counts"])
         art.metrics.update(result["metrics"])
         frac = art.metrics.get("long_text_prefix_ambiguous_fraction")
-        if frac is not None and frac < 0.5:
+        # a fraction over a handful of test images is chance, not a property: tiny test worlds
+        # record it but are not refused (the embedded world has 1,000, the smoke one 64)
+        if frac is not None and frac < 0.5 and cfg.n_test >= PROPERTY_MIN_TEST:
             raise StageError(f"the generated world fails its long-text property (the first "
                              f"{cfg.context_length} tokens of a long caption match several test images "
                              f"in only {frac:.0%} of cases, < 50%); use a larger n_test")
