@@ -12,8 +12,10 @@ parameters alone, so the gradient is the main check. Two steps, not one: ProCLIP
 compares the image tower with its copy, which is zero at the first step and only then differs.
 
 fp32 tolerances: |Δloss| ≤ 1e-5·max(1, |loss|) at each step; ‖m₂ − m₁‖ ≤ 1e-4·‖m₁‖ over all
-trained tensors together; ‖θ₂ − θ₁‖ ≤ 1e-3·‖Δθ₁‖, Δθ₁ being the last step's Adam update
-(lr·m̂/(√v̂ + ε)). `make gpu-check` runs the same harness on 2 GPUs (VLA_INVARIANCE_DEVICE=cuda:
+trained tensors together; ‖θ₂ − θ₁‖ ≤ 1e-2·‖Δθ₁‖, Δθ₁ being the last step's Adam update
+(lr·m̂/(√v̂ + ε)): Adam turns fp32 noise in a near-zero gradient element into an update of up to lr,
+so the parameters get the looser bound, while a rank-count bug moves them by the order of the
+update itself. `make gpu-check` runs the same harness on 2 GPUs (VLA_INVARIANCE_DEVICE=cuda:
 NCCL, and TF32 matmuls, as the loop enables them on a GPU, hence 100× looser tolerances there).
 
 The global batch: stages that take their batches from row indices (`row_batches`: the global
@@ -49,7 +51,7 @@ GLOBAL = 16  # the global batch; the world's training split is exactly this many
 STEPS = 2
 DEVICE = os.environ.get("VLA_INVARIANCE_DEVICE", "cpu")
 #: (loss, gradient, parameters) relative tolerances; see the module docstring
-TOL = (1e-5, 1e-4, 1e-3) if DEVICE == "cpu" else (1e-3, 1e-2, 1e-1)
+TOL = (1e-5, 1e-4, 1e-2) if DEVICE == "cpu" else (1e-3, 1e-2, 1e-1)
 
 SYNTH = ["--recipe", "recipes/smoke/synth.yaml", "--set", f"n_train={GLOBAL}", "--set", "n_val=0",
          "--set", "n_test=16", "--set", f"shard_size={GLOBAL // WORLD}", "--set", "yolo_train=0"]
