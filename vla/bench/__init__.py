@@ -65,3 +65,25 @@ def alternate(first: Callable[[], T], second: Callable[[], T], rounds: int) -> t
         for run, out in ((first, a), (second, b))[:: 1 if r % 2 == 0 else -1]:
             out.append(run())
     return a, b
+
+
+def bench_world(name: str, cfg: Any) -> Path:
+    """A synthetic world (`cfg`: a `SynthConfig`) at BENCH_DIR/name, generated once and reused while
+    its config is the same (a changed config, e.g. a new default image size, makes it again); built
+    in a temporary sibling so that an interrupted generation is never reused."""
+    import json
+    import shutil
+
+    from vla.data.synth import generate_world
+
+    world, stamp, tmp = BENCH_DIR / name, BENCH_DIR / f"{name}.json", BENCH_DIR / f".{name}.tmp"
+    wanted = json.dumps(cfg.__dict__, sort_keys=True)
+    if world.is_dir() and stamp.exists() and stamp.read_text() == wanted:
+        return world
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(world, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    generate_world(tmp, cfg)
+    tmp.rename(world)
+    stamp.write_text(wanted)
+    return world

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vla.bench import BENCH_DIR, Figure, Part, alternate
+from vla.bench import BENCH_DIR, bench_world, Figure, Part, alternate
 
 CLIP = "vla-tiny-clip"
 TOP_K = 4
@@ -33,16 +33,10 @@ SEED = 0
 
 def _world(n: int) -> Path:
     """A synthetic world of `n` training images (bench/dclip-world-N), generated once."""
-    from vla.data.synth import SynthConfig, generate_world
+    from vla.data.synth import SynthConfig
 
-    world = BENCH_DIR / f"dclip-world-{n}"
-    if (world / "done.json").exists():
-        return world
-    shutil.rmtree(world, ignore_errors=True)
-    world.mkdir(parents=True)
-    generate_world(world, SynthConfig(n_train=n, n_val=0, n_test=2, shard_size=max(n, 2), yolo_train=0))
-    (world / "done.json").write_text("{}")
-    return world
+    return bench_world(f"dclip-world-{n}", SynthConfig(n_train=n, n_val=0, n_test=2, shard_size=max(n, 2),
+                                                       yolo_train=0))
 
 
 def _samples(world: Path) -> list:

@@ -18,12 +18,10 @@ the order rotating every round; the best run of each is kept.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
-from vla.bench import BENCH_DIR, Figure, Part
+from vla.bench import bench_world, Figure, Part
 
 CLIP_SIZE = 64  # vla-tiny-clip's input
 BATCH = 128
@@ -31,20 +29,11 @@ BATCH = 128
 
 def _world(image_size: int, n: int) -> Path:
     """A world of `n` train images at `image_size` px (bench/loader-<size>), made once and reused."""
-    from vla.data.synth import SynthConfig, generate_world
+    from vla.data.synth import SynthConfig
 
     cfg = SynthConfig(n_train=n, n_val=0, n_test=20, image_size=image_size, shard_size=1000,
                       yolo_train=0, probe_train=0)
-    world = BENCH_DIR / f"loader-{image_size}"
-    stamp = world / "config.json"
-    wanted = json.dumps(cfg.__dict__, sort_keys=True)
-    if stamp.exists() and stamp.read_text() == wanted:
-        return world
-    shutil.rmtree(world, ignore_errors=True)
-    world.mkdir(parents=True)
-    generate_world(world, cfg)
-    stamp.write_text(wanted)
-    return world
+    return bench_world(f"loader-{image_size}", cfg)
 
 
 def images_per_s(world: Path, draft: bool) -> tuple[float, int]:

@@ -11,26 +11,19 @@ comparison is of what reaches the model. Bytes per batch are reported beside.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
-from vla.bench import BENCH_DIR, Figure, Part, alternate
+from vla.bench import bench_world, Figure, Part, alternate
 
 SEED = 0
 
 
 def _world(n: int) -> Path:
-    from vla.data.synth import SynthConfig, generate_world
+    from vla.data.synth import SynthConfig
 
-    world = BENCH_DIR / f"loader-world-{n}"
-    if (world / "done.json").exists():
-        return world
-    shutil.rmtree(world, ignore_errors=True)
-    world.mkdir(parents=True)
-    generate_world(world, SynthConfig(n_train=n, n_val=0, n_test=2, shard_size=max(n // 4, 2), yolo_train=0))
-    (world / "done.json").write_text("{}")
-    return world
+    return bench_world(f"loader-world-{n}", SynthConfig(n_train=n, n_val=0, n_test=2, shard_size=max(n // 4, 2),
+                                                        yolo_train=0))
 
 
 def run(quick: bool) -> Part:

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from vla.bench import BENCH_DIR, Figure, Part, alternate
+from vla.bench import BENCH_DIR, bench_world, Figure, Part, alternate
 
 BATCH = 128
 LR = 5e-4
@@ -51,24 +51,11 @@ _BATCH_TIME = re.compile(r"Batch \(t\): ([\d.]+),")
 
 def ensure_world() -> Path:
     """The benchmark's synthetic world (bench/world), generated once and reused."""
-    from vla.data.synth import SynthConfig, generate_world
+    from vla.data.synth import SynthConfig
 
-    world = BENCH_DIR / "world"
     # 64 px stored: this part compares trainers, not source sizes (part h measures those)
-    cfg = SynthConfig(n_train=WORLD_TRAIN, n_val=0, n_test=100, shard_size=SHARD_SIZE, yolo_train=0,
-                      image_size=64)
-    stamp = BENCH_DIR / "world.json"  # the config it was made with: a changed config remakes it
-    wanted = json.dumps(cfg.__dict__, sort_keys=True)
-    if world.is_dir() and stamp.exists() and stamp.read_text() == wanted:
-        return world
-    tmp = BENCH_DIR / ".world.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(world, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    generate_world(tmp, cfg)
-    tmp.rename(world)
-    stamp.write_text(wanted)
-    return world
+    return bench_world("world", SynthConfig(n_train=WORLD_TRAIN, n_val=0, n_test=100, shard_size=SHARD_SIZE,
+                                            yolo_train=0, image_size=64))
 
 
 def _env() -> dict[str, str]:
