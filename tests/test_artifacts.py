@@ -27,6 +27,22 @@ def test_manifest_records_the_contract(tmp_path):
     assert art.kind == "pretrain" and not partial_dir(tmp_path / "run").exists()
 
 
+def test_wall_time_counts_from_the_stage_start_not_the_artifact_open(tmp_path):
+    """`timings.wall_s` includes what a stage did before opening its artifact (model loading,
+    the feature cache), `setup_s` is that share, and the clock is spent by the artifact that
+    took it: the next one starts its own."""
+    import time
+
+    from vla.artifacts import start_stage_clock
+
+    start_stage_clock()
+    time.sleep(0.3)
+    first = json.loads((build(tmp_path / "a").path / "manifest.json").read_text())["timings"]
+    second = json.loads((build(tmp_path / "b").path / "manifest.json").read_text())["timings"]
+    assert first["setup_s"] >= 0.3 and first["wall_s"] >= first["setup_s"]
+    assert second["setup_s"] == 0.0 and second["wall_s"] < 0.3
+
+
 def test_crash_leaves_no_finished_looking_artifact_and_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):

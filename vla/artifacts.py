@@ -451,6 +451,17 @@ def _recipe_diff(old: dict, new: dict, prefix: str = "") -> str | None:
     return None
 
 
+_stage_t0: float | None = None
+
+
+def start_stage_clock() -> None:
+    """Start the running command's stage clock: the next artifact's `timings.wall_s` counts from
+    here, so the work a stage does before its artifact opens (loading models, building the
+    feature cache) is part of its wall time; `timings.setup_s` says how much of it that was."""
+    global _stage_t0
+    _stage_t0 = time.time()
+
+
 class ArtifactBuilder:
     """Build one artifact atomically; see the module docstring.
 
@@ -486,7 +497,10 @@ class ArtifactBuilder:
         """Rank 0 checks `--out`, takes its writer lock and resumes or starts the partial; every
         rank then waits for it, so none reads a partial (a checkpoint) that rank 0 is about to
         replace, and every rank raises rank 0's error if it had one."""
-        self._t0 = time.time()
+        global _stage_t0
+        now = time.time()
+        self._t0, _stage_t0 = (now if _stage_t0 is None else min(_stage_t0, now)), None
+        self.timings["setup_s"] = round(now - self._t0, 3)
         error = None
         if self.is_main:
             try:

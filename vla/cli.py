@@ -270,6 +270,9 @@ def run_stage(kind: str, options: dict, inputs: tuple[str, ...] = ("data",)) -> 
     `run(cfg, *inputs, out, force=..., command=...)`. `options` is the command's `locals()` (its
     own parameters and the `shared` ones); `inputs` names those the stage takes before `--out`,
     passed as given (`--data` stays the string the user typed)."""
+    from vla.artifacts import start_stage_clock
+
+    start_stage_clock()  # before the stage's imports and model loading: they are its time too
     from vla.recipes import load_recipe
     from vla.stages import recipe_class, stage_run
 
