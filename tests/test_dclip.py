@@ -545,3 +545,39 @@ def test_recipes_dclip_cover_every_arm_and_validate():
         cfg = load_recipe(classes[kind], path)
         if path.name == "train-student-vitl.yaml":
             assert cfg.preserve_weight > 0 and cfg.rope_2d and cfg.clusters == 3
+
+
+# --- eval-teacher ---------------------------------------------------------------------------------
+
+
+def test_eval_teacher_scores_teachers_on_held_out_regions_beside_the_base_clip(oracle_regions, world, tmp_path):
+    """`vla eval-teacher TEACHER:N --regions VAL`: a teacher row and the base CLIP's row on the same
+    held-out images and captions (the val split's oracle table, matched to the teacher by its
+    detector), recall in [0, 1], a results.md that `python -m vla.docs eval` makes a page of; a
+    table of the teacher's own training images and an epoch it did not save are refused in one line."""
+    from vla.docs import eval_page
+
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", tmp_path / "teacher", *TEACHER)
+    assert r.returncode == 0, r.stderr
+    r = vla("precompute-regions", "--data", world, "--out", tmp_path / "val", "--detector", "oracle",
+            "--clip", _manifest(oracle_regions)["inputs"]["clip"]["path"], *REGION_SETTINGS, "--set", "split=val")
+    assert r.returncode == 0, r.stderr
+    r = vla("eval-teacher", f"{tmp_path / 'teacher'}:2", "--regions", tmp_path / "val", "--out", tmp_path / "ev",
+            "--images", "15")
+    assert r.returncode == 0, r.stderr + r.stdout
+    m = _manifest(tmp_path / "ev")
+    assert m["kind"] == "eval-teacher" and m["recipe"]["images"] == 15
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())
+    teacher_row = "teacher (teacher, epoch 2) on val"
+    assert list(rows) == ["CLIP (clip) on val", teacher_row]
+    for row in rows.values():
+        metrics = row["val_retrieval"]
+        assert metrics["n_images"] == 15 and metrics["n_texts"] >= 15
+        assert all(0 <= metrics[k] <= 1 for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "mean_recall"))
+    assert m["teachers"][0]["epoch"] == 2
+    assert teacher_row in eval_page("t", tmp_path / "ev", "make dclip-teachers")
+
+    r = cli("eval-teacher", tmp_path / "teacher", "--regions", oracle_regions, "--out", tmp_path / "e2")
+    assert r.exit_code == 2 and "held-out images" in r.output and not (tmp_path / "e2").exists()
+    r = cli("eval-teacher", f"{tmp_path / 'teacher'}:9", "--regions", tmp_path / "val", "--out", tmp_path / "e3")
+    assert r.exit_code == 2 and "not 9" in r.output
