@@ -505,6 +505,12 @@ def test_embedded_arm_recipes_differ_from_their_base_only_where_named():
     epochs = load("train-student-epochs")
     assert epochs["epoch_eval"] is True and epochs["epoch_eval_split"] == "val"
     assert epochs["train"]["batch_size"] == load("train-student")["train"]["batch_size"]
+    # the sweep: the student's recipe with the length and distill_weight left to the Makefile, scored on val
+    sweep, base = load("train-student-sweep"), load("train-student")
+    assert sweep["epoch_eval"] is True and sweep["epoch_eval_split"] == "val" and sweep["eval"] == {"sets": []}
+    assert {k: v for k, v in sweep["train"].items() if k != "steps"} == \
+        {k: v for k, v in base["train"].items() if k != "steps"}
+    assert sweep["teacher_epoch"] == base["teacher_epoch"] and sweep["data"] == base["data"]
 
 
 def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifact(world, tmp_path):
@@ -524,20 +530,22 @@ def test_recipes_dclip_cover_every_arm_and_validate():
     """`make dclip-ablations` / `dclip-epochs` with DCLIP_RECIPES=recipes/dclip resolve (every recipe
     they read exists) and every recipe there validates against its stage (ViT-L student included)."""
     from vla.recipes import load_recipe
-    from vla.stages import precompute_regions, train_detector, train_student, train_teacher
+    from vla.stages import eval_teacher, precompute_regions, train_detector, train_student, train_teacher
     from vla.stages.evaluate import EvalRecipe
 
-    classes = {"train-detector": train_detector.TrainDetectorRecipe,
+    classes = {"train-detector": train_detector.TrainDetectorRecipe, "eval-teacher": eval_teacher.EvalTeacherRecipe,
                "precompute-regions": precompute_regions.PrecomputeRegionsRecipe,
                "train-teacher": train_teacher.TrainTeacherRecipe, "train-student": train_student.TrainStudentRecipe,
                "eval": EvalRecipe}
-    r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "DCLIP_RECIPES=recipes/dclip",
+    r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "dclip-teachers", "dclip-sweep",
+                        "dclip-seeds", "DCLIP_RECIPES=recipes/dclip",
                         "CLIP=clip-vit-b-16", "DETECTOR=/models/yolov8x.pt", "DATA=/data/shards", "EVAL=/data/eval"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     read = {p.split("recipes/dclip/")[1] for p in r.stdout.split() if "recipes/dclip/" in p}
     assert {"train-teacher-noregions.yaml", "train-teacher-average.yaml", "train-teacher-converged.yaml",
-            "train-student-noteacher.yaml", "train-student-converged.yaml", "train-student-epochs.yaml"} <= read
+            "train-student-noteacher.yaml", "train-student-converged.yaml", "train-student-epochs.yaml",
+            "eval-teacher.yaml", "train-student-sweep.yaml"} <= read
     import yaml
 
     for path in sorted((ROOT / "recipes" / "dclip").glob("*.yaml")):
