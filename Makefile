@@ -212,7 +212,7 @@ $(DCLIP_ABL)/student-epochs/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $
 	  --recipe $(DCLIP_RECIPES)/train-student-epochs.yaml --force $(VLA_FLAGS)
 
 # The teachers themselves as retrieval models on held-out images (the val split): each arm's
-# teacher — the one its student distilled, at that epoch — scores every (caption, image) pair by
+# teacher — at the epoch its student recipe distils — scores every (caption, image) pair by
 # cos(teacher(x, T), u_T), beside the base CLIP on the same images and captions (`vla eval-teacher`).
 # Regions of the val images come from the same detector as each teacher's (YOLO; oracle boxes).
 DCLIP_VAL_DATA ?= $(DATA)
@@ -231,11 +231,16 @@ $(DCLIP_ABL)/regions-oracle-val/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DCLIP_R
 	$(VLA) precompute-regions --data $(DCLIP_VAL_DATA) --detector oracle --clip $(CLIP) --out $(@D) \
 	  --recipe $(DCLIP_RECIPES)/precompute-regions.yaml --set split=val --force $(VLA_FLAGS)
 
-DCLIP_TEACHER_ARMS := $(DCLIP_RUNS)/student $(foreach a,oracle noregions average converged,$(DCLIP_ABL)/student-$(a))
-$(DCLIP_ABL)/teachers/manifest.json: $(DCLIP_TEACHER_ARMS:%=%/manifest.json) $(DCLIP_ABL)/regions-val/manifest.json \
-                                     $(DCLIP_ABL)/regions-oracle-val/manifest.json $(DCLIP_RECIPES)/eval-teacher.yaml | $(STAMP)
-	$(VLA) eval-teacher $(DCLIP_TEACHER_ARMS) --regions $(DCLIP_ABL)/regions-val --regions $(DCLIP_ABL)/regions-oracle-val \
-	  --out $(@D) --recipe $(DCLIP_RECIPES)/eval-teacher.yaml --force $(VLA_FLAGS)
+# which arms' teachers (full oracle noregions average converged), each at the epoch its student distils
+DCLIP_TEACHER_ARMS ?= full oracle noregions average converged
+dclip_teacher_dir = $(if $(filter full,$(1)),$(DCLIP_RUNS)/teacher,$(DCLIP_ABL)/teacher-$(1))
+dclip_teacher_epoch = $(shell sed -n 's/^teacher_epoch: *//p' \
+  $(DCLIP_RECIPES)/$(if $(filter converged,$(1)),train-student-converged,train-student).yaml)
+DCLIP_VAL_REGIONS := $(DCLIP_ABL)/regions-val $(if $(filter oracle,$(DCLIP_TEACHER_ARMS)),$(DCLIP_ABL)/regions-oracle-val)
+$(DCLIP_ABL)/teachers/manifest.json: $(foreach a,$(DCLIP_TEACHER_ARMS),$(call dclip_teacher_dir,$(a))/manifest.json) \
+                                     $(DCLIP_VAL_REGIONS:%=%/manifest.json) $(DCLIP_RECIPES)/eval-teacher.yaml | $(STAMP)
+	$(VLA) eval-teacher $(foreach a,$(DCLIP_TEACHER_ARMS),$(call dclip_teacher_dir,$(a)):$(call dclip_teacher_epoch,$(a))) \
+	  $(DCLIP_VAL_REGIONS:%=--regions %) --out $(@D) --recipe $(DCLIP_RECIPES)/eval-teacher.yaml --force $(VLA_FLAGS)
 
 # The student budget and distill_weight, chosen on the val split: the full arm's student for each
 # DCLIP_SWEEP_WEIGHTS × DCLIP_SWEEP_EPOCHS (train-student-sweep.yaml: train-student.yaml's batch,
