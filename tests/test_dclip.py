@@ -582,6 +582,7 @@ def test_eval_teacher_scores_teachers_on_held_out_regions_beside_the_base_clip(o
         metrics = row["val_retrieval"]
         assert metrics["n_images"] == 15 and metrics["n_texts"] >= 15
         assert all(0 <= metrics[k] <= 1 for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "mean_recall"))
+        assert -1 <= metrics["negative_cos"] <= 1 and -1 <= metrics["output_cos_across_images"] <= 1
     assert m["teachers"][0]["epoch"] == 2
     assert teacher_row in eval_page("t", tmp_path / "ev", "make dclip-teachers")
 

@@ -61,3 +61,14 @@ def test_recall_from_a_score_matrix_is_recall_from_its_embeddings(mode):
     theirs = retrieval_metrics(images, texts, t2i, mode=mode, chunk=16)
     assert ours == pytest.approx(theirs, abs=1e-12)
     assert theirs["image_retrieval_ties"] > 0 and theirs["text_retrieval_ties"] > 0
+
+
+def test_mean_pairwise_cosine_is_the_mean_over_distinct_pairs():
+    """The closed form (‖Σ e‖² − n) / (n(n − 1)) equals the mean of cos(e_i, e_i') over i ≠ i'."""
+    torch.manual_seed(2)
+    from vla.evaluate.teacher import mean_pairwise_cosine
+
+    emb = F.normalize(torch.randn(3, 6, 5), dim=-1)
+    cos = emb @ emb.transpose(1, 2)
+    off = ~torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(mean_pairwise_cosine(emb), cos[:, off].mean(-1))

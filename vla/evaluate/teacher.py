@@ -22,13 +22,16 @@ from torch import Tensor
 
 @torch.no_grad()
 def teacher_score_matrix(teacher, states: Tensor, token_mask: Tensor, pooled: Tensor,
-                         regions: dict[str, Tensor], pair_batch: int = 4096) -> Tensor:
+                         regions: dict[str, Tensor], pair_batch: int = 4096,
+                         across_images: list | None = None) -> Tensor:
     """[M texts, N images] scores cos(teacher(x_i, T_j), u_j).
 
     states (M, L, D), token_mask (M, L), pooled u (M, D): the frozen text tower's outputs
     (`vla.models.dclip.clip_text_states`); regions: `RegionStore.lookup` of the N images
     (regions (N, K, D), mask, conf, area (N, K)). Texts are taken max(1, pair_batch // N) at a
-    time, each against every image, in one teacher forward.
+    time, each against every image, in one teacher forward. `across_images`, when given, receives
+    per text the mean cosine between the teacher's outputs for two different images
+    (`mean_pairwise_cosine`): how little the image moves the teacher's output for that caption.
     """
     m, n = states.shape[0], regions["regions"].shape[0]
     device = states.device
@@ -50,7 +53,16 @@ def teacher_score_matrix(teacher, states: Tensor, token_mask: Tensor, pooled: Te
                       conf=images(reg["conf"]), area=images(reg["area"]))
         emb = F.normalize(emb.float(), dim=-1).view(c, n, -1)
         out[start:start + c] = (emb * u[start:start + c, None, :]).sum(-1)
+        if across_images is not None:
+            across_images += mean_pairwise_cosine(emb).tolist()
     return out
+
+
+def mean_pairwise_cosine(emb: Tensor) -> Tensor:
+    """(..., n, D) unit vectors → (...) the mean of cos(e_i, e_i') over the n(n−1) ordered pairs i ≠ i':
+    (‖Σ_i e_i‖² − n) / (n(n − 1))."""
+    n = emb.shape[-2]
+    return ((emb.sum(-2) ** 2).sum(-1) - n) / max(n * (n - 1), 1)
 
 
 @torch.no_grad()

@@ -133,6 +133,17 @@ def held_out_pairs(art, store, n_images: int) -> tuple[list[str], list[str], lis
     return image_keys, texts, text_to_image
 
 
+def pair_cosines(scores, text_to_image) -> dict[str, float]:
+    """The mean score of the true (caption, image) pairs and of all the others."""
+    import torch
+
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=scores.device)
+    positive = scores[torch.arange(len(t2i), device=scores.device), t2i]
+    others = scores.numel() - positive.numel()
+    return {"positive_cos": float(positive.mean()),
+            "negative_cos": float((scores.sum() - positive.sum()) / max(others, 1))}
+
+
 def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str], out: Path, *,
         force: bool = False, command: Sequence[str] | None = None) -> Artifact:
     import json
@@ -144,7 +155,7 @@ def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str],
     from vla.distributed import resolve_device
     from vla.evaluate.report import results_markdown
     from vla.evaluate.retrieval import score_retrieval_metrics
-    from vla.evaluate.teacher import teacher_score_matrix, text_outputs
+    from vla.evaluate.teacher import mean_pairwise_cosine, teacher_score_matrix, text_outputs
     from vla.models.dclip import load_dclip_clip, load_teacher
 
     if not teachers:
@@ -181,7 +192,9 @@ def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str],
                 start = time.perf_counter()
                 glob = F.normalize(store.lookup(keys, top_k=0)["regions"][:, 0].float(), dim=-1).to(device)
                 base = score_retrieval_metrics(u @ glob.T, t2i, mode=cfg.mode)
-                base.update(n_images=len(keys), n_texts=len(captions))
+                base.update(**pair_cosines(u @ glob.T, t2i),
+                            output_cos_across_images=float(mean_pairwise_cosine(glob)),
+                            n_images=len(keys), n_texts=len(captions))
                 label = f"CLIP ({Path(clip_ref).name}) on {table_art.path.name}"
                 results[label] = {SET_NAME: base}
                 seconds[label] = round(time.perf_counter() - start, 2)
@@ -191,10 +204,12 @@ def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str],
             teacher = load_teacher(ref.art.path / "teacher", ref.epoch).to(device)
             top_k = ref.art.recipe.get("top_k")
             start = time.perf_counter()
+            across: list[float] = []
             scores = teacher_score_matrix(teacher, states, mask, pooled, store.lookup(keys, top_k),
-                                          pair_batch=cfg.pair_batch)
+                                          pair_batch=cfg.pair_batch, across_images=across)
             metrics = score_retrieval_metrics(scores, t2i, mode=cfg.mode)
-            metrics.update(n_images=len(keys), n_texts=len(captions))
+            metrics.update(**pair_cosines(scores, t2i), output_cos_across_images=sum(across) / len(across),
+                           n_images=len(keys), n_texts=len(captions))
             results[f"{ref.label} on {table_art.path.name}"] = {SET_NAME: metrics}
             seconds[ref.label] = round(time.perf_counter() - start, 2)
             del teacher, scores
@@ -202,6 +217,10 @@ def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str],
                  "conditioned on the caption it is scored against, against that caption's frozen CLIP text "
                  "embedding (a cross-encoder; N_texts × N_images forwards). The CLIP row scores cos(E_I(x), u_T) "
                  "on the same images and captions, E_I(x) the regions table's whole-image embedding.",
+                 "positive_cos / negative_cos (val_retrieval table, ×100): the mean score of the true pairs / of "
+                 "all other pairs; output_cos_across_images: the mean cosine between the outputs for two different "
+                 "images (a teacher: for the same caption, averaged over captions; the CLIP: E_I(x) and E_I(x')) — "
+                 "near 100, the output hardly depends on the image.",
                  "Images: the first " + ", ".join(f"{v['images']} of {k} ({v['texts']} captions)"
                                                   for k, v in sizes.items())
                  + "; a caption is kept only where no other of these images has it."]
