@@ -538,7 +538,7 @@ def test_recipes_dclip_cover_every_arm_and_validate():
                "train-teacher": train_teacher.TrainTeacherRecipe, "train-student": train_student.TrainStudentRecipe,
                "eval": EvalRecipe}
     r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "dclip-teachers", "dclip-sweep",
-                        "dclip-seeds", "DCLIP_RECIPES=recipes/dclip",
+                        "dclip-seeds", "DCLIP_RECIPES=recipes/dclip", "DCLIP_RUNS=/nonexistent/dclip-dry-run",
                         "CLIP=clip-vit-b-16", "DETECTOR=/models/yolov8x.pt", "DATA=/data/shards", "EVAL=/data/eval"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
