@@ -200,13 +200,86 @@ $(DCLIP_ABL)/eval/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_ARM
 
 # Claim (c): one student trained for several epochs from the full arm's teacher, scored on the val
 # split before training and after every epoch: the table (epochs.md) and the plot (epochs.png).
+DCLIP_EPOCHS_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip-epochs.md)
 dclip-epochs: $(DCLIP_ABL)/student-epochs/manifest.json
 	@echo; echo "DCLIP student by epoch ($(DCLIP_ABL)/student-epochs/epochs.png):"
 	@cat $(DCLIP_ABL)/student-epochs/epochs.md
+	$(if $(DCLIP_EPOCHS_PAGE),$(DOCS) epochs dclip-epochs $(DCLIP_ABL)/student-epochs --make 'make dclip-epochs' \
+	  --out $(DCLIP_EPOCHS_PAGE),@true)
 
 $(DCLIP_ABL)/student-epochs/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student-epochs.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) \
 	  --recipe $(DCLIP_RECIPES)/train-student-epochs.yaml --force $(VLA_FLAGS)
+
+# The teachers themselves as retrieval models on held-out images (the val split): each arm's
+# teacher — at the epoch its student recipe distils — scores every (caption, image) pair by
+# cos(teacher(x, T), u_T), beside the base CLIP on the same images and captions (`vla eval-teacher`).
+# Regions of the val images come from the same detector as each teacher's (YOLO; oracle boxes).
+DCLIP_VAL_DATA ?= $(DATA)
+DCLIP_TEACHERS_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip-teachers.md)
+.PHONY: dclip-teachers dclip-sweep dclip-seeds
+dclip-teachers: $(DCLIP_ABL)/teachers/manifest.json
+	@echo; echo "DCLIP teachers as retrieval models ($(DCLIP_ABL)/teachers):"
+	@sed -n '3,/^## /p' $(DCLIP_ABL)/teachers/results.md | grep '^|'
+	$(call results_page,dclip-teachers,$(DCLIP_ABL)/teachers,make dclip-teachers,$(DCLIP_TEACHERS_PAGE))
+
+$(DCLIP_ABL)/regions-val/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DETECTOR_DEP) $(DCLIP_RECIPES)/precompute-regions.yaml | $(STAMP)
+	$(VLA) precompute-regions --data $(DCLIP_VAL_DATA) --detector $(DETECTOR) --clip $(CLIP) --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/precompute-regions.yaml --set split=val --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/regions-oracle-val/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DCLIP_RECIPES)/precompute-regions.yaml | $(STAMP)
+	$(VLA) precompute-regions --data $(DCLIP_VAL_DATA) --detector oracle --clip $(CLIP) --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/precompute-regions.yaml --set split=val --force $(VLA_FLAGS)
+
+# which arms' teachers (full oracle noregions average converged), each at the epoch its student distils
+DCLIP_TEACHER_ARMS ?= full oracle noregions average converged
+dclip_teacher_dir = $(if $(filter full,$(1)),$(DCLIP_RUNS)/teacher,$(DCLIP_ABL)/teacher-$(1))
+dclip_teacher_epoch = $(shell sed -n 's/^teacher_epoch: *//p' \
+  $(DCLIP_RECIPES)/$(if $(filter converged,$(1)),train-student-converged,train-student).yaml)
+DCLIP_VAL_REGIONS := $(DCLIP_ABL)/regions-val $(if $(filter oracle,$(DCLIP_TEACHER_ARMS)),$(DCLIP_ABL)/regions-oracle-val)
+$(DCLIP_ABL)/teachers/manifest.json: $(foreach a,$(DCLIP_TEACHER_ARMS),$(call dclip_teacher_dir,$(a))/manifest.json) \
+                                     $(DCLIP_VAL_REGIONS:%=%/manifest.json) $(DCLIP_RECIPES)/eval-teacher.yaml | $(STAMP)
+	$(VLA) eval-teacher $(foreach a,$(DCLIP_TEACHER_ARMS),$(call dclip_teacher_dir,$(a)):$(call dclip_teacher_epoch,$(a))) \
+	  $(DCLIP_VAL_REGIONS:%=--regions %) --out $(@D) --recipe $(DCLIP_RECIPES)/eval-teacher.yaml --force $(VLA_FLAGS)
+
+# The student budget and distill_weight, chosen on the val split: the full arm's student for each
+# DCLIP_SWEEP_WEIGHTS × DCLIP_SWEEP_EPOCHS (train-student-sweep.yaml: train-student.yaml's batch,
+# learning rate and teacher epoch), scored on val after its last epoch; one table.
+DCLIP_SWEEP_WEIGHTS ?= 0.5 1 2
+DCLIP_SWEEP_EPOCHS ?= 2 4
+DCLIP_SWEEP_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip-sweep.md)
+DCLIP_SWEEP := $(foreach w,$(DCLIP_SWEEP_WEIGHTS),$(foreach e,$(DCLIP_SWEEP_EPOCHS),$(DCLIP_ABL)/sweep/student-w$(w)-e$(e)))
+dclip-sweep: $(DCLIP_SWEEP:%=%/manifest.json)
+	@echo; echo "DCLIP student sweep on the val split ($(DCLIP_ABL)/sweep)"
+	$(if $(DCLIP_SWEEP_PAGE),$(DOCS) sweep dclip-sweep $(DCLIP_SWEEP) --make 'make dclip-sweep' --out $(DCLIP_SWEEP_PAGE),@true)
+
+$(DCLIP_ABL)/sweep/student-w%/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student-sweep.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) --recipe $(DCLIP_RECIPES)/train-student-sweep.yaml \
+	  --set distill_weight=$(word 1,$(subst -e, ,$*)) --set epochs=$(word 2,$(subst -e, ,$*)) --force $(VLA_FLAGS)
+
+# A second seed (train.seed=1) of the full arm (teacher and student) and of the no-teacher arm, at
+# the recipes' setting, scored on the test split beside the first seed's (`make dclip-ablations`).
+DCLIP_SEEDS_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip-seeds.md)
+DCLIP_SEED_STUDENTS := $(DCLIP_RUNS)/student $(DCLIP_ABL)/student-noteacher $(DCLIP_ABL)/student-seed1 $(DCLIP_ABL)/student-noteacher-seed1
+dclip-seeds: $(DCLIP_ABL)/seeds-eval/manifest.json
+	@echo; echo "DCLIP, two seeds of the full and no-teacher arms:"; cat $(DCLIP_ABL)/seeds-eval/results.md
+	$(call results_page,dclip-seeds,$(DCLIP_ABL)/seeds-eval,make dclip-seeds,$(DCLIP_SEEDS_PAGE))
+
+$(DCLIP_ABL)/teacher-seed1/manifest.json: $(DCLIP_RUNS)/regions/manifest.json $(DCLIP_RECIPES)/train-teacher.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-teacher --regions $(DCLIP_RUNS)/regions --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-teacher.yaml --set train.seed=1 --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/student-seed1/manifest.json: $(DCLIP_ABL)/teacher-seed1/manifest.json $(DCLIP_RECIPES)/train-student.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_ABL)/teacher-seed1 --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-student.yaml --set train.seed=1 --set 'eval.sets=[]' --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/student-noteacher-seed1/manifest.json: $(DCLIP_RUNS)/teacher/manifest.json $(DCLIP_RECIPES)/train-student-noteacher.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) train-student --teacher $(DCLIP_RUNS)/teacher --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/train-student-noteacher.yaml --set train.seed=1 --set 'eval.sets=[]' --force $(VLA_FLAGS)
+
+$(DCLIP_ABL)/seeds-eval/manifest.json: $(DCLIP_SEED_STUDENTS:%=%/manifest.json) $(CLIP_DEP) $(DCLIP_RECIPES)/eval.yaml
+	$(VLA) eval $(CLIP) $(DCLIP_SEED_STUDENTS) --data $(EVAL) --out $(@D) \
+	  --recipe $(DCLIP_RECIPES)/eval.yaml --set 'sets=[retrieval,zeroshot]' --force $(VLA_FLAGS)
 
 # ---- the MM-GEM curriculum --------------------------------------------------------------
 # Embedded default (no arguments): the same world and base CLIP as `make proclip` (built once,
@@ -276,6 +349,8 @@ help:
 	@echo "make proclip   the ProCLIP curriculum on the embedded synthetic world"
 	@echo "make dclip     the DCLIP curriculum on the same world and base CLIP"
 	@echo "make dclip-ablations  DCLIP's ablation arms side by side (same student budget); make dclip-epochs: claim (c)"
+	@echo "make dclip-teachers   DCLIP's teachers as retrieval models on val; dclip-sweep: the student budget and"
+	@echo "               distill_weight on val; dclip-seeds: a second seed of the full and no-teacher arms"
 	@echo "make mmgem     the MM-GEM curriculum (joint-train, stage2-roi, ablation arms) on the same world and base CLIP"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
 	@echo "make gpu-check on a GPU machine: CUDA tests, 3 bf16 curricula, torchrun/NCCL + 2-GPU invariance, compile, MFU, every real recipe step (docs/gpus.md)"

@@ -23,7 +23,7 @@ def vla(*args, env=None):
 
 #: every command of `vla`, by name: a new command is added here and to README.md's command table
 COMMANDS = ("synth", "pretrain", "eval", "eval-merge", "export", "distill", "contrast-tune", "pretrain-lm",
-            "joint-train", "stage2-roi", "train-detector", "precompute-regions", "train-teacher", "train-student", "inspect",
+            "joint-train", "stage2-roi", "train-detector", "precompute-regions", "train-teacher", "train-student", "eval-teacher", "inspect",
             "models", "recipe")
 
 

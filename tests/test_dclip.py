@@ -505,6 +505,12 @@ def test_embedded_arm_recipes_differ_from_their_base_only_where_named():
     epochs = load("train-student-epochs")
     assert epochs["epoch_eval"] is True and epochs["epoch_eval_split"] == "val"
     assert epochs["train"]["batch_size"] == load("train-student")["train"]["batch_size"]
+    # the sweep: the student's recipe with the length and distill_weight left to the Makefile, scored on val
+    sweep, base = load("train-student-sweep"), load("train-student")
+    assert sweep["epoch_eval"] is True and sweep["epoch_eval_split"] == "val" and sweep["eval"] == {"sets": []}
+    assert {k: v for k, v in sweep["train"].items() if k != "steps"} == \
+        {k: v for k, v in base["train"].items() if k != "steps"}
+    assert sweep["teacher_epoch"] == base["teacher_epoch"] and sweep["data"] == base["data"]
 
 
 def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifact(world, tmp_path):
@@ -524,20 +530,22 @@ def test_recipes_dclip_cover_every_arm_and_validate():
     """`make dclip-ablations` / `dclip-epochs` with DCLIP_RECIPES=recipes/dclip resolve (every recipe
     they read exists) and every recipe there validates against its stage (ViT-L student included)."""
     from vla.recipes import load_recipe
-    from vla.stages import precompute_regions, train_detector, train_student, train_teacher
+    from vla.stages import eval_teacher, precompute_regions, train_detector, train_student, train_teacher
     from vla.stages.evaluate import EvalRecipe
 
-    classes = {"train-detector": train_detector.TrainDetectorRecipe,
+    classes = {"train-detector": train_detector.TrainDetectorRecipe, "eval-teacher": eval_teacher.EvalTeacherRecipe,
                "precompute-regions": precompute_regions.PrecomputeRegionsRecipe,
                "train-teacher": train_teacher.TrainTeacherRecipe, "train-student": train_student.TrainStudentRecipe,
                "eval": EvalRecipe}
-    r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "DCLIP_RECIPES=recipes/dclip",
+    r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "dclip-teachers", "dclip-sweep",
+                        "dclip-seeds", "DCLIP_RECIPES=recipes/dclip", "DCLIP_RUNS=/nonexistent/dclip-dry-run",
                         "CLIP=clip-vit-b-16", "DETECTOR=/models/yolov8x.pt", "DATA=/data/shards", "EVAL=/data/eval"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     read = {p.split("recipes/dclip/")[1] for p in r.stdout.split() if "recipes/dclip/" in p}
     assert {"train-teacher-noregions.yaml", "train-teacher-average.yaml", "train-teacher-converged.yaml",
-            "train-student-noteacher.yaml", "train-student-converged.yaml", "train-student-epochs.yaml"} <= read
+            "train-student-noteacher.yaml", "train-student-converged.yaml", "train-student-epochs.yaml",
+            "eval-teacher.yaml", "train-student-sweep.yaml"} <= read
     import yaml
 
     for path in sorted((ROOT / "recipes" / "dclip").glob("*.yaml")):
@@ -545,3 +553,40 @@ def test_recipes_dclip_cover_every_arm_and_validate():
         cfg = load_recipe(classes[kind], path)
         if path.name == "train-student-vitl.yaml":
             assert cfg.preserve_weight > 0 and cfg.rope_2d and cfg.clusters == 3
+
+
+# --- eval-teacher ---------------------------------------------------------------------------------
+
+
+def test_eval_teacher_scores_teachers_on_held_out_regions_beside_the_base_clip(oracle_regions, world, tmp_path):
+    """`vla eval-teacher TEACHER:N --regions VAL`: a teacher row and the base CLIP's row on the same
+    held-out images and captions (the val split's oracle table, matched to the teacher by its
+    detector), recall in [0, 1], a results.md that `python -m vla.docs eval` makes a page of; a
+    table of the teacher's own training images and an epoch it did not save are refused in one line."""
+    from vla.docs import eval_page
+
+    r = vla("train-teacher", "--regions", oracle_regions, "--out", tmp_path / "teacher", *TEACHER)
+    assert r.returncode == 0, r.stderr
+    r = vla("precompute-regions", "--data", world, "--out", tmp_path / "val", "--detector", "oracle",
+            "--clip", _manifest(oracle_regions)["inputs"]["clip"]["path"], *REGION_SETTINGS, "--set", "split=val")
+    assert r.returncode == 0, r.stderr
+    r = vla("eval-teacher", f"{tmp_path / 'teacher'}:2", "--regions", tmp_path / "val", "--out", tmp_path / "ev",
+            "--images", "15")
+    assert r.returncode == 0, r.stderr + r.stdout
+    m = _manifest(tmp_path / "ev")
+    assert m["kind"] == "eval-teacher" and m["recipe"]["images"] == 15
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())
+    teacher_row = "teacher (teacher, epoch 2) on val"
+    assert list(rows) == ["CLIP (clip) on val", teacher_row]
+    for row in rows.values():
+        metrics = row["val_retrieval"]
+        assert metrics["n_images"] == 15 and metrics["n_texts"] >= 15
+        assert all(0 <= metrics[k] <= 1 for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "mean_recall"))
+        assert -1 <= metrics["negative_cos"] <= 1 and -1 <= metrics["output_cos_across_images"] <= 1
+    assert m["teachers"][0]["epoch"] == 2
+    assert teacher_row in eval_page("t", tmp_path / "ev", "make dclip-teachers")
+
+    r = cli("eval-teacher", tmp_path / "teacher", "--regions", oracle_regions, "--out", tmp_path / "e2")
+    assert r.exit_code == 2 and "held-out images" in r.output and not (tmp_path / "e2").exists()
+    r = cli("eval-teacher", f"{tmp_path / 'teacher'}:9", "--regions", tmp_path / "val", "--out", tmp_path / "e3")
+    assert r.exit_code == 2 and "not 9" in r.output

@@ -159,3 +159,38 @@ def test_each_make_target_writes_its_results_page():
     assert "--out docs/results/proclip-vitl.md" in dry("proclip", "RUNS=runs/proclip-vitl",
                                                        "PROCLIP_PAGE=docs/results/proclip-vitl.md")
     assert "-m vla.docs bench && .venv/bin/python -m vla.docs readme" in dry("bench")
+
+
+def _student(path: Path, weight: float, rows: list[dict], created: str) -> None:
+    _artifact(path, "train-student", 60.0, created, {}, device="cpu",
+              recipe={"distill_weight": weight, "teacher_epoch": 2, "epoch_eval_split": "val", "epoch_eval_images": 1000},
+              epoch_eval=rows)
+
+
+def test_epochs_and_sweep_pages_come_from_the_students_per_epoch_evaluation(tmp_path, monkeypatch):
+    """`python -m vla.docs epochs` puts a student's epochs.md under a stamp; `sweep` gives one row per
+    student (its distill_weight, last epoch and step, and that epoch's val metrics ×100) under the
+    base CLIP's row (epoch 0); a directory that is no finished artifact is refused."""
+    def row(epoch, step, r1):
+        return {"epoch": epoch, "step": step, "val_retrieval/mean_recall": 0.5 + r1, "val_zeroshot/acc1": 0.3,
+                "val_retrieval/image_retrieval_recall@1": r1, "val_retrieval/text_retrieval_recall@1": 0.2,
+                "val_zeroshot/mean_per_class_recall": 0.25}
+    a, b = tmp_path / "runs" / "w1-e2", tmp_path / "runs" / "w2-e4"
+    _student(a, 1.0, [row(0, 0, 0.1), row(1, 62, 0.12), row(2, 124, 0.15)], "2026-01-01T00:01:00+00:00")
+    _student(b, 2.0, [row(0, 0, 0.1), row(4, 248, 0.175)], "2026-01-01T00:02:00+00:00")
+    (a / "epochs.md").write_text("| epoch | step | val text→image R@1 |\n|---:|---:|---:|\n| 0 | 0 | 10.0 |\n")
+    monkeypatch.chdir(tmp_path)
+    assert docs.main(["epochs", "dclip-epochs", str(a), "--make", "make dclip-epochs"]) == 0
+    head = docs.headline((tmp_path / "docs" / "results" / "dclip-epochs.md").read_text())
+    assert "`make dclip-epochs` at commit `abc1234def56`" in head and "| 0 | 0 | 10.0 |" in head
+    assert "distill_weight 1.0, teacher epoch 2, val split" in head
+
+    assert docs.main(["sweep", "s", str(a), str(b), "--make", "make dclip-sweep"]) == 0
+    head = docs.headline((tmp_path / "docs" / "results" / "s.md").read_text())
+    lines = [ln for ln in head.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith("| model | distill_weight | epochs | steps | mR | T→I R@1 |")
+    assert lines[1] == "| base CLIP (epoch 0) | – | 0 | 0 | 60.0 | 10.0 | 20.0 | 30.0 | 25.0 |"
+    assert lines[2] == "| `w1-e2` | 1.0 | 2 | 124 | 65.0 | 15.0 | 20.0 | 30.0 | 25.0 |"
+    assert lines[3] == "| `w2-e4` | 2.0 | 4 | 248 | 67.5 | 17.5 | 20.0 | 30.0 | 25.0 |"
+    assert "120 s of stage wall time over 2 stages" in head
+    assert docs.main(["sweep", "s", str(tmp_path / "missing"), "--make", "make dclip-sweep"]) == 2

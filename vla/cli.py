@@ -536,6 +536,25 @@ def train_student(
     _print_done(run_stage("train-student", locals()))
 
 
+@stage_command("eval-teacher")
+def eval_teacher(
+    models: List[str] = typer.Argument(..., metavar="TEACHER...", help="Teachers: a train-teacher artifact (PATH: its last epoch, "
+                                                   "PATH:N: epoch N) or a train-student artifact (the teacher "
+                                                   "and epoch it distilled)."),
+    regions: List[str] = typer.Option(..., "--regions", help="A regions table of held-out images (`vla "
+                                      "precompute-regions --set split=val`), one per detector the teachers "
+                                      "used (repeatable)."),
+    out: Path = OutOpt,
+    images: Optional[int] = typer.Option(None, "--images", help="Score the first N images of the table (images)."),
+    **shared: Any,
+) -> None:
+    """DCLIP: score meta-teachers as retrieval models on held-out images, beside the base CLIP."""
+    # the teachers and tables are the stage's inputs, not recipe values (they pass as `models`, `data`)
+    art = run_stage("eval-teacher", {**locals(), "data": regions, "regions": None}, inputs=("models", "data"))
+    console.print((art.path / "results.md").read_text().split("\n## ")[0], highlight=False)
+    console.print(f"[green]✓[/] eval-teacher → {out}")
+
+
 # ---------------------------------------------------------------------------------------------
 @app.command()
 @handles_errors

@@ -1,6 +1,8 @@
 """The results pages in docs/results/ and the README rows generated from them.
 
     python -m vla.docs eval NAME EVAL_DIR --make TARGET   # after `make TARGET`: docs/results/NAME.md
+    python -m vla.docs epochs NAME STUDENT --make TARGET  # a train-student's per-epoch val table
+    python -m vla.docs sweep NAME STUDENT... --make TARGET  # students' last val row side by side
     python -m vla.docs bench                              # after `make bench`: docs/results/bench.md
     python -m vla.docs readme                             # README.md's blocks from docs/results/
     python -m vla.docs readme --check                     # exit 1 when README.md differs from them
@@ -139,6 +141,66 @@ def eval_page(name: str, eval_dir: Path, target: str) -> str:
     return page(f"`{target}`", head, body)
 
 
+def _lineages(dirs: list[Path]) -> list[tuple[Path, dict]]:
+    """The manifests of `dirs` and of every artifact in their lineages, each once."""
+    seen: dict[Path, dict] = {}
+    for d in dirs:
+        for p, m in lineage_manifests(d):
+            seen.setdefault(p, m)
+    return list(seen.items())
+
+
+def _stages_body(rows: list[str]) -> str:
+    return ("## Stages\n\nEach artifact the table depends on, with its own wall time (`timings.wall_s` in its "
+            "manifest).\n\n" + "\n".join(rows) + "\n")
+
+
+def epochs_page(name: str, student: Path, target: str) -> str:
+    """A train-student run with `epoch_eval`: its per-epoch table (epochs.md) as the headline."""
+    table = (student / "epochs.md").read_text(encoding="utf-8")
+    m = json.loads((student / "manifest.json").read_text())
+    r = m.get("recipe", {})
+    line, rows = stamp(target, _lineages([student]))
+    legend = (f"`{_short(student)}`: distill_weight {r.get('distill_weight')}, teacher epoch {r.get('teacher_epoch')}, "
+              f"{r.get('epoch_eval_split')} split ({r.get('epoch_eval_images')} images at most; captions kept where "
+              f"no other of them has it); epoch 0 is the CLIP it starts from. All numbers ×100.\n")
+    return page(f"`{target}`", line + "\n" + legend + "\n" + table,
+                f"The curves: `{_short(student / 'epochs.png')}` (not committed: runs stay out of git).\n\n"
+                + _stages_body(rows))
+
+
+#: the sweep page's columns: (epoch_eval key suffix, label)
+SWEEP_COLUMNS = (("retrieval/mean_recall", "mR"), ("retrieval/image_retrieval_recall@1", "T→I R@1"),
+                 ("retrieval/text_retrieval_recall@1", "I→T R@1"), ("zeroshot/acc1", "zero-shot acc1"),
+                 ("zeroshot/mean_per_class_recall", "zero-shot mPCR"))
+
+
+def sweep_page(name: str, students: list[Path], target: str) -> str:
+    """train-student runs with `epoch_eval`, one row each: their recipe's distill_weight and length,
+    and their last epoch's held-out metrics; first the CLIP they start from (their epoch 0)."""
+    header = ["model", "distill_weight", "epochs", "steps"] + [label for _, label in SWEEP_COLUMNS]
+    out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    split, base = None, None
+    for d in students:
+        m = json.loads((d / "manifest.json").read_text())
+        rows = sorted(m.get("epoch_eval") or [], key=lambda row: row["epoch"])
+        if not rows:
+            raise SystemExit(f"{d} has no epoch_eval rows; train it with epoch_eval: true")
+        split = m["recipe"].get("epoch_eval_split", "val")
+        cells = lambda row: [f"{100 * row[k]:.1f}" if isinstance(row.get(k), (int, float)) else ""  # noqa: E731
+                             for k in (f"{split}_{suffix}" for suffix, _ in SWEEP_COLUMNS)]
+        if base is None:
+            base = "| base CLIP (epoch 0) | – | 0 | 0 | " + " | ".join(cells(rows[0])) + " |"
+        r = m["recipe"]
+        out.append(f"| `{d.name}` | {r.get('distill_weight')} | {rows[-1]['epoch']} | {rows[-1]['step']} | "
+                   + " | ".join(cells(rows[-1])) + " |")
+    out.insert(2, base)
+    line, stages = stamp(target, _lineages(students))
+    legend = (f"Each student scored on the {split} split after its last epoch (never the test split); all numbers "
+              f"×100; mR: mean of R@1/5/10 both ways.\n")
+    return page(f"`{target}`", line + "\n" + legend + "\n" + "\n".join(out) + "\n", _stages_body(stages))
+
+
 def bench_page(results: dict) -> str:
     """`make bench`'s page: every figure against its baseline and goal, stamped."""
     cond = results.get("conditions", {})
@@ -184,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("eval_dir", type=Path)
     e.add_argument("--make", required=True, help="the make target that built it, e.g. 'make proclip'")
     e.add_argument("--out", type=Path, help="default: docs/results/NAME.md")
+    ep = sub.add_parser("epochs", help="write a page from a train-student run's per-epoch evaluation")
+    ep.add_argument("name")
+    ep.add_argument("student", type=Path)
+    ep.add_argument("--make", required=True)
+    ep.add_argument("--out", type=Path, help="default: docs/results/NAME.md")
+    sw = sub.add_parser("sweep", help="write a page from several train-student runs' last per-epoch evaluation")
+    sw.add_argument("name")
+    sw.add_argument("students", type=Path, nargs="+")
+    sw.add_argument("--make", required=True)
+    sw.add_argument("--out", type=Path, help="default: docs/results/NAME.md")
     b = sub.add_parser("bench", help="write docs/results/bench.md from bench/results.json")
     b.add_argument("--json", type=Path, default=Path(os.environ.get("VLA_BENCH_DIR", "bench")) / "results.json")
     b.add_argument("--out", type=Path, default=RESULTS_DIR / "bench.md")
@@ -199,6 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         out = a.out or RESULTS_DIR / f"{a.name}.md"
         write(out, eval_page(a.name, a.eval_dir, a.make))
         print(f"wrote {out}; `python -m vla.docs readme` copies its table into README.md")
+    elif a.cmd in ("epochs", "sweep"):
+        dirs = [a.student] if a.cmd == "epochs" else a.students
+        missing = [d for d in dirs if not (d / "manifest.json").is_file()]
+        if missing:
+            print(f"error: {missing[0]} is no finished artifact; give the train-student runs `make` built",
+                  file=sys.stderr)
+            return 2
+        out = a.out or RESULTS_DIR / f"{a.name}.md"
+        write(out, epochs_page(a.name, a.student, a.make) if a.cmd == "epochs" else sweep_page(a.name, dirs, a.make))
+        print(f"wrote {out}")
     elif a.cmd == "bench":
         results = json.loads(a.json.read_text()) if a.json.is_file() else None
         if results is None or results.get("quick"):

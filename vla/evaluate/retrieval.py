@@ -194,6 +194,34 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
 
 
 @torch.no_grad()
+def score_retrieval_metrics(scores: torch.Tensor, text_to_image, ks: Sequence[int] = DEFAULT_KS,
+                            chunk: int = 1024, mode: str = "clip_benchmark") -> dict[str, float]:
+    """`retrieval_metrics` from a texts × images score matrix `scores` [M, N] instead of
+    embeddings, for a model that scores each (text, image) pair itself (a cross-encoder such as
+    DCLIP's meta-teacher). `scores = text_emb @ image_emb.T` gives exactly `retrieval_metrics`.
+    Holds the whole matrix (and its boolean comparisons), as the `clip_benchmark` mode does."""
+    check_mode(mode)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [M texts, N images], got {tuple(scores.shape)}")
+    m, n = scores.shape
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=scores.device)
+    if t2i.shape != (m,) or (m and (t2i.min() < 0 or t2i.max() >= n)):
+        raise ValueError(f"text_to_image must hold one image index in [0, {n}) per text ({m})")
+    texts = torch.arange(m, device=scores.device)
+    t2i_counts = _counts(scores, texts, t2i)          # per text: its one image among all images
+    i2t_counts = _counts(scores.T, t2i, texts)        # per image: its captions among all texts
+    if mode == "clip_benchmark":
+        t2i_hits = {k: _clip_benchmark_hits(scores, None, t2i, k, chunk).mean().item() for k in ks}
+        i2t_hits = {k: _clip_benchmark_hits(scores.T, t2i, None, k, chunk).mean().item() for k in ks}
+    else:
+        t2i_hits = {k: hit_probability(*t2i_counts, k, mode).mean().item() for k in ks}
+        i2t_hits = {k: hit_probability(*i2t_counts, k, mode).mean().item() for k in ks}
+    return {**_keys(t2i_hits, i2t_hits),
+            "image_retrieval_ties": int((t2i_counts[1] > 0).sum()),
+            "text_retrieval_ties": int((i2t_counts[1] > 0).sum())}
+
+
+@torch.no_grad()
 def reference_retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
                                 ks: Sequence[int] = DEFAULT_KS,
                                 batch_size: int = 64) -> dict[str, float]:

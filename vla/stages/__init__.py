@@ -20,6 +20,7 @@ RECIPES: dict[str, str] = {
     "precompute-regions": "vla.stages.precompute_regions:PrecomputeRegionsRecipe",
     "train-teacher": "vla.stages.train_teacher:TrainTeacherRecipe",
     "train-student": "vla.stages.train_student:TrainStudentRecipe",
+    "eval-teacher": "vla.stages.eval_teacher:EvalTeacherRecipe",
     "pretrain-lm": "vla.stages.pretrain_lm:PretrainLMRecipe",
     "joint-train": "vla.stages.joint_train:JointTrainRecipe",
     "stage2-roi": "vla.stages.stage2_roi:Stage2RoiRecipe",
