@@ -37,6 +37,7 @@ README_BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<
 
 #: the results pages the README shows, and the command that writes each
 PAGES = {"proclip": "make proclip", "dclip": "make dclip", "dclip-ablations": "make dclip-ablations",
+         "dclip-teachers": "make dclip-teachers",
          "mmgem": "make mmgem", "bench": "make bench"}
 
 
