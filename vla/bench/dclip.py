@@ -55,9 +55,10 @@ def _recipe(detect_batch: int, encode_batch: int):
 
 def _regions(detector, clip, samples, cfg) -> tuple[list, float]:
     """(ImageRegions of every sample, seconds): `regions_of_batch` over batches of cfg.detect.batch_size."""
-    from vla.stages.precompute_regions import _new_counts, regions_of_batch
+    from vla.data.regions import new_counts
+    from vla.stages.precompute_regions import regions_of_batch
 
-    counts, out = _new_counts(), []
+    counts, out = new_counts(), []
     start = time.perf_counter()
     for i in range(0, len(samples), cfg.detect.batch_size):
         out += regions_of_batch(detector, clip, samples[i:i + cfg.detect.batch_size], cfg, counts)

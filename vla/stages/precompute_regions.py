@@ -157,7 +157,7 @@ def _records(source):
 
 def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.data.regions import finished_shards, write_index, write_shard
+    from vla.data.regions import finished_shards, new_counts, write_index, write_shard
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
     from vla.distributed import barrier, init_distributed
@@ -185,13 +185,13 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
 
         t0, images = time.perf_counter(), 0
         shard, batch, pending = 0, [], []
-        counts = _new_counts()
+        counts = new_counts()
         for n, record in enumerate(_records(source)):
             if n // cfg.shard_size != shard:  # the previous shard's records are all read
                 if not skip(shard):
                     images += _flush(detector, clip, cfg, batch, pending, counts)
                     write_shard(root, shard, pending, clip.embed_dim, counts)
-                shard, batch, pending, counts = n // cfg.shard_size, [], [], _new_counts()
+                shard, batch, pending, counts = n // cfg.shard_size, [], [], new_counts()
             if skip(shard):
                 continue  # a shard a previous run finished, or another rank's
             skips = SkipCounter()
@@ -233,11 +233,6 @@ def _flush(detector, clip, cfg, batch: list, pending: list, counts: dict) -> int
         pending += regions_of_batch(detector, clip, batch, cfg, counts)
         batch.clear()
     return n
-
-
-def _new_counts() -> dict:
-    return {"data": {"seen": 0, "skipped": {}}, "regions": 0, "no_detection": 0, "regions_over_top_k": 0,
-            "boxes_dropped": {"nan": 0, "outside": 0, "empty": 0}}
 
 
 def _add_skips(counts: dict, skips) -> None:
