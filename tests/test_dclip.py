@@ -321,14 +321,22 @@ def test_student_text_tower_is_bit_identical_and_image_tower_trained(chain, base
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
 
 
-def test_student_export_encodes_as_a_plain_clip(chain):
+def test_student_export_encodes_as_a_plain_clip_with_its_artifacts_embeddings(chain):
+    """`vla.load` of the student's export is a plain CLIP whose image and text embeddings are the
+    train-student artifact's own, bit for bit (the export copies the student, nothing retrained)."""
     import vla
     from PIL import Image
 
+    from vla.models.load import load_encoder
+
     model = vla.load(chain[0].parent / "export")
-    img = model.encode_image([Image.new("RGB", (64, 64), (200, 30, 30))])
-    txt = model.encode_text(["a red circle"])
-    assert img.shape == txt.shape == (1, 32)
+    source = load_encoder(str(chain[0] / "student"))
+    images = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (48, 80), (20, 90, 200))]
+    texts = ["a red circle", "two shapes on a blue background"]
+    img, txt = model.encode_image(images), model.encode_text(texts)
+    assert img.shape == txt.shape == (2, 32)
+    assert torch.equal(img, source.encode_image(images))
+    assert torch.equal(txt, source.encode_text(texts))
 
 
 def test_preservation_loss_switch(chain, tmp_path):
