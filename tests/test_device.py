@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla.models.adapter import Adapter, AdapterConfig
+from vla.models.proclip.adapter import Adapter, AdapterConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}

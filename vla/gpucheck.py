@@ -282,9 +282,9 @@ def _aligner(arch: str, embed_dim: int, teacher: bool):
     import torch
 
     from vla.losses import LogitScale
-    from vla.models.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
     from vla.models.clip import load_clip
-    from vla.models.ema import make_ema_teacher
+    from vla.models.proclip.ema import make_ema_teacher
     from vla.models.proclip import ImageTextAligner
 
     torch.manual_seed(0)
@@ -486,7 +486,7 @@ def _recipe_step(row: RecipeRow, s: Sizes) -> float:
         return _infer_rate(encode, b, dev)
     if "adapter step" in row.name:
         from vla.losses import distill_loss
-        from vla.models.adapter import Adapter, AdapterConfig
+        from vla.models.proclip.adapter import Adapter, AdapterConfig
 
         d_in, d_out = (1024, 768) if real else (32, 16)
         adapter = Adapter.from_config(AdapterConfig.proclip(d_in, d_out))

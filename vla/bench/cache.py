@@ -33,9 +33,9 @@ def _build(embedder):
     import torch
 
     from vla.losses import LogitScale
-    from vla.models.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
     from vla.models.clip import load_clip
-    from vla.models.ema import make_ema_teacher
+    from vla.models.proclip.ema import make_ema_teacher
     from vla.models.proclip import ImageTextAligner
 
     torch.manual_seed(SEED)
