@@ -162,7 +162,7 @@ _BEFORE_DATA = {
                       "vla.data.teacher_inputs.open_regions": lambda *a, **k: (_ART, None),
                       "vla.models.dclip.load_dclip_clip": lambda ref: (_CLIP, None, "clip"),
                       "vla.data.teacher_inputs.check_same_clip": lambda *a: None,
-                      "vla.models.vision_variants.apply_variant": lambda *a: None},
+                      "vla.models.dclip.vision_variants.apply_variant": lambda *a: None},
 }
 
 

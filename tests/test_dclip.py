@@ -58,7 +58,7 @@ def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(world
 
     from vla.artifacts import sha256_file
     from vla.errors import UserError
-    from vla.models.region_detector import resolve_detector
+    from vla.models.dclip.detector import resolve_detector
 
     m = json.loads((detector / "manifest.json").read_text())
     assert m["kind"] == "train-detector" and m["inputs"]["data"]["kind"] == "synth"
@@ -458,7 +458,7 @@ def test_average_fusion_teacher_trains_nothing_and_saves_every_epoch(oracle_regi
 
 
 def test_rope_and_cluster_student_trains_evaluates_and_is_refused_by_export(chain, tmp_path):
-    from vla.models.vision_variants import RopeSelfAttention
+    from vla.models.dclip.vision_variants import RopeSelfAttention
 
     art = _student(chain, tmp_path, "rope", "rope_2d=true", "clusters=3")
     assert art.manifest["recipe"]["rope_2d"] is True and art.manifest["recipe"]["clusters"] == 3

@@ -115,7 +115,7 @@ def test_a_module_class_called_with_arguments_is_refused_at_load_time(tmp_path):
 def test_ultralytics_checkpoints_load_through_the_restricted_unpickler(tmp_path):
     """A YOLO saved by ultralytics' own `.save()` loads through vla's unpickler with the weights,
     class names and outputs ultralytics' own loader gives, without ultralytics reading the file."""
-    from vla.models.detector import load_detector
+    from vla.models.dclip.yolo import load_detector
     from vla.offline import import_ultralytics, torch_threads_kept
 
     ultralytics = import_ultralytics()
@@ -242,7 +242,7 @@ def test_an_unfinished_run_is_not_resumed_on_other_data(worlds, tmp_path, monkey
 def yolo_artifact(tmp_path_factory):
     """A train-detector artifact holding an untrained yolov8n (as `vla train-detector` stores it)."""
     from vla.artifacts import ArtifactBuilder
-    from vla.models.region_detector import DETECTOR_DIR, save_yolo
+    from vla.models.dclip.detector import DETECTOR_DIR, save_yolo
     from vla.offline import import_ultralytics, torch_threads_kept
 
     ultralytics = import_ultralytics()

@@ -85,7 +85,7 @@ def _refuse_tower_variants(art: Artifact) -> None:
     would load its weights without them (absolute positions at zero, class-token pooling) and
     compute other embeddings without a word. vla loads it (`vla eval`, `vla.load` on the artifact)."""
     from vla.errors import UserError
-    from vla.models.vision_variants import read_variant
+    from vla.models.dclip.vision_variants import read_variant
 
     variant = read_variant(art.path / "model")
     if variant is not None and variant.active:

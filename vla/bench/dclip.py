@@ -81,8 +81,8 @@ def bench_regions(samples, rounds: int, batch: int) -> tuple[Figure, dict, list]
     import torch
 
     from vla.models.clip import load_clip
-    from vla.models.detector import load_detector
-    from vla.models.region_detector import RegionDetector
+    from vla.models.dclip.yolo import load_detector
+    from vla.models.dclip.detector import RegionDetector
 
     torch.manual_seed(SEED)
     clip = load_clip(CLIP)

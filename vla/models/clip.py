@@ -325,7 +325,7 @@ def load_clip(name: str, *, device: str = "cpu", precision: str = "fp32") -> Cli
         weights_file = spec.checkpoint
         _load_checkpoint(model, spec)
     if spec.local_dir is not None:  # DCLIP's tower changes (2-D RoPE, cluster pooling) recorded beside the files
-        from vla.models.vision_variants import apply_variant, read_variant
+        from vla.models.dclip.vision_variants import apply_variant, read_variant
 
         variant = read_variant(Path(spec.local_dir))
         if variant is not None:

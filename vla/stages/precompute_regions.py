@@ -105,7 +105,7 @@ def _detections(detector, samples, cfg: PrecomputeRegionsRecipe) -> list[list[tu
     """(box, conf, class) per sample: the detector's, batched, or the data's own boxes (oracle)."""
     if detector.is_oracle:
         return [[(tuple(r.box), float(r.score), -1) for r in s.regions] for s in samples]
-    from vla.models.detector import detect
+    from vla.models.dclip.yolo import detect
 
     d = cfg.detect
     found = detect(detector.model, [s.image.convert("RGB") for s in samples], conf=d.conf, iou=d.iou,
@@ -162,7 +162,7 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
     from vla.data.stream import resolve_data
     from vla.distributed import barrier, init_distributed
     from vla.models.dclip import load_dclip_clip
-    from vla.models.region_detector import resolve_detector
+    from vla.models.dclip.detector import resolve_detector
     from vla.stages.common import training_data
 
     # everything that can be refused is refused before any compute

@@ -22,7 +22,7 @@ Switches (recipe fields): `distill_weight` λ scales the first term; λ = 0 is t
 teacher" ablation (InfoNCE only: the teacher's embeddings are then never computed, though
 `--teacher` still names the CLIP, data and regions the student trains on). The ViT-L additions:
 `preserve_weight` (above), `rope_2d` (2-D rotary positions in place of the absolute ones) and
-`clusters: 3` (three-cluster embedding aggregation) — `vla.models.vision_variants` says what each
+`clusters: 3` (three-cluster embedding aggregation) — `vla.models.dclip.vision_variants` says what each
 does and which reading of the paper it is; a student with either keeps open_clip's weight layout
 plus `model/vla_vision.json`, which vla re-applies on loading and `vla export` refuses.
 `epochs` sets the length in passes over the data; `epoch_eval` scores the student on held-out
@@ -83,7 +83,7 @@ class TrainStudentRecipe:
         self.vision_variant()  # validates clusters
 
     def vision_variant(self):
-        from vla.models.vision_variants import VisionVariant
+        from vla.models.dclip.vision_variants import VisionVariant
 
         return VisionVariant(rope_2d=self.rope_2d, clusters=self.clusters)
 
@@ -131,7 +131,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool 
     from vla.losses import dclip_student_loss
     from vla.models.clip import save_clip
     from vla.models.dclip import load_dclip_clip, load_teacher
-    from vla.models.vision_variants import apply_variant, save_variant
+    from vla.models.dclip.vision_variants import apply_variant, save_variant
     from vla.stages.common import evaluate_into, image_text_batches, train_on_pairs, training_data
 
     # inputs, all checked before any compute
