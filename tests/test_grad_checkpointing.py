@@ -36,7 +36,7 @@ def test_the_dclip_students_grad_checkpointing_keeps_loss_and_gradients() -> Non
 
 
 def test_the_causal_lms_grad_checkpointing_keeps_loss_and_gradients() -> None:
-    from vla.models.causal_lm import build_tiny_llama, lm_checkpointing
+    from vla.models.mmgem.causal_lm import build_tiny_llama, lm_checkpointing
     from vla.stages.pretrain_lm import CausalLMTrainer, _pad, _rows
 
     captions = ["a red circle on the left", "two blue squares", "a green star above a circle"]

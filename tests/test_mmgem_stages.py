@@ -252,7 +252,7 @@ def _micro_model(**config):
 def test_every_trained_parameter_gets_a_gradient(objective) -> None:
     # DDP refuses a trained parameter without a gradient; an ablation must freeze the idle heads
     from vla.losses import ClipLoss
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
     from vla.stages.joint_train import parameter_groups
 
     model = _micro_model()

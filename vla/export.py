@@ -101,7 +101,7 @@ def check_mmgem_source(art: Artifact) -> None:
     from transformers import AutoTokenizer
 
     from vla.errors import UserError
-    from vla.models.causal_lm import check_mode_tokens
+    from vla.models.mmgem.causal_lm import check_mode_tokens
     from vla.models.mmgem import CONFIG_FILE, LM_DIR
 
     model_dir = art.path / "model"

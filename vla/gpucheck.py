@@ -546,9 +546,9 @@ def _recipe_step(row: RecipeRow, s: Sizes) -> float:
         return _train_rate(visual, step, batch, b, dev, prec)
     if "MM-GEM" in row.name:
         from vla.losses import ClipLoss
-        from vla.models.causal_lm import TinyLlamaSize
+        from vla.models.mmgem.causal_lm import TinyLlamaSize
         from vla.models.mmgem import MMGEMConfig, build_mmgem
-        from vla.models.mmgem_trainer import MMGEMTrainer
+        from vla.models.mmgem.objective import MMGEMTrainer
 
         words = ["a", "red", "small", "dog", "runs", "on", "the", "green", "grass", "near", "two", "blue", "cars"]
         captions = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60 if real else 8)) for i in range(b)]

@@ -9,7 +9,7 @@ A name is one of:
 - a text embedder (`vla.models.embedder.load_embedder`): a hub id `ORG/NAME` or a directory with a
   transformers `config.json`;
 - a detector (`vla.models.dclip.yolo.load_detector`): an ultralytics `.pt` file or model `.yaml`;
-- a causal LM for MM-GEM (`vla.models.causal_lm.load_causal_lm`): an `llm` alias, a hub id or a
+- a causal LM for MM-GEM (`vla.models.mmgem.causal_lm.load_causal_lm`): an `llm` alias, a hub id or a
   transformers model directory.
 """
 

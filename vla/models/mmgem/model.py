@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from vla.errors import UserError
 from vla.losses import LogitScale
-from vla.models.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
+from vla.models.mmgem.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
                                   soft_prompt_tokens)
-from vla.models.pool_aggregator import RoIPool, check_boxes, mean_pool
+from vla.models.mmgem.pool_aggregator import RoIPool, check_boxes, mean_pool
 from vla.models.weights import load_state_dict, save_state_dict
 
 IGNORE_INDEX = -100
@@ -479,7 +479,7 @@ class MMGEM(nn.Module):
         resize and centre crop as `preprocess` (`boxes_to_input_frame`, the resized side truncated
         as torchvision truncates it). A box that is empty, not finite, outside its image or
         cropped away is refused, naming ``keys[b]`` (the sample) when given."""
-        from vla.models.pool_aggregator import boxes_to_input_frame
+        from vla.models.mmgem.pool_aggregator import boxes_to_input_frame
 
         spec = (self.vision_spec or {}).get("preprocess_cfg", {})
         size = self.input_size
@@ -498,7 +498,7 @@ class MMGEM(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the tower's blocks and the LM's decoder layers (see
         `MMGEMTrainer.set_grad_checkpointing`)."""
-        from vla.models.causal_lm import set_lm_checkpointing
+        from vla.models.mmgem.causal_lm import set_lm_checkpointing
 
         self.tower.visual.set_grad_checkpointing(enable)
         set_lm_checkpointing(self.lm, enable)
@@ -579,10 +579,10 @@ def build_mmgem(
     lm_size: TinyLlamaSize | None = None,
 ) -> MMGEM:
     """An MM-GEM from names: an open_clip image tower (`vla.models.clip.load_clip` grammar) and a
-    causal LM (`vla.models.causal_lm.load_causal_lm`), or — ``llm=None`` — the embedded default's
+    causal LM (`vla.models.mmgem.causal_lm.load_causal_lm`), or — ``llm=None`` — the embedded default's
     tiny Llama (of ``lm_size``) with a tokenizer trained on ``captions``. Only the CLIP's image
     tower is kept."""
-    from vla.models.causal_lm import build_tiny_llama, load_causal_lm
+    from vla.models.mmgem.causal_lm import build_tiny_llama, load_causal_lm
     from vla.models.clip import load_clip
 
     clip = load_clip(vision)
