@@ -372,7 +372,7 @@ def export(
     force: bool = ForceOpt,
 ) -> None:
     """Write a model directory for vla.load (weights, tokenizer or embedder name, model card); the embedder is copied only with --copy-embedder."""
-    from vla.export import ExportRecipe, run
+    from vla.stages.export import ExportRecipe, run
 
     art = run(ExportRecipe(copy_embedder=copy_embedder), src, out, force=force, command=_command())
     console.print(f"[green]✓[/] export → {art.path}  ({len(art.manifest['outputs'])} files); "

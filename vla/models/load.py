@@ -11,7 +11,7 @@ from vla.models.encoder import DualEncoder
 if TYPE_CHECKING:
     import torch
 
-# artifact kinds that hold a scorable model; all of them are opened by vla.export.load
+# artifact kinds that hold a scorable model; all of them are opened by vla.stages.export.load
 MODEL_KINDS = ("pretrain", "contrast-tune", "train-student", "export")
 # MM-GEM stages' artifacts: `model/` is what save_mmgem wrote
 MMGEM_KINDS = ("joint-train", "stage2-roi")
@@ -20,7 +20,7 @@ MMGEM_KINDS = ("joint-train", "stage2-roi")
 def load_encoder(ref: str, device: str | torch.device = "cpu") -> DualEncoder:
     """The model `ref` names, its networks on `device` (its encode_* still return CPU tensors)."""
     from vla.artifacts import open_artifact
-    from vla.export import load
+    from vla.stages.export import load
     from vla.models.clip import load_clip
 
     if (Path(ref) / "manifest.json").exists():
