@@ -363,18 +363,15 @@ def eval_merge(
     console.print(f"[green]✓[/] eval-merge → {out}")
 
 
-@app.command()
-@handles_errors
+@stage_command()
 def export(
     src: Path = typer.Argument(..., help="A contrast-tune, pretrain, train-student, joint-train or stage2-roi artifact."),
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to write."),
     copy_embedder: bool = typer.Option(False, "--copy-embedder", help="Copy the embedder's weights into the export."),
-    force: bool = ForceOpt,
+    **shared: Any,
 ) -> None:
     """Write a model directory for vla.load (weights, tokenizer or embedder name, model card); the embedder is copied only with --copy-embedder."""
-    from vla.stages.export import ExportRecipe, run
-
-    art = run(ExportRecipe(copy_embedder=copy_embedder), src, out, force=force, command=_command())
+    art = run_stage("export", {**locals(), "copy_embedder": copy_embedder or None}, inputs=("src",))
     console.print(f"[green]✓[/] export → {art.path}  ({len(art.manifest['outputs'])} files); "
                   f"load it with vla.load({str(art.path)!r})")
 
