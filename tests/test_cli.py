@@ -155,13 +155,13 @@ def test_data_reaches_every_stage_as_the_string_typed(monkeypatch):
 #: what a stage opens before its data, stood in for so that `s3://...` is the first thing it reads
 _BEFORE_DATA = {
     "stage2-roi": {"vla.stages.stage2_roi.open_artifact": lambda *a, **k: None},
-    "train-teacher": {"vla.data.teacher_inputs.open_regions": lambda *a, **k: (_ART, None),
+    "train-teacher": {"vla.models.dclip.inputs.open_regions": lambda *a, **k: (_ART, None),
                       "vla.models.dclip.load_dclip_clip": lambda ref: (None, None, "clip"),
-                      "vla.data.teacher_inputs.check_same_clip": lambda *a: None},
+                      "vla.models.dclip.inputs.check_same_clip": lambda *a: None},
     "train-student": {"vla.stages.train_student.open_teacher": lambda *a: (_ART, 0),
-                      "vla.data.teacher_inputs.open_regions": lambda *a, **k: (_ART, None),
+                      "vla.models.dclip.inputs.open_regions": lambda *a, **k: (_ART, None),
                       "vla.models.dclip.load_dclip_clip": lambda ref: (_CLIP, None, "clip"),
-                      "vla.data.teacher_inputs.check_same_clip": lambda *a: None,
+                      "vla.models.dclip.inputs.check_same_clip": lambda *a: None,
                       "vla.models.dclip.vision_variants.apply_variant": lambda *a: None},
 }
 

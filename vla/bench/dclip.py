@@ -107,7 +107,7 @@ def _teacher_epoch(samples, regions_dir: Path, captions: dict, clip, from_table:
     import torch
 
     from vla.data.regions import RegionStore
-    from vla.data.teacher_inputs import teacher_inputs
+    from vla.models.dclip.inputs import teacher_inputs
     from vla.losses import dclip_teacher_loss
     from vla.models.dclip import MetaTeacher, TeacherConfig, clip_text_states
     from vla.stages.precompute_regions import encode_images
@@ -150,7 +150,7 @@ def bench_teacher(samples, found: list, rounds: int, batch: int) -> tuple[Figure
     import torch
 
     from vla.data.regions import write_index, write_shard
-    from vla.data.teacher_inputs import caption_index
+    from vla.models.dclip.inputs import caption_index
     from vla.models.clip import load_clip
 
     torch.manual_seed(SEED)

@@ -125,7 +125,7 @@ def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool 
 
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
-    from vla.data.teacher_inputs import (TextTower, check_keys, check_same_clip, data_of, global_batch,
+    from vla.models.dclip.inputs import (TextTower, check_keys, check_same_clip, data_of, global_batch,
                                          open_regions, read_caption_lists, steps_per_epoch, teacher_inputs)
     from vla.distributed import init_distributed
     from vla.losses import dclip_student_loss

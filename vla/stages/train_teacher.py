@@ -65,7 +65,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
         command: Sequence[str] | None = None) -> Artifact:
     import torch
 
-    from vla.data.teacher_inputs import (TextTower, caption_index, check_keys, check_same_clip, data_of,
+    from vla.models.dclip.inputs import (TextTower, caption_index, check_keys, check_same_clip, data_of,
                                          global_batch, open_regions, read_caption_lists, steps_per_epoch,
                                          teacher_inputs)
     from vla.distributed import init_distributed
