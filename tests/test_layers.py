@@ -57,3 +57,40 @@ def test_no_private_name_of_a_stage_is_imported_elsewhere():
     bad = [(m, t, n) for m, imports in MODULES.items() for t, names in imports
            if _is_stage(t) and t != m for n in names if n.startswith("_")]
     assert not bad, bad
+
+
+#: the floors, lowest first: a module imports only from its own floor or below
+FLOORS = [
+    ("vla.errors", "vla.offline", "vla.progress", "vla.__version__"),
+    ("vla.artifacts", "vla.recipes", "vla.checkpoint", "vla.distributed", "vla.optim", "vla.textbatch"),
+    ("vla.data",),
+    ("vla.models", "vla.losses"),
+    ("vla.cache", "vla.train"),
+    ("vla.evaluate",),
+    ("vla.stages",),
+    ("vla.bench", "vla.gpucheck", "vla.docs", "vla.cli", "vla.__main__", "vla"),
+]
+
+
+def _floor(module: str) -> int:
+    best = None
+    for i, prefixes in enumerate(FLOORS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+                best = (i, p)
+    assert best is not None, f"{module} is on no floor: add it to FLOORS"
+    return best[0]
+
+
+def test_no_import_runs_back_up_the_floors():
+    """data → models/losses → cache/train → evaluate → stages → cli: `vla.load` lives in
+    vla/models/load.py, the export stage in vla/stages/export.py, DCLIP's teacher inputs in
+    vla/models/dclip/; `from vla import X` counts as importing vla.X."""
+    bad = []
+    for m, imports in MODULES.items():
+        for t, names in imports:
+            if not t.startswith("vla"):
+                continue
+            targets = [f"{t}.{n}" if t == "vla" else t for n in (names or [""])] if t == "vla" and names else [t]
+            bad += [(m, x) for x in targets if _floor(x) > _floor(m)]
+    assert not bad, bad
