@@ -16,21 +16,20 @@ model missing offline is a UserError at once instead of a download attempt.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
 from vla.errors import UserError
 from vla.models import registry
-from vla.models.encoder import as_images, as_texts
+from vla.models.encoder import as_images, as_texts, inference
 from vla.models.weights import load_state_dict, refused_pickle_message, save_state_dict
 from vla.offline import is_offline
 
@@ -220,7 +219,7 @@ class ClipModel:
         # the image tower's own device and dtype: a stage may have moved only that tower
         first = next(self.model.visual.parameters())
         out = []
-        with _inference(self.model):
+        with inference(self.model):
             for pixels in chunks:
                 feats = self.model.encode_image(pixels.to(first.device, first.dtype), normalize=True)
                 out.append(feats.float().cpu())
@@ -231,7 +230,7 @@ class ClipModel:
         longer than `text_context_length` tokens are truncated, as open_clip's tokenizer does."""
         texts = as_texts(texts)
         out = []
-        with _inference(self.model):
+        with inference(self.model):
             for start in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
@@ -263,18 +262,6 @@ class ClipModel:
         weights = self.source.pretrained and f"{self.source.pretrained} weights" or self.weights_file or "random init"
         return (f"ClipModel(name={self.name!r}, embed_dim={self.embed_dim}, image: {self.describe_image_tower()}, "
                 f"text: {self.text_context_length}-token context, weights={weights!r}, device={self.device})")
-
-
-@contextlib.contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode without grad, then the caller's mode back (a training stage may be mid-epoch)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def load_clip(name: str, *, device: str = "cpu", precision: str = "fp32") -> ClipModel:

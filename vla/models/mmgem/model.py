@@ -26,12 +26,11 @@ Captioning goes through transformers' ``generate`` (KV cache, greedy or beam sea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,9 @@ from torch import Tensor, nn
 
 from vla.errors import UserError
 from vla.losses import LogitScale
+from vla.models.encoder import inference
 from vla.models.mmgem.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
-                                  soft_prompt_tokens)
+                                        soft_prompt_tokens)
 from vla.models.mmgem.pool_aggregator import RoIPool, check_boxes, mean_pool
 from vla.models.weights import load_state_dict, save_state_dict
 
@@ -377,7 +377,7 @@ class MMGEM(nn.Module):
         transformers' ``generate`` with its KV cache, greedy (``num_beams=1``) or beam search.
         All inputs have the same length ``(1)+P+k``, so no padding is involved.
         """
-        with _inference(self):
+        with inference(self):
             embeds = self.caption_inputs(pixels, boxes, soft)
             out = self.lm.generate(
                 inputs_embeds=embeds,
@@ -425,13 +425,13 @@ class MMGEM(nn.Module):
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
     def encode_image(self, images: Sequence[Image.Image], batch_size: int = 64) -> Tensor:
-        with _inference(self):
+        with inference(self):
             out = [self.image_embedding(self.pixels(images[s : s + batch_size]))
                    for s in range(0, len(images), batch_size)]
         return F.normalize(torch.cat(out), dim=-1).float().cpu() if out else torch.empty(0, self.embed_dim)
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
-        with _inference(self):
+        with inference(self):
             out = [self.text_embedding(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return F.normalize(torch.cat(out), dim=-1).float().cpu() if out else torch.empty(0, self.embed_dim)
 
@@ -442,7 +442,7 @@ class MMGEM(nn.Module):
         COCO and a detector give), mapped through the tower's resize and crop (`input_boxes`); or
         in the tower's input pixels with ``box_frame="input"``."""
         mapped = self.frame_boxes(images, boxes, box_frame, keys)
-        with _inference(self):
+        with inference(self):
             out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in mapped])
         return F.normalize(out, dim=-1).float().cpu()
 
@@ -556,18 +556,6 @@ def greedy_decode_without_cache(model: MMGEM, inputs_embeds: Tensor, max_new_tok
             break
         seq = torch.cat([seq, table(nxt)[:, None]], dim=1)
     return [_until_eos(row, model.eos_id) for row in tokens.tolist()]
-
-
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode without grad, then the caller's mode back (a training stage may be mid-epoch)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def build_mmgem(
