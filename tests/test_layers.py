@@ -65,7 +65,7 @@ FLOORS = [
     ("vla.artifacts", "vla.recipes", "vla.checkpoint", "vla.distributed", "vla.optim", "vla.textbatch"),
     ("vla.data",),
     ("vla.models", "vla.losses"),
-    ("vla.cache", "vla.train"),
+    ("vla.cache", "vla.train", "vla.reporter"),
     ("vla.evaluate",),
     ("vla.stages",),
     ("vla.bench", "vla.gpucheck", "vla.docs", "vla.cli", "vla.__main__", "vla"),

@@ -156,12 +156,12 @@ def _measure_only(teacher, step, batches, micro_batches: int, dist):
     import torch
 
     from vla.distributed import all_reduce_mean
-    from vla.train import TrainResult, _to_device
+    from vla.train import TrainResult, to_device
 
     start, losses, samples = time.perf_counter(), [], 0
     with torch.no_grad():
         for _, b in zip(range(micro_batches), batches):
-            losses.append(step(teacher, _to_device(b, dist.device))["loss"].float())
+            losses.append(step(teacher, to_device(b, dist.device))["loss"].float())
             samples += b["n"] * dist.world_size
     mean = float(all_reduce_mean(torch.stack(losses).mean())) if losses else 0.0
     wall = time.perf_counter() - start
