@@ -10,7 +10,8 @@ What a stage may write, checked by `claim_out` before any compute:
   input's lineage) is refused, `--force` or not;
 - `--force` replaces only a vla artifact or an empty directory, never other files;
 - one writer per `--out`: the builder holds an exclusive `flock` on the sibling `.NAME.lock`
-  (rank 0 under torchrun); a second writer is refused, naming the process that holds it.
+  (rank 0 under torchrun); a second writer is refused, naming the process that holds it
+  (vla/locks.py).
 A partial whose run stopped records why in `stopped.json`, so that `open_artifact` (and so
 `vla inspect`) can tell a run being built, a run that stopped and a run that was killed apart.
 
@@ -26,13 +27,10 @@ directory of the wrong kind or a newer format before any compute is spent.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from vla import __version__
 from vla.errors import Interrupted, StageError, UserError, VlaError
+from vla.locks import acquire, describe_holder, lock_path, read_holder, release, release_all  # noqa: F401
 
 FORMAT = "vla-artifact"
 FORMAT_VERSION = 1
@@ -69,11 +68,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def partial_dir(out: Path) -> Path:
     """Where `out` is built: a hidden sibling, on the same filesystem so the final rename is atomic."""
     return out.parent / f".{out.name}.partial"
-
-
-def lock_path(out: Path) -> Path:
-    """The file whose `flock` makes one process the writer of `out` (beside its partial)."""
-    return out.parent / f".{out.name}.lock"
 
 
 @lru_cache(maxsize=1)
@@ -271,7 +265,11 @@ def claim_out(out: str | Path, *, force: bool, inputs: Mapping[str, Any] | None 
                             f"{entries[0]!r}); vla replaces only its own artifacts or an empty "
                             f"directory: choose another --out")
     if _rank() == 0:
-        _lock(out)
+        acquire(out)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _kind_of(out: Path) -> str:
@@ -279,115 +277,6 @@ def _kind_of(out: Path) -> str:
         return json.loads((out / MANIFEST).read_text()).get("kind", "?")
     except (OSError, ValueError):
         return "?"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-class _WriterLock:
-    """An exclusive `flock` on `.NAME.lock`, whose content names the holder (pid, host, command).
-
-    The file is removed when the artifact is finished. A process that opened the file before
-    it was removed could lock the removed file: it checks, after locking, that the path still
-    leads to the file it locked, and retries otherwise."""
-
-    def __init__(self, out: Path):
-        self.out, self.path, self.fd = out, lock_path(out), None
-
-    def acquire(self) -> None:
-        while True:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)  # --out may name new directories
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise UserError(f"--out {self.out}: cannot create {self.path} ({e.strerror}); choose an "
-                                f"--out in a directory you can write to") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise UserError(f"{self.out} is being built by another vla run ({_describe(read_holder(self.out))}); "
-                                f"wait for it to finish, or choose another --out") from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)  # while still held, so no other process can hold the removed file
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-        self.fd = None
-
-
-_HELD: dict[Path, _WriterLock] = {}  # the writer locks this process holds, by resolved --out
-
-
-def _lock(out: Path) -> None:
-    key = out.resolve()
-    if key not in _HELD:
-        lock = _WriterLock(out)
-        lock.acquire()
-        _HELD[key] = lock
-
-
-def release(out: str | Path) -> None:
-    """Give up this process' writer lock on `out` (when its build ends, finished or not)."""
-    lock = _HELD.pop(Path(out).resolve(), None)
-    if lock is not None:
-        lock.release()
-
-
-def release_all() -> None:
-    """Give up every writer lock this process holds (the CLI calls it when a command ends)."""
-    for key in list(_HELD):
-        _HELD.pop(key).release()
-
-
-def read_holder(out: Path) -> dict[str, Any] | None:
-    """Who holds `out`'s writer lock, or None when no live process does."""
-    out = Path(out)
-    if out.resolve() in _HELD:
-        return {"pid": os.getpid(), "host": socket.gethostname()}
-    try:
-        fd = os.open(lock_path(out), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # held: read who holds it
-            try:
-                return json.loads(os.read(fd, 65536) or b"{}")
-            except ValueError:
-                return {}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # a stale file left by a killed run
-    finally:
-        os.close(fd)
-
-
-def _describe(holder: dict[str, Any] | None) -> str:
-    if not holder:
-        return "a process that has just started"
-    where = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-    return where + (f", since {holder['started']}" if holder.get("started") else "")
 
 
 def checkpoint_step(out: Path) -> int | None:
@@ -415,7 +304,7 @@ def unfinished(out: Path) -> str:
     """One line on the state of `out`'s partial: being built now, stopped (and why), or killed."""
     holder = read_holder(out)
     if holder is not None:
-        return f"{out} is being built right now ({_describe(holder)}); wait for it to finish"
+        return f"{out} is being built right now ({describe_holder(holder)}); wait for it to finish"
     try:
         stopped = json.loads((partial_dir(out) / STOPPED).read_text())
         why = f"its run stopped: {stopped['reason']}"
