@@ -307,7 +307,7 @@ bench: $(STAMP)
 	$(BIN)/python -m vla.bench $(BENCH_FLAGS)
 	$(DOCS) bench && $(DOCS) readme
 
-# the checks only a GPU can make (see vla/gpucheck.py); without a GPU it says so and exits 0.
+# the checks only a GPU can make (see vla/gpucheck/); without a GPU it says so and exits 0.
 # GPU_CHECK_FLAGS="--device cpu" self-tests the script at tiny sizes on the CPU.
 gpu-check: $(STAMP)
 	$(BIN)/python -m vla.gpucheck $(GPU_CHECK_FLAGS)
