@@ -114,6 +114,7 @@ def test_wrong_artifact_kind_refused_before_compute(tmp_path):
 from pathlib import Path  # noqa: E402
 
 from vla import cli  # noqa: E402
+from vla.recipes import shipped_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +139,7 @@ def _reach_stage(monkeypatch, kind: str, args: list) -> dict:
 
     monkeypatch.setattr(cli, "_check_models", lambda refs: None)
     monkeypatch.setattr(sys.modules[stage_run(kind).__module__], "run", record)
-    r = runner.invoke(app, [kind, *args, "--recipe", str(ROOT / "recipes" / "smoke" / f"{kind}.yaml")])
+    r = runner.invoke(app, [kind, *args, "--recipe", str(shipped_recipe("smoke", kind))])
     assert seen, r.output
     return seen
 
@@ -197,7 +198,7 @@ def test_data_reaches_the_reader_unchanged_from_every_training_command(monkeypat
         for target, stand_in in _BEFORE_DATA.get(kind, {}).items():
             monkeypatch.setattr(target, stand_in)
         r = runner.invoke(app, [kind, *extra, "--data", DATA, "--out", str(tmp_path / kind),
-                                "--recipe", str(ROOT / "recipes" / "smoke" / f"{kind}.yaml")])
+                                "--recipe", str(shipped_recipe("smoke", kind))])
         assert "the reader was reached" in r.output and r.exit_code == 2, (kind, r.output)
         assert got[kind] == DATA and isinstance(got[kind], str), (kind, got[kind])
 

@@ -148,7 +148,7 @@ def test_train_detector_refuses_a_data_yaml_with_a_download_script(tmp_path):
     data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n"
                     f"download: open({str(marker)!r}, 'w').write('ran')\n")
     r = invoke("train-detector", "--data", data, "--out", tmp_path / "d", "--recipe",
-               ROOT / "recipes/smoke/train-detector.yaml")
+               ROOT / "recipes/smoke/dclip/train-detector.yaml")
     line = one_line_error(r)
     assert str(data) in line and "download:" in line
     assert not marker.exists()
@@ -173,7 +173,7 @@ def test_a_label_cache_whose_pickle_runs_code_is_rebuilt_not_loaded(tmp_path):
     with pytest.raises(Refused, match="builtins.exec"):
         load_npy_object(cache)
     r = invoke("train-detector", "--data", tmp_path / "w", "--out", tmp_path / "d", "--recipe",
-               ROOT / "recipes/smoke/train-detector.yaml", "--set", "epochs=1", "--set", "imgsz=32")
+               ROOT / "recipes/smoke/dclip/train-detector.yaml", "--set", "epochs=1", "--set", "imgsz=32")
     assert r.exit_code == 0, r.output
     assert not marker.exists()
     assert load_npy_object(cache)["version"] != "x"  # ultralytics wrote its own cache over it

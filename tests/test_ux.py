@@ -332,7 +332,7 @@ def test_clip_model_takes_one_item_or_a_list():
 # --- item 1: the real-model make line -----------------------------------------------------------
 
 REAL = ["NPROC=8", "TEACHER=clip-vit-l", "EMBEDDER=qwen", "DATA=/data/shards/{00000..00999}.tar",
-        "EVAL=/data/evalsets", "RECIPES=recipes/proclip", "RUNS=runs/proclip-vitl"]
+        "EVAL=/data/evalsets", "RECIPES=recipes/gpu", "RUNS=runs/proclip-vitl"]
 
 
 def _make(*args, env=None):
@@ -349,7 +349,7 @@ def test_make_n_real_line_runs_training_under_torchrun_with_its_own_paths():
     for name in ("distill", "contrast-tune", "contrast-tune random"):
         assert "torchrun --standalone --nproc-per-node 8 .venv/bin/vla" in stage[name], stage[name]
         assert "--data '/data/shards/{00000..00999}.tar'" in stage[name]  # braces reach vla, not bash
-        assert "runs/proclip-vitl/" in stage[name] and "recipes/proclip/" in stage[name]
+        assert "runs/proclip-vitl/" in stage[name] and "recipes/gpu/proclip/" in stage[name]
     assert "torchrun" not in stage["eval"] and "--data '/data/evalsets'" in stage["eval"]
     assert "--out exports/proclip-vitl" in stage["export"]  # EXPORT follows RUNS
     assert "pretrain" not in stage  # a TEACHER is given: no small CLIP to pre-train

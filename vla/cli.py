@@ -304,7 +304,7 @@ def synth(
 ) -> None:
     """Generate the embedded synthetic world: shards, evaluation sets and a YOLO copy.
 
-    Recipe knobs (recipes/synth.yaml explains each; docs/world.md), beside the
+    Recipe knobs (recipes/embedded/synth.yaml explains each; docs/world.md), beside the
     sizes n_train, n_val, n_test: image_size (stored px; 256 = 4x the CLIP's 64,
     so a small object's crop keeps >= 24 px), pattern_period and pattern_contrast
     (fill patterns that the 64 px view loses and a crop keeps), probe_train (the

@@ -24,7 +24,7 @@ from pathlib import Path
 from vla.bench import BENCH_DIR, Figure, Part, alternate
 
 BATCH = 128
-LONG_CAPTION_PROB = 0.5  # recipes/embedded/contrast-tune.yaml
+LONG_CAPTION_PROB = 0.5  # recipes/embedded/proclip/contrast-tune.yaml
 SEED = 0
 
 

@@ -29,7 +29,7 @@ from typing import Iterator
 from vla.bench import Figure, Part, alternate
 
 BATCH = 128
-LONG_CAPTION_PROB = 0.25  # recipes/embedded/joint-train.yaml
+LONG_CAPTION_PROB = 0.25  # recipes/embedded/mmgem/joint-train.yaml
 SEED = 0
 
 

@@ -150,16 +150,16 @@ def check_curriculum(s: Sizes, work: Path) -> str:
     _vla("pretrain", "--data", str(world), "--out", str(runs / "clip"), "--recipe", str(SMOKE / "pretrain.yaml"),
          "--force", *on, *evals)
     _vla("distill", "--data", str(world), "--teacher", str(runs / "clip"), "--embedder", s.embedder,
-         "--out", str(runs / "distill"), "--recipe", str(SMOKE / "distill.yaml"), "--force", *on,
+         "--out", str(runs / "distill"), "--recipe", str(SMOKE / "proclip" / "distill.yaml"), "--force", *on,
          "--set", "val_rows=8", "--set", "embedder.max_length=64")
     _vla("contrast-tune", "--data", str(world), "--init", str(runs / "distill"), "--out", str(runs / "contrast"),
-         "--recipe", str(SMOKE / "contrast-tune.yaml"), "--force", *on, *evals,
+         "--recipe", str(SMOKE / "proclip" / "contrast-tune.yaml"), "--force", *on, *evals,
          "--set", "train.grad_checkpointing=true")
     _vla("contrast-tune", "--data", str(world), "--init", "random", "--clip", str(runs / "clip"),
-         "--embedder", s.embedder, "--out", str(runs / "llm2clip"), "--recipe", str(SMOKE / "llm2clip.yaml"),
+         "--embedder", s.embedder, "--out", str(runs / "llm2clip"), "--recipe", str(SMOKE / "proclip" / "llm2clip.yaml"),
          "--force", *on, *evals, "--set", "embedder.max_length=64")
     _vla("eval", str(runs / "clip"), str(runs / "llm2clip"), str(runs / "contrast"), "--data", str(world),
-         "--out", str(runs / "eval"), "--recipe", str(SMOKE / "eval.yaml"), "--force",
+         "--out", str(runs / "eval"), "--recipe", str(SMOKE / "proclip" / "eval.yaml"), "--force",
          "--set", f"sets={s.eval_sets}", "--set", f"device={s.device}")
     devices = {name: _manifest(runs / name).get("device", "?")
                for name in ("clip", "distill", "contrast", "llm2clip", "eval")}
@@ -183,18 +183,18 @@ def check_dclip(s: Sizes, work: Path) -> str:
     detector = "oracle"  # the CPU self-test's world has no YOLO copy: the synthetic boxes stand in
     if s.device == "cuda":
         detector = str(d / "detector")
-        _vla("train-detector", "--data", str(world), "--out", detector, "--recipe", str(SMOKE / "train-detector.yaml"),
+        _vla("train-detector", "--data", str(world), "--out", detector, "--recipe", str(SMOKE / "dclip" / "train-detector.yaml"),
              "--force", "--set", "device=0")
     _vla("precompute-regions", "--data", str(world), "--detector", detector, "--clip", str(runs / "clip"),
-         "--out", str(d / "regions"), "--recipe", str(SMOKE / "precompute-regions.yaml"), "--force",
+         "--out", str(d / "regions"), "--recipe", str(SMOKE / "dclip" / "precompute-regions.yaml"), "--force",
          "--set", f"device={s.device}")
     _vla("train-teacher", "--regions", str(d / "regions"), "--out", str(d / "teacher"), "--recipe",
-         str(SMOKE / "train-teacher.yaml"), "--force", *on)
+         str(SMOKE / "dclip" / "train-teacher.yaml"), "--force", *on)
     _vla("train-student", "--teacher", str(d / "teacher"), "--out", str(d / "student"), "--recipe",
-         str(SMOKE / "train-student.yaml"), "--force", *on, "--set", f"train.steps={s.steps}",
+         str(SMOKE / "dclip" / "train-student.yaml"), "--force", *on, "--set", f"train.steps={s.steps}",
          "--set", f"eval.sets={s.eval_sets}")
     _vla("eval", str(runs / "clip"), str(d / "student"), "--data", str(world), "--out", str(d / "eval"),
-         "--recipe", str(SMOKE / "eval.yaml"), "--force", "--set", f"sets={s.eval_sets}", "--set", f"device={s.device}")
+         "--recipe", str(SMOKE / "proclip" / "eval.yaml"), "--force", "--set", f"sets={s.eval_sets}", "--set", f"device={s.device}")
     devices = {name: _manifest(d / name).get("device", "?") for name in ("student", "eval")}
     wrong = {k: v for k, v in devices.items() if not v.startswith(s.device)}
     if wrong:
@@ -212,12 +212,12 @@ def check_mmgem(s: Sizes, work: Path) -> str:
     on = ["--set", f"train.precision={s.precision}", "--set", f"train.device={s.device}",
           "--set", f"train.steps={s.steps}"]
     m = runs / "mmgem"
-    _vla("joint-train", "--data", str(world), "--out", str(m / "joint"), "--recipe", str(SMOKE / "joint-train.yaml"),
+    _vla("joint-train", "--data", str(world), "--out", str(m / "joint"), "--recipe", str(SMOKE / "mmgem" / "joint-train.yaml"),
          "--force", *on, "--set", "eval.sets=[]")
     _vla("stage2-roi", "--data", str(world), "--init", str(m / "joint"), "--out", str(m / "stage2"), "--recipe",
-         str(SMOKE / "stage2-roi.yaml"), "--force", *on)
+         str(SMOKE / "mmgem" / "stage2-roi.yaml"), "--force", *on)
     _vla("eval", str(m / "stage2"), "--data", str(world), "--out", str(m / "eval"), "--recipe",
-         str(SMOKE / "eval-mmgem.yaml"), "--force", "--set", f"device={s.device}",
+         str(SMOKE / "mmgem" / "eval-mmgem.yaml"), "--force", "--set", f"device={s.device}",
          "--set", "sets=[retrieval,captioning]")
     devices = {name: _manifest(m / name).get("device", "?") for name in ("joint", "stage2", "eval")}
     wrong = {k: v for k, v in devices.items() if not v.startswith(s.device)}
@@ -261,10 +261,10 @@ def check_torchrun(s: Sizes, work: Path) -> str:
     on = ["--set", f"train.precision={s.precision}", "--set", f"train.device={s.device}",
           "--set", f"train.steps={s.steps}", "--set", f"train.batch_size={s.batch}", "--force"]
     _run([*torchrun, "distill", "--data", str(world), "--teacher", str(runs / "clip"), "--embedder", s.embedder,
-          "--out", str(work / "ddp-distill"), "--recipe", str(SMOKE / "distill.yaml"), *on,
+          "--out", str(work / "ddp-distill"), "--recipe", str(SMOKE / "proclip" / "distill.yaml"), *on,
           "--set", "val_rows=8", "--set", "embedder.max_length=64"])
     _run([*torchrun, "contrast-tune", "--data", str(world), "--init", str(runs / "distill"),
-          "--out", str(work / "ddp-contrast"), "--recipe", str(SMOKE / "contrast-tune.yaml"), *on,
+          "--out", str(work / "ddp-contrast"), "--recipe", str(SMOKE / "proclip" / "contrast-tune.yaml"), *on,
           "--set", "eval.sets=[]"])
     m = _manifest(work / "ddp-contrast")
     want = s.steps * s.batch * n

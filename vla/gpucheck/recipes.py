@@ -37,14 +37,14 @@ class RecipeRow:
 
 
 RECIPE_ROWS = [
-    RecipeRow("ProCLIP distill: Qwen3-Embedding-0.6B encode (bf16, 512 tokens)", "recipes/proclip/distill.yaml", (256, 2)),
-    RecipeRow("ProCLIP distill: adapter step", "recipes/proclip/distill.yaml", (128, 4)),
-    RecipeRow("ProCLIP contrast-tune: ViT-L/14 + adapter + EMA teacher", "recipes/proclip/contrast-tune.yaml", (512, 4)),
-    RecipeRow("LLM2CLIP: ViT-L/14 + adapter", "recipes/proclip/llm2clip.yaml", (512, 4)),
-    RecipeRow("DCLIP precompute-regions: YOLOv8x detect (640 px)", "recipes/dclip/precompute-regions.yaml", (32, 2)),
-    RecipeRow("DCLIP train-teacher: meta-teacher (512-d, 8 heads)", "recipes/dclip/train-teacher.yaml", (256, 4)),
-    RecipeRow("DCLIP train-student: ViT-B/16", "recipes/dclip/train-student.yaml", (256, 4)),
-    RecipeRow("MM-GEM joint-train: ViT-L/14 + TinyLlama-1.1B (50 tokens, LAMB)", "recipes/mmgem/joint-train.yaml", (256, 4)),
+    RecipeRow("ProCLIP distill: Qwen3-Embedding-0.6B encode (bf16, 512 tokens)", "recipes/gpu/proclip/distill.yaml", (256, 2)),
+    RecipeRow("ProCLIP distill: adapter step", "recipes/gpu/proclip/distill.yaml", (128, 4)),
+    RecipeRow("ProCLIP contrast-tune: ViT-L/14 + adapter + EMA teacher", "recipes/gpu/proclip/contrast-tune.yaml", (512, 4)),
+    RecipeRow("LLM2CLIP: ViT-L/14 + adapter", "recipes/gpu/proclip/llm2clip.yaml", (512, 4)),
+    RecipeRow("DCLIP precompute-regions: YOLOv8x detect (640 px)", "recipes/gpu/dclip/precompute-regions.yaml", (32, 2)),
+    RecipeRow("DCLIP train-teacher: meta-teacher (512-d, 8 heads)", "recipes/gpu/dclip/train-teacher.yaml", (256, 4)),
+    RecipeRow("DCLIP train-student: ViT-B/16", "recipes/gpu/dclip/train-student.yaml", (256, 4)),
+    RecipeRow("MM-GEM joint-train: ViT-L/14 + TinyLlama-1.1B (50 tokens, LAMB)", "recipes/gpu/mmgem/joint-train.yaml", (256, 4)),
 ]
 
 
