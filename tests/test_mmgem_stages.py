@@ -191,7 +191,7 @@ def test_a_bad_out_is_refused_before_any_model_loads(chain, tmp_path) -> None:
 
 def test_data_whose_regions_are_all_cropped_away_stops_naming_the_reason(chain, tmp_path) -> None:
     """A region the centre crop removes is not usable; samples without a usable region are skipped
-    (tests/test_mmgem_stage2_data.py), and data with none at all stops, naming why."""
+    (tests/test_stage2_roi.py), and data with none at all stops, naming why."""
     from vla.data.sample import Region, Sample
     from vla.data.shards import ShardWriter
 
