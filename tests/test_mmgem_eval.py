@@ -15,6 +15,7 @@ from vla.cli import app
 from vla.evaluate.evalsets import load_eval_set
 from vla.evaluate.run import (CaptionConfig, Captioner, RegionEncoder, caption_subset, evaluate_model,
                               image_captions, region_captions, region_embeddings, truncation)
+from tests.conftest import cli
 
 runner = CliRunner()
 # n_test=24: the long-text property (>= 50% of long captions share their visible prefix) is a
@@ -23,12 +24,6 @@ WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=32", "--set",
          "--set", "shard_size=16"]
 FEW_STEPS = ["--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--set", "eval.sets=[]"]
 CLIP = "vla-micro-clip"
-
-
-def cli(*args) -> object:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,13 @@ from typer.testing import CliRunner
 
 from vla.cli import app
 from tests.test_cli import vla
+from tests.conftest import cli
 
 runner = CliRunner()
 WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=48", "--set", "n_val=8", "--set", "n_test=24",
          "--set", "shard_size=24"]
 JOINT = ["--recipe", "recipes/smoke/mmgem/joint-train.yaml"]
 STAGE2 = ["--recipe", "recipes/smoke/mmgem/stage2-roi.yaml"]
-
-
-def cli(*args) -> object:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,12 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from vla.cli import app
+from tests.conftest import cli
 
-runner = CliRunner()
+
 WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=32", "--set", "n_val=8", "--set", "n_test=12",
          "--set", "shard_size=16"]
-
-
-def cli(*args, code: int = 0):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, r.output
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,11 @@ import json
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from vla.cli import app
+from tests.conftest import cli
 
-runner = CliRunner()
+
 FEW = ["--set", "eval.sets=[]", "--set", "train.batch_size=4", "--set", "data.shuffle_buffer=0"]
-
-
-def cli(*args, code: int = 0):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, r.output
-    return r
 
 
 @pytest.fixture(scope="module")
