@@ -4,6 +4,8 @@ A stage command is its own options under `@stage_command` (which adds the shared
 training flags on a command that trains, then --recipe, --set and --force) and one call,
 `run_stage(kind, locals())`, which turns the options into recipe overrides (`recipe_overrides`)
 and runs the stage. A new stage adds its recipe class to `vla.stages.RECIPES` and a command here.
+The shared options, `stage_command` and `run_stage` are in vla/cli/shape.py; the commands that
+read artifacts and recipes (inspect, models, recipe show, eval-merge) in vla/cli/tools.py.
 
 Heavy imports (torch, open_clip, transformers) happen inside the commands, so `vla --help` is fast.
 Errors: a `UserError` prints one red line and exits 2, a `StageError` exits 1, anything else is
@@ -13,165 +15,15 @@ exit code. Output piped into a command that stops reading (`vla eval ... | head`
 
 from __future__ import annotations
 
-import functools
-import inspect
-import json
-import os
-import sys
-import traceback
-from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
-from rich.tree import Tree
 
-from vla import __version__
-from vla.errors import Interrupted, UserError, VlaError
-
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
-app = typer.Typer(
-    name="vla",
-    help="Vision-language alignment curricula as staged, reproducible commands: ProCLIP (with the "
-         "LLM2CLIP baseline), DCLIP and MM-GEM.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-    context_settings=HELP_OPTIONS,
-)
-recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True, context_settings=HELP_OPTIONS)
-app.add_typer(recipe_app, name="recipe")
-
-class _StdoutConsole(Console):
-    """stdout: a reader that stops reading (`vla eval ... | head`) got what it wanted, so that
-    ends the command quietly with exit 0 (rich's default exits 1)."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        _stdout_closed()
-        raise typer.Exit(0)
-
-
-# soft_wrap: lines are never cut at the console's width, so tables and dicts piped to a file or
-# a log (where rich would assume 80 columns) stay one line each; a terminal wraps them itself.
-console = _StdoutConsole(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-
-# --- the shared options ----------------------------------------------------------------------
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe file (see recipes/).")
-SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
-                      help="Override a recipe value: --set train.lr=1e-3 (repeatable).")
-ForceOpt = typer.Option(False, "--force", help="Rebuild even if --out is a finished artifact.")
-OutOpt = typer.Option(..., "--out", "-o", help="Artifact directory to write.")
-DATA_FORMS = ("a directory, a .tar, '/shards/{00000..00999}.tar', a glob, pipe:CMD or a URL, "
-              "as webdataset names them")
-DataOpt = typer.Option(..., "--data", "-d", metavar="DATA",
-                       help=f"A synth artifact, a .jsonl manifest, or WebDataset shards: {DATA_FORMS}.")
-
-
-def data_option(what: str, required: bool = False) -> Any:
-    """`--data` as a plain string (URLs and `pipe:` reach the reader unchanged), described per command."""
-    return typer.Option(... if required else None, "--data", "-d", metavar="DATA", help=what)
-
-
-# The training loop's most used settings, on every command that trains with it; each is the
-# recipe key train.<name> (vla/train.py's TrainConfig).
-class Precision(str, Enum):
-    """The training loop's precisions (vla.train.PRECISIONS), as a choice the CLI can list."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Device(str, Enum):
-    """Where the training loop runs (TrainConfig.device)."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-StepsOpt = typer.Option(None, "--steps", help="Optimizer steps (train.steps).")
-BatchOpt = typer.Option(None, "--batch-size", help="Batch per process (train.batch_size).")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate (train.lr).")
-PrecisionOpt = typer.Option(None, "--precision", help="Training precision (train.precision).")
-DeviceOpt = typer.Option(None, "--device", help="auto (a GPU when there is one), cpu or cuda (train.device).")
-
-#: the options above, by parameter name: on every training command (tests/test_cli.py holds it)
-TRAIN_FLAGS = ("steps", "batch_size", "lr", "precision", "device")
-#: parameters that are no recipe value: what `run_stage` passes to the stage itself
-NOT_RECIPE = ("models", "data", "src", "out", "recipe", "set_", "force")
-#: parameters named otherwise in the recipe (everything else is the top-level key of its own name)
-RECIPE_KEYS = {"embedder": "embedder.name", "pooling": "embedder.pooling", "epoch": "teacher_epoch"}
-
-
-def _shared(name: str, annotation: Any, option: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
-
-
-#: the training flags, in TRAIN_FLAGS' order, and the options every stage command ends with
-TRAIN_PARAMS = [_shared("steps", Optional[int], StepsOpt), _shared("batch_size", Optional[int], BatchOpt),
-                _shared("lr", Optional[float], LrOpt), _shared("precision", Optional[Precision], PrecisionOpt),
-                _shared("device", Optional[Device], DeviceOpt)]
-RECIPE_PARAMS = [_shared("recipe", Optional[Path], RecipeOpt), _shared("set_", Optional[List[str]], SetOpt),
-                 _shared("force", bool, ForceOpt)]
-
-
-def _debug() -> bool:
-    return os.environ.get("VLA_DEBUG", "") not in ("", "0")
-
-
-def handles_errors(fn: Callable) -> Callable:
-    """Turn vla's errors into one red line and the right exit code (2 user, 1 run time, 128 + the
-    signal for a run stopped by Ctrl-C or SIGTERM); give up this process' `--out` locks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Interrupted as e:  # the training loop stopped on a signal and said what a rerun does
-            err_console.print(f"[yellow]interrupted:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except VlaError as e:
-            if _debug():
-                traceback.print_exc()  # then the same line and exit code as without --debug
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except BrokenPipeError:
-            _stdout_closed()
-            raise typer.Exit(0) from None
-        except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C inside it
-            from vla.artifacts import rerun_hint
-
-            out = kwargs.get("out")
-            hint = rerun_hint(Path(out)) if out else "rerun the same command to start again"
-            err_console.print(f"[yellow]interrupted[/]: {hint}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:  # a bug: say so in one line; --debug shows where
-            if _debug():
-                traceback.print_exc()
-            err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
-                              f"(rerun with --debug for the traceback and report it)",
-                              highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        finally:
-            from vla.artifacts import release_all
-
-            release_all()
-
-    return wrapper
-
-
-def _stdout_closed() -> None:
-    """The reader of our stdout went away (`| head`): the output it wanted is out, so this is a
-    success. Point stdout at /dev/null so that the interpreter's final flush does not fail too."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+from vla.cli.shape import (DATA_FORMS, NOT_RECIPE, RECIPE_KEYS, TRAIN_FLAGS, TRAIN_PARAMS, DataOpt, Device,  # noqa: F401
+                           ForceOpt, OutOpt, Precision, SetOpt, _command, app, console, data_option, err_console,
+                           handles_errors, recipe_app, recipe_overrides, run_stage, stage_command)
+from vla.errors import VlaError
 
 
 def _check_models(refs: list) -> None:
@@ -201,84 +53,6 @@ def _recipe_value(shared: dict, key: str) -> Optional[str]:
     except VlaError:
         return None  # the stage reports a bad recipe properly
     return value if isinstance(value, str) else None
-
-
-def _version(value: bool) -> None:
-    if value:
-        console.print(f"vla {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also VLA_DEBUG=1)."),
-) -> None:
-    if debug:
-        os.environ["VLA_DEBUG"] = "1"
-    from vla.offline import configure_offline
-
-    configure_offline()
-
-
-def _command() -> list[str]:
-    return ["vla", *sys.argv[1:]]
-
-
-def recipe_overrides(recipe_cls: Any, options: dict) -> dict:
-    """A command's options as recipe overrides `{key: value}`: the training flags under `train.`
-    (when the recipe has a training loop), the names in RECIPE_KEYS renamed, every other option
-    under its own name; enums by their value. Options not given (None or empty) are left to the
-    recipe, and NOT_RECIPE ones go to the stage itself."""
-    import dataclasses
-
-    has_loop = "train" in {f.name for f in dataclasses.fields(recipe_cls)}
-    keys = {}
-    for name, value in options.items():
-        if name in NOT_RECIPE or value is None or value == "":
-            continue
-        key = f"train.{name}" if has_loop and name in TRAIN_FLAGS else RECIPE_KEYS.get(name, name)
-        keys[key] = value.value if isinstance(value, Enum) else value
-    return keys
-
-
-def stage_command(name: Optional[str] = None, *, training: bool | tuple[str, ...] = False) -> Callable:
-    """Register a stage command: the function's own parameters, then the training flags
-    (`training=True`: all of TRAIN_FLAGS; a tuple: those named), then --recipe, --set and --force.
-    A shared option the function declares itself keeps its own help. The function receives the
-    shared options as keyword arguments (`**shared`) and hands `locals()` to `run_stage`."""
-    flags = TRAIN_FLAGS if training is True else (training or ())
-
-    def register(fn: Callable) -> Callable:
-        own = inspect.signature(fn, eval_str=True).parameters
-        params = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        params += [p for p in [*TRAIN_PARAMS, *RECIPE_PARAMS]
-                   if p.name not in own and (p.name in flags or p in RECIPE_PARAMS)]
-
-        @functools.wraps(fn)
-        def command(**kwargs: Any) -> Any:
-            return fn(**kwargs)
-
-        command.__signature__ = inspect.Signature(params)  # what Typer reads
-        return app.command(name)(handles_errors(command))
-    return register
-
-
-def run_stage(kind: str, options: dict, inputs: tuple[str, ...] = ("data",)) -> Any:
-    """The one call behind every stage command: `kind`'s typed recipe — the `--recipe` file, then
-    `--set`, then the command's own options (`recipe_overrides`) — and its stage's
-    `run(cfg, *inputs, out, force=..., command=...)`. `options` is the command's `locals()` (its
-    own parameters and the `shared` ones); `inputs` names those the stage takes before `--out`,
-    passed as given (`--data` stays the string the user typed)."""
-    from vla.recipes import load_recipe
-    from vla.stages import recipe_class, stage_run
-
-    options = {**{k: v for k, v in options.items() if k != "shared"}, **options.get("shared", {})}
-    cls = recipe_class(kind)
-    given = [f"{key}={value}" for key, value in recipe_overrides(cls, options).items()]
-    cfg = load_recipe(cls, options.get("recipe"), list(options.get("set_") or []) + given, kind=kind)
-    return stage_run(kind)(cfg, *(options[name] for name in inputs), options["out"],
-                           force=options.get("force", False), command=_command())
 
 
 def _print_done(art) -> None:
@@ -344,23 +118,6 @@ def eval_(
     art = run_stage("eval", {**locals(), "sets": f"[{sets}]" if sets else None}, inputs=("models", "data"))
     console.print((art.path / "results.md").read_text(), highlight=False)
     console.print(f"[green]✓[/] eval → {out}")
-
-
-@app.command("eval-merge")
-@handles_errors
-def eval_merge(
-    inputs: List[Path] = typer.Argument(..., help="Eval artifacts, CLIP_benchmark result JSONs, "
-                                                  "or directories of them."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged table, chart, "
-                                                      "results.json and benchmark.csv."),
-) -> None:
-    """Merge several `vla eval` runs (or CLIP_benchmark results) into one table, as
-    `clip_benchmark build` does (its benchmark.csv is written too)."""
-    from vla.evaluate.merge import merge
-
-    files = merge(inputs, out)
-    console.print(files["results.md"].read_text(), highlight=False)
-    console.print(f"[green]✓[/] eval-merge → {out}")
 
 
 @stage_command()
@@ -530,109 +287,7 @@ def train_student(
     _print_done(run_stage("train-student", locals()))
 
 
-# ---------------------------------------------------------------------------------------------
-@app.command()
-@handles_errors
-def inspect(
-    path: Path = typer.Argument(..., help="An artifact directory."),
-    verify: bool = typer.Option(False, "--verify", help="Re-hash every output and compare with the manifest."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-) -> None:
-    """Show an artifact's manifest and lineage; --verify re-checks its digests."""
-    from vla.artifacts import lineage, open_artifact, verify as verify_artifact
-
-    art = open_artifact(path)
-    m = art.manifest
-    if as_json:
-        console.print_json(json.dumps(m))
-    else:
-        console.print(f"[bold]{path}[/]  kind=[cyan]{m['kind']}[/]  format v{m['format_version']}  "
-                      f"vla {m['vla_version']}  commit {m.get('git_commit') or '-'}")
-        console.print(f"created {m['created']}   digest {m['digest'][:16]}   "
-                      f"{len(m['outputs'])} files   {m['timings'].get('wall_s', 0):.1f} s")
-        console.print("command: " + " ".join(m.get("command", [])), highlight=False)
-        for section in ("counts", "metrics"):
-            for line in _summary_lines(m.get(section) or {}):
-                console.print(f"{section}: {line}", highlight=False)
-        tree = Tree(f"[cyan]{m['kind']}[/] {path}")
-        nodes = {-1: tree}
-        for depth, role, ref in lineage(m):
-            nodes[depth] = nodes[depth - 1].add(
-                f"{role}: [cyan]{ref.get('kind')}[/] {ref.get('path')}  {str(ref.get('digest', ''))[:12]}")
-        # piped, rich would crop the tree at 80 columns: draw it as wide as its longest path
-        (console if console.is_terminal else _StdoutConsole(width=10_000)).print(tree)
-    if verify:
-        problems = verify_artifact(art)
-        if problems:
-            for p in problems:
-                err_console.print(f"[red]✗[/] {p}")
-            raise VlaError(f"{path}: {len(problems)} output(s) do not match the manifest; rebuild with --force")
-        console.print(f"[green]✓[/] all {len(m['outputs'])} outputs match their sha256")
-
-
-def _summary_lines(d: dict, prefix: str = "") -> list[str]:
-    """One line per group of a nested counts/metrics dict, floats rounded, for reading at a glance."""
-    flat = {k: v for k, v in d.items() if not isinstance(v, dict)}
-    lines = []
-    if flat:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items())
-        lines.append(f"{prefix.rstrip('.') or '-'}: {shown}" if prefix else shown)
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += _summary_lines(v, f"{prefix}{k}.")
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------
-@app.command()
-@handles_errors
-def models(
-    dirs: Optional[List[Path]] = typer.Argument(None, help="Directories to search for model artifacts "
-                                                           "(default: runs and exports, where they exist)."),
-) -> None:
-    """List the registry's model names, whether each is on disk, and the models found in DIRS."""
-    from vla.models.available import alias_on_disk, model_artifacts
-    from vla.models.registry import ALIASES
-
-    rows = [(name, a.kind, a.target, alias_on_disk(name) or "not on disk", a.description)
-            for name, a in ALIASES.items()]
-    _print_columns(("name", "kind", "loads", "on disk", "what"), rows)
-    console.print("\nAlso: any open_clip ARCH[:TAG] (open_clip.list_pretrained()), hf-hub:ORG/REPO, "
-                  "local-dir:PATH, ARCH@FILE, or a transformers hub id / directory as an embedder.",
-                  highlight=False)
-    found = model_artifacts(dirs if dirs else [d for d in (Path("runs"), Path("exports")) if d.is_dir()])
-    if found:
-        console.print()
-        _print_columns(("artifact", "kind", "created"), found)
-
-
-def _print_columns(header: tuple, rows: list) -> None:
-    """A plain text table: columns padded to their widest cell, never wrapped."""
-    table = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    for r in table:
-        console.print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1], highlight=False,
-                      markup=False)
-
-
-# ---------------------------------------------------------------------------------------------
-@recipe_app.command("show")
-@handles_errors
-def recipe_show(
-    file: Path = typer.Argument(..., help="A recipe YAML file."),
-    set_: Optional[List[str]] = SetOpt,
-) -> None:
-    """Validate a recipe and print it fully resolved (defaults filled in)."""
-    import yaml
-
-    from vla.recipes import load_recipe, read_yaml, to_dict
-    from vla.stages import recipe_class
-
-    kind = read_yaml(file).get("kind")
-    if not kind:
-        raise UserError(f"recipe {file} has no 'kind:' naming its stage (e.g. kind: pretrain)")
-    cfg = load_recipe(recipe_class(kind), file, set_ or [], kind=kind)
-    console.print(yaml.safe_dump({"kind": kind, **to_dict(cfg)}, sort_keys=False).rstrip(), highlight=False)
+from vla.cli import tools  # noqa: E402,F401  (registers inspect, models, recipe show, eval-merge)
 
 
 def main() -> None:
