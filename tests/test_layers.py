@@ -62,7 +62,7 @@ def test_no_private_name_of_a_stage_is_imported_elsewhere():
 #: the floors, lowest first: a module imports only from its own floor or below
 FLOORS = [
     ("vla.errors", "vla.offline", "vla.progress", "vla.__version__"),
-    ("vla.artifacts", "vla.locks", "vla.recipes", "vla.checkpoint", "vla.distributed", "vla.optim", "vla.textbatch"),
+    ("vla.artifacts", "vla.claim", "vla.locks", "vla.recipes", "vla.checkpoint", "vla.distributed", "vla.optim", "vla.textbatch"),
     ("vla.data",),
     ("vla.models", "vla.losses"),
     ("vla.cache", "vla.train", "vla.reporter"),

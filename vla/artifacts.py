@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from vla import __version__
 from vla.errors import Interrupted, StageError, UserError, VlaError
-from vla.locks import acquire, describe_holder, lock_path, read_holder, release, release_all  # noqa: F401
+from vla.locks import describe_holder, lock_path, read_holder, release, release_all  # noqa: F401
 
 FORMAT = "vla-artifact"
 FORMAT_VERSION = 1
@@ -166,117 +166,6 @@ def is_artifact(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
-def _input_paths(inputs: Mapping[str, Any]) -> list[tuple[str, Path]]:
-    """(what, resolved path) of each input that exists on disk, and of each artifact recorded in
-    its lineage. Inputs: `Artifact`s, reference dicts (`{"path", ...}`), or plain paths or model
-    names (a name that is no path on disk is not a place vla could overwrite)."""
-    found: list[tuple[str, Path]] = []
-
-    def add(what: str, ref: Any) -> None:
-        if ref is None or ref == "":
-            return
-        path = Path(str(ref)).expanduser()
-        if path.exists():
-            found.append((what, path.resolve()))
-        else:  # a shard specification (`W/train/{00000..00009}.tar`): its shards' directories, as --data W/train
-            found.extend((what, d) for d in _shard_spec_dirs(str(ref)))
-
-    for role, ref in inputs.items():
-        if isinstance(ref, Artifact):
-            path, manifest = ref.path, ref.manifest
-        elif isinstance(ref, dict):
-            path, manifest = ref.get("path"), ref
-        else:
-            path, manifest = ref, None
-            if path is not None and is_artifact(Path(str(path))):
-                manifest = json.loads((Path(str(path)) / MANIFEST).read_text())
-        add(role, path)
-        for _, ancestor, r in lineage(manifest or {}):
-            add(f"{ancestor} (in the lineage of {role})", r.get("path"))
-    return found
-
-
-def _shard_spec_dirs(spec: str) -> list[Path]:
-    """The directories holding the local files a shard specification names (brace ranges, `::`
-    lists, globs, as `--data` takes them); none for anything else."""
-    import glob
-    from urllib.parse import urlparse
-
-    if not any(c in spec for c in "{*?[") and "::" not in spec:
-        return []
-    try:
-        from webdataset.shardlists import expand_urls
-
-        urls = expand_urls(spec)
-    except Exception:  # not a specification webdataset reads: nothing local to protect
-        return []
-    dirs: dict[Path, None] = {}
-    for url in urls:
-        if urlparse(url).scheme not in ("", "file"):
-            continue
-        local = url.removeprefix("file://").removeprefix("file:")
-        for m in (glob.glob(local) if glob.has_magic(local) else [local]):
-            if Path(m).is_file():
-                dirs[Path(m).resolve().parent] = None
-    return list(dirs)
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def claim_out(out: str | Path, *, force: bool, inputs: Mapping[str, Any] | None = None) -> None:
-    """Refuse an `--out` this stage must not write, before any compute, with one line naming it;
-    then (on rank 0) take the `--out`'s writer lock, held until the artifact is finished.
-
-    Refused: an existing file; a parent that is a file or not writable; an `--out` that is,
-    contains or lies inside an input or its lineage; a finished artifact without `--force`; a
-    directory with content that is not a vla artifact, even with `--force` (vla deletes only what
-    it made). Calling it again in the same process re-checks and keeps the lock."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; --out names a directory for the artifact: "
-                        f"choose another path")
-    anchor = _nearest_existing(out.parent.resolve())
-    if not anchor.is_dir():
-        raise UserError(f"--out {out}: {anchor} is a file, not a directory; choose an --out in a directory")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot create it, {anchor} is not writable for this user; "
-                        f"choose an --out in a directory you can write to")
-    target = out.resolve()
-    for what, path in _input_paths(inputs or {}):
-        for place in (target, partial_dir(target)):
-            if place == path or path.is_relative_to(place) or place.is_relative_to(path):
-                how = ("is" if place == path else "contains" if path.is_relative_to(place) else "lies inside")
-                raise UserError(f"--out {out} {how} the {what} input {path}; vla never writes over its "
-                                f"inputs: choose an --out outside them")
-    if out.is_dir():
-        if (out / MANIFEST).exists() and is_artifact(out):
-            if not force:
-                raise UserError(f"{out} is already a finished '{_kind_of(out)}' artifact; "
-                                f"pass --force to rebuild it")
-        elif any(out.iterdir()):
-            entries = sorted(p.name for p in out.iterdir())
-            raise UserError(f"{out} exists and is not a vla artifact ({len(entries)} entries, e.g. "
-                            f"{entries[0]!r}); vla replaces only its own artifacts or an empty "
-                            f"directory: choose another --out")
-    if _rank() == 0:
-        acquire(out)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _kind_of(out: Path) -> str:
-    try:
-        return json.loads((out / MANIFEST).read_text()).get("kind", "?")
-    except (OSError, ValueError):
-        return "?"
 
 
 def checkpoint_step(out: Path) -> int | None:
@@ -540,3 +429,6 @@ def lineage(ref: dict[str, Any]) -> Iterable[tuple[int, str, dict[str, Any]]]:
             yield from walk(r.get("inputs", {}) or {}, depth + 1)
     yield from walk(ref.get("inputs", {}), 0)
 
+
+# claim_out (vla/claim.py) checks where a stage may write; it is part of this module's interface
+from vla.claim import claim_out  # noqa: E402,F401
