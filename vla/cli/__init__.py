@@ -21,7 +21,7 @@ from typing import Any, List, Optional
 import typer
 
 from vla.cli.shape import (DATA_FORMS, NOT_RECIPE, RECIPE_KEYS, TRAIN_FLAGS, TRAIN_PARAMS, DataOpt, Device,  # noqa: F401
-                           ForceOpt, OutOpt, Precision, SetOpt, _command, app, console, data_option, err_console,
+                           ForceOpt, OutOpt, Precision, SetOpt, app, console, data_option, err_console,
                            handles_errors, recipe_app, recipe_overrides, run_stage, stage_command)
 from vla.errors import VlaError
 

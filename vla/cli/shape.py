@@ -35,7 +35,7 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(recipe_app, name="recipe")
 
-class _StdoutConsole(Console):
+class StdoutConsole(Console):
     """stdout: a reader that stops reading (`vla eval ... | head`) got what it wanted, so that
     ends the command quietly with exit 0 (rich's default exits 1)."""
 
@@ -47,7 +47,7 @@ class _StdoutConsole(Console):
 
 # soft_wrap: lines are never cut at the console's width, so tables and dicts piped to a file or
 # a log (where rich would assume 80 columns) stay one line each; a terminal wraps them itself.
-console = _StdoutConsole(soft_wrap=True)
+console = StdoutConsole(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 # --- the shared options ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.tree import Tree
 
-from vla.cli.shape import SetOpt, _StdoutConsole, app, console, err_console, handles_errors, recipe_app
+from vla.cli.shape import SetOpt, StdoutConsole, app, console, err_console, handles_errors, recipe_app
 from vla.errors import UserError, VlaError
 
 
@@ -62,7 +62,7 @@ def inspect(
             nodes[depth] = nodes[depth - 1].add(
                 f"{role}: [cyan]{ref.get('kind')}[/] {ref.get('path')}  {str(ref.get('digest', ''))[:12]}")
         # piped, rich would crop the tree at 80 columns: draw it as wide as its longest path
-        (console if console.is_terminal else _StdoutConsole(width=10_000)).print(tree)
+        (console if console.is_terminal else StdoutConsole(width=10_000)).print(tree)
     if verify:
         problems = verify_artifact(art)
         if problems:
