@@ -31,11 +31,14 @@ results_page = $(if $(4),$(DOCS) eval $(1) $(2) --make '$(3)' --out $(4) && $(DO
 # contrast-tune → LLM2CLIP baseline → eval side by side → export.
 # Real models on 8 GPUs (see docs/gpus.md):
 #   make proclip NPROC=8 TEACHER=clip-vit-l EMBEDDER=qwen DATA='/data/shards/{00000..00999}.tar' \
-#                EVAL=/data/evalsets RECIPES=recipes/proclip RUNS=runs/proclip-vitl
+#                EVAL=/data/evalsets RECIPES=recipes/gpu RUNS=runs/proclip-vitl
 # DATA is anything `vla --data` takes (a directory, a brace range, a glob, pipe:CMD); it is quoted
 # in the recipes below, so braces reach vla (webdataset's expansion), not the shell.
 RUNS ?= runs/proclip
+# recipes/<scale>/: smoke (tests), embedded (the embedded world) or gpu (real models): one
+# directory per method, which the three curricula read, beside the shared pretrain.yaml (the base CLIP)
 RECIPES ?= recipes/embedded
+PROCLIP_RECIPES ?= $(RECIPES)/proclip
 WORLD ?= data/toy
 DATA ?= $(WORLD)
 EVAL ?= $(DATA)
@@ -43,7 +46,7 @@ EMBEDDER ?= minilm
 # each run gets its own export: runs/proclip → exports/proclip, runs/proclip-vitl → exports/proclip-vitl
 EXPORT ?= exports/$(notdir $(RUNS))
 PROCLIP_PAGE ?= $(if $(filter runs/proclip,$(RUNS)),docs/results/proclip.md)
-SYNTH_RECIPE ?= recipes/synth.yaml
+SYNTH_RECIPE ?= recipes/embedded/synth.yaml
 VLA_FLAGS ?=
 # Training stages (pretrain, distill, contrast-tune) run under torchrun with NPROC processes on
 # this node; eval and export run once. For several nodes, give the whole launcher instead:
@@ -73,21 +76,21 @@ $(WORLD)/manifest.json: $(SYNTH_RECIPE) | $(STAMP)
 $(RUNS)/clip/manifest.json: $(DATA_DEP) $(RECIPES)/pretrain.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) pretrain --data '$(DATA)' --out $(RUNS)/clip --recipe $(RECIPES)/pretrain.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(RECIPES)/distill.yaml | $(STAMP)
+$(RUNS)/distill/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(PROCLIP_RECIPES)/distill.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) distill --data '$(DATA)' --teacher $(TEACHER) --embedder $(EMBEDDER) --out $(RUNS)/distill \
-	  --recipe $(RECIPES)/distill.yaml --force $(VLA_FLAGS)
+	  --recipe $(PROCLIP_RECIPES)/distill.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json $(RECIPES)/contrast-tune.yaml | $(STAMP)
+$(RUNS)/contrast/manifest.json: $(RUNS)/distill/manifest.json $(PROCLIP_RECIPES)/contrast-tune.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) contrast-tune --data '$(DATA)' --init $(RUNS)/distill --out $(RUNS)/contrast \
-	  --recipe $(RECIPES)/contrast-tune.yaml --force $(VLA_FLAGS)
+	  --recipe $(PROCLIP_RECIPES)/contrast-tune.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(RECIPES)/llm2clip.yaml | $(STAMP)
+$(RUNS)/llm2clip/manifest.json: $(DATA_DEP) $(TEACHER_DEP) $(PROCLIP_RECIPES)/llm2clip.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) contrast-tune --data '$(DATA)' --init random --clip $(TEACHER) --embedder $(EMBEDDER) \
-	  --out $(RUNS)/llm2clip --recipe $(RECIPES)/llm2clip.yaml --force $(VLA_FLAGS)
+	  --out $(RUNS)/llm2clip --recipe $(PROCLIP_RECIPES)/llm2clip.yaml --force $(VLA_FLAGS)
 
-$(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP) $(RECIPES)/eval.yaml
+$(RUNS)/eval/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/llm2clip/manifest.json $(TEACHER_DEP) $(PROCLIP_RECIPES)/eval.yaml
 	$(VLA) eval $(TEACHER) $(RUNS)/llm2clip $(RUNS)/contrast --data '$(EVAL)' --out $(RUNS)/eval \
-	  --recipe $(RECIPES)/eval.yaml --force $(VLA_FLAGS)
+	  --recipe $(PROCLIP_RECIPES)/eval.yaml --force $(VLA_FLAGS)
 
 $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.json
 	$(VLA) export $(RUNS)/contrast --out $(EXPORT) --force
@@ -97,9 +100,9 @@ $(EXPORT)/manifest.json: $(RUNS)/contrast/manifest.json $(RUNS)/eval/manifest.js
 # shared) → a YOLO trained on the world → regions → meta-teacher → student → eval of the base
 # CLIP and the student side by side → export.
 # Real models:  make dclip CLIP=clip-vit-b-16 DETECTOR=/path/yolov8x.pt DATA=/path/to/shards EVAL=/path/to/evalsets \
-#                          DCLIP_RECIPES=recipes/dclip DCLIP_RUNS=runs/dclip-vitb16
+#                          RECIPES=recipes/gpu DCLIP_RUNS=runs/dclip-vitb16
 DCLIP_RUNS ?= runs/dclip
-DCLIP_RECIPES ?= $(RECIPES)
+DCLIP_RECIPES ?= $(RECIPES)/dclip
 DCLIP_EXPORT ?= exports/$(notdir $(DCLIP_RUNS))
 DCLIP_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip.md)
 DCLIP_ABL_PAGE ?= $(if $(filter runs/dclip,$(DCLIP_RUNS)),docs/results/dclip-ablations.md)
@@ -288,9 +291,9 @@ $(DCLIP_ABL)/seeds-eval/manifest.json: $(DCLIP_SEED_STUDENTS:%=%/manifest.json) 
 # CLIP, stage 1, stage 2 and both arms side by side → export of stage 2.
 # Real models on 8 GPUs:
 #   make mmgem NPROC=8 VISION=clip-vit-l LLM=tinyllama DATA='/data/shards/{00000..00999}.tar' \
-#              EVAL=/data/evalsets MMGEM_RECIPES=recipes/mmgem MMGEM_RUNS=runs/mmgem-vitl
+#              EVAL=/data/evalsets RECIPES=recipes/gpu MMGEM_RUNS=runs/mmgem-vitl
 MMGEM_RUNS ?= runs/mmgem
-MMGEM_RECIPES ?= $(RECIPES)
+MMGEM_RECIPES ?= $(RECIPES)/mmgem
 MMGEM_EXPORT ?= exports/$(notdir $(MMGEM_RUNS))
 MMGEM_PAGE ?= $(if $(filter runs/mmgem,$(MMGEM_RUNS)),docs/results/mmgem.md)
 # with no VISION, MM-GEM starts from the base CLIP `make proclip` pre-trains (the same file target)
@@ -382,7 +385,7 @@ bench: $(STAMP)
 	$(BIN)/python -m vla.bench $(BENCH_FLAGS)
 	$(DOCS) bench && $(DOCS) readme
 
-# the checks only a GPU can make (see vla/gpucheck.py); without a GPU it says so and exits 0.
+# the checks only a GPU can make (see vla/gpucheck/); without a GPU it says so and exits 0.
 # GPU_CHECK_FLAGS="--device cpu" self-tests the script at tiny sizes on the CPU.
 gpu-check: $(STAMP)
 	$(BIN)/python -m vla.gpucheck $(GPU_CHECK_FLAGS)

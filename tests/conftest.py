@@ -26,3 +26,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def cli(*args, code: int = 0):
+    """`vla ARGS` in this process through Typer's CliRunner, each argument as the string a user
+    types; asserts the exit code (0 unless `code` says otherwise) and returns the result."""
+    from typer.testing import CliRunner
+
+    from vla.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r

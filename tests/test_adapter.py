@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla.models.adapter import Adapter, AdapterConfig
-from vla.models.ema import EMA, ema_update, make_ema_teacher
+from vla.models.proclip.adapter import Adapter, AdapterConfig
+from vla.models.proclip.ema import EMA, ema_update, make_ema_teacher
 
 # --- adapter -------------------------------------------------------------------------------------
 

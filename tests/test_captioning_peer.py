@@ -116,7 +116,7 @@ def test_vla_eval_bleu4_and_cider_d_equal_pycocoevalcaps_pipeline_with_its_java_
     cli("synth", "--out", tmp_path / "world", "--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=16",
         "--set", "n_val=8", "--set", "n_test=12", "--set", "shard_size=16")
     cli("joint-train", "--data", tmp_path / "world", "--out", tmp_path / "joint", "--recipe",
-        "recipes/smoke/joint-train.yaml", "--set", "train.steps=1", "--set", "eval.sets=[]")
+        "recipes/smoke/mmgem/joint-train.yaml", "--set", "train.steps=1", "--set", "eval.sets=[]")
     images = [Image.new("RGB", (40 + i, 30), (30 * i, 80, 200 - 20 * i)) for i in range(len(TRICKY))]
     _write_captioning_set(tmp_path / "sets" / "tricky", images, [refs for _, refs in TRICKY])
     # the candidates are the tricky captions themselves: what decoding writes is not under test here

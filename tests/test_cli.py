@@ -114,6 +114,7 @@ def test_wrong_artifact_kind_refused_before_compute(tmp_path):
 from pathlib import Path  # noqa: E402
 
 from vla import cli  # noqa: E402
+from vla.recipes import shipped_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +139,7 @@ def _reach_stage(monkeypatch, kind: str, args: list) -> dict:
 
     monkeypatch.setattr(cli, "_check_models", lambda refs: None)
     monkeypatch.setattr(sys.modules[stage_run(kind).__module__], "run", record)
-    r = runner.invoke(app, [kind, *args, "--recipe", str(ROOT / "recipes" / "smoke" / f"{kind}.yaml")])
+    r = runner.invoke(app, [kind, *args, "--recipe", str(shipped_recipe("smoke", kind))])
     assert seen, r.output
     return seen
 
@@ -150,6 +151,56 @@ def test_data_reaches_every_stage_as_the_string_typed(monkeypatch):
         seen = _reach_stage(monkeypatch, kind, [*extra, "--data", DATA, "--out", "/tmp/vla-never-written"])
         data = seen["inputs"][-2]  # the stage's inputs end with (data, out)
         assert data == DATA and isinstance(data, str), (kind, seen["inputs"])
+
+
+#: what a stage opens before its data, stood in for so that `s3://...` is the first thing it reads
+_BEFORE_DATA = {
+    "stage2-roi": {"vla.stages.stage2_roi.open_artifact": lambda *a, **k: None},
+    "train-teacher": {"vla.models.dclip.inputs.open_regions": lambda *a, **k: (_ART, None),
+                      "vla.models.dclip.load_dclip_clip": lambda ref: (None, None, "clip"),
+                      "vla.models.dclip.inputs.check_same_clip": lambda *a: None},
+    "train-student": {"vla.stages.train_student.open_teacher": lambda *a: (_ART, 0),
+                      "vla.models.dclip.inputs.open_regions": lambda *a, **k: (_ART, None),
+                      "vla.models.dclip.load_dclip_clip": lambda ref: (_CLIP, None, "clip"),
+                      "vla.models.dclip.inputs.check_same_clip": lambda *a: None,
+                      "vla.models.dclip.vision_variants.apply_variant": lambda *a: None},
+}
+
+
+class _Art:
+    """An upstream artifact as the DCLIP stages read it before the data: its CLIP and its regions."""
+    path = Path("/tmp/vla-upstream")
+    recipe = {"clip_identity": "clip"}
+    manifest = {"inputs": {"clip": {"path": "c"}, "regions": {"path": "r"}}}
+
+
+_ART = _Art()
+_CLIP = type("Clip", (), {"model": type("M", (), {"visual": None})()})()
+
+
+def test_data_reaches_the_reader_unchanged_from_every_training_command(monkeypatch, tmp_path):
+    """`vla CMD --data 's3://b/{000..009}.tar'` runs CMD's real stage down to the data reader
+    (`vla.data.stream.resolve_data`), which receives the string as typed, for every command whose
+    data is image-text training data (eval's sets and train-detector's YOLO data have their own
+    readers; `test_data_reaches_every_stage_as_the_string_typed` covers their CLI side)."""
+    import vla.data.stream
+    from vla.errors import UserError
+
+    got = {}
+
+    def reader(path):
+        got[kind] = path
+        raise UserError("the reader was reached")
+
+    monkeypatch.setattr(cli, "_check_models", lambda refs: None)
+    monkeypatch.setattr(vla.data.stream, "resolve_data", reader)
+    for kind, extra in {**TRAINING, "precompute-regions": []}.items():
+        for target, stand_in in _BEFORE_DATA.get(kind, {}).items():
+            monkeypatch.setattr(target, stand_in)
+        r = runner.invoke(app, [kind, *extra, "--data", DATA, "--out", str(tmp_path / kind),
+                                "--recipe", str(shipped_recipe("smoke", kind))])
+        assert "the reader was reached" in r.output and r.exit_code == 2, (kind, r.output)
+        assert got[kind] == DATA and isinstance(got[kind], str), (kind, got[kind])
 
 
 def test_training_data_hands_the_string_to_the_reader(monkeypatch):

@@ -104,8 +104,8 @@ def test_grad_checkpointing_request_reaches_open_clips_tower(monkeypatch, tmp_pa
     import open_clip.transformer
 
     from vla.losses import LogitScale
-    from vla.models.adapter import Adapter, AdapterConfig
-    from vla.models.ema import make_ema_teacher
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.ema import make_ema_teacher
     from vla.models.proclip import ImageTextAligner
     from vla.train import TrainConfig, train
 
@@ -138,7 +138,7 @@ def test_grad_checkpointing_that_cannot_be_honoured_is_an_error():
     from torch import nn
 
     from vla.losses import LogitScale
-    from vla.models.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
     from vla.models.proclip import ImageTextAligner
     from vla.train import TrainConfig, train
 

@@ -44,7 +44,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def detector(world, yolo_env):
     out = world.parent / "dclip" / "detector"  # where `make dclip DCLIP_RUNS=…/dclip` looks for it
-    r = vla("train-detector", "--data", world, "--out", out, "--recipe", "recipes/smoke/train-detector.yaml", env=yolo_env)
+    r = vla("train-detector", "--data", world, "--out", out, "--recipe", "recipes/smoke/dclip/train-detector.yaml", env=yolo_env)
     assert r.returncode == 0, r.stderr + r.stdout
     return out
 
@@ -58,7 +58,7 @@ def test_train_detector_writes_pickle_free_weights_and_ultralytics_metrics(world
 
     from vla.artifacts import sha256_file
     from vla.errors import UserError
-    from vla.models.region_detector import resolve_detector
+    from vla.models.dclip.detector import resolve_detector
 
     m = json.loads((detector / "manifest.json").read_text())
     assert m["kind"] == "train-detector" and m["inputs"]["data"]["kind"] == "synth"
@@ -321,21 +321,29 @@ def test_student_text_tower_is_bit_identical_and_image_tower_trained(chain, base
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
 
 
-def test_student_export_encodes_as_a_plain_clip(chain):
+def test_student_export_encodes_as_a_plain_clip_with_its_artifacts_embeddings(chain):
+    """`vla.load` of the student's export is a plain CLIP whose image and text embeddings are the
+    train-student artifact's own, bit for bit (the export copies the student, nothing retrained)."""
     import vla
     from PIL import Image
 
+    from vla.models.load import load_encoder
+
     model = vla.load(chain[0].parent / "export")
-    img = model.encode_image([Image.new("RGB", (64, 64), (200, 30, 30))])
-    txt = model.encode_text(["a red circle"])
-    assert img.shape == txt.shape == (1, 32)
+    source = load_encoder(str(chain[0] / "student"))
+    images = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (48, 80), (20, 90, 200))]
+    texts = ["a red circle", "two shapes on a blue background"]
+    img, txt = model.encode_image(images), model.encode_text(texts)
+    assert img.shape == txt.shape == (2, 32)
+    assert torch.equal(img, source.encode_image(images))
+    assert torch.equal(txt, source.encode_text(texts))
 
 
 def test_preservation_loss_switch(chain, tmp_path):
     from vla.recipes import load_recipe
     from vla.stages import train_student
 
-    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/train-student.yaml",
+    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/dclip/train-student.yaml",
                       [f"teacher={chain[0] / 'teacher'}", "preserve_weight=0.5", "train.steps=2", "eval.sets=[]"])
     m = train_student.run(cfg, None, tmp_path / "s").manifest
     assert m["recipe"]["preserve_weight"] == 0.5 and "preserve" in m["metrics"]["train"]
@@ -344,7 +352,7 @@ def test_preservation_loss_switch(chain, tmp_path):
     assert 0 <= first["preserve"] < 0.05
 
 
-TEACHER = ["--recipe", "recipes/smoke/train-teacher.yaml", "--epochs", "4", "--set", "train.batch_size=8",
+TEACHER = ["--recipe", "recipes/smoke/dclip/train-teacher.yaml", "--epochs", "4", "--set", "train.batch_size=8",
            "--set", "train.checkpoint_every=1"]
 
 
@@ -424,7 +432,7 @@ def _student(chain, tmp_path, name, *sets):
     from vla.recipes import load_recipe
     from vla.stages import train_student
 
-    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/train-student.yaml",
+    cfg = load_recipe(train_student.TrainStudentRecipe, ROOT / "recipes/smoke/dclip/train-student.yaml",
                       [f"teacher={chain[0] / 'teacher'}", "train.steps=2", "eval.sets=[]", *sets])
     return train_student.run(cfg, None, tmp_path / name)
 
@@ -450,7 +458,7 @@ def test_average_fusion_teacher_trains_nothing_and_saves_every_epoch(oracle_regi
 
 
 def test_rope_and_cluster_student_trains_evaluates_and_is_refused_by_export(chain, tmp_path):
-    from vla.models.vision_variants import RopeSelfAttention
+    from vla.models.dclip.vision_variants import RopeSelfAttention
 
     art = _student(chain, tmp_path, "rope", "rope_2d=true", "clusters=3")
     assert art.manifest["recipe"]["rope_2d"] is True and art.manifest["recipe"]["clusters"] == 3
@@ -484,7 +492,7 @@ def test_epoch_eval_scores_the_val_split_after_every_epoch(chain, tmp_path):
     assert "val text→image R@1" in table and "val zero-shot top-1" in table and len(table.splitlines()) == 5
     assert (tmp_path / "ep" / "epochs.png").stat().st_size > 1000
     r = cli("train-student", "--teacher", chain[0] / "teacher", "--out", tmp_path / "t",
-            "--recipe", "recipes/smoke/train-student.yaml", "--set", "epoch_eval=true", "--set", "epoch_eval_split=test")
+            "--recipe", "recipes/smoke/dclip/train-student.yaml", "--set", "epoch_eval=true", "--set", "epoch_eval_split=test")
     assert r.exit_code == 2 and "other than test" in r.output
 
 
@@ -493,7 +501,7 @@ def test_embedded_arm_recipes_differ_from_their_base_only_where_named():
     import yaml
 
     def load(name):
-        return yaml.safe_load((ROOT / "recipes" / "embedded" / f"{name}.yaml").read_text())
+        return yaml.safe_load((ROOT / "recipes" / "embedded" / "dclip" / f"{name}.yaml").read_text())
 
     arms = {"train-teacher-noregions": ("train-teacher", {"top_k": 0}),
             "train-teacher-average": ("train-teacher", {"fusion": "average"}),
@@ -518,7 +526,7 @@ def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifac
     settings' runs_dir (guessed from the git repository around its own package, or the cwd) —
     outside the artifact, where the stage then failed to find its results."""
     r = subprocess.run([*VLA, "train-detector", "--data", str(world), "--out", "det",
-                        "--recipe", str(ROOT / "recipes/smoke/train-detector.yaml"), "--set", "epochs=1"],
+                        "--recipe", str(ROOT / "recipes/smoke/dclip/train-detector.yaml"), "--set", "epochs=1"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo"), "VLA_NO_PROGRESS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -527,7 +535,7 @@ def test_train_detector_with_a_relative_out_keeps_ultralytics_inside_the_artifac
 
 
 def test_recipes_dclip_cover_every_arm_and_validate():
-    """`make dclip-ablations` / `dclip-epochs` with DCLIP_RECIPES=recipes/dclip resolve (every recipe
+    """`make dclip-ablations` / `dclip-epochs` with DCLIP_RECIPES=recipes/gpu/dclip resolve (every recipe
     they read exists) and every recipe there validates against its stage (ViT-L student included)."""
     from vla.recipes import load_recipe
     from vla.stages import eval_teacher, precompute_regions, train_detector, train_student, train_teacher
@@ -538,17 +546,17 @@ def test_recipes_dclip_cover_every_arm_and_validate():
                "train-teacher": train_teacher.TrainTeacherRecipe, "train-student": train_student.TrainStudentRecipe,
                "eval": EvalRecipe}
     r = subprocess.run(["make", "-n", "dclip", "dclip-ablations", "dclip-epochs", "dclip-teachers", "dclip-sweep",
-                        "dclip-seeds", "DCLIP_RECIPES=recipes/dclip", "DCLIP_RUNS=/nonexistent/dclip-dry-run",
+                        "dclip-seeds", "DCLIP_RECIPES=recipes/gpu/dclip", "DCLIP_RUNS=/nonexistent/dclip-dry-run",
                         "CLIP=clip-vit-b-16", "DETECTOR=/models/yolov8x.pt", "DATA=/data/shards", "EVAL=/data/eval"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    read = {p.split("recipes/dclip/")[1] for p in r.stdout.split() if "recipes/dclip/" in p}
+    read = {p.split("recipes/gpu/dclip/")[1] for p in r.stdout.split() if "recipes/gpu/dclip/" in p}
     assert {"train-teacher-noregions.yaml", "train-teacher-average.yaml", "train-teacher-converged.yaml",
             "train-student-noteacher.yaml", "train-student-converged.yaml", "train-student-epochs.yaml",
             "eval-teacher.yaml", "train-student-sweep.yaml"} <= read
     import yaml
 
-    for path in sorted((ROOT / "recipes" / "dclip").glob("*.yaml")):
+    for path in sorted((ROOT / "recipes" / "gpu" / "dclip").glob("*.yaml")):
         kind = yaml.safe_load(path.read_text())["kind"]
         cfg = load_recipe(classes[kind], path)
         if path.name == "train-student-vitl.yaml":

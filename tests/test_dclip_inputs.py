@@ -175,7 +175,7 @@ def test_caption_draw_is_per_epoch_and_seeded_by_key():
     """train-teacher's `caption_index` is the draw train-student's transform makes first under the
     data stream's per-sample seed (seed, epoch, key), and it changes from epoch to epoch."""
     from vla.data.stream import sample_seed
-    from vla.data.teacher_inputs import caption_index
+    from vla.models.dclip.inputs import caption_index
 
     for key in ("000001", "000002", "abc"):
         for epoch in range(4):

@@ -58,7 +58,7 @@ def regions(tmp_path_factory):
     return d
 
 
-TEACHER = ["--recipe", "recipes/smoke/train-teacher.yaml", "--epochs", "2", "--set", "train.batch_size=8",
+TEACHER = ["--recipe", "recipes/smoke/dclip/train-teacher.yaml", "--epochs", "2", "--set", "train.batch_size=8",
            "--set", "train.grad_accum=2", "--set", "train.log_every=1", "--set", "train.device=cpu"]
 
 
@@ -91,7 +91,7 @@ def test_teacher_on_two_ranks_is_the_one_rank_run(teachers):
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the epochs are different teachers
 
 
-STUDENT = ["--recipe", "recipes/smoke/train-student.yaml", "--set", f"train.batch_size={N_TRAIN}",
+STUDENT = ["--recipe", "recipes/smoke/dclip/train-student.yaml", "--set", f"train.batch_size={N_TRAIN}",
            "--set", "train.log_every=1", "--set", "train.device=cpu", "--set", "eval.sets=[]",
            "--set", "data.train_preprocess=open_clip", "--set", "data.num_workers=0"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vla.errors import UserError
-from vla.models.vision_variants import (RopeSelfAttention, VisionVariant, apply_clusters, apply_rope_2d,
+from vla.models.dclip.vision_variants import (RopeSelfAttention, VisionVariant, apply_clusters, apply_rope_2d,
                                         apply_variant, cluster_pool, grid_positions, read_variant, rope_angles,
                                         rotate, save_variant)
 

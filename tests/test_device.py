@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla.models.adapter import Adapter, AdapterConfig
+from vla.models.proclip.adapter import Adapter, AdapterConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
@@ -89,17 +89,17 @@ def test_distill_then_contrast_tune_with_eval_then_eval_on_cuda(world, tmp_path)
     `vla eval` all on the GPU, in bf16 where the recipe trains in bf16."""
     bf16 = ["--set", "train.precision=bf16"]
     _vla("distill", "--data", str(world), "--teacher", "vla-micro-clip", "--embedder", "vla-tiny-qwen",
-         "--out", str(tmp_path / "distill"), "--recipe", "recipes/smoke/distill.yaml",
+         "--out", str(tmp_path / "distill"), "--recipe", "recipes/smoke/proclip/distill.yaml",
          "--set", "embedder.max_length=64", *bf16)
     distill = _manifest(tmp_path / "distill")
     assert distill["device"].startswith("cuda") and distill["metrics"]["val"]["rows"] > 0
     _vla("contrast-tune", "--data", str(world), "--init", str(tmp_path / "distill"),
-         "--out", str(tmp_path / "contrast"), "--recipe", "recipes/smoke/contrast-tune.yaml",
+         "--out", str(tmp_path / "contrast"), "--recipe", "recipes/smoke/proclip/contrast-tune.yaml",
          "--set", "eval.sets=[retrieval]", "--set", "train.grad_checkpointing=true", *bf16)
     contrast = _manifest(tmp_path / "contrast")
     assert contrast["device"].startswith("cuda") and "retrieval" in contrast["metrics"]["eval"]
     _vla("eval", str(tmp_path / "contrast"), "vla-micro-clip", "--data", str(world), "--out", str(tmp_path / "ev"),
-         "--recipe", "recipes/smoke/eval.yaml")
+         "--recipe", "recipes/smoke/proclip/eval.yaml")
     assert _manifest(tmp_path / "ev")["device"].startswith("cuda")
 
 

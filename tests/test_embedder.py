@@ -183,7 +183,7 @@ def test_the_causal_lm_loader_shares_the_embedders_offline_loading(tmp_path, mon
     without the refusal of pickled weights: a pickle in an --llm directory raised torch's error."""
     import datetime
 
-    from vla.models.causal_lm import build_tiny_llama, load_causal_lm
+    from vla.models.mmgem.causal_lm import build_tiny_llama, load_causal_lm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^Org/absent-lm \(Org/absent-lm\) is not available offline.*HF_HOME"):

@@ -23,7 +23,7 @@ def _same(a, b):
 
 def test_the_dclip_students_grad_checkpointing_keeps_loss_and_gradients() -> None:
     from vla.models.clip import load_clip
-    from vla.stages.train_student import ImageStudent
+    from vla.models.dclip.student import ImageStudent
 
     student = ImageStudent(load_clip("vla-micro-clip").model.visual).train()
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -36,7 +36,7 @@ def test_the_dclip_students_grad_checkpointing_keeps_loss_and_gradients() -> Non
 
 
 def test_the_causal_lms_grad_checkpointing_keeps_loss_and_gradients() -> None:
-    from vla.models.causal_lm import build_tiny_llama, lm_checkpointing
+    from vla.models.mmgem.causal_lm import build_tiny_llama, lm_checkpointing
     from vla.stages.pretrain_lm import CausalLMTrainer, _pad, _rows
 
     captions = ["a red circle on the left", "two blue squares", "a green star above a circle"]

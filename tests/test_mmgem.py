@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vla.errors import UserError
 from vla.losses import caption_loss, mmgem_objective_loss
-from vla.models.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens, lm_checkpointing
+from vla.models.mmgem.causal_lm import add_mode_tokens, build_tiny_llama, check_mode_tokens, lm_checkpointing
 from vla.models.clip import load_clip
 from vla.models.mmgem import (
     IGNORE_INDEX,
@@ -18,7 +18,7 @@ from vla.models.mmgem import (
     MMGEMConfig,
     greedy_decode_without_cache,
 )
-from vla.models.pool_aggregator import RoIPool, boxes_to_input_frame, check_boxes, mean_pool
+from vla.models.mmgem.pool_aggregator import RoIPool, boxes_to_input_frame, check_boxes, mean_pool
 
 CAPTIONS = [
     "a small red circle on a white background",
@@ -155,7 +155,7 @@ def test_the_resized_side_is_truncated_as_torchvisions_resize_computes_it() -> N
     from PIL import Image
     from open_clip.transform import image_transform
 
-    from vla.models.pool_aggregator import resized_size
+    from vla.models.mmgem.pool_aggregator import resized_size
 
     for mode in ("shortest", "longest", "squash"):
         resize = image_transform(224, is_train=False, resize_mode=mode).transforms[0]
@@ -419,7 +419,7 @@ def test_grad_checkpointing_of_tower_and_lm_gives_the_same_loss_and_gradients() 
     gradient_checkpointing_enable on the LM): the joint loss and every gradient are unchanged,
     and the LM's layers really do checkpoint."""
     from vla.losses import ClipLoss
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
 
     model = _model()
     model.trainable_parameters("joint")
@@ -439,7 +439,7 @@ def test_the_training_loop_accepts_grad_checkpointing_for_mmgem(tmp_path) -> Non
     """train.grad_checkpointing=true is honoured for MMGEMTrainer (the loop refuses models that
     cannot checkpoint): a step runs and the switch is on."""
     from vla.losses import ClipLoss
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
     from vla.train import TrainConfig, train
 
     model = _model()
@@ -501,7 +501,7 @@ def test_objective_gradient_norms_are_those_of_each_term_alone() -> None:
     """`objective_gradient_norms` gives ‖∇(w_emb·L_emb)‖ and ‖∇(w_gen·L_gen)‖ per group, as a
     backward of each weighted term alone does, and their cosine; .grad is left untouched."""
     from vla.losses import ClipLoss
-    from vla.models.mmgem_trainer import MMGEMTrainer, objective_gradient_norms
+    from vla.models.mmgem.objective import MMGEMTrainer, objective_gradient_norms
 
     model = _model()
     model.trainable_parameters("joint")

@@ -15,6 +15,7 @@ from vla.cli import app
 from vla.evaluate.evalsets import load_eval_set
 from vla.evaluate.run import (CaptionConfig, Captioner, RegionEncoder, caption_subset, evaluate_model,
                               image_captions, region_captions, region_embeddings, truncation)
+from tests.conftest import cli
 
 runner = CliRunner()
 # n_test=24: the long-text property (>= 50% of long captions share their visible prefix) is a
@@ -25,21 +26,15 @@ FEW_STEPS = ["--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--s
 CLIP = "vla-micro-clip"
 
 
-def cli(*args) -> object:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """A tiny world → joint-train → stage2-roi (two steps each: the heads move, that is all we need)."""
     root = tmp_path_factory.mktemp("mmgem-eval")
     cli("synth", "--out", root / "world", *WORLD)
     cli("joint-train", "--data", root / "world", "--out", root / "joint", "--recipe",
-        "recipes/smoke/joint-train.yaml", *FEW_STEPS)
+        "recipes/smoke/mmgem/joint-train.yaml", *FEW_STEPS)
     cli("stage2-roi", "--data", root / "world", "--init", root / "joint", "--out", root / "stage2", "--recipe",
-        "recipes/smoke/stage2-roi.yaml", *FEW_STEPS)
+        "recipes/smoke/mmgem/stage2-roi.yaml", *FEW_STEPS)
     return root
 
 
@@ -170,7 +165,7 @@ def test_truncation_is_reported_exactly_where_the_lm_cuts_a_text(models) -> None
 def test_vla_eval_scores_a_clip_and_both_mmgem_stages_on_every_task(chain, models, regional) -> None:
     out = chain / "eval"
     r = cli("eval", CLIP, chain / "joint", chain / "stage2", "--data", chain / "world", "--out", out,
-            "--recipe", "recipes/smoke/eval-mmgem.yaml", "--set", "caption.max_regions=7")
+            "--recipe", "recipes/smoke/mmgem/eval-mmgem.yaml", "--set", "caption.max_regions=7")
     results = json.loads((out / "results.json").read_text())
     rows = {name: next(v for k, v in results.items() if k.endswith(f"({name})") or k == name)
             for name in ("joint", "stage2", CLIP)}
@@ -233,6 +228,6 @@ def test_rows_are_labelled_by_mmgem_stage_and_objective(tmp_path) -> None:
 
 def test_a_bad_caption_setting_is_one_line_naming_the_key(chain, tmp_path) -> None:
     r = runner.invoke(app, ["eval", CLIP, "--data", str(chain / "world"), "--out", str(tmp_path / "e"),
-                            "--recipe", "recipes/smoke/eval-mmgem.yaml", "--set", "caption.num_beams=0"])
+                            "--recipe", "recipes/smoke/mmgem/eval-mmgem.yaml", "--set", "caption.num_beams=0"])
     assert r.exit_code == 2 and "caption.: num_beams must be at least 1, not 0" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "e").exists()

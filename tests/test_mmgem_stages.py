@@ -18,18 +18,13 @@ from typer.testing import CliRunner
 
 from vla.cli import app
 from tests.test_cli import vla
+from tests.conftest import cli
 
 runner = CliRunner()
 WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=48", "--set", "n_val=8", "--set", "n_test=24",
          "--set", "shard_size=24"]
-JOINT = ["--recipe", "recipes/smoke/joint-train.yaml"]
-STAGE2 = ["--recipe", "recipes/smoke/stage2-roi.yaml"]
-
-
-def cli(*args) -> object:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
+JOINT = ["--recipe", "recipes/smoke/mmgem/joint-train.yaml"]
+STAGE2 = ["--recipe", "recipes/smoke/mmgem/stage2-roi.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +129,7 @@ def _fresh_heads() -> dict:
     from vla.recipes import load_recipe
     from vla.stages.joint_train import JointTrainRecipe
 
-    cfg = load_recipe(JointTrainRecipe, "recipes/smoke/joint-train.yaml", kind="joint-train")
+    cfg = load_recipe(JointTrainRecipe, "recipes/smoke/mmgem/joint-train.yaml", kind="joint-train")
     from vla.models.mmgem import build_mmgem
 
     torch.manual_seed(cfg.train.seed)
@@ -191,7 +186,7 @@ def test_a_bad_out_is_refused_before_any_model_loads(chain, tmp_path) -> None:
 
 def test_data_whose_regions_are_all_cropped_away_stops_naming_the_reason(chain, tmp_path) -> None:
     """A region the centre crop removes is not usable; samples without a usable region are skipped
-    (tests/test_mmgem_stage2_data.py), and data with none at all stops, naming why."""
+    (tests/test_stage2_roi.py), and data with none at all stops, naming why."""
     from vla.data.sample import Region, Sample
     from vla.data.shards import ShardWriter
 
@@ -252,7 +247,7 @@ def _micro_model(**config):
 def test_every_trained_parameter_gets_a_gradient(objective) -> None:
     # DDP refuses a trained parameter without a gradient; an ablation must freeze the idle heads
     from vla.losses import ClipLoss
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
     from vla.stages.joint_train import parameter_groups
 
     model = _micro_model()
@@ -415,7 +410,7 @@ def test_an_lm_tokenizer_without_the_recorded_tokens_is_refused_by_export_and_lo
 # --- make mmgem -----------------------------------------------------------------------------------------
 
 REAL_MMGEM = ["NPROC=8", "VISION=clip-vit-l", "LLM=tinyllama", "DATA=/data/shards/{00000..00999}.tar",
-              "EVAL=/data/evalsets", "MMGEM_RECIPES=recipes/mmgem", "MMGEM_RUNS=runs/mmgem-vitl"]
+              "EVAL=/data/evalsets", "MMGEM_RECIPES=recipes/gpu/mmgem", "MMGEM_RUNS=runs/mmgem-vitl"]
 
 
 def _make_n(*args) -> list[str]:
@@ -436,12 +431,12 @@ def test_make_n_mmgem_real_line_trains_every_arm_under_torchrun_with_its_own_pat
     for out, recipe in arms.items():
         c = stage[out]
         assert "torchrun --standalone --nproc-per-node 8 .venv/bin/vla joint-train" in c, c
-        assert "--vision clip-vit-l --llm tinyllama" in c and f"--recipe recipes/mmgem/{recipe}" in c
+        assert "--vision clip-vit-l --llm tinyllama" in c and f"--recipe recipes/gpu/mmgem/{recipe}" in c
         assert "--data '/data/shards/{00000..00999}.tar'" in c  # braces reach vla, not bash
     s2 = stage["runs/mmgem-vitl/stage2"]
     assert "torchrun" in s2 and "stage2-roi" in s2 and "--init runs/mmgem-vitl/joint" in s2
     ev = stage["runs/mmgem-vitl/eval"]
-    assert "torchrun" not in ev and "--data '/data/evalsets'" in ev and "--recipe recipes/mmgem/eval-mmgem.yaml" in ev
+    assert "torchrun" not in ev and "--data '/data/evalsets'" in ev and "--recipe recipes/gpu/mmgem/eval-mmgem.yaml" in ev
     # the base CLIP, stage 1, stage 2 and both arms side by side
     assert ev.split("vla eval ")[1].split(" --data")[0].split() == [
         "clip-vit-l", "runs/mmgem-vitl/joint", "runs/mmgem-vitl/stage2", "runs/mmgem-vitl/embed-only",
@@ -458,16 +453,16 @@ def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) 
     assert any(f"vla pretrain --data '{tmp_path}/toy' --out {tmp_path}/runs/clip" in c for c in cmds)
     lm = [c for c in cmds if " pretrain-lm " in c]
     assert len(lm) == 1 and f"--data '{tmp_path}/toy' --out {tmp_path}/mm/lm" in lm[0]
-    assert "--recipe recipes/embedded/pretrain-lm.yaml" in lm[0]
+    assert "--recipe recipes/embedded/mmgem/pretrain-lm.yaml" in lm[0]
     for arm in ("joint", "embed-only", "caption-only"):
         c = next(c for c in cmds if f"--out {tmp_path}/mm/{arm} " in c)
         assert f"--vision {tmp_path}/runs/clip --llm {tmp_path}/mm/lm " in c and "torchrun" not in c
     joint = next(c for c in cmds if f"--out {tmp_path}/mm/joint " in c)
-    assert "--recipe recipes/embedded/joint-train.yaml" in joint
+    assert "--recipe recipes/embedded/mmgem/joint-train.yaml" in joint
     assert any(f"--out exports/mm " in c + " " for c in cmds)
 
 
-@pytest.mark.parametrize("recipes", ["recipes/embedded", "recipes/mmgem"])
+@pytest.mark.parametrize("recipes", ["recipes/embedded/mmgem", "recipes/gpu/mmgem"])
 def test_the_ablation_arms_have_stage_1s_budget(recipes) -> None:
     # same data, steps, batch, rates and model: only the objective differs
     from dataclasses import asdict

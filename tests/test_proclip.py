@@ -166,10 +166,10 @@ def test_stages_run_under_torchrun(curriculum, tmp_path):
         # before the fix, ranks other than 0 crashed reading the manifest of the artifact they
         # do not write (cli.py), after training
         "distill": ["distill", "--data", str(world), "--teacher", str(runs / "clip"), "--embedder", "minilm",
-                    "--recipe", "recipes/smoke/distill.yaml"],
+                    "--recipe", "recipes/smoke/proclip/distill.yaml"],
         "pretrain": ["pretrain", "--data", str(world), "--recipe", "recipes/smoke/pretrain.yaml"],
         "contrast": ["contrast-tune", "--data", str(world), "--init", str(runs / "distill"),
-                     "--recipe", "recipes/smoke/contrast-tune.yaml"],
+                     "--recipe", "recipes/smoke/proclip/contrast-tune.yaml"],
     }
     for name, args in stages.items():
         out = tmp_path / name
@@ -207,7 +207,7 @@ def test_distill_batch_larger_than_the_data_is_a_user_error(curriculum, tmp_path
     world, runs = curriculum[0] / "world", curriculum[0] / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "vla", "distill", "--data", str(world),
-                           "--teacher", str(runs / "clip"), "--embedder", "minilm", "--recipe", "recipes/smoke/distill.yaml",
+                           "--teacher", str(runs / "clip"), "--embedder", "minilm", "--recipe", "recipes/smoke/proclip/distill.yaml",
                            "--set", "train.batch_size=100000", "--out", str(tmp_path / "d")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -71,5 +71,48 @@ def test_contrast_tune_recipe_values_out_of_range_are_refused(override, named):
     from vla.stages.contrast_tune import ContrastTuneRecipe
 
     with pytest.raises(UserError, match=named):
-        recipe = Path(__file__).resolve().parent.parent / "recipes" / "embedded" / "contrast-tune.yaml"
+        recipe = Path(__file__).resolve().parent.parent / "recipes" / "embedded" / "proclip" / "contrast-tune.yaml"
         load_recipe(ContrastTuneRecipe, recipe, [override])
+
+
+# --- the shipped recipes: recipes/<scale>/<method>/ ------------------------------------------------
+RECIPES_ROOT = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_shipped_recipes_are_scale_then_method_and_all_validate():
+    """Every shipped recipe is recipes/<scale>/<method>/<stage>.yaml, or, shared by every method,
+    recipes/<scale>/{pretrain,synth}.yaml; each validates against its stage's recipe class."""
+    from vla.recipes import METHODS, SCALES, read_yaml
+    from vla.stages import recipe_class
+
+    files = sorted(RECIPES_ROOT.rglob("*.yaml"))
+    assert len(files) > 40
+    for f in files:
+        parts = f.relative_to(RECIPES_ROOT).parts
+        assert parts[0] in SCALES, f
+        assert (len(parts) == 3 and parts[1] in METHODS) or parts[1:] in (("pretrain.yaml",), ("synth.yaml",)), f
+        kind = read_yaml(f)["kind"]
+        load_recipe(recipe_class(kind), f, kind=kind)
+
+
+def test_a_recipe_path_of_the_flat_layout_names_where_it_is_now(monkeypatch):
+    """recipes/embedded/distill.yaml, recipes/proclip/distill.yaml, recipes/synth.yaml: one line
+    (exit 2) naming the recipe's path in recipes/<scale>/<method>/, from any command."""
+    from typer.testing import CliRunner
+
+    from vla.cli import app
+
+    monkeypatch.chdir(RECIPES_ROOT.parent)
+    runner = CliRunner()
+    for old, new in (("recipes/embedded/distill.yaml", "recipes/embedded/proclip/distill.yaml"),
+                     ("recipes/proclip/distill.yaml", "recipes/gpu/proclip/distill.yaml"),
+                     ("recipes/smoke/train-teacher.yaml", "recipes/smoke/dclip/train-teacher.yaml"),
+                     ("recipes/synth.yaml", "recipes/embedded/synth.yaml")):
+        r = runner.invoke(app, ["recipe", "show", old])
+        assert r.exit_code == 2 and f"recipe {old} is now {new} " in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["pretrain-lm", "--data", "d", "--out", "/tmp/vla-never", "--recipe",
+                            "recipes/embedded/pretrain-lm.yaml"])
+    assert r.exit_code == 2 and "is now recipes/embedded/mmgem/pretrain-lm.yaml" in r.output, r.output
+    r = runner.invoke(app, ["recipe", "show", "recipes/smoke/eval.yaml"])  # ProCLIP's and DCLIP's
+    assert "is now recipes/smoke/proclip/eval.yaml or recipes/smoke/dclip/eval.yaml" in r.output

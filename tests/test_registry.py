@@ -127,7 +127,7 @@ def test_plain_weights_round_trip(tmp_path):
 
 
 def test_detector_yaml_builds_detects_and_missing_pt_is_refused(tmp_path_factory, monkeypatch):
-    from vla.models.detector import Detection, detect, load_detector
+    from vla.models.dclip.yolo import Detection, detect, load_detector
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("yolo")))

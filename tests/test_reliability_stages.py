@@ -115,7 +115,7 @@ def test_a_module_class_called_with_arguments_is_refused_at_load_time(tmp_path):
 def test_ultralytics_checkpoints_load_through_the_restricted_unpickler(tmp_path):
     """A YOLO saved by ultralytics' own `.save()` loads through vla's unpickler with the weights,
     class names and outputs ultralytics' own loader gives, without ultralytics reading the file."""
-    from vla.models.detector import load_detector
+    from vla.models.dclip.yolo import load_detector
     from vla.offline import import_ultralytics, torch_threads_kept
 
     ultralytics = import_ultralytics()
@@ -148,7 +148,7 @@ def test_train_detector_refuses_a_data_yaml_with_a_download_script(tmp_path):
     data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n"
                     f"download: open({str(marker)!r}, 'w').write('ran')\n")
     r = invoke("train-detector", "--data", data, "--out", tmp_path / "d", "--recipe",
-               ROOT / "recipes/smoke/train-detector.yaml")
+               ROOT / "recipes/smoke/dclip/train-detector.yaml")
     line = one_line_error(r)
     assert str(data) in line and "download:" in line
     assert not marker.exists()
@@ -173,7 +173,7 @@ def test_a_label_cache_whose_pickle_runs_code_is_rebuilt_not_loaded(tmp_path):
     with pytest.raises(Refused, match="builtins.exec"):
         load_npy_object(cache)
     r = invoke("train-detector", "--data", tmp_path / "w", "--out", tmp_path / "d", "--recipe",
-               ROOT / "recipes/smoke/train-detector.yaml", "--set", "epochs=1", "--set", "imgsz=32")
+               ROOT / "recipes/smoke/dclip/train-detector.yaml", "--set", "epochs=1", "--set", "imgsz=32")
     assert r.exit_code == 0, r.output
     assert not marker.exists()
     assert load_npy_object(cache)["version"] != "x"  # ultralytics wrote its own cache over it
@@ -242,7 +242,7 @@ def test_an_unfinished_run_is_not_resumed_on_other_data(worlds, tmp_path, monkey
 def yolo_artifact(tmp_path_factory):
     """A train-detector artifact holding an untrained yolov8n (as `vla train-detector` stores it)."""
     from vla.artifacts import ArtifactBuilder
-    from vla.models.region_detector import DETECTOR_DIR, save_yolo
+    from vla.models.dclip.detector import DETECTOR_DIR, save_yolo
     from vla.offline import import_ultralytics, torch_threads_kept
 
     ultralytics = import_ultralytics()

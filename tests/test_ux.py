@@ -193,6 +193,44 @@ def test_brace_glob_list_pipe_and_file_urls_read_the_same_samples(shards):
     assert a.key == b.key and a.captions == b.captions and a.image.tobytes() == b.image.tobytes()
 
 
+def test_s3_shards_are_streamed_through_fsspec(shards, monkeypatch):
+    """`s3://bucket/{00000..00002}.tar` is a streamed address (not a missing local file): its shards
+    are opened by fsspec, here with fsspec's memory filesystem standing in for s3fs, and read the
+    same samples as the local copies."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeS3(MemoryFileSystem):
+        protocol = ("s3",)
+        store: dict = {}
+        pseudo_dirs = [""]
+
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(_registry, "s3", FakeS3)  # put back as it was after the test
+    fs = FakeS3()
+    for i in range(3):
+        fs.pipe(f"s3://bucket/{i:05d}.tar", (shards / f"{i:05d}.tar").read_bytes())
+    source = resolve_data("s3://bucket/{00000..00002}.tar")
+    assert source.files == tuple(f"s3://bucket/{i:05d}.tar" for i in range(3))
+    assert _keys("s3://bucket/{00000..00002}.tar") == _keys(shards)
+
+
+def test_a_missing_fsspec_backend_names_the_package_and_pipe(monkeypatch):
+    """An object store whose fsspec backend is not installed is one UserError naming the backend's
+    import error and the `pipe:` alternative, not a traceback."""
+    import fsspec
+
+    from vla.data.shards import stream_shard
+
+    def no_backend(url, mode="rb", **kw):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec, "open", no_backend)
+    with pytest.raises(UserError, match=re.escape("Install s3fs to access S3")) as err:
+        stream_shard("s3://bucket/00000.tar")
+    assert "pipe:aws s3 cp s3://bucket/00000.tar -" in str(err.value)
+
+
 def test_missing_data_says_it_does_not_exist(shards, tmp_path):
     for spec, said in ((tmp_path / "nowhere", "does not exist"),
                        (f"{tmp_path}/*.tar", "the glob matches nothing"),
@@ -294,7 +332,7 @@ def test_clip_model_takes_one_item_or_a_list():
 # --- item 1: the real-model make line -----------------------------------------------------------
 
 REAL = ["NPROC=8", "TEACHER=clip-vit-l", "EMBEDDER=qwen", "DATA=/data/shards/{00000..00999}.tar",
-        "EVAL=/data/evalsets", "RECIPES=recipes/proclip", "RUNS=runs/proclip-vitl"]
+        "EVAL=/data/evalsets", "RECIPES=recipes/gpu", "RUNS=runs/proclip-vitl"]
 
 
 def _make(*args, env=None):
@@ -311,7 +349,7 @@ def test_make_n_real_line_runs_training_under_torchrun_with_its_own_paths():
     for name in ("distill", "contrast-tune", "contrast-tune random"):
         assert "torchrun --standalone --nproc-per-node 8 .venv/bin/vla" in stage[name], stage[name]
         assert "--data '/data/shards/{00000..00999}.tar'" in stage[name]  # braces reach vla, not bash
-        assert "runs/proclip-vitl/" in stage[name] and "recipes/proclip/" in stage[name]
+        assert "runs/proclip-vitl/" in stage[name] and "recipes/gpu/proclip/" in stage[name]
     assert "torchrun" not in stage["eval"] and "--data '/data/evalsets'" in stage["eval"]
     assert "--out exports/proclip-vitl" in stage["export"]  # EXPORT follows RUNS
     assert "pretrain" not in stage  # a TEACHER is given: no small CLIP to pre-train

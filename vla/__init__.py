@@ -9,7 +9,7 @@ def load(path):
     `model.encode_image(img)` and `model.encode_text(text)` take one item or a list (images may
     also be a (N, 3, H, W) tensor from `model.preprocess`) and return a (N, D) float32
     L2-normalised matrix, as open_clip does; `repr(model)` shows its towers, dimensions and
-    lineage. A missing directory is a `vla.errors.UserError` saying so. See vla/export.py."""
-    from vla.export import load as _load
+    lineage. A missing directory is a `vla.errors.UserError` saying so. See vla/models/load.py."""
+    from vla.models.load import load as _load
 
     return _load(path)

@@ -10,7 +10,8 @@ What a stage may write, checked by `claim_out` before any compute:
   input's lineage) is refused, `--force` or not;
 - `--force` replaces only a vla artifact or an empty directory, never other files;
 - one writer per `--out`: the builder holds an exclusive `flock` on the sibling `.NAME.lock`
-  (rank 0 under torchrun); a second writer is refused, naming the process that holds it.
+  (rank 0 under torchrun); a second writer is refused, naming the process that holds it
+  (vla/locks.py).
 A partial whose run stopped records why in `stopped.json`, so that `open_artifact` (and so
 `vla inspect`) can tell a run being built, a run that stopped and a run that was killed apart.
 
@@ -26,13 +27,10 @@ directory of the wrong kind or a newer format before any compute is spent.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from vla import __version__
 from vla.errors import Interrupted, StageError, UserError, VlaError
+from vla.locks import describe_holder, lock_path, read_holder, release, release_all  # noqa: F401
 
 FORMAT = "vla-artifact"
 FORMAT_VERSION = 1
@@ -69,11 +68,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def partial_dir(out: Path) -> Path:
     """Where `out` is built: a hidden sibling, on the same filesystem so the final rename is atomic."""
     return out.parent / f".{out.name}.partial"
-
-
-def lock_path(out: Path) -> Path:
-    """The file whose `flock` makes one process the writer of `out` (beside its partial)."""
-    return out.parent / f".{out.name}.lock"
 
 
 @lru_cache(maxsize=1)
@@ -174,222 +168,6 @@ def is_artifact(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def _input_paths(inputs: Mapping[str, Any]) -> list[tuple[str, Path]]:
-    """(what, resolved path) of each input that exists on disk, and of each artifact recorded in
-    its lineage. Inputs: `Artifact`s, reference dicts (`{"path", ...}`), or plain paths or model
-    names (a name that is no path on disk is not a place vla could overwrite)."""
-    found: list[tuple[str, Path]] = []
-
-    def add(what: str, ref: Any) -> None:
-        if ref is None or ref == "":
-            return
-        path = Path(str(ref)).expanduser()
-        if path.exists():
-            found.append((what, path.resolve()))
-        else:  # a shard specification (`W/train/{00000..00009}.tar`): its shards' directories, as --data W/train
-            found.extend((what, d) for d in _shard_spec_dirs(str(ref)))
-
-    for role, ref in inputs.items():
-        if isinstance(ref, Artifact):
-            path, manifest = ref.path, ref.manifest
-        elif isinstance(ref, dict):
-            path, manifest = ref.get("path"), ref
-        else:
-            path, manifest = ref, None
-            if path is not None and is_artifact(Path(str(path))):
-                manifest = json.loads((Path(str(path)) / MANIFEST).read_text())
-        add(role, path)
-        for _, ancestor, r in lineage(manifest or {}):
-            add(f"{ancestor} (in the lineage of {role})", r.get("path"))
-    return found
-
-
-def _shard_spec_dirs(spec: str) -> list[Path]:
-    """The directories holding the local files a shard specification names (brace ranges, `::`
-    lists, globs, as `--data` takes them); none for anything else."""
-    import glob
-    from urllib.parse import urlparse
-
-    if not any(c in spec for c in "{*?[") and "::" not in spec:
-        return []
-    try:
-        from webdataset.shardlists import expand_urls
-
-        urls = expand_urls(spec)
-    except Exception:  # not a specification webdataset reads: nothing local to protect
-        return []
-    dirs: dict[Path, None] = {}
-    for url in urls:
-        if urlparse(url).scheme not in ("", "file"):
-            continue
-        local = url.removeprefix("file://").removeprefix("file:")
-        for m in (glob.glob(local) if glob.has_magic(local) else [local]):
-            if Path(m).is_file():
-                dirs[Path(m).resolve().parent] = None
-    return list(dirs)
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def claim_out(out: str | Path, *, force: bool, inputs: Mapping[str, Any] | None = None) -> None:
-    """Refuse an `--out` this stage must not write, before any compute, with one line naming it;
-    then (on rank 0) take the `--out`'s writer lock, held until the artifact is finished.
-
-    Refused: an existing file; a parent that is a file or not writable; an `--out` that is,
-    contains or lies inside an input or its lineage; a finished artifact without `--force`; a
-    directory with content that is not a vla artifact, even with `--force` (vla deletes only what
-    it made). Calling it again in the same process re-checks and keeps the lock."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; --out names a directory for the artifact: "
-                        f"choose another path")
-    anchor = _nearest_existing(out.parent.resolve())
-    if not anchor.is_dir():
-        raise UserError(f"--out {out}: {anchor} is a file, not a directory; choose an --out in a directory")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot create it, {anchor} is not writable for this user; "
-                        f"choose an --out in a directory you can write to")
-    target = out.resolve()
-    for what, path in _input_paths(inputs or {}):
-        for place in (target, partial_dir(target)):
-            if place == path or path.is_relative_to(place) or place.is_relative_to(path):
-                how = ("is" if place == path else "contains" if path.is_relative_to(place) else "lies inside")
-                raise UserError(f"--out {out} {how} the {what} input {path}; vla never writes over its "
-                                f"inputs: choose an --out outside them")
-    if out.is_dir():
-        if (out / MANIFEST).exists() and is_artifact(out):
-            if not force:
-                raise UserError(f"{out} is already a finished '{_kind_of(out)}' artifact; "
-                                f"pass --force to rebuild it")
-        elif any(out.iterdir()):
-            entries = sorted(p.name for p in out.iterdir())
-            raise UserError(f"{out} exists and is not a vla artifact ({len(entries)} entries, e.g. "
-                            f"{entries[0]!r}); vla replaces only its own artifacts or an empty "
-                            f"directory: choose another --out")
-    if _rank() == 0:
-        _lock(out)
-
-
-def _kind_of(out: Path) -> str:
-    try:
-        return json.loads((out / MANIFEST).read_text()).get("kind", "?")
-    except (OSError, ValueError):
-        return "?"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-class _WriterLock:
-    """An exclusive `flock` on `.NAME.lock`, whose content names the holder (pid, host, command).
-
-    The file is removed when the artifact is finished. A process that opened the file before
-    it was removed could lock the removed file: it checks, after locking, that the path still
-    leads to the file it locked, and retries otherwise."""
-
-    def __init__(self, out: Path):
-        self.out, self.path, self.fd = out, lock_path(out), None
-
-    def acquire(self) -> None:
-        while True:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)  # --out may name new directories
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise UserError(f"--out {self.out}: cannot create {self.path} ({e.strerror}); choose an "
-                                f"--out in a directory you can write to") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise UserError(f"{self.out} is being built by another vla run ({_describe(read_holder(self.out))}); "
-                                f"wait for it to finish, or choose another --out") from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)  # while still held, so no other process can hold the removed file
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-        self.fd = None
-
-
-_HELD: dict[Path, _WriterLock] = {}  # the writer locks this process holds, by resolved --out
-
-
-def _lock(out: Path) -> None:
-    key = out.resolve()
-    if key not in _HELD:
-        lock = _WriterLock(out)
-        lock.acquire()
-        _HELD[key] = lock
-
-
-def release(out: str | Path) -> None:
-    """Give up this process' writer lock on `out` (when its build ends, finished or not)."""
-    lock = _HELD.pop(Path(out).resolve(), None)
-    if lock is not None:
-        lock.release()
-
-
-def release_all() -> None:
-    """Give up every writer lock this process holds (the CLI calls it when a command ends)."""
-    for key in list(_HELD):
-        _HELD.pop(key).release()
-
-
-def read_holder(out: Path) -> dict[str, Any] | None:
-    """Who holds `out`'s writer lock, or None when no live process does."""
-    out = Path(out)
-    if out.resolve() in _HELD:
-        return {"pid": os.getpid(), "host": socket.gethostname()}
-    try:
-        fd = os.open(lock_path(out), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # held: read who holds it
-            try:
-                return json.loads(os.read(fd, 65536) or b"{}")
-            except ValueError:
-                return {}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # a stale file left by a killed run
-    finally:
-        os.close(fd)
-
-
-def _describe(holder: dict[str, Any] | None) -> str:
-    if not holder:
-        return "a process that has just started"
-    where = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-    return where + (f", since {holder['started']}" if holder.get("started") else "")
-
-
 def checkpoint_step(out: Path) -> int | None:
     """The step of the training checkpoint in `out`'s partial, if it holds one."""
     ckpt = partial_dir(Path(out)) / CHECKPOINTS
@@ -415,7 +193,7 @@ def unfinished(out: Path) -> str:
     """One line on the state of `out`'s partial: being built now, stopped (and why), or killed."""
     holder = read_holder(out)
     if holder is not None:
-        return f"{out} is being built right now ({_describe(holder)}); wait for it to finish"
+        return f"{out} is being built right now ({describe_holder(holder)}); wait for it to finish"
     try:
         stopped = json.loads((partial_dir(out) / STOPPED).read_text())
         why = f"its run stopped: {stopped['reason']}"
@@ -665,3 +443,6 @@ def lineage(ref: dict[str, Any]) -> Iterable[tuple[int, str, dict[str, Any]]]:
             yield from walk(r.get("inputs", {}) or {}, depth + 1)
     yield from walk(ref.get("inputs", {}), 0)
 
+
+# claim_out (vla/claim.py) checks where a stage may write; it is part of this module's interface
+from vla.claim import claim_out  # noqa: E402,F401

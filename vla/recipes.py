@@ -5,7 +5,7 @@ the stage's config dataclass (nested dataclasses for nested mappings). Validatio
 unknown key or a value of the wrong type is a one-line error naming the key and the file, because
 a typo such as `lr_warmup: 100` silently ignored would cost a whole run.
 
-    cfg = load_recipe(PretrainRecipe, "recipes/pretrain.yaml", ["train.lr=1e-3"], kind="pretrain")
+    cfg = load_recipe(PretrainRecipe, "recipes/embedded/pretrain.yaml", ["train.lr=1e-3"], kind="pretrain")
 """
 
 from __future__ import annotations
@@ -21,6 +21,43 @@ import yaml
 from vla.errors import UserError
 
 T = TypeVar("T")
+
+#: the shipped recipes: recipes/<scale>/<method>/<name>.yaml, with the recipes every method shares
+#: (the base CLIP's pretrain.yaml, the world's synth.yaml) at recipes/<scale>/
+SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
+SCALES = ("smoke", "embedded", "gpu")
+METHODS = ("proclip", "dclip", "mmgem")
+
+
+def shipped_recipe(scale: str, name: str) -> Path:
+    """The shipped recipe `name` (a file name without .yaml) at `scale`: recipes/<scale>/<name>.yaml
+    when every method shares it, else recipes/<scale>/<method>/<name>.yaml, the first method in
+    METHODS' order that holds it (eval.yaml: ProCLIP's)."""
+    for p in [SHIPPED / scale / f"{name}.yaml", *(SHIPPED / scale / m / f"{name}.yaml" for m in METHODS)]:
+        if p.is_file():
+            return p
+    raise UserError(f"no shipped recipe {name}.yaml under {SHIPPED / scale}; see recipes/")
+
+
+def moved_recipe(path: Path) -> list[Path]:
+    """Where a recipe path of the earlier layout is now (none when it is no such path):
+    recipes/synth.yaml → recipes/embedded/synth.yaml, recipes/<method>/X → recipes/gpu/<method>/X,
+    and recipes/<smoke|embedded>/X → recipes/<smoke|embedded>/<method>/X (each method holding X:
+    eval.yaml is ProCLIP's and DCLIP's)."""
+    parts = Path(path).parts
+    if "recipes" not in parts:
+        return []
+    i = len(parts) - 1 - parts[::-1].index("recipes")
+    root, rest = Path(*parts[: i + 1]), parts[i + 1:]
+    if rest == ("synth.yaml",):
+        candidates = [root / "embedded" / "synth.yaml"]
+    elif len(rest) == 2 and rest[0] in METHODS:
+        candidates = [root / "gpu" / rest[0] / rest[1]]
+    elif len(rest) == 2 and rest[0] in ("smoke", "embedded"):
+        candidates = [root / rest[0] / m / rest[1] for m in METHODS]
+    else:
+        return []
+    return [c for c in candidates if c.is_file()]
 
 
 class RecipeError(UserError):
@@ -162,6 +199,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
+        moved = moved_recipe(path)
+        if moved:
+            raise UserError(f"recipe {path} is now {' or '.join(map(str, moved))} (recipes/<scale>/<method>/); "
+                            f"pass that path")
         raise UserError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
     try:
         text = path.read_text(encoding="utf-8")

@@ -24,7 +24,7 @@ from pathlib import Path
 from vla.bench import BENCH_DIR, Figure, Part, alternate
 
 BATCH = 128
-LONG_CAPTION_PROB = 0.5  # recipes/embedded/contrast-tune.yaml
+LONG_CAPTION_PROB = 0.5  # recipes/embedded/proclip/contrast-tune.yaml
 SEED = 0
 
 
@@ -33,9 +33,9 @@ def _build(embedder):
     import torch
 
     from vla.losses import LogitScale
-    from vla.models.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
     from vla.models.clip import load_clip
-    from vla.models.ema import make_ema_teacher
+    from vla.models.proclip.ema import make_ema_teacher
     from vla.models.proclip import ImageTextAligner
 
     torch.manual_seed(SEED)

@@ -55,9 +55,10 @@ def _recipe(detect_batch: int, encode_batch: int):
 
 def _regions(detector, clip, samples, cfg) -> tuple[list, float]:
     """(ImageRegions of every sample, seconds): `regions_of_batch` over batches of cfg.detect.batch_size."""
-    from vla.stages.precompute_regions import _new_counts, regions_of_batch
+    from vla.data.regions import new_counts
+    from vla.stages.precompute_regions import regions_of_batch
 
-    counts, out = _new_counts(), []
+    counts, out = new_counts(), []
     start = time.perf_counter()
     for i in range(0, len(samples), cfg.detect.batch_size):
         out += regions_of_batch(detector, clip, samples[i:i + cfg.detect.batch_size], cfg, counts)
@@ -80,8 +81,8 @@ def bench_regions(samples, rounds: int, batch: int) -> tuple[Figure, dict, list]
     import torch
 
     from vla.models.clip import load_clip
-    from vla.models.detector import load_detector
-    from vla.models.region_detector import RegionDetector
+    from vla.models.dclip.yolo import load_detector
+    from vla.models.dclip.detector import RegionDetector
 
     torch.manual_seed(SEED)
     clip = load_clip(CLIP)
@@ -106,7 +107,7 @@ def _teacher_epoch(samples, regions_dir: Path, captions: dict, clip, from_table:
     import torch
 
     from vla.data.regions import RegionStore
-    from vla.data.teacher_inputs import teacher_inputs
+    from vla.models.dclip.inputs import teacher_inputs
     from vla.losses import dclip_teacher_loss
     from vla.models.dclip import MetaTeacher, TeacherConfig, clip_text_states
     from vla.stages.precompute_regions import encode_images
@@ -149,7 +150,7 @@ def bench_teacher(samples, found: list, rounds: int, batch: int) -> tuple[Figure
     import torch
 
     from vla.data.regions import write_index, write_shard
-    from vla.data.teacher_inputs import caption_index
+    from vla.models.dclip.inputs import caption_index
     from vla.models.clip import load_clip
 
     torch.manual_seed(SEED)

@@ -27,7 +27,7 @@ def measure(regions: Path) -> dict:
     import numpy as np
 
     from vla.data.regions import RegionStore
-    from vla.data.teacher_inputs import data_of, read_caption_lists
+    from vla.models.dclip.inputs import data_of, read_caption_lists
     from vla.artifacts import open_artifact
     from vla.stages.common import training_data
 

@@ -29,7 +29,7 @@ from typing import Iterator
 from vla.bench import Figure, Part, alternate
 
 BATCH = 128
-LONG_CAPTION_PROB = 0.25  # recipes/embedded/joint-train.yaml
+LONG_CAPTION_PROB = 0.25  # recipes/embedded/mmgem/joint-train.yaml
 SEED = 0
 
 
@@ -43,7 +43,7 @@ def _samples(n: int) -> list:
 def _build(captions: list[str], quick: bool):
     import torch
 
-    from vla.models.causal_lm import TinyLlamaSize
+    from vla.models.mmgem.causal_lm import TinyLlamaSize
     from vla.models.mmgem import MMGEMConfig, build_mmgem
 
     torch.manual_seed(SEED)
@@ -80,7 +80,7 @@ def separate_lm_forwards(model, n_embedding_rows: int) -> Iterator[None]:
 
 def _trainer(model):
     from vla.losses import ClipLoss
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
 
     return MMGEMTrainer(model, "joint", ClipLoss())
 

@@ -38,7 +38,7 @@ def build_model():
 
     from vla.data.synth import SynthConfig, sample_scene
     from vla.data.synth_text import long_caption, short_captions
-    from vla.models.causal_lm import TinyLlamaSize
+    from vla.models.mmgem.causal_lm import TinyLlamaSize
     from vla.models.mmgem import MMGEMConfig, build_mmgem
 
     rng = random.Random(SEED)

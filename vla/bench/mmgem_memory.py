@@ -65,10 +65,10 @@ def build(vision: str, max_text_tokens: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vla.losses import ClipLoss
-    from vla.models.causal_lm import train_caption_tokenizer
+    from vla.models.mmgem.causal_lm import train_caption_tokenizer
     from vla.models.clip import load_clip
     from vla.models.mmgem import MMGEM, MMGEMConfig
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
 
     clip = load_clip(vision).model  # an open_clip architecture name without a tag: random init
     words = "a red blue small large circle square star on in left right of and the above below".split()

@@ -93,6 +93,14 @@ def finished_shards(root: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in root.glob("shard-*") if p.is_dir() and (p / "counts.json").exists())
 
 
+def new_counts() -> dict:
+    """A shard's counts before its first image: what `write_shard` stores and `write_index` sums
+    (images seen and skipped by reason, regions kept, images with none, regions past top-k, and
+    boxes dropped by reason)."""
+    return {"data": {"seen": 0, "skipped": {}}, "regions": 0, "no_detection": 0, "regions_over_top_k": 0,
+            "boxes_dropped": {"nan": 0, "outside": 0, "empty": 0}}
+
+
 def write_shard(root: Path, index: int, images: list[ImageRegions], dim: int, counts: dict) -> None:
     """Write one shard atomically (temporary directory, then rename)."""
     tmp = root / f".{shard_name(index)}.tmp"

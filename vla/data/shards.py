@@ -229,14 +229,32 @@ class StreamedRecord:
     members: dict[str, bytes]
 
 
-def stream_shard(url: str) -> list[StreamedRecord]:
-    """A `pipe:` or URL shard read through webdataset's `gopen`, its members grouped by key as
-    webdataset groups them (the key runs to the first dot of the member's basename)."""
-    from webdataset.gopen import gopen  # webdataset's own opener: pipe:, http(s), gs, hf, ...
+def open_stream(url: str) -> BinaryIO:
+    """A streamed shard's bytes: webdataset's `gopen` for its schemes (pipe:, http(s), gs, hf, ...),
+    fsspec for the others; a missing fsspec backend is a UserError naming the package to install."""
+    from urllib.parse import urlparse
 
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = urlparse(url).scheme
+    if scheme in gopen_schemes:
+        return gopen(url, "rb")
+    try:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except ImportError as err:
+        raise UserError(f"{url}: reading {scheme}:// needs an fsspec backend ({err}); install it, "
+                        f"or stream the shards with --data 'pipe:CMD' (e.g. 'pipe:aws s3 cp {url} -')") from None
+
+
+def stream_shard(url: str) -> list[StreamedRecord]:
+    """A `pipe:` or URL shard read through webdataset's `gopen` (fsspec for the object stores
+    webdataset has no opener for: s3://, gcs://, az://), its members grouped by key as webdataset
+    groups them (the key runs to the first dot of the member's basename)."""
     records: list[StreamedRecord] = []
     try:
-        with gopen(url, "rb") as stream, tarfile.open(fileobj=(reader := _TailReader(stream)), mode="r|") as tar:
+        with open_stream(url) as stream, tarfile.open(fileobj=(reader := _TailReader(stream)), mode="r|") as tar:
             for m in tar:
                 match = _MEMBER_NAME.match(m.name)
                 if not m.isfile() or match is None:

@@ -2,7 +2,7 @@
 
 `resolve_data` turns `--data` into a `DataSource`: a directory of `*.tar` shards, one `.tar`, a
 `.jsonl` manifest, or shards named the way webdataset names them (brace ranges
-`/shards/{00000..00999}.tar`, `::`-joined lists, globs, `pipe:CMD`, http(s)/gs/hf URLs; expanded
+`/shards/{00000..00999}.tar`, `::`-joined lists, globs, `pipe:CMD`, http(s)/gs/hf/s3 URLs; expanded
 by webdataset's own `expand_urls`). Local shards are read by random access into the tar; a
 `pipe:` or URL shard is streamed, one shard's members in memory at a time. Every DataLoader
 worker walks all of its rank's records (step 2 below), so each worker streams each of the rank's
@@ -136,7 +136,10 @@ def _stat_line(name: str, path: Path | None) -> bytes:
     return json.dumps([name, st.st_size, st.st_mtime_ns] if st else [name, None]).encode() + b"\n"
 
 
-_URL_SCHEMES = ("pipe", "http", "https", "gs", "ais", "sftp", "ftps", "scp", "hf", "file")
+#: streamed addresses: webdataset's own openers (vla.data.shards.stream_shard), and the object
+#: stores fsspec opens with its backend installed (s3fs, gcsfs, adlfs)
+_URL_SCHEMES = ("pipe", "http", "https", "gs", "htgs", "ais", "sftp", "ftps", "scp", "hf",
+                "s3", "s3a", "gcs", "az", "abfs", "abfss")
 
 
 def resolve_data(path: str | Path) -> DataSource:
@@ -164,7 +167,7 @@ def resolve_data(path: str | Path) -> DataSource:
     missing: list[str] = []
     for url in urls:
         scheme = urlparse(url).scheme
-        if scheme in _URL_SCHEMES and scheme != "file":
+        if scheme in _URL_SCHEMES:
             files.append(url)
             continue
         local = url.removeprefix("file://").removeprefix("file:")

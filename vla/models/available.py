@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 from vla.errors import UserError
 from vla.models import registry
@@ -29,7 +30,8 @@ def looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or (os.sep in ref and Path(ref.split(os.sep, 1)[0]).is_dir())
 
 
-def _hub_file(repo: str, filenames: tuple[str, ...]) -> str | None:
+def cached_hub_file(repo: str, filenames: Sequence[str]) -> str | None:
+    """The first of `filenames` in the local hub cache of `repo`, or None."""
     from huggingface_hub import try_to_load_from_cache
 
     for name in filenames:
@@ -50,9 +52,9 @@ def alias_on_disk(name: str) -> str:
         return f"package {what}" if spec is not None else ""
     if where == "hub":
         repo, _, file = what.partition("#")
-        found = _hub_file(repo, (file,) if file else ("config.json",))
+        found = cached_hub_file(repo, (file,) if file else ("config.json",))
         if found is None and a.kind == "clip":
-            found = _hub_file(repo, _OPEN_CLIP_WEIGHTS)
+            found = cached_hub_file(repo, _OPEN_CLIP_WEIGHTS)
         if found is None and a.fallback_file:
             fallback = Path(a.fallback_file).expanduser()
             found = str(fallback) if fallback.is_file() else None
@@ -80,7 +82,7 @@ def problem(ref: str, role: str, kind: registry.Kind | None = None) -> str | Non
         return None if path.exists() else f"{role} {ref}: no such path {path}"
     if ref.startswith("hf-hub:"):
         repo = ref.removeprefix("hf-hub:")
-        if is_offline() and _hub_file(repo, ("open_clip_config.json",)) is None:
+        if is_offline() and cached_hub_file(repo, ("open_clip_config.json",)) is None:
             return f"{role} {ref} is not on disk (offline)"
         return None
     checkpoint = ref.split("@", 1)[1] if "@" in ref else None
@@ -88,7 +90,7 @@ def problem(ref: str, role: str, kind: registry.Kind | None = None) -> str | Non
         return None if Path(checkpoint).expanduser().exists() else f"{role} {ref}: no such file {checkpoint}"
     if looks_like_path(ref):
         return None if Path(ref).expanduser().exists() else f"{role} {ref}: no such path"
-    if kind == "embedder" and ref.count("/") == 1 and is_offline() and _hub_file(ref, ("config.json",)) is None:
+    if kind == "embedder" and ref.count("/") == 1 and is_offline() and cached_hub_file(ref, ("config.json",)) is None:
         return f"{role} {ref} is not on disk (offline)"
     return None
 

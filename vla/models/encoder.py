@@ -8,7 +8,8 @@ item), so `image_emb @ text_emb.T` is a score table either way.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 
@@ -54,3 +55,18 @@ def as_images(images: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
         raise TypeError(f"encode_image takes a PIL image, a list of them or a (N, 3, H, W) tensor of "
                         f"preprocessed pixels, got a list holding {', '.join(kinds)}")
     return out
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module) -> Iterator[None]:
+    """How every `encode_*` runs its network: eval mode without grad, then the caller's mode back
+    (a training stage may be mid-epoch)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)

@@ -8,8 +8,8 @@ A name is one of:
   FILE (`.safetensors`, `.pt`) loaded into architecture ARCH (`ViT-L-14-quickgelu@ft.safetensors`);
 - a text embedder (`vla.models.embedder.load_embedder`): a hub id `ORG/NAME` or a directory with a
   transformers `config.json`;
-- a detector (`vla.models.detector.load_detector`): an ultralytics `.pt` file or model `.yaml`;
-- a causal LM for MM-GEM (`vla.models.causal_lm.load_causal_lm`): an `llm` alias, a hub id or a
+- a detector (`vla.models.dclip.yolo.load_detector`): an ultralytics `.pt` file or model `.yaml`;
+- a causal LM for MM-GEM (`vla.models.mmgem.causal_lm.load_causal_lm`): an `llm` alias, a hub id or a
   transformers model directory.
 """
 

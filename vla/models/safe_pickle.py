@@ -35,7 +35,7 @@ but a list/dict/set, object state that is not a plain dict, TorchScript archives
 
 ultralytics' label caches (`labels/*.cache`, numpy object arrays it reads with
 `allow_pickle=True`) are read the same way while `vla train-detector` trains
-(`vla.models.detector.restricted_label_caches`): a cache that asks for more is not loaded, and
+(`vla.models.dclip.yolo.restricted_label_caches`): a cache that asks for more is not loaded, and
 ultralytics rebuilds it from the labels.
 """
 

@@ -24,6 +24,7 @@ RECIPES: dict[str, str] = {
     "pretrain-lm": "vla.stages.pretrain_lm:PretrainLMRecipe",
     "joint-train": "vla.stages.joint_train:JointTrainRecipe",
     "stage2-roi": "vla.stages.stage2_roi:Stage2RoiRecipe",
+    "export": "vla.stages.export:ExportRecipe",
 }
 
 

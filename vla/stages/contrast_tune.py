@@ -135,8 +135,8 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.data.stream import resolve_data
     from vla.distributed import init_distributed
     from vla.losses import ClipLoss, LogitScale, self_distillation_loss
-    from vla.models.adapter import Adapter, AdapterConfig
-    from vla.models.ema import ema_update, make_ema_teacher
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.ema import ema_update, make_ema_teacher
     from vla.models.load import load_encoder
     from vla.models.proclip import ImageTextAligner, ProCLIPModel, save_adapter
     from vla.models.clip import save_clip

@@ -89,7 +89,7 @@ def run(cfg: DistillRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.distributed import init_distributed
     from vla.losses import distill_loss
-    from vla.models.adapter import Adapter, AdapterConfig
+    from vla.models.proclip.adapter import Adapter, AdapterConfig
     from vla.models.embedder import embedder_from_config
     from vla.models.proclip import save_adapter
 

@@ -92,7 +92,7 @@ def _detector_identity(ref: dict) -> str:
 def _held_out_table(teacher: TeacherRef, tables: list) -> tuple:
     """The (artifact, store) among `tables` built with the detector and CLIP of the teacher's own
     training table, from another split than it; refused when there is none."""
-    from vla.data.teacher_inputs import open_regions
+    from vla.models.dclip.inputs import open_regions
 
     train_art, train_store = open_regions(teacher.art.manifest["inputs"]["regions"]["path"],
                                           role=f"the regions of {teacher.art.path}")
@@ -114,7 +114,7 @@ def held_out_pairs(art, store, n_images: int) -> tuple[list[str], list[str], lis
     table's data split that the table holds, and their captions owned by no other of them."""
     from collections import Counter
 
-    from vla.data.teacher_inputs import data_of, read_caption_lists
+    from vla.models.dclip.inputs import data_of, read_caption_lists
     from vla.stages.common import training_data
 
     td = training_data(data_of(art), split=art.recipe.get("split", "train"))
@@ -151,7 +151,7 @@ def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str],
     import torch
     import torch.nn.functional as F
 
-    from vla.data.teacher_inputs import TextTower, open_regions
+    from vla.models.dclip.inputs import TextTower, open_regions
     from vla.distributed import resolve_device
     from vla.evaluate.report import results_markdown
     from vla.evaluate.retrieval import score_retrieval_metrics

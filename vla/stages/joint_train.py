@@ -40,7 +40,7 @@ import torch
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
-from vla.models.causal_lm import TinyLlamaSize
+from vla.models.mmgem.causal_lm import TinyLlamaSize
 from vla.models.mmgem import MMGEMConfig
 from vla.stages.common import EvalConfig, evaluate_into, image_text_batches, train_on_pairs, training_data
 from vla.stages.common import DataConfig
@@ -102,7 +102,7 @@ class GradientProbe:
             self._measure(step)
 
     def _measure(self, step: int) -> None:
-        from vla.models.mmgem_trainer import objective_gradient_norms
+        from vla.models.mmgem.objective import objective_gradient_norms
 
         with torch.autocast(self.batch[0].device.type, enabled=False):
             record = {"step": step, **objective_gradient_norms(self.trainer, *self.batch, self.groups)}
@@ -243,7 +243,7 @@ def run(cfg: JointTrainRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.distributed import init_distributed
     from vla.losses import ClipLoss
     from vla.models.mmgem import build_mmgem, save_mmgem
-    from vla.models.mmgem_trainer import MMGEMTrainer, learning_rate_groups, optimizer_record
+    from vla.models.mmgem.objective import MMGEMTrainer, learning_rate_groups, optimizer_record
 
     # inputs: the --out, the data, the image tower, the LM (refused before any compute when wrong)
     claim_out(out, force=force, inputs={"data": data, "vision": cfg.vision, "llm": cfg.llm})

@@ -105,7 +105,7 @@ def _detections(detector, samples, cfg: PrecomputeRegionsRecipe) -> list[list[tu
     """(box, conf, class) per sample: the detector's, batched, or the data's own boxes (oracle)."""
     if detector.is_oracle:
         return [[(tuple(r.box), float(r.score), -1) for r in s.regions] for s in samples]
-    from vla.models.detector import detect
+    from vla.models.dclip.yolo import detect
 
     d = cfg.detect
     found = detect(detector.model, [s.image.convert("RGB") for s in samples], conf=d.conf, iou=d.iou,
@@ -157,12 +157,12 @@ def _records(source):
 
 def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.data.regions import finished_shards, write_index, write_shard
+    from vla.data.regions import finished_shards, new_counts, write_index, write_shard
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
     from vla.distributed import barrier, init_distributed
     from vla.models.dclip import load_dclip_clip
-    from vla.models.region_detector import resolve_detector
+    from vla.models.dclip.detector import resolve_detector
     from vla.stages.common import training_data
 
     # everything that can be refused is refused before any compute
@@ -185,13 +185,13 @@ def run(cfg: PrecomputeRegionsRecipe, data: Path, out: Path, *, force: bool = Fa
 
         t0, images = time.perf_counter(), 0
         shard, batch, pending = 0, [], []
-        counts = _new_counts()
+        counts = new_counts()
         for n, record in enumerate(_records(source)):
             if n // cfg.shard_size != shard:  # the previous shard's records are all read
                 if not skip(shard):
                     images += _flush(detector, clip, cfg, batch, pending, counts)
                     write_shard(root, shard, pending, clip.embed_dim, counts)
-                shard, batch, pending, counts = n // cfg.shard_size, [], [], _new_counts()
+                shard, batch, pending, counts = n // cfg.shard_size, [], [], new_counts()
             if skip(shard):
                 continue  # a shard a previous run finished, or another rank's
             skips = SkipCounter()
@@ -233,11 +233,6 @@ def _flush(detector, clip, cfg, batch: list, pending: list, counts: dict) -> int
         pending += regions_of_batch(detector, clip, batch, cfg, counts)
         batch.clear()
     return n
-
-
-def _new_counts() -> dict:
-    return {"data": {"seen": 0, "skipped": {}}, "regions": 0, "no_detection": 0, "regions_over_top_k": 0,
-            "boxes_dropped": {"nan": 0, "outside": 0, "empty": 0}}
 
 
 def _add_skips(counts: dict, skips) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out
 from vla.errors import UserError
 from vla.losses import caption_loss
-from vla.models.causal_lm import TinyLlamaSize
+from vla.models.mmgem.causal_lm import TinyLlamaSize
 from vla.stages.common import DataConfig, training_data
 from vla.train import TrainConfig
 
@@ -78,7 +78,7 @@ class CausalLMTrainer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """`train.grad_checkpointing`: transformers' activation checkpointing of the decoder layers."""
-        from vla.models.causal_lm import set_lm_checkpointing
+        from vla.models.mmgem.causal_lm import set_lm_checkpointing
 
         set_lm_checkpointing(self.lm, enable)
 
@@ -143,7 +143,7 @@ def _held_out(key: str, fraction: float) -> bool:
 def run(cfg: PretrainLMRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
     from vla.distributed import init_distributed
-    from vla.models.causal_lm import build_tiny_llama
+    from vla.models.mmgem.causal_lm import build_tiny_llama
     from vla.train import train
 
     # inputs: the --out, the data (its train split, and its val split when it is a synth artifact)

@@ -103,7 +103,7 @@ class RegionTransform:
     def usable(self, sample) -> tuple[list, torch.Tensor]:
         """The sample's usable regions and their boxes in the tower's input pixels."""
         from vla.data.skips import SkipSample
-        from vla.models.pool_aggregator import boxes_to_input_frame
+        from vla.models.mmgem.pool_aggregator import boxes_to_input_frame
 
         regions = [r for r in sample.regions if r.caption.strip()]
         if regions:
@@ -147,7 +147,7 @@ def run(cfg: Stage2RoiRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.distributed import init_distributed
     from vla.losses import ClipLoss
     from vla.models.mmgem import load_mmgem, save_mmgem
-    from vla.models.mmgem_trainer import MMGEMTrainer, learning_rate_groups, optimizer_record
+    from vla.models.mmgem.objective import MMGEMTrainer, learning_rate_groups, optimizer_record
 
     # inputs: the --out, the stage-1 artifact (refused before any compute when of another kind), the data
     if not cfg.init:

@@ -8,7 +8,7 @@ Story: `--data` (a synth artifact, or any ultralytics detection `data.yaml`) →
 recipe (an ultralytics config such as `yolov8n.yaml`, built offline with random weights) →
 ultralytics' trainer (its losses, augmentation, schedule; its validation picks the best epoch) →
 the best weights pickle-free (`detector/`: config .yaml + safetensors + class names, see
-`vla.models.region_detector`), ultralytics' results.csv, and in the manifest ultralytics' own
+`vla.models.dclip.detector`), ultralytics' results.csv, and in the manifest ultralytics' own
 final validation metrics (mAP50, mAP50-95, precision, recall).
 
 Ultralytics keeps its own resume state as a pickle; an interrupted run is started again.
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import StageError, UserError
-from vla.models.region_detector import DETECTOR_DIR, TRAIN_DETECTOR_KIND
+from vla.models.dclip.detector import DETECTOR_DIR, TRAIN_DETECTOR_KIND
 
 KIND = TRAIN_DETECTOR_KIND
 # ultralytics' names for its final validation metrics → the manifest's
@@ -99,8 +99,8 @@ def _refuse_download_script(data_yaml: Path) -> None:
 
 def run(cfg: TrainDetectorRecipe, data: Path, out: Path, *, force: bool = False,
         command: Sequence[str] | None = None) -> Artifact:
-    from vla.models.detector import check_model_yaml, restricted_label_caches
-    from vla.models.region_detector import save_yolo
+    from vla.models.dclip.yolo import check_model_yaml, restricted_label_caches
+    from vla.models.dclip.detector import save_yolo
     from vla.offline import import_ultralytics, torch_threads_kept
 
     claim_out(out, force=force, inputs={"data": data})

@@ -22,7 +22,7 @@ Switches (recipe fields): `distill_weight` λ scales the first term; λ = 0 is t
 teacher" ablation (InfoNCE only: the teacher's embeddings are then never computed, though
 `--teacher` still names the CLIP, data and regions the student trains on). The ViT-L additions:
 `preserve_weight` (above), `rope_2d` (2-D rotary positions in place of the absolute ones) and
-`clusters: 3` (three-cluster embedding aggregation) — `vla.models.vision_variants` says what each
+`clusters: 3` (three-cluster embedding aggregation) — `vla.models.dclip.vision_variants` says what each
 does and which reading of the paper it is; a student with either keeps open_clip's weight layout
 plus `model/vla_vision.json`, which vla re-applies on loading and `vla export` refuses.
 `epochs` sets the length in passes over the data; `epoch_eval` scores the student on held-out
@@ -40,7 +40,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vla.artifacts import Artifact, ArtifactBuilder, claim_out, open_artifact
 from vla.errors import UserError
@@ -83,25 +82,9 @@ class TrainStudentRecipe:
         self.vision_variant()  # validates clusters
 
     def vision_variant(self):
-        from vla.models.vision_variants import VisionVariant
+        from vla.models.dclip.vision_variants import VisionVariant
 
         return VisionVariant(rope_2d=self.rope_2d, clusters=self.clusters)
-
-
-class ImageStudent(nn.Module):
-    """What train-student trains: the CLIP's image tower alone (so the optimizer never holds
-    the text tower's weights)."""
-
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(images), dim=-1)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """`train.grad_checkpointing`: open_clip's activation checkpointing of the tower's blocks."""
-        self.visual.set_grad_checkpointing(enable)
 
 
 def open_teacher(path: str, epoch: Optional[int]):
@@ -125,13 +108,16 @@ def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool 
 
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
-    from vla.data.teacher_inputs import (TextTower, check_keys, check_same_clip, data_of, global_batch,
+    from vla.models.dclip.inputs import (TextTower, check_keys, check_same_clip, data_of, global_batch,
                                          open_regions, read_caption_lists, steps_per_epoch, teacher_inputs)
     from vla.distributed import init_distributed
     from vla.losses import dclip_student_loss
     from vla.models.clip import save_clip
     from vla.models.dclip import load_dclip_clip, load_teacher
-    from vla.models.vision_variants import apply_variant, save_variant
+    from vla.evaluate.epochs import (EPOCH_SNAPSHOTS, evaluate_snapshots, save_snapshot, snapshot_name,
+                                     write_epoch_report)
+    from vla.models.dclip.student import ImageStudent
+    from vla.models.dclip.vision_variants import apply_variant, save_variant
     from vla.stages.common import evaluate_into, image_text_batches, train_on_pairs, training_data
 
     # inputs, all checked before any compute
@@ -217,62 +203,24 @@ def run(cfg: TrainStudentRecipe, data: Optional[str], out: Path, *, force: bool 
         if val_sets:
             # rank 0 only writes the image tower at each epoch's end; the evaluations run after
             # training, so that no rank waits in a collective while rank 0 evaluates
-            if dist.rank == 0 and not (snapshots / _snapshot_name(0)).exists():
-                _save_snapshot(clip.model.visual, snapshots, 0)  # epoch 0: the CLIP before any step
+            if dist.rank == 0 and not (snapshots / snapshot_name(0)).exists():
+                save_snapshot(clip.model.visual, snapshots, 0)  # epoch 0: the CLIP before any step
 
             def after_step(m, s: int) -> None:
                 if s % per_epoch == 0 and dist.rank == 0:
-                    _save_snapshot(m.visual, snapshots, s // per_epoch)
+                    save_snapshot(m.visual, snapshots, s // per_epoch)
 
         train_on_pairs(art, cfg, student, step, batches, dist, skips, str(td.path), after_step=after_step)
         if dist.rank == 0:
             clip.model.eval()
             if val_sets:
-                _evaluate_snapshots(art.dir, snapshots, clip, val_sets, cfg.eval.batch_size, per_epoch)
-                art.extra["epoch_eval"] = _write_epoch_report(art.dir, cfg.epoch_eval_split, per_epoch)
+                evaluate_snapshots(art.dir, snapshots, clip, val_sets, cfg.eval.batch_size, per_epoch)
+                art.extra["epoch_eval"] = write_epoch_report(art.dir, cfg.epoch_eval_split, per_epoch)
             save_clip(clip, art.dir / "model")
             save_variant(art.dir / "model", variant)
             clip.name = out.name
             evaluate_into(art, clip, td.eval_dir, cfg.eval)
     return art.artifact
-
-
-EPOCH_EVAL_LOG = "epoch_eval.jsonl"
-EPOCH_SNAPSHOTS = "epoch-snapshots"   # the image tower at each epoch's end, until it is evaluated
-#: the curves: (set suffix, metric) → label
-EPOCH_SERIES = {("retrieval", "image_retrieval_recall@1"): "text→image R@1",
-                ("retrieval", "text_retrieval_recall@1"): "image→text R@1",
-                ("zeroshot", "acc1"): "zero-shot top-1"}
-
-
-def _snapshot_name(epoch: int) -> str:
-    return f"epoch{epoch:03d}.safetensors"
-
-
-def _save_snapshot(visual: nn.Module, directory: Path, epoch: int) -> None:
-    from vla.models.weights import save_state_dict
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_state_dict({k: v.detach().cpu() for k, v in visual.state_dict().items()}, directory / _snapshot_name(epoch))
-
-
-def _evaluate_snapshots(out: Path, directory: Path, clip, sets, batch_size: int, per_epoch: int) -> None:
-    """Score each saved epoch's image tower on `sets` into the per-epoch log (epochs a resumed run
-    logged already are skipped), then put the final weights back and delete the snapshots."""
-    import shutil
-
-    from vla.models.weights import load_state_dict
-
-    visual = clip.model.visual
-    final = {k: v.detach().clone() for k, v in visual.state_dict().items()}
-    logged = _epoch_rows(out / EPOCH_EVAL_LOG)
-    for path in sorted(directory.glob("epoch*.safetensors")):
-        epoch = int(path.stem[len("epoch"):])
-        if epoch not in logged:
-            visual.load_state_dict(load_state_dict(path))
-            _log_epoch(out / EPOCH_EVAL_LOG, epoch, epoch * per_epoch, clip, sets, batch_size)
-    visual.load_state_dict(final)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _epoch_eval_sets(cfg: TrainStudentRecipe, td) -> list:
@@ -289,43 +237,3 @@ def _epoch_eval_sets(cfg: TrainStudentRecipe, td) -> list:
     zeroshot = Path(td.eval_dir) / "zeroshot"
     return split_eval_sets(split, zeroshot if zeroshot.is_dir() else None, cfg.epoch_eval_images,
                            prefix=cfg.epoch_eval_split)
-
-
-def _epoch_rows(log: Path) -> dict[int, dict]:
-    """{epoch: row} of the per-epoch log (an epoch a resumed run repeated: its last row)."""
-    import json
-
-    if not log.exists():
-        return {}
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return {r["epoch"]: r for r in rows}
-
-
-def _log_epoch(log: Path, epoch: int, step: int, clip, sets, batch_size: int) -> None:
-    """Score `clip` on `sets` and append one row {epoch, step, "set/metric": value} to the log."""
-    import json
-
-    from vla.evaluate.run import evaluate_model
-
-    row = {"epoch": epoch, "step": step}
-    for set_name, metrics in evaluate_model(clip, sets, batch_size=batch_size).items():
-        row.update({f"{set_name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    with log.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _write_epoch_report(out: Path, split: str, steps_per_epoch: int) -> list[dict]:
-    """epochs.md (a table) and epochs.png (one curve per metric) from the per-epoch log; its rows."""
-    from vla.evaluate.report import write_curve
-
-    rows = [r for _, r in sorted(_epoch_rows(out / EPOCH_EVAL_LOG).items())]
-    series = {f"{split}_{suffix}/{metric}": f"{split} {label}" for (suffix, metric), label in EPOCH_SERIES.items()}
-    series = {k: v for k, v in series.items() if any(k in r for r in rows)}
-    lines = ["| epoch | step | " + " | ".join(series.values()) + " |", "|---:|---:|" + "---:|" * len(series)]
-    for r in rows:
-        cells = [f"{100 * r[k]:.1f}" if r.get(k) is not None else "" for k in series]
-        lines.append(f"| {r['epoch']} | {r['step']} | " + " | ".join(cells) + " |")
-    (out / "epochs.md").write_text("\n".join(lines) + "\n")
-    write_curve(rows, "epoch", series, out / "epochs.png",
-                f"train-student after each epoch of {steps_per_epoch} steps (epoch 0: the CLIP it starts from)")
-    return rows

@@ -65,7 +65,7 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
         command: Sequence[str] | None = None) -> Artifact:
     import torch
 
-    from vla.data.teacher_inputs import (TextTower, caption_index, check_keys, check_same_clip, data_of,
+    from vla.models.dclip.inputs import (TextTower, caption_index, check_keys, check_same_clip, data_of,
                                          global_batch, open_regions, read_caption_lists, steps_per_epoch,
                                          teacher_inputs)
     from vla.distributed import init_distributed
@@ -156,12 +156,12 @@ def _measure_only(teacher, step, batches, micro_batches: int, dist):
     import torch
 
     from vla.distributed import all_reduce_mean
-    from vla.train import TrainResult, _to_device
+    from vla.train import TrainResult, to_device
 
     start, losses, samples = time.perf_counter(), [], 0
     with torch.no_grad():
         for _, b in zip(range(micro_batches), batches):
-            losses.append(step(teacher, _to_device(b, dist.device))["loss"].float())
+            losses.append(step(teacher, to_device(b, dist.device))["loss"].float())
             samples += b["n"] * dist.world_size
     mean = float(all_reduce_mean(torch.stack(losses).mean())) if losses else 0.0
     wall = time.perf_counter() - start

@@ -3,7 +3,7 @@
 `--detector` is one of:
 - `oracle`: no model — the data's own boxes (the synthetic world's exact ones) are the regions;
 - a `train-detector` artifact: vla's trained YOLO, stored without pickles (below);
-- anything `vla.models.detector.load_detector` takes: a user's ultralytics `.pt` on disk (loaded
+- anything `vla.models.dclip.yolo.load_detector` takes: a user's ultralytics `.pt` on disk (loaded
   as ultralytics loads it; its sha256 is recorded), an alias (`yolov8x`) or a model `.yaml`.
 
 vla's own YOLO weights are `detector/<arch>.yaml` (the model's own config dict, its class count
@@ -47,7 +47,7 @@ def save_yolo(model: Any, out_dir: Path) -> Path:
 
 def load_yolo_dir(directory: Path) -> Any:
     """The YOLO `save_yolo` wrote, built from its config and loaded from safetensors."""
-    from vla.models.detector import check_model_yaml
+    from vla.models.dclip.yolo import check_model_yaml
     from vla.models.weights import load_state_dict
     from vla.offline import import_ultralytics, torch_threads_kept
 
@@ -86,7 +86,7 @@ class RegionDetector:
 def resolve_detector(ref: str) -> RegionDetector:
     """`--detector` → a RegionDetector; UserError, before any compute, for what cannot be had."""
     from vla.artifacts import open_artifact, sha256_file
-    from vla.models.detector import load_detector
+    from vla.models.dclip.yolo import load_detector
 
     if ref == ORACLE:
         return RegionDetector(None, {"path": ORACLE, "kind": "oracle"})

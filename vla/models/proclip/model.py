@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vla.models.adapter import Adapter, AdapterConfig
+from vla.models.proclip.adapter import Adapter, AdapterConfig
 from vla.models.encoder import as_texts
 
 

@@ -26,24 +26,19 @@ Captioning goes through transformers' ``generate`` (KV cache, greedy or beam sea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from vla.errors import UserError
 from vla.losses import LogitScale
-from vla.models.causal_lm import (CAP_TOKEN, EMB_TOKEN, TinyLlamaSize, add_mode_tokens, check_mode_tokens,
-                                  soft_prompt_tokens)
-from vla.models.pool_aggregator import RoIPool, check_boxes, mean_pool
-from vla.models.weights import load_state_dict, save_state_dict
+from vla.models.mmgem.causal_lm import CAP_TOKEN, EMB_TOKEN, add_mode_tokens, soft_prompt_tokens
+from vla.models.mmgem.interface import MMGEMInterface, until_eos
+from vla.models.mmgem.pool_aggregator import RoIPool, mean_pool
 
 IGNORE_INDEX = -100
 
@@ -110,8 +105,9 @@ def identity_linear(dim: int) -> nn.Linear:
     return layer
 
 
-class MMGEM(nn.Module):
-    """The MM-GEM model; see the module docstring for the maths.
+class MMGEM(MMGEMInterface, nn.Module):
+    """The MM-GEM model; see the module docstring for the maths. What a user calls on a trained
+    model (captions, `encode_*`, boxes in either frame) is `MMGEMInterface` (vla/models/mmgem/interface.py).
 
     ``visual`` is an open_clip VisionTransformer (its ``preprocess`` turns PIL images into its
     input), ``lm`` a transformers causal LM and ``tokenizer`` its tokenizer; the mode tokens are
@@ -343,162 +339,10 @@ class MMGEM(nn.Module):
         last = torch.tensor([len(self._embedding_row(r)) - 1 for r in ids], device=states.device)
         return self.h2(states[torch.arange(len(ids), device=states.device), last])
 
-    # ------------------------------------------------------------------ captioning
-
-    @property
-    def mode_token_ids(self) -> list[int]:
-        """``[EMB]``, ``[CAP]`` and the soft prompts: input-only tokens, never written in a caption.
-
-        Their output rows are never trained towards (stage 2's soft prompts get freshly resized,
-        frozen output rows), so decoding masks them rather than trusting their logits to be low.
-        """
-        return sorted(self.token_ids.values())
-
-    def caption_inputs(self, pixels: Tensor, boxes: Sequence[Tensor] | None = None, soft: bool | None = None) -> Tensor:
-        """``[BOS, V_in, prompt]`` (N, 1+P+k, d_lm; no BOS for an LM without one); soft prompts by
-        default for regions when the model has them."""
-        prefix = self.visual_prefix(self.image_embedding(pixels, boxes))
-        n = prefix.shape[0]
-        bos = self._bos_embedding().unsqueeze(0).expand(n, -1, -1)
-        prompt = self.prompt_embeddings(self._use_soft_prompts(boxes, soft)).unsqueeze(0).expand(n, -1, -1)
-        return torch.cat([bos, prefix, prompt], dim=1)
-
-    def generate_ids(
-        self,
-        pixels: Tensor,
-        boxes: Sequence[Tensor] | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        num_beams: int = 1,
-        soft: bool | None = None,
-    ) -> list[list[int]]:
-        """Caption token ids per image (or region), up to and without end of text.
-
-        transformers' ``generate`` with its KV cache, greedy (``num_beams=1``) or beam search.
-        All inputs have the same length ``(1)+P+k``, so no padding is involved.
-        """
-        with _inference(self):
-            embeds = self.caption_inputs(pixels, boxes, soft)
-            out = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-                max_new_tokens=max_new_tokens or self.config.max_text_tokens + 1,
-                num_beams=num_beams,
-                do_sample=False,
-                use_cache=True,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                suppress_tokens=self.mode_token_ids,
-            )
-        return [_until_eos(row, self.eos_id) for row in out.tolist()]
-
-    def caption(
-        self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Any] | None = None, *,
-        box_frame: str = "image", keys: Sequence[str] | None = None, **kwargs: Any
-    ) -> list[str]:
-        """Captions of images, or of their regions: ``boxes[b]`` (K_b, 4) as x1, y1, x2, y2 in image
-        b's own pixels (``box_frame="image"``), mapped through the tower's resize and crop
-        (`input_boxes`); ``box_frame="input"`` takes them in the tower's input pixels as they are
-        (the only frame for pixel tensors). ``kwargs``: `generate_ids`' decoding options."""
-        pixels = images if isinstance(images, Tensor) else self.pixels(images)
-        if boxes is not None:
-            boxes = self.frame_boxes(images, boxes, box_frame, keys)
-        ids = self.generate_ids(pixels, boxes, **kwargs)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-    # ------------------------------------------------------------------ the DualEncoder interface
-
-    @property
-    def device(self) -> torch.device:
-        return self.h1.weight.device
-
-    @property
-    def text_context_length(self) -> int:
-        """Tokens the embedding path reads at most: max_text_tokens caption tokens + [EMB] (+ BOS),
-        counted as `text_token_counts` counts, so a text is reported truncated exactly when
-        `tokenize` cuts it (CLIP's 16 or 77 likewise include its start and end tokens)."""
-        return self.config.max_text_tokens + 1 + (self.bos_id is not None)
-
-    def pixels(self, images: Sequence[Image.Image]) -> Tensor:
-        if self.preprocess is None:
-            raise UserError("this MM-GEM model was built without its image preprocessing; pass pixel tensors")
-        return torch.stack([self.preprocess(im) for im in images]).to(self.device)
-
-    def encode_image(self, images: Sequence[Image.Image], batch_size: int = 64) -> Tensor:
-        with _inference(self):
-            out = [self.image_embedding(self.pixels(images[s : s + batch_size]))
-                   for s in range(0, len(images), batch_size)]
-        return F.normalize(torch.cat(out), dim=-1).float().cpu() if out else torch.empty(0, self.embed_dim)
-
-    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
-        with _inference(self):
-            out = [self.text_embedding(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
-        return F.normalize(torch.cat(out), dim=-1).float().cpu() if out else torch.empty(0, self.embed_dim)
-
-    def encode_regions(self, images: Sequence[Image.Image], boxes: Sequence[Any], *, box_frame: str = "image",
-                       keys: Sequence[str] | None = None) -> Tensor:
-        """(ΣK_b, D) normalised region embeddings h4(h1(RoIAlign)) over the full image, not a crop.
-        ``boxes[b]`` (K_b, 4) are x1, y1, x2, y2 in image b's own pixels (``box_frame="image"``, what
-        COCO and a detector give), mapped through the tower's resize and crop (`input_boxes`); or
-        in the tower's input pixels with ``box_frame="input"``."""
-        mapped = self.frame_boxes(images, boxes, box_frame, keys)
-        with _inference(self):
-            out = self.region_embedding(self.pixels(images), [b.to(self.device) for b in mapped])
-        return F.normalize(out, dim=-1).float().cpu()
-
-    def frame_boxes(self, images: Sequence[Image.Image] | Tensor, boxes: Sequence[Any], box_frame: str,
-                    keys: Sequence[str] | None = None) -> list[Tensor]:
-        """Boxes in the tower's input pixels from ``box_frame``'s: ``image`` (each image's own
-        pixels, `input_boxes`) or ``input`` (checked against the input size, used as they are)."""
-        if box_frame == "image":
-            if isinstance(images, Tensor):
-                raise UserError("boxes in image pixels need the images (PIL), not pixel tensors; pass the "
-                                "images, or boxes in the tower's input pixels with box_frame='input'")
-            return self.input_boxes(images, boxes, keys)
-        if box_frame != "input":
-            raise UserError(f"box_frame {box_frame!r} is not one of image, input")
-        size = self.input_size
-        out = []
-        for b, image_boxes in enumerate(boxes):
-            t = torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
-            check_boxes(t, size, size, f"{keys[b] if keys is not None else f'image {b}'} "
-                                       f"(box_frame='input': the tower's {size}×{size} input)")
-            out.append(t)
-        return out
-
-    @property
-    def input_size(self) -> int:
-        """The side of the tower's square input, as its preprocessing makes it."""
-        spec = (self.vision_spec or {}).get("preprocess_cfg", {})
-        size = spec.get("size", self.tower.image_size)
-        return size if isinstance(size, int) else size[0]
-
-    def input_boxes(self, images: Sequence[Image.Image], boxes: Sequence[Any],
-                    keys: Sequence[str] | None = None) -> list[Tensor]:
-        """Boxes given in each PIL image's own pixels → the tower's input pixels: through the same
-        resize and centre crop as `preprocess` (`boxes_to_input_frame`, the resized side truncated
-        as torchvision truncates it). A box that is empty, not finite, outside its image or
-        cropped away is refused, naming ``keys[b]`` (the sample) when given."""
-        from vla.models.pool_aggregator import boxes_to_input_frame
-
-        spec = (self.vision_spec or {}).get("preprocess_cfg", {})
-        size = self.input_size
-        if len(images) != len(boxes):
-            raise UserError(f"{len(images)} images but {len(boxes)} box lists; pass one (K, 4) list per image")
-        out = []
-        for b, (image, image_boxes) in enumerate(zip(images, boxes)):
-            key = keys[b] if keys is not None else f"image {b}"
-            t = torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4).cpu()
-            check_boxes(t, image.width, image.height, key)
-            mapped = boxes_to_input_frame(t, image.size, size, spec.get("resize_mode", "shortest"))
-            check_boxes(mapped, size, size, f"{key} (in the tower's {size}×{size} input)")
-            out.append(mapped)
-        return out
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the tower's blocks and the LM's decoder layers (see
         `MMGEMTrainer.set_grad_checkpointing`)."""
-        from vla.models.causal_lm import set_lm_checkpointing
+        from vla.models.mmgem.causal_lm import set_lm_checkpointing
 
         self.tower.visual.set_grad_checkpointing(enable)
         set_lm_checkpointing(self.lm, enable)
@@ -532,10 +376,6 @@ class MMGEM(nn.Module):
         return groups
 
 
-def _until_eos(row: list[int], eos: int) -> list[int]:
-    return row[: row.index(eos)] if eos in row else row
-
-
 @torch.no_grad()
 def greedy_decode_without_cache(model: MMGEM, inputs_embeds: Tensor, max_new_tokens: int) -> list[list[int]]:
     """The naive reference: re-run the LM over the whole sequence for every new token, no cache.
@@ -555,113 +395,4 @@ def greedy_decode_without_cache(model: MMGEM, inputs_embeds: Tensor, max_new_tok
         if done.all():
             break
         seq = torch.cat([seq, table(nxt)[:, None]], dim=1)
-    return [_until_eos(row, model.eos_id) for row in tokens.tolist()]
-
-
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode without grad, then the caller's mode back (a training stage may be mid-epoch)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def build_mmgem(
-    vision: str = "vla-micro-clip",
-    llm: str | None = None,
-    captions: Sequence[str] = (),
-    config: MMGEMConfig = MMGEMConfig(),
-    seed: int = 0,
-    lm_size: TinyLlamaSize | None = None,
-) -> MMGEM:
-    """An MM-GEM from names: an open_clip image tower (`vla.models.clip.load_clip` grammar) and a
-    causal LM (`vla.models.causal_lm.load_causal_lm`), or — ``llm=None`` — the embedded default's
-    tiny Llama (of ``lm_size``) with a tokenizer trained on ``captions``. Only the CLIP's image
-    tower is kept."""
-    from vla.models.causal_lm import build_tiny_llama, load_causal_lm
-    from vla.models.clip import load_clip
-
-    clip = load_clip(vision)
-    if llm is None:
-        if not captions:
-            raise UserError("the embedded default LM trains its tokenizer on captions; pass some")
-        lm, tokenizer = build_tiny_llama(captions, lm_size or TinyLlamaSize(), seed=seed)
-    else:
-        lm, tokenizer = load_causal_lm(llm)
-    vision_spec = {"model_cfg": clip.model_cfg, "preprocess_cfg": clip.spec["preprocess_cfg"]}
-    return MMGEM(clip.model.visual, lm, tokenizer, config, clip.preprocess, seed, vision_spec)
-
-
-# ---------------------------------------------------------------------------------------------
-# On disk
-# ---------------------------------------------------------------------------------------------
-
-FORMAT = "vla-mmgem"
-FORMAT_VERSION = 1
-CONFIG_FILE = "mmgem.json"
-WEIGHTS_FILE = "mmgem.safetensors"  # the tower, h1..h4 and the logit scale
-LM_DIR = "lm"  # the LM and its tokenizer in transformers' layout (save_pretrained, safetensors)
-
-
-def save_mmgem(model: MMGEM, out_dir: str | Path) -> Path:
-    """Write ``mmgem.json``, ``mmgem.safetensors`` and ``lm/``.
-
-    ``lm/`` is what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load — the
-    mode tokens and trained soft prompts included (they are merged into the table first).
-    """
-    if model.vision_spec is None:
-        raise UserError("this MM-GEM model has no vision_spec (open_clip model_cfg); build it with build_mmgem")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.merge_soft_prompts()
-    model.lm.save_pretrained(out / LM_DIR)
-    model.tokenizer.save_pretrained(out / LM_DIR)
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("lm.")}
-    save_state_dict(own, out / WEIGHTS_FILE)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": model.config.to_dict(),
-        "vision": model.vision_spec,
-        "tokens": model.token_ids,
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-def load_mmgem(path: str | Path, *, device: str = "cpu") -> MMGEM:
-    """Rebuild what `save_mmgem` wrote; UserError for another format or a tokenizer without the
-    recorded mode tokens (checked before the weights are read)."""
-    from open_clip.model import _build_vision_tower
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(path)
-    meta_file = directory / CONFIG_FILE
-    if not meta_file.is_file():
-        raise UserError(f"{directory}: no {CONFIG_FILE}; pass a directory that save_mmgem (or vla export) wrote")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{meta_file}: format {meta.get('format')} v{meta.get('format_version')}, "
-            f"expected {FORMAT} v{FORMAT_VERSION}; re-export it with this vla version"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(directory / LM_DIR, local_files_only=True)
-    check_mode_tokens(tokenizer, dict(meta["tokens"]), str(directory / LM_DIR))
-    lm = AutoModelForCausalLM.from_pretrained(directory / LM_DIR, local_files_only=True, dtype=torch.float32)
-    model_cfg = meta["vision"]["model_cfg"]
-    visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
-    known = {f.name for f in dataclasses.fields(PreprocessCfg)}
-    preprocess_cfg = PreprocessCfg(**{k: v for k, v in meta["vision"]["preprocess_cfg"].items() if k in known})
-    preprocess = image_transform_v2(preprocess_cfg, is_train=False)
-    model = MMGEM(visual, lm, tokenizer, MMGEMConfig(**meta["config"]), preprocess, vision_spec=meta["vision"])
-    missing, unexpected = model.load_state_dict(load_state_dict(directory / WEIGHTS_FILE), strict=False)
-    missing = [k for k in missing if not k.startswith("lm.")]
-    if missing or unexpected:
-        raise UserError(f"{directory / WEIGHTS_FILE} does not fit its {CONFIG_FILE} (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); re-export it")
-    return model.to(device).eval()
+    return [until_eos(row, model.eos_id) for row in tokens.tolist()]

@@ -8,26 +8,19 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from vla.cli import app
+from tests.conftest import cli
 
-runner = CliRunner()
+
 WORLD = ["--recipe", "recipes/smoke/synth.yaml", "--set", "n_train=32", "--set", "n_val=8", "--set", "n_test=12",
          "--set", "shard_size=16"]
-
-
-def cli(*args, code: int = 0):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, r.output
-    return r
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain-lm")
     cli("synth", "--out", root / "world", *WORLD)
-    r = cli("pretrain-lm", "--data", root / "world", "--out", root / "lm", "--recipe", "recipes/smoke/pretrain-lm.yaml")
+    r = cli("pretrain-lm", "--data", root / "world", "--out", root / "lm", "--recipe", "recipes/smoke/mmgem/pretrain-lm.yaml")
     assert "held-out perplexity" in r.output
     return root
 
@@ -58,7 +51,7 @@ def test_the_artifact_is_a_transformers_causal_lm_and_joint_train_starts_from_it
     assert torch.equal(model.lm.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
     assert inputs["llm"].kind == "pretrain-lm"
 
-    cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe", "recipes/smoke/joint-train.yaml",
+    cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe", "recipes/smoke/mmgem/joint-train.yaml",
         "--llm", lm / "lm", "--set", "train.steps=1", "--set", "eval.sets=[]")
     m = json.loads((tmp_path / "joint" / "manifest.json").read_text())
     assert m["inputs"]["llm"]["kind"] == "pretrain-lm"
@@ -68,7 +61,7 @@ def test_the_artifact_is_a_transformers_causal_lm_and_joint_train_starts_from_it
 def test_joint_train_refuses_an_llm_artifact_of_another_kind(lm, tmp_path) -> None:
     """--llm naming an artifact that is not a pretrain-lm is one line naming the kinds, exit 2."""
     r = cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe",
-            "recipes/smoke/joint-train.yaml", "--llm", lm / "world", code=2)
+            "recipes/smoke/mmgem/joint-train.yaml", "--llm", lm / "world", code=2)
     assert "pretrain-lm" in r.output and "synth" in r.output
 
 
@@ -76,7 +69,7 @@ def test_joint_train_records_claim_a_gradient_norms_and_loss_curves(lm, tmp_path
     """The joint-train manifest holds each objective's gradient norm and their cosine on the LM,
     the tower and h1 before training and after the probe steps, both loss curves, and the loss
     weights: L_emb summed over its two directions (the paper), w_gen labelled when not 1."""
-    cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe", "recipes/smoke/joint-train.yaml",
+    cli("joint-train", "--data", lm / "world", "--out", tmp_path / "joint", "--recipe", "recipes/smoke/mmgem/joint-train.yaml",
         "--llm", lm / "lm", "--set", "train.steps=2", "--set", "train.log_every=1", "--set", "eval.sets=[]",
         "--set", "gen_weight=0.5")
     m = json.loads((tmp_path / "joint" / "manifest.json").read_text())["mmgem"]

@@ -9,18 +9,11 @@ import json
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from vla.cli import app
+from tests.conftest import cli
 
-runner = CliRunner()
+
 FEW = ["--set", "eval.sets=[]", "--set", "train.batch_size=4", "--set", "data.shuffle_buffer=0"]
-
-
-def cli(*args, code: int = 0):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, r.output
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def data(tmp_path_factory):
                       "regions": regions})
     (root / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     cli("joint-train", "--data", root / "train.jsonl", "--out", root / "joint", "--recipe",
-        "recipes/smoke/joint-train.yaml", "--set", "train.steps=1", *FEW)
+        "recipes/smoke/mmgem/joint-train.yaml", "--set", "train.steps=1", *FEW)
     return root
 
 
@@ -52,7 +45,7 @@ def test_samples_without_a_usable_region_are_skipped_and_counted(data, tmp_path)
     """The run finishes; the manifest counts the 4 unusable samples as no_usable_region, naming
     them, with the limit raised to let them through (4 of 12)."""
     cli("stage2-roi", "--data", data / "train.jsonl", "--init", data / "joint", "--out", tmp_path / "s2",
-        "--recipe", "recipes/smoke/stage2-roi.yaml", *FEW, "--set", "data.max_skip_fraction=0.5")
+        "--recipe", "recipes/smoke/mmgem/stage2-roi.yaml", *FEW, "--set", "data.max_skip_fraction=0.5")
     m = json.loads((tmp_path / "s2" / "manifest.json").read_text())
     counts = m["counts"]["train"]
     assert counts["seen"] == 12 and counts["skipped"] == {"no_usable_region": 4}
@@ -64,7 +57,7 @@ def test_too_many_unusable_samples_end_the_run_naming_the_limit(data, tmp_path) 
     """Over data.max_skip_fraction the run stops (a stage error, exit 1) with one line naming the
     setting, the reason and the samples."""
     r = cli("stage2-roi", "--data", data / "train.jsonl", "--init", data / "joint", "--out", tmp_path / "s2",
-            "--recipe", "recipes/smoke/stage2-roi.yaml", *FEW, "--set", "data.max_skip_fraction=0.1", code=1)
+            "--recipe", "recipes/smoke/mmgem/stage2-roi.yaml", *FEW, "--set", "data.max_skip_fraction=0.1", code=1)
     assert "data.max_skip_fraction" in r.output and "no_usable_region: 4" in r.output and "key s01" in r.output
 
 
@@ -106,12 +99,12 @@ def test_the_image_captions_switch_adds_the_image_caption_loss(data, tmp_path) -
     """image_captions: true trains h3 on the images' own captions too (gen_img in the metrics);
     with objective embed (h4 only) it is refused."""
     cli("stage2-roi", "--data", data / "train.jsonl", "--init", data / "joint", "--out", tmp_path / "s2",
-        "--recipe", "recipes/smoke/stage2-roi.yaml", *FEW, "--set", "data.max_skip_fraction=0.5",
+        "--recipe", "recipes/smoke/mmgem/stage2-roi.yaml", *FEW, "--set", "data.max_skip_fraction=0.5",
         "--set", "image_captions=true")
     m = json.loads((tmp_path / "s2" / "manifest.json").read_text())
     assert m["mmgem"]["image_captions"] is True and m["metrics"]["train"]["gen_img"] > 0
     r = cli("stage2-roi", "--data", data / "train.jsonl", "--init", data / "joint", "--out", tmp_path / "s3",
-            "--recipe", "recipes/smoke/stage2-roi.yaml", "--set", "image_captions=true", "--set", "objective=embed",
+            "--recipe", "recipes/smoke/mmgem/stage2-roi.yaml", "--set", "image_captions=true", "--set", "objective=embed",
             code=2)
     assert "image_captions" in r.output
 
@@ -121,7 +114,7 @@ def test_stage2_with_grad_checkpointing_trains_the_same_heads(data, tmp_path) ->
     has no dropout) gives the heads of a run without it."""
     from vla.models.mmgem import load_mmgem
 
-    args = ["--data", data / "train.jsonl", "--init", data / "joint", "--recipe", "recipes/smoke/stage2-roi.yaml",
+    args = ["--data", data / "train.jsonl", "--init", data / "joint", "--recipe", "recipes/smoke/mmgem/stage2-roi.yaml",
             *FEW, "--set", "data.max_skip_fraction=0.5", "--set", "train.steps=2"]
     cli("stage2-roi", "--out", tmp_path / "plain", *args)
     cli("stage2-roi", "--out", tmp_path / "ckpt", *args, "--set", "train.grad_checkpointing=true")

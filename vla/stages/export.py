@@ -1,4 +1,4 @@
-"""`vla export`: a model directory a user can take away, and `vla.load` to read it.
+"""`vla export`: a model directory a user can take away (`vla.load` reads it: vla/models/load.py).
 
 Layout (also an artifact, kind "export", so `vla eval` and `vla inspect` accept it):
 
@@ -85,7 +85,7 @@ def _refuse_tower_variants(art: Artifact) -> None:
     would load its weights without them (absolute positions at zero, class-token pooling) and
     compute other embeddings without a word. vla loads it (`vla eval`, `vla.load` on the artifact)."""
     from vla.errors import UserError
-    from vla.models.vision_variants import read_variant
+    from vla.models.dclip.vision_variants import read_variant
 
     variant = read_variant(art.path / "model")
     if variant is not None and variant.active:
@@ -101,7 +101,7 @@ def check_mmgem_source(art: Artifact) -> None:
     from transformers import AutoTokenizer
 
     from vla.errors import UserError
-    from vla.models.causal_lm import check_mode_tokens
+    from vla.models.mmgem.causal_lm import check_mode_tokens
     from vla.models.mmgem import CONFIG_FILE, LM_DIR
 
     model_dir = art.path / "model"
@@ -261,39 +261,3 @@ def _metrics_section(m: dict) -> list[str]:
         cells = [f"{100 * metrics[k]:.1f}" if isinstance(metrics.get(k), float) else "" for k in shown]
         lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def load(path: str | Path):
-    """Load a model for inference: an export (or a contrast-tune / pretrain artifact).
-
-    Returns a `ProCLIPModel` (image tower + embedder + adapter) or, for a plain CLIP, a
-    `ClipModel`; both have `encode_image`, `encode_text` (one item or a list in, a (N, D)
-    normalised float32 matrix out), `preprocess`, `tokenize` and `text_context_length`.
-    An MM-GEM export (or joint-train / stage2-roi artifact) gives an `MMGEM`: `encode_image(images)`,
-    `encode_text(texts)`, `encode_regions(images, boxes)` and `caption(images, boxes=None)`.
-    """
-    from vla.errors import UserError
-    from vla.models.clip import load_clip
-    from vla.models.proclip import load_proclip_dir
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; vla.load takes the directory `vla export` wrote")
-    if not (path / "manifest.json").exists():
-        raise UserError(f"{path} is not a vla export (no manifest.json); make one with `vla export SRC --out {path}`")
-    art = open_artifact(path, (KIND, *SOURCES), role="vla.load")
-    model_dir = path if art.kind == KIND else path / "model"
-    from vla.models.mmgem import CONFIG_FILE
-
-    if (model_dir / CONFIG_FILE).exists():  # MM-GEM: refuses an LM tokenizer without the recorded tokens
-        from vla.models.mmgem import load_mmgem
-
-        model = load_mmgem(model_dir)
-        model.name = path.name
-        return model
-    if (path / "adapter.json").exists():
-        model = load_proclip_dir(path, model_dir=model_dir)
-        model.lineage = [f"{art.kind} {path}"] + [f"{'  ' * (d + 1)}{role}: {r.get('kind')} {r.get('path')}"
-                                                  for d, role, r in lineage(art.manifest)]
-        return model
-    return load_clip("local-dir:" + str(model_dir))

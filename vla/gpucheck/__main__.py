@@ -1,0 +1,5 @@
+import sys
+
+from vla.gpucheck import main
+
+sys.exit(main())
