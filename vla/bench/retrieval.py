@@ -73,7 +73,7 @@ def _spawn(impl: str, n_images: int) -> dict:
 
 
 def run(quick: bool) -> Part:
-    n_images, large_n = (300, 3000) if quick else (5000, LARGE_IMAGES)
+    n_images, large_n = (300, 1000) if quick else (5000, LARGE_IMAGES)
     chunked, reference = (_spawn(impl, n_images) for impl in IMPLS)
     large = _spawn("chunked", large_n)
     diff = max(abs(chunked["metrics"][k] - reference["metrics"][k]) for k in reference["metrics"])
