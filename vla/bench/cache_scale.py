@@ -1,7 +1,9 @@
 """Part d: building the feature cache at scale — peak memory must not grow with the data.
 
 `vla.cache.cached_features` fills an entry for N generated captions (100k and 1M), each size in
-a fresh process, so that its peak RSS (`ru_maxrss`) is its own. The
+a fresh process, so that its peak RSS is its own: the kernel's high-water mark of that process
+(VmHWM), not `ru_maxrss`, which in a child started by fork + exec also holds the parent's RSS
+at the fork (a child of a 1 GB parent reads ~1 GB there while its own VmHWM is 11 MB). The
 captions are generated on the fly from their index, as a stream, so that the data layer's cost
 (reading shards) stays out of the figure and only the cache is measured: reading the texts
 twice (key and index, then encoding), sorting the key digests, encoding, writing, renaming.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 from vla.bench import BENCH_DIR, Figure, Part
+from vla.bench.memory import status_mb
 
 SIZES = (100_000, 1_000_000)
 QUICK_SIZES = (12_000, 48_000)
@@ -90,7 +92,7 @@ def _child(n: int, embedder: str) -> dict:
 
         model = load_embedder(embedder)
         encode, identity = model.embed, model.digest()
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = status_mb("VmRSS")
     cpu = time.process_time()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -104,7 +106,7 @@ def _child(n: int, embedder: str) -> dict:
     return {"rows": n, "embedder": embedder, "dim": table.dim, "seconds": seconds, "rows_per_s": n / seconds,
             "cpu_seconds": cpu_seconds, "rows_per_cpu_s": n / cpu_seconds,
             "rss_before_mb": baseline,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": status_mb("VmHWM")}
 
 
 def measure(n: int, workdir: Path, embedder: str = EMBEDDER) -> dict:
