@@ -21,7 +21,6 @@ import functools
 import json
 import subprocess
 import sys
-import time
 
 from vla.bench import Figure, Part
 
