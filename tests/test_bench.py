@@ -20,7 +20,14 @@ def test_bench_retrieval_quick(tmp_path):
     assert all(abs(chunked[k] - reference[k]) < 1e-6 for k in reference)
     assert 0 < chunked["mean_recall"] < 1  # the embeddings carry signal, so the check is not vacuous
     assert details["chunked"]["seconds"] > 0 and details["reference"]["seconds"] > 0
-    assert {f["what"] for f in part["figures"]} == {"time", "peak memory"}
+    assert [f["what"] for f in part["figures"]] == ["time", "peak memory", "peak memory at 1,000 × 5,000, whole process"]
+    for side in ("chunked", "reference"):  # memory is the rise above the post-input baseline, both kept
+        m = details[side]
+        assert m["malloc_fixed"] and 0 < m["peak_mb"] < m["total_peak_mb"]
+        assert m["total_peak_mb"] == pytest.approx(m["baseline_mb"] + m["peak_mb"])
+    large = details["large"]  # vla alone at the larger size: the same metric keys, recalls in range
+    assert (large["images"], large["captions"]) == (1000, 5000) and large["metrics"].keys() == chunked.keys()
+    assert 0 < large["metrics"]["mean_recall"] < 1
     # --table reprints the last run's table from results.json without measuring again
     table = subprocess.run([sys.executable, "-m", "vla.bench", "--table"], env=env, check=True,
                            capture_output=True, text=True).stdout
@@ -102,3 +109,31 @@ def test_bench_loader_dtype_quick(tmp_path):
     assert rate["unit"] == "images/s" and rate["vla"] > 0 and rate["baseline"] > 0
     assert size["ratio"] == 0.25 and size["met"]
     assert part["details"]["uint8_images_per_s"] and part["details"]["fp32_images_per_s"]
+
+
+MEMORY_HELPER = """
+import json, numpy as np, torch
+from vla.bench.memory import peak_rss
+held = np.ones(300 * 2**20 // 8)           # 300 MB touched, then freed: an earlier peak
+del held
+def churn():                               # tensors of 4-30 MB made and dropped one after another
+    for i in range(60):
+        torch.ones((4 + i % 27) * 2**18)
+one = peak_rss(lambda: np.ones(200 * 2**20 // 8).sum())
+two = peak_rss(lambda: np.ones(50 * 2**20 // 8).sum())
+three = peak_rss(churn)
+print(json.dumps([one, two, three]))
+"""
+
+
+def test_peak_rss_measures_the_call_alone():
+    """`vla.bench.memory.peak_rss`: the rise of the RSS during the call alone (an earlier, larger
+    peak of the process is not counted), with glibc's mmap threshold fixed so that tensors made
+    and dropped one after another count once, not as the heap happened to keep them."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_HELPER], check=True, capture_output=True, text=True)
+    one, two, three = json.loads(out.stdout.strip().splitlines()[-1])
+    assert one["malloc_fixed"] and one["baseline_mb"] > 0 and one["seconds"] > 0
+    assert 195 < one["peak_mb"] < 230, one
+    assert 45 < two["peak_mb"] < 80, two                   # not the 300 MB or 200 MB peaks before it
+    assert two["total_peak_mb"] == pytest.approx(two["baseline_mb"] + two["peak_mb"])
+    assert three["peak_mb"] < 45, three                    # one 30 MB tensor at a time

@@ -121,6 +121,37 @@ def test_duplicate_keys_are_refused_naming_both_origins_whatever_the_run_layout(
     assert not list(cache_root().rglob("*.npy"))  # nothing was encoded or kept
 
 
+@pytest.mark.parametrize("run_rows,block_rows", [(1000, 2048), (7, 3), (64, 5), (1, 1)])
+def test_key_index_merge_is_a_full_sort_and_finds_duplicates_at_any_block_boundary(tmp_path, monkeypatch,
+                                                                                   run_rows, block_rows):
+    """The external sort of key digests: for any layout of sorted runs and merge blocks, the index
+    is the rows sorted by digest; a key given twice is found (the first equal pair in digest
+    order), whether its copies share a run or a block or not."""
+    monkeypatch.setattr(vla.cache, "BLOCK_ROWS", block_rows)
+    keys = [f"{i:05d}" for i in range(300)]
+
+    def merged(keys):
+        digests, runs = bytearray(), []
+        for i, key in enumerate(keys, 1):
+            digests += vla.cache.key_digests([key]).astype("<u8").tobytes()
+            if i % run_rows == 0:
+                runs.append(vla.cache._write_run(tmp_path / f"run{len(runs)}", digests, i))
+                digests = bytearray()
+        if digests:
+            runs.append(vla.cache._write_run(tmp_path / f"run{len(runs)}", digests, len(keys)))
+        return vla.cache._merge_runs(runs, tmp_path / "index.npy", len(keys))
+
+    assert merged(keys) is None
+    index = np.load(tmp_path / "index.npy")
+    d = vla.cache.key_digests(keys)
+    want = np.column_stack([d, np.arange(len(keys), dtype=np.uint64)])
+    assert np.array_equal(index, want[np.lexsort((want[:, 1], want[:, 0]))])
+    for first, second in ((3, 4), (0, 299), (150, 151), (10, 200)):
+        twice = list(keys)
+        twice[second] = keys[first]
+        assert merged(twice) == (first, second)
+
+
 def _tiny_shard(path: Path, keys: list[str], start: int) -> None:
     from vla.data.sample import Sample
     from vla.data.shards import ShardWriter

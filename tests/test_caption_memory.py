@@ -83,7 +83,7 @@ def test_caption_side_peak_memory_is_flat_in_the_number_of_captions(tmp_path, mo
 
     # the constant-size buffers (encoding windows, index runs and merge blocks) small, so that
     # what remains is what would grow with the data
-    for module, name in ((vla.cache, "WINDOW_ROWS"), (vla.cache, "RUN_ROWS"), (vla.cache, "MERGE_ROWS"),
+    for module, name in ((vla.cache, "WINDOW_ROWS"), (vla.cache, "RUN_ROWS"), (vla.cache, "BLOCK_ROWS"),
                          (vla.data.captions, "WINDOW")):
         monkeypatch.setattr(module, name, 256)
     small, large = 300, 2400

@@ -18,7 +18,8 @@ from PIL import Image
 from vla.errors import UserError
 from vla.evaluate.captioning import bleu, captioning_metrics, cider_d, ptb_tokenize
 from vla.evaluate.evalsets import find_eval_sets, load_eval_set
-from vla.evaluate.retrieval import MODES, reference_retrieval_metrics, retrieval_metrics
+from vla.evaluate.retrieval import (BLOCK_ELEMENTS, MODES, block_rows, hit_probability, image_to_text_counts,
+                                    reference_retrieval_metrics, retrieval_metrics, text_to_image_counts)
 from vla.evaluate.run import evaluate_model, retrieval_examples
 from vla.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 
@@ -143,6 +144,68 @@ def test_clip_benchmark_mode_equals_its_code_with_ties(chunk):
     low = retrieval_metrics(image_emb, text_emb, owner, mode="pessimistic")
     mid = retrieval_metrics(image_emb, text_emb, owner, mode="expected")
     assert all(low[k] <= mid[k] for k in want) and low["mean_recall"] < mid["mean_recall"]
+
+
+def _full_matrix_counts(image_emb, text_emb, owner):
+    """(g, e, p) per text and per image read off the whole texts × images matrix, by definition."""
+    scores = text_emb @ image_emb.T
+    n_texts, n_images = scores.shape
+    own = torch.zeros_like(scores, dtype=torch.bool)
+    own[torch.arange(n_texts), owner] = True
+    pos = scores[torch.arange(n_texts), owner]
+    t2i = ((scores > pos[:, None]).sum(1), ((scores == pos[:, None]) & ~own).sum(1), torch.ones(n_texts))
+    i2t = [[], [], []]
+    for i in range(n_images):
+        column, mine = scores[:, i], own[:, i]
+        if not mine.any():
+            g, e, p = torch.iinfo(torch.int32).max, 0, 1
+        else:
+            best = column[mine].max()
+            g, e, p = (column[~mine] > best).sum(), (column[~mine] == best).sum(), (column[mine] == best).sum()
+        for acc, x in zip(i2t, (g, e, p)):
+            acc.append(int(x))
+    return t2i, tuple(torch.tensor(x) for x in i2t)
+
+
+@pytest.mark.parametrize("chunk,block_elements", [(3, 10_000), (7, 10_000), (1000, 50), (1000, 200), (5, 1)])
+def test_streamed_recalls_equal_the_whole_matrix_with_ties(chunk, block_elements):
+    """The count-based modes, streamed in blocks that split the matrix unevenly (rows per block
+    from `chunk` or from the `block_elements` budget), give the numbers read off the whole score
+    matrix, on scores full of exact ties (small-integer embeddings: every dot product is exact, so
+    twin images, twin captions and equal scores of different pairs tie in any summation order),
+    captions in shuffled order and an image without captions."""
+    gen = torch.Generator().manual_seed(block_elements)
+    image_emb = torch.randint(-2, 3, (23, 6), generator=gen).float()
+    image_emb[15:20] = image_emb[:5]                                      # twin images
+    owner = torch.randint(0, 22, (61,), generator=gen)                   # image 22: no captions
+    text_emb = image_emb[owner] + torch.randint(-1, 2, (61, 6), generator=gen).float()
+    text_emb[40:50] = text_emb[:10]                                       # twin captions
+    owner[40:50] = owner[:10]
+    t2i, i2t = _full_matrix_counts(image_emb, text_emb, owner)
+    assert (t2i[1] > 0).sum() > 5 and (i2t[1] > 0).sum() > 3             # ties are there
+    for mode in ("pessimistic", "expected"):
+        got = retrieval_metrics(image_emb, text_emb, owner, ks=(1, 2, 5, 10), chunk=chunk, mode=mode,
+                                block_elements=block_elements)
+        for k in (1, 2, 5, 10):
+            assert got[f"image_retrieval_recall@{k}"] == pytest.approx(
+                hit_probability(*t2i, k, mode).mean().item(), abs=1e-12), (mode, k)
+            assert got[f"text_retrieval_recall@{k}"] == pytest.approx(
+                hit_probability(*i2t, k, mode).mean().item(), abs=1e-12), (mode, k)
+        assert got["image_retrieval_ties"] == int((t2i[1] > 0).sum())
+        assert got["text_retrieval_ties"] == int((i2t[1] > 0).sum())
+    # the per-query counts, block by block, are the whole matrix's
+    for mine, want in ((text_to_image_counts(image_emb, text_emb, owner, chunk, block_elements), t2i),
+                       (image_to_text_counts(image_emb, text_emb, owner, chunk, block_elements), i2t)):
+        for a, b in zip(mine, want):
+            assert torch.equal(a.long(), b.long())
+
+
+def test_block_rows_keep_a_block_within_its_budget():
+    """Rows per block: at most `chunk`, at most `block_elements` scores, never zero."""
+    assert block_rows(5_000, chunk=1024, block_elements=1 << 24) == 1024
+    assert block_rows(500_000, chunk=1024, block_elements=1 << 24) == 33
+    assert block_rows(500_000, chunk=1024, block_elements=10) == 1
+    assert block_rows(100_000) * 100_000 <= BLOCK_ELEMENTS
 
 
 def test_retrieval_rejects_bad_owner_index():

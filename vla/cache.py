@@ -18,7 +18,7 @@ Memory stays flat in the number of texts: texts arrive as a stream (read from th
 on each pass), are encoded in length-sorted windows of WINDOW_ROWS, and each window is appended
 to a file as it is done (plain writes: a written memory map would count every page it touched in
 the process' RSS); tables are read memory-mapped. The key index is an external sort: runs of
-RUN_ROWS sorted digests, merged BLOCK_ROWS at a time per run (~0.4 MB per 262,144 texts). Under torchrun, rank 0 reads the texts once to
+RUN_ROWS sorted digests, merged in numpy BLOCK_ROWS at a time per run (~0.4 MB per 262,144 texts). Under torchrun, rank 0 reads the texts once to
 form the key (and finds duplicate sample keys); on a miss each rank encodes its contiguous share
 of rows on its own device into its own part file, the others wait at a barrier, and rank 0 joins
 the parts. The cache directory must then be one that every rank sees (a shared filesystem).
@@ -32,7 +32,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import heapq
 import itertools
 import json
 import logging
@@ -56,7 +55,6 @@ FORMAT_VERSION = 2
 WINDOW_ROWS = 4096         # texts per length-sorted window: what is held in memory while encoding
 RUN_ROWS = 1 << 18        # key digests sorted in memory at a time while indexing (~10 MB)
 BLOCK_ROWS = 2048         # index rows per block read from each sorted run while merging
-MERGE_ROWS = 1 << 14      # merged index rows held before they are written
 
 log = logging.getLogger(__name__)
 
@@ -259,28 +257,49 @@ def _chunks(it: Iterable, size: int) -> Iterator[list]:
 
 def _merge_runs(runs: list[Path], out: Path, count: int) -> tuple[int, int] | None:
     """Merge the sorted runs of (digest hi, digest lo, row) into `out`, written as it goes;
-    the rows of the first two equal digests met, or None."""
+    the rows of the first two equal digests met, or None.
+
+    A block of BLOCK_ROWS rows is read from each run; each round takes, from every block, the rows
+    up to the smallest last digest among the blocks (no row still unread can sort before them),
+    sorts those in numpy and writes them. The cost per row does not grow with the number of runs,
+    as a merge one row at a time in Python (heapq) does."""
+    readers = [_read_run(path) for path in runs]
+    blocks = [next(r, _EMPTY) for r in readers]
+    previous: np.ndarray | None = None
     with open(out, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<u8", "fortran_order": False, "shape": (count, 3)})
-        previous = None
-        block: list = []
-        for item in heapq.merge(*map(_read_run, runs)):
-            if previous is not None and item[:2] == previous[:2]:
-                return previous[2], item[2]
-            previous = item
-            block.append(item)
-            if len(block) == MERGE_ROWS:
-                np.asarray(block, dtype=np.uint64).tofile(f)
-                block = []
-        if block:
-            np.asarray(block, dtype=np.uint64).tofile(f)
+        while live := [i for i, b in enumerate(blocks) if len(b)]:
+            bound = min((int(blocks[i][-1, 0]), int(blocks[i][-1, 1])) for i in live)
+            taken = []
+            for i in live:
+                b = blocks[i]
+                hi = np.searchsorted(b[:, 0], np.uint64(bound[0]), "left")
+                same = np.searchsorted(b[:, 0], np.uint64(bound[0]), "right")
+                n = hi + np.searchsorted(b[hi:same, 1], np.uint64(bound[1]), "right")
+                taken.append(b[:n])
+                blocks[i] = b[n:] if n < len(b) else next(readers[i], _EMPTY)
+            merged = np.concatenate(taken)
+            merged = merged[np.lexsort((merged[:, 2], merged[:, 1], merged[:, 0]))]
+            if previous is not None:
+                merged_with = np.concatenate([previous[None], merged])
+            else:
+                merged_with = merged
+            equal = (merged_with[1:, 0] == merged_with[:-1, 0]) & (merged_with[1:, 1] == merged_with[:-1, 1])
+            if equal.any():
+                j = int(np.argmax(equal))
+                return int(merged_with[j, 2]), int(merged_with[j + 1, 2])
+            merged.tofile(f)
+            previous = merged[-1]
     return None
 
 
-def _read_run(path: Path) -> Iterator[tuple[int, int, int]]:
+_EMPTY = np.zeros((0, 3), dtype=np.uint64)
+
+
+def _read_run(path: Path) -> Iterator[np.ndarray]:
     with open(path, "rb") as f:
         while (block := np.fromfile(f, dtype=np.uint64, count=BLOCK_ROWS * 3)).size:
-            yield from map(tuple, block.reshape(-1, 3).tolist())
+            yield block.reshape(-1, 3)
 
 
 def _duplicate_message(texts: Callable[[], Iterable[Row]], first: int, second: int) -> str:

@@ -28,22 +28,34 @@ Without ties the three modes agree. Every mode reports `image_retrieval_ties` /
 `text_retrieval_ties`: how many text / image queries had a negative tied with their (best)
 positive.
 
-Memory. `pessimistic` and `expected` never hold more than a chunk × max(N, M) block of scores:
-they need only the counts g, e, p per query. CLIP_benchmark itself also materialises, per batch,
-a rows × K × columns one-hot tensor; `clip_benchmark` mode reads the `topk` indices directly,
-which is the same test ("some positive among the top K") without that tensor.
+Memory. `pessimistic` and `expected` stream: a block of query rows × every candidate is scored
+(`BLOCK_ELEMENTS` scores at most, fewer rows the more candidates there are), its counts g, e, p
+per query are turned into hits at each K and summed, and the block is freed before the next. So
+they hold one block (64 MB in float32) and its comparison masks, plus the captions of each image
+as an index (O(M) integers), whatever N × M is: 100,000 images × 500,000 captions take the same
+working memory as 5,000 × 25,000, and the numbers are those of the whole matrix by construction
+(every query's row is whole inside one block). The tie counts come from the same blocks in every
+mode. `clip_benchmark` holds the M × N score matrix, as CLIP_benchmark does (`topk`'s order among
+ties is that of a whole row of that matrix); it does not materialise CLIP_benchmark's per-batch
+rows × K × columns one-hot tensor: it reads the `topk` indices directly, which is the same test
+("some positive among the top K").
 `reference_retrieval_metrics` is CLIP_benchmark's code step for step, kept for tests and
 `make bench`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Sequence
 
 import torch
 
 DEFAULT_KS = (1, 5, 10)
 MODES = ("clip_benchmark", "pessimistic", "expected")
+#: scores held at once by the count-based modes (one block of query rows × every candidate):
+#: 64 MB in float32, whatever the number of images and captions
+BLOCK_ELEMENTS = 1 << 24
+MASK_ELEMENTS = 1 << 20   # scores compared at once within a block (their masks and sums: ~5 MB)
 
 
 def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image) -> torch.Tensor:
@@ -84,9 +96,16 @@ def _counts(scores: torch.Tensor, row: torch.Tensor, col: torch.Tensor
     positive = scores[row, col]     # read from `scores` itself: ties compare identical numbers
     best = torch.full((c,), float("-inf"), device=scores.device, dtype=scores.dtype)
     best = best.scatter_reduce(0, row, positive, "amax")
-    # (int32 sums: torch's default int64 reduction of a bool matrix is ~2× slower on CPU)
-    above = (scores > best[:, None]).sum(1, dtype=torch.int32)
-    at = (scores == best[:, None]).sum(1, dtype=torch.int32)
+    # Compared a slice of rows at a time: a summed mask is first cast to the sum's dtype, a copy 4×
+    # the block's size in int32 (int32 sums: torch's int64 reduction of a bool matrix is ~2×
+    # slower on CPU).
+    above = torch.empty(c, dtype=torch.int32, device=scores.device)
+    at = torch.empty_like(above)
+    step = max(1, MASK_ELEMENTS // max(scores.shape[1], 1))
+    for r in range(0, c, step):
+        s, b = scores[r:r + step], best[r:r + step, None]
+        above[r:r + step] = (s > b).sum(1, dtype=torch.int32)
+        at[r:r + step] = (s == b).sum(1, dtype=torch.int32)
     p = torch.zeros_like(at).scatter_add(0, row, (positive == best[row]).int())
     # a row without positives: more negatives above than any K, none tied (never a hit)
     none = torch.bincount(row, minlength=c) == 0
@@ -94,39 +113,88 @@ def _counts(scores: torch.Tensor, row: torch.Tensor, col: torch.Tensor
     return above.long(), (at - p).long(), p.long()
 
 
+def block_rows(n_columns: int, chunk: int = 1024, block_elements: int = BLOCK_ELEMENTS) -> int:
+    """Query rows per block of scores: at most `chunk`, and at most `block_elements` scores."""
+    return max(1, min(chunk, block_elements // max(n_columns, 1)))
+
+
+def _captions_by_image(t2i: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(texts ordered by their image, offsets): image i's captions are
+    `order[offsets[i]:offsets[i + 1]]`, so a block of images finds its positives without a scan
+    over every text."""
+    order = torch.sort(t2i, stable=True)[1]
+    offsets = torch.zeros(n_images + 1, dtype=torch.long, device=t2i.device)
+    offsets[1:] = torch.cumsum(torch.bincount(t2i, minlength=n_images), 0)
+    return order, offsets
+
+
+def _blocks(image_emb: torch.Tensor, text_emb: torch.Tensor, t2i: torch.Tensor, direction: str,
+            chunk: int, block_elements: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(g, e, p) of one block of queries at a time, in query order (module doc, "Memory").
+
+    `t2i`: queries are texts, each block `texts[a:b] @ images.T`, one positive per row.
+    `i2t`: queries are images, each block `images[a:b] @ texts.T`, its rows' captions positive."""
+    if direction == "t2i":
+        rows = block_rows(image_emb.shape[0], chunk, block_elements)
+        for start in range(0, text_emb.shape[0], rows):
+            scores = text_emb[start:start + rows] @ image_emb.T                  # [c, N]
+            row = torch.arange(scores.shape[0], device=scores.device)
+            counts = _counts(scores, row, t2i[start:start + rows])
+            del scores  # free this block before the next is computed: peak memory is one block
+            yield counts
+    else:
+        n_images = image_emb.shape[0]
+        order, offsets = _captions_by_image(t2i, n_images)
+        rows = block_rows(text_emb.shape[0], chunk, block_elements)
+        for start in range(0, n_images, rows):
+            end = min(start + rows, n_images)
+            scores = image_emb[start:end] @ text_emb.T                           # [c, M]
+            mine = order[offsets[start]:offsets[end]]
+            counts = _counts(scores, t2i[mine] - start, mine)
+            del scores
+            yield counts
+
+
 @torch.no_grad()
 def text_to_image_counts(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
-                         chunk: int = 1024) -> tuple[torch.Tensor, ...]:
+                         chunk: int = 1024, block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, ...]:
     """(g, e, p), each [M]: per caption, other images scoring above / tied with its image; p = 1."""
     t2i = _check(image_emb, text_emb, text_to_image)
-    out = []
-    for start in range(0, len(t2i), chunk):
-        scores = text_emb[start:start + chunk] @ image_emb.T                 # [c, N]
-        row = torch.arange(scores.shape[0], device=scores.device)
-        out.append([x.cpu() for x in _counts(scores, row, t2i[start:start + chunk])])
-    return _cat(out)
+    return _cat([[x.cpu() for x in b] for b in _blocks(image_emb, text_emb, t2i, "t2i", chunk, block_elements)])
 
 
 @torch.no_grad()
 def image_to_text_counts(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
-                         chunk: int = 1024) -> tuple[torch.Tensor, ...]:
+                         chunk: int = 1024, block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, ...]:
     """(g, e, p), each [N]: per image, non-captions scoring above / tied with its best caption, and
     its own captions tied with it. An image without captions never hits (g is set past any K)."""
     t2i = _check(image_emb, text_emb, text_to_image)
-    n_images = image_emb.shape[0]
-    out = []
-    for start in range(0, n_images, chunk):
-        scores = image_emb[start:start + chunk] @ text_emb.T                 # [c, M]
-        mine = ((t2i >= start) & (t2i < start + scores.shape[0])).nonzero().squeeze(1)
-        out.append([x.cpu() for x in _counts(scores, t2i[mine] - start, mine)])
-        del scores  # free this block before the next is computed: peak memory is one block
-    return _cat(out)
+    return _cat([[x.cpu() for x in b] for b in _blocks(image_emb, text_emb, t2i, "i2t", chunk, block_elements)])
 
 
 def _cat(blocks: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     if not blocks:
         return (torch.zeros(0, dtype=torch.long),) * 3
     return tuple(torch.cat(x) for x in zip(*blocks))
+
+
+@torch.no_grad()
+def streamed_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, direction: str,
+                     ks: Sequence[int] = DEFAULT_KS, mode: str = "pessimistic", chunk: int = 1024,
+                     block_elements: int = BLOCK_ELEMENTS) -> tuple[dict[int, float], int]:
+    """({K: recall@K}, queries with a tie) of one direction (`t2i` or `i2t`) under a count-based
+    `mode`, summed block by block: nothing per query outlives its block."""
+    if mode not in ("pessimistic", "expected"):
+        raise ValueError(f"streamed recalls need a count-based mode (pessimistic, expected), not {mode!r}")
+    t2i = _check(image_emb, text_emb, text_to_image)
+    hits = {k: 0.0 for k in ks}
+    ties = queries = 0
+    for g, e, p in _blocks(image_emb, text_emb, t2i, direction, chunk, block_elements):
+        for k in ks:
+            hits[k] += hit_probability(g, e, p, k, mode).sum().item()
+        ties += int((e > 0).sum())
+        queries += len(g)
+    return {k: h / max(queries, 1) for k, h in hits.items()}, ties
 
 
 def hit_probability(above: torch.Tensor, tied_neg: torch.Tensor, tied_pos: torch.Tensor, k: int,
@@ -168,7 +236,7 @@ def _clip_benchmark_hits(scores: torch.Tensor, owner_of_column: torch.Tensor | N
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image,
                       ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024,
-                      mode: str = "clip_benchmark") -> dict[str, float]:
+                      mode: str = "clip_benchmark", block_elements: int = BLOCK_ELEMENTS) -> dict[str, float]:
     """Recall@K both ways, their mean, and the tie counts, ranked as `mode` says (module doc).
 
     image_emb [N, D] and text_emb [M, D] L2-normalised; text_to_image [M] the image of each text.
@@ -177,20 +245,16 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     """
     check_mode(mode)
     t2i = _check(image_emb, text_emb, text_to_image)
-    t2i_counts = text_to_image_counts(image_emb, text_emb, t2i, chunk)
-    i2t_counts = image_to_text_counts(image_emb, text_emb, t2i, chunk)
+    counted = "pessimistic" if mode == "clip_benchmark" else mode  # the tie counts are mode-free
+    t2i_hits, t2i_ties = streamed_recalls(image_emb, text_emb, t2i, "t2i", ks, counted, chunk, block_elements)
+    i2t_hits, i2t_ties = streamed_recalls(image_emb, text_emb, t2i, "i2t", ks, counted, chunk, block_elements)
     if mode == "clip_benchmark":
         scores = text_emb @ image_emb.t()        # CLIP_benchmark's layout: texts × images
         t2i_hits = {k: _clip_benchmark_hits(scores, None, t2i, k, chunk).mean().item() for k in ks}
         i2t_hits = {k: _clip_benchmark_hits(scores.T, t2i, None, k, chunk).mean().item()
                     for k in ks}
         del scores
-    else:
-        t2i_hits = {k: hit_probability(*t2i_counts, k, mode).mean().item() for k in ks}
-        i2t_hits = {k: hit_probability(*i2t_counts, k, mode).mean().item() for k in ks}
-    return {**_keys(t2i_hits, i2t_hits),
-            "image_retrieval_ties": int((t2i_counts[1] > 0).sum()),
-            "text_retrieval_ties": int((i2t_counts[1] > 0).sum())}
+    return {**_keys(t2i_hits, i2t_hits), "image_retrieval_ties": t2i_ties, "text_retrieval_ties": i2t_ties}
 
 
 @torch.no_grad()
