@@ -68,16 +68,21 @@ def _check(proc: subprocess.CompletedProcess, who: str) -> None:
         raise RuntimeError(f"{who} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def run_vla(world: Path, steps: int) -> dict:
-    out = BENCH_DIR / "runs" / "pretrain"
-    for stale in (out, out.parent / f".{out.name}.partial"):  # never resume an earlier run
-        shutil.rmtree(stale, ignore_errors=True)
+def vla_command(world: Path, steps: int, out: Path) -> list[str]:
+    """`vla pretrain`'s command line for part a."""
     sets = {"model": MODEL, "train.steps": steps, "train.batch_size": BATCH, "train.lr": LR,
             "train.warmup_steps": WARMUP, "train.precision": "fp32", "train.device": "cpu",
             "train.grad_clip": 1.0, "train.weight_decay": 0.1, "data.num_workers": 1,
             "train.log_every": 1, "eval.sets": "[]"}
-    cmd = [sys.executable, "-m", "vla", "pretrain", "--data", str(world / "train"), "--out", str(out),
-           "--force", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    return [sys.executable, "-m", "vla", "pretrain", "--data", str(world / "train"), "--out", str(out),
+            "--force", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def run_vla(world: Path, steps: int) -> dict:
+    out = BENCH_DIR / "runs" / "pretrain"
+    for stale in (out, out.parent / f".{out.name}.partial"):  # never resume an earlier run
+        shutil.rmtree(stale, ignore_errors=True)
+    cmd = vla_command(world, steps, out)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     _check(proc, "vla pretrain")
@@ -91,9 +96,8 @@ def run_vla(world: Path, steps: int) -> dict:
             "step_seconds": per_step, "process_wall_s": time.perf_counter() - start, "command": cmd}
 
 
-def run_open_clip(world: Path, steps: int) -> dict:
-    logs, name = BENCH_DIR / "openclip_logs", "bench"
-    shutil.rmtree(logs / name, ignore_errors=True)  # open_clip refuses an existing experiment
+def open_clip_argv(world: Path, steps: int, logs: Path, name: str) -> list[str]:
+    """open_clip_train's arguments for part a."""
     shards = sorted(p.stem for p in (world / "train").glob("*.tar"))
     argv = ["--train-data", str(world / "train" / f"{{{shards[0]}..{shards[-1]}}}.tar"),
             "--dataset-type", "webdataset", "--train-num-samples", str(steps * BATCH),
@@ -102,6 +106,13 @@ def run_open_clip(world: Path, steps: int) -> dict:
             "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
             "--report-to", "", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
             "--save-frequency", "0", "--device", "cpu", "--seed", "0"]
+    return argv
+
+
+def run_open_clip(world: Path, steps: int) -> dict:
+    logs, name = BENCH_DIR / "openclip_logs", "bench"
+    shutil.rmtree(logs / name, ignore_errors=True)  # open_clip refuses an existing experiment
+    argv = open_clip_argv(world, steps, logs, name)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "vla.bench.trainer", *argv], capture_output=True,
                           text=True, env=_env())
