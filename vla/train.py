@@ -167,7 +167,7 @@ def train(
     groups = param_groups(model) if param_groups else optim.param_groups(model, cfg.weight_decay)
     optimizer = optim.build_optimizer(
         groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        fused=info.device.type == "cuda", name=cfg.optimizer,
+        name=cfg.optimizer,
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -271,7 +271,9 @@ def train(
             grad_norm = None
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                # foreach: the per-tensor norms and the rescale as a few batched kernels
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip,
+                                                           foreach=info.device.type in ("cpu", "cuda"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
