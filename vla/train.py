@@ -3,7 +3,8 @@
 A stage hands `train` its model, a `step_fn` (model, batch) → {"loss": …, other scalars}, and a
 deterministic `batches(start_step)`; the loop does the rest: AdamW with open_clip's weight-decay
 split, warmup + cosine lr, fp32 / bf16 / fp16 (with GradScaler), gradient accumulation, clipping,
-gradient checkpointing, torch.compile, DDP under torchrun, NaN stops, samples/s, metrics.jsonl,
+gradient checkpointing, torch.compile, DDP under torchrun, self-attention without layout copies
+(`vla.models.attention`), NaN stops, samples/s, metrics.jsonl,
 TensorBoard, a progress bar, and checkpoints from which a rerun resumes bit-for-bit.
 Ctrl-C or SIGTERM (a scheduler preempting the job) ends the current step, saves a checkpoint and
 raises `Interrupted`, whose message says the step a rerun resumes from.
@@ -53,6 +54,7 @@ from vla.checkpoint import capture_rng, load_checkpoint, restore_rng, save_check
 from vla.data.skips import SkipCounter, SkipLimit
 from vla.distributed import all_gather, all_reduce_mean, barrier, gather_to_main, init_distributed
 from vla.errors import Interrupted, StageError, UserError
+from vla.models.attention import fast_self_attention
 from vla.progress import ProgressLines
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,8 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
 
     model.to(info.device)
+    # the same attention from the same weights, without nn.MultiheadAttention's layout copies
+    fast_self_attention(model)
     if cfg.grad_checkpointing:  # a setting that cannot be honoured is an error, never a warning
         if not hasattr(model, "set_grad_checkpointing"):
             raise UserError(f"train.grad_checkpointing: {type(model).__name__} cannot checkpoint "
