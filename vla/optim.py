@@ -50,7 +50,7 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    fused: bool = False,
+    fused: bool = True,
     name: str = "adamw",
 ) -> torch.optim.Optimizer:
     """AdamW (or ``name="lamb"``) over `groups`; a group may carry `lr_scale` (default 1) to train
@@ -61,6 +61,11 @@ def build_optimizer(
     LAMB is timm's maintained `timm.optim.Lamb` (timm comes with open_clip): the Adam update plus
     weight decay, scaled per tensor by the trust ratio ‖w‖/‖update‖ (You et al. 2019). Its own
     gradient clipping is off: the loop clips (`grad_clip`).
+
+    `fused`: AdamW's update as one kernel over all tensors (CPU and CUDA) instead of a Python loop
+    of per-tensor ops (torch's default on the CPU, and open_clip's): the same update, elementwise,
+    within float rounding; on the CPU several times faster for a model whose token embedding
+    (dense gradients, 49k × width) is most of its parameters. Off for a device without the kernel.
     """
     groups = [dict(g) for g in groups if list(g["params"])]
     if not groups:
@@ -72,8 +77,10 @@ def build_optimizer(
                             max_grad_norm=None)
     if name != "adamw":
         raise UserError(f"unknown optimizer {name!r}: use 'adamw' or 'lamb'")
+    params = [p for g in groups for p in g["params"]]
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
-        groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused
+        groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None
     )
 
 

@@ -3,7 +3,8 @@
 A stage hands `train` its model, a `step_fn` (model, batch) → {"loss": …, other scalars}, and a
 deterministic `batches(start_step)`; the loop does the rest: AdamW with open_clip's weight-decay
 split, warmup + cosine lr, fp32 / bf16 / fp16 (with GradScaler), gradient accumulation, clipping,
-gradient checkpointing, torch.compile, DDP under torchrun, NaN stops, samples/s, metrics.jsonl,
+gradient checkpointing, torch.compile, DDP under torchrun, self-attention without layout copies
+(`vla.models.attention`), NaN stops, samples/s, metrics.jsonl,
 TensorBoard, a progress bar, and checkpoints from which a rerun resumes bit-for-bit.
 Ctrl-C or SIGTERM (a scheduler preempting the job) ends the current step, saves a checkpoint and
 raises `Interrupted`, whose message says the step a rerun resumes from.
@@ -51,6 +52,7 @@ from vla.checkpoint import capture_rng, load_checkpoint, restore_rng, save_check
 from vla.data.skips import SkipCounter, SkipLimit
 from vla.distributed import all_gather, all_reduce_mean, barrier, gather_to_main, init_distributed
 from vla.errors import Interrupted, StageError, UserError
+from vla.models.attention import fast_self_attention
 from vla.reporter import Clock, Reporter
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,8 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
 
     model.to(info.device)
+    # the same attention from the same weights, without nn.MultiheadAttention's layout copies
+    fast_self_attention(model)
     if cfg.grad_checkpointing:  # a setting that cannot be honoured is an error, never a warning
         if not hasattr(model, "set_grad_checkpointing"):
             raise UserError(f"train.grad_checkpointing: {type(model).__name__} cannot checkpoint "
@@ -165,7 +169,7 @@ def train(
     groups = param_groups(model) if param_groups else optim.param_groups(model, cfg.weight_decay)
     optimizer = optim.build_optimizer(
         groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        fused=info.device.type == "cuda", name=cfg.optimizer,
+        name=cfg.optimizer,
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -269,7 +273,9 @@ def train(
             grad_norm = None
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                # foreach: the per-tensor norms and the rescale as a few batched kernels
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip,
+                                                           foreach=info.device.type in ("cpu", "cuda"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
