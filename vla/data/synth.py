@@ -26,8 +26,6 @@ in index order, so shards are byte-identical for a seed whatever the number of w
 from __future__ import annotations
 
 import io
-import json
-import math
 import multiprocessing
 import random
 import sys
@@ -36,21 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from vla.data.sample import Region, Sample
 from vla.data.shards import ShardWriter
 from vla.data.synth_text import (BACKGROUNDS, CELLS, CLASSNAMES, COLOURS, MAX_CAPTIONS_PER_IMAGE,
-                                 PATTERNS, SHAPES, TEMPLATES, Obj, Scene, grounding_caption,
+                                 PATTERNS, SHAPES, Obj, Scene, grounding_caption,
                                  long_caption, region_caption, short_captions)
+from vla.data.synth_evalsets import EvalSetWriter, MadeSample, json_bytes, sample_captions
+from vla.data.synth_render import render
 from vla.errors import UserError
 
 SPLITS = ("train", "val", "test")
-SUPERSAMPLE = 4  # draw at 4x and box-average down: antialiased edges with exact pixel coverage
 JPEG_QUALITY = 95
-EVAL_TASKS = ("retrieval", "long_retrieval", "zeroshot", "regional", "captioning", "grounding", "probe")
-EVAL_INFO_TASKS = {"probe": "attribute_probe"}  # info.json's task where it differs from the set's name
 _KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 _MAX_RESAMPLES = 1000  # per test index; only a tiny world (1 object, many test images) runs out
 
@@ -150,106 +144,6 @@ def _scenes(cfg: SynthConfig, split: str, n: int, stats: Counter) -> Iterator[tu
         yield index, scene
 
 
-# ------------------------------------------------------------------------------------- rendering
-
-def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Polygon of a shape centred at (cx, cy) whose extent is about 2r (pixel coordinates)."""
-    def ring(k: int, radii: tuple[float, ...], start: float) -> list[tuple[float, float]]:
-        return [(cx + radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / k),
-                 cy + radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / k)) for i in range(k)]
-
-    if shape == "circle":
-        return ring(48, (r,), 0.0)
-    if shape == "square":
-        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
-    if shape == "star":
-        return ring(10, (r, 0.45 * r), -math.pi / 2)
-    if shape == "hexagon":
-        return ring(6, (r,), 0.0)
-    if shape == "cross":
-        a = 0.35 * r
-        return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a),
-                (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a),
-                (cx - r, cy - a), (cx - a, cy - a)]
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def _coverage(obj: Obj, size: int) -> tuple[int, int, np.ndarray]:
-    """(x0, y0, alpha): the fraction of each pixel the object covers, on a small window at (x0, y0)."""
-    x0, y0 = max(0, math.floor(obj.cx - obj.r) - 1), max(0, math.floor(obj.cy - obj.r) - 1)
-    x1, y1 = min(size, math.ceil(obj.cx + obj.r) + 1), min(size, math.ceil(obj.cy + obj.r) + 1)
-    s = SUPERSAMPLE
-    mask = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
-    points = [((x - x0) * s, (y - y0) * s) for x, y in _outline(obj.shape, obj.cx, obj.cy, obj.r)]
-    ImageDraw.Draw(mask).polygon(points, fill=255)
-    return x0, y0, np.asarray(mask.reduce(s), dtype=np.float32) / 255.0
-
-
-def pattern_field(pattern: str, xs: np.ndarray, ys: np.ndarray, period: float) -> np.ndarray:
-    """The fill modulation at pixel offsets (xs, ys) from the object's centre: +1 light, negative
-    dark, 0 for "solid", with mean ~0 over the object, so the fill averages to the solid colour
-    and a view that cannot resolve `period` sees a solid object. striped: horizontal bands
-    +1/-1; checked: a checkerboard of +1/-1 squares; dotted: +1 dots of radius 0.3 period on a
-    square lattice, the rest -f/(1-f) (f: the dots' area fraction)."""
-    if pattern == "solid":
-        return np.zeros(np.broadcast(xs, ys).shape, dtype=np.float32)
-    u, v = xs / period, ys / period
-    band_x = np.where((u - np.floor(u)) < 0.5, 1.0, -1.0)
-    band_y = np.where((v - np.floor(v)) < 0.5, 1.0, -1.0)
-    if pattern == "striped":
-        return np.broadcast_to(band_y, np.broadcast(xs, ys).shape).astype(np.float32)
-    if pattern == "checked":
-        return (band_x * band_y).astype(np.float32)
-    if pattern == "dotted":
-        du, dv = u - np.rint(u), v - np.rint(v)
-        radius = 0.3
-        f = math.pi * radius ** 2
-        return np.where(du * du + dv * dv < radius ** 2, 1.0, -f / (1 - f)).astype(np.float32)
-    raise ValueError(f"unknown pattern {pattern!r}")
-
-
-def render(scene: Scene, size: int, noise_seed: list[int], pattern_period: float = 3.0,
-           pattern_contrast: int = 70) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
-    """The image and each object's box (x0, y0, x1, y1), x1/y1 exclusive.
-
-    A box is the extent of the pixels the object covers at least half of — taken from the drawn
-    coverage itself, so it is exact by construction rather than predicted from the geometry.
-    An object's fill is its colour plus `pattern_field` times a per-channel swing of
-    min(pattern_contrast, c, 255 - c) (no channel clips), at period r / pattern_period pixels.
-    """
-    rng = np.random.default_rng(noise_seed)
-    # Light texture: a soft linear shading in a random direction plus uniform pixel noise of +-7
-    # (integer noise: a third of the cost of Gaussian noise, and rendering is the hot loop).
-    theta = rng.uniform(0, 2 * math.pi)
-    ramp = np.linspace(-8.0, 8.0, size, dtype=np.float32)
-    shading = ramp[None, :] * math.cos(theta) + ramp[:, None] * math.sin(theta)
-    noise = rng.integers(0, 15, (size, size, 3), dtype=np.uint8).astype(np.float32) - 7.0
-    img = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32) + shading[..., None] + noise
-    boxes = []
-    for obj in scene.objects:
-        x0, y0, alpha = _coverage(obj, size)
-        h, w = alpha.shape
-        window = img[y0:y0 + h, x0:x0 + w]
-        a = alpha[..., None]
-        colour = np.asarray(COLOURS[obj.colour], dtype=np.float32)
-        fill = colour
-        if obj.pattern != "solid":
-            swing = np.minimum(np.minimum(colour, 255.0 - colour), float(pattern_contrast))
-            xs = np.arange(x0, x0 + w, dtype=np.float32)[None, :] + 0.5 - obj.cx
-            ys = np.arange(y0, y0 + h, dtype=np.float32)[:, None] + 0.5 - obj.cy
-            field = pattern_field(obj.pattern, xs, ys, max(obj.r / pattern_period, 2.0))
-            fill = colour + field[..., None] * swing
-        window[:] = window * (1.0 - a) + fill * a
-        ys, xs = np.nonzero(alpha >= 0.5)
-        boxes.append((x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
-    pixels = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB"), boxes
-
-
 # ------------------------------------------------------------------------------------ one sample
 
 @dataclass(frozen=True)
@@ -262,16 +156,6 @@ class SampleTask:
     captions_per_image: int
     pattern_period: float = 3.0
     pattern_contrast: int = 70
-
-
-@dataclass(frozen=True)
-class _Made:
-    split: str
-    index: int
-    key: str
-    jpg: bytes
-    meta: dict[str, Any]  # the Sample's JSON
-    yolo: str  # YOLO label lines: "shape_index cx cy w h", normalised
 
 
 def make_sample(task: SampleTask) -> tuple[Sample, list[Obj]]:
@@ -293,7 +177,7 @@ def make_sample(task: SampleTask) -> tuple[Sample, list[Obj]]:
     return sample, list(scene.objects)
 
 
-def _make(task: SampleTask) -> _Made:
+def _make(task: SampleTask) -> MadeSample:
     sample, objects = make_sample(task)
     buf = io.BytesIO()
     sample.image.save(buf, format="JPEG", quality=JPEG_QUALITY)
@@ -301,7 +185,7 @@ def _make(task: SampleTask) -> _Made:
     for o, r in zip(objects, sample.regions):
         x0, y0, x1, y1 = (v / task.image_size for v in r.box)
         yolo += f"{SHAPES.index(o.shape)} {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} {x1 - x0:.6f} {y1 - y0:.6f}\n"
-    return _Made(task.split, task.index, sample.key, buf.getvalue(), sample.to_json(), yolo)
+    return MadeSample(task.split, task.index, sample.key, buf.getvalue(), sample.to_json(), yolo)
 
 
 def sample_tasks(cfg: SynthConfig, stats: Counter | None = None) -> Iterator[SampleTask]:
@@ -311,134 +195,6 @@ def sample_tasks(cfg: SynthConfig, stats: Counter | None = None) -> Iterator[Sam
         for index, scene in _scenes(cfg, split, n, stats):
             yield SampleTask(cfg.seed, split, index, scene, cfg.image_size, cfg.captions_per_image,
                              cfg.pattern_period, cfg.pattern_contrast)
-
-
-# --------------------------------------------------------------------------------------- writing
-
-def _json_bytes(d: dict[str, Any]) -> bytes:
-    return json.dumps(d, ensure_ascii=False).encode("utf-8")
-
-
-def _captions(meta: dict[str, Any]) -> list[str]:
-    return meta.get("captions", [meta["caption"]])  # Sample.to_json drops a list of one
-
-
-class _EvalSets:
-    """The CLIP_benchmark-layout evaluation sets, filled from the test split in one pass (the
-    retrieval set at the end, once every test caption is known), and the attribute probe's set,
-    filled from the train and val splits."""
-
-    def __init__(self, root: Path, shard_size: int, probe_train: int):
-        self.root = root
-        self.writers = {t: ShardWriter(root / t / "test", maxcount=shard_size) for t in EVAL_TASKS}
-        self.probe_fit = ShardWriter(root / "probe" / "train", maxcount=shard_size)
-        self.probe_train = probe_train
-        self.n_texts = Counter()
-        self.retrieval: list[tuple[_Made, list[str]]] = []
-        self.region_owner: set[str] = set()
-        self.regional_dropped = {"dropped_regions": 0, "dropped_images": 0}
-
-    def _write(self, task: str, m: _Made, lines: list[str], meta: dict[str, Any] | None = None) -> None:
-        self.writers[task].write_raw(m.key, {"jpg": m.jpg, "txt": "\n".join(lines).encode("utf-8"),
-                                             "json": _json_bytes(meta or m.meta)})
-        self.n_texts[task] += len(lines)
-
-    def add(self, m: _Made) -> None:
-        captions = _captions(m.meta)
-        self.retrieval.append((m, captions))
-        texts = {"long_retrieval": [m.meta["long_caption"]], "captioning": captions}
-        for task, lines in texts.items():
-            self._write(task, m, lines)
-        self.writers["zeroshot"].write_raw(m.key, {"jpg": m.jpg, "cls": str(m.meta["label"]).encode(),
-                                                   "json": _json_bytes(m.meta)})
-        self._add_regional(m)
-        regions = m.meta["regions"]
-        if len(regions) >= 2:  # with one box, grounding has nothing to choose
-            grounding = [{**r, "caption": c} for r, c in zip(regions, m.meta["grounding_captions"])]
-            self._write("grounding", m, [r["caption"] for r in grounding], {**m.meta, "regions": grounding})
-
-    def _add_regional(self, m: _Made) -> None:
-        """Each region whose caption no earlier test region has: every caption in the set then
-        names one region (a shared one could not tell its regions apart). A region caption says
-        only size, pattern, colour and shape (~450 values), so, unlike the global set, which drops
-        every copy of a shared caption, the set keeps the first region with each caption; an
-        image left without regions is left out. The rest are counted."""
-        kept = [r for r in m.meta["regions"] if r["caption"] not in self.region_owner]
-        self.region_owner.update(r["caption"] for r in kept)
-        self.regional_dropped["dropped_regions"] += len(m.meta["regions"]) - len(kept)
-        if kept:
-            self._write("regional", m, [r["caption"] for r in kept], {**m.meta, "regions": kept})
-        else:
-            self.regional_dropped["dropped_images"] += 1
-
-    def add_probe(self, m: _Made) -> None:
-        """Train and val images with exactly one small object go to the attribute probe's set
-        (fit on train/, scored on test/ = val): its one region is that object, its class the
-        object's fill pattern."""
-        if m.meta["n_objects"] != 2 or m.split not in ("train", "val"):
-            return
-        writer = self.probe_fit if m.split == "train" else self.writers["probe"]
-        if m.split == "train" and writer.total >= self.probe_train:
-            return
-        meta = {"key": m.key, "regions": m.meta["regions"][1:], "pattern": m.meta["patterns"][1]}
-        writer.write_raw(m.key, {"jpg": m.jpg, "cls": str(PATTERNS.index(meta["pattern"])).encode(),
-                                 "json": _json_bytes(meta)})
-
-    def _write_retrieval(self) -> dict[str, int]:
-        """Each image with only the captions no other image has; an image left with none is left
-        out. Returns what was dropped."""
-        owners = Counter(c for _, captions in self.retrieval for c in set(captions))
-        dropped = {"dropped_captions": 0, "dropped_images": 0}
-        for m, captions in self.retrieval:
-            unique = [c for c in captions if owners[c] == 1]
-            dropped["dropped_captions"] += len(captions) - len(unique)
-            if unique:
-                self._write("retrieval", m, unique)
-            else:
-                dropped["dropped_images"] += 1
-        return dropped
-
-    def close(self) -> dict[str, dict[str, int]]:
-        dropped = self._write_retrieval()
-        (self.root / "zeroshot" / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
-        (self.root / "zeroshot" / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-        (self.root / "probe" / "classnames.txt").write_text("\n".join(PATTERNS) + "\n")
-        self.n_texts["zeroshot"] = len(CLASSNAMES)
-        self.probe_fit.close()
-        _clip_benchmark_layout(self.root / "probe", self.probe_fit, None, split="train")
-        counts = {}
-        for task, w in self.writers.items():
-            w.close()
-            # grounding and probe are vla's own tasks: no dataset_type.txt for CLIP_benchmark
-            _clip_benchmark_layout(self.root / task, w, "classification" if task == "zeroshot"
-                                   else None if task in ("grounding", "probe") else "retrieval")
-            info = {"task": EVAL_INFO_TASKS.get(task, task), "n_images": w.total}
-            if task == "probe":
-                info.update(n_fit=self.probe_fit.total, n_classes=len(PATTERNS),
-                            attribute="fill pattern of the image's one small object")
-            else:
-                info["n_texts"] = self.n_texts[task]
-            if task == "zeroshot":
-                info.update(n_classes=len(CLASSNAMES), n_templates=len(TEMPLATES))
-            if task == "retrieval":
-                info.update(dropped)
-            if task == "regional":
-                info.update(self.regional_dropped)
-            (self.root / task / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-            counts[task] = {k: v for k, v in info.items() if k not in ("task", "attribute")}
-        return counts
-
-
-def _clip_benchmark_layout(root: Path, writer: ShardWriter, dataset_type: str | None,
-                           split: str = "test") -> None:
-    """What CLIP_benchmark's `build_wds_dataset` reads: shards named <split>/0.tar, 1.tar, …,
-    <split>/nshards.txt, and dataset_type.txt (without which a set is read as classification)."""
-    for i, shard in enumerate(writer.shards):
-        shard.rename(shard.with_name(f"{i}.tar"))
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / split / "nshards.txt").write_text(f"{len(writer.shards)}\n")
-    if dataset_type is not None:
-        (root / "dataset_type.txt").write_text(dataset_type + "\n")
 
 
 def _write_yolo_yaml(root: Path) -> None:
@@ -456,7 +212,7 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
     cfg.validate()
     stats: Counter = Counter()
     writers = {split: ShardWriter(out / split, maxcount=cfg.shard_size) for split in SPLITS}
-    evals = _EvalSets(out / "eval", cfg.shard_size, cfg.probe_train)
+    evals = EvalSetWriter(out / "eval", cfg.shard_size, cfg.probe_train)
     yolo_root = out / "yolo"
     yolo_n = {"train": min(cfg.n_train, cfg.yolo_train), "val": cfg.n_val}
     for sub in ("images", "labels"):
@@ -465,10 +221,10 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
     test_texts: dict[str, list[str]] = {"short": [], "long": []}
     box_sides: list[float] = []  # the shorter side of every small object's box, in stored pixels
 
-    def consume(made: Iterator[_Made]) -> None:
+    def consume(made: Iterator[MadeSample]) -> None:
         for m in made:
             writers[m.split].write_raw(m.key, {"jpg": m.jpg, "txt": m.meta["caption"].encode("utf-8"),
-                                               "json": _json_bytes(m.meta)})
+                                               "json": json_bytes(m.meta)})
             if m.index < yolo_n.get(m.split, 0):
                 (yolo_root / "images" / m.split / f"{m.key}.jpg").write_bytes(m.jpg)
                 (yolo_root / "labels" / m.split / f"{m.key}.txt").write_text(m.yolo)
@@ -477,7 +233,7 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
                              for r in m.meta["regions"][1:])
             if m.split == "test":
                 evals.add(m)
-                test_texts["short"] += _captions(m.meta)
+                test_texts["short"] += sample_captions(m.meta)
                 test_texts["long"].append(m.meta["long_caption"])
 
     tasks = sample_tasks(cfg, stats)
