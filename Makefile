@@ -274,14 +274,15 @@ $(MMGEM_EXPORT)/manifest.json: $(MMGEM_RUNS)/stage2/manifest.json $(MMGEM_RUNS)/
 # other gen_weight values, a second seed of joint and embed-only (the seed spread), and stage 2 with
 # image captions mixed in, all scored by `vla eval` on the world's val split (split: val; the test
 # split only reports, in make mmgem) → docs/results/mmgem-sweep.md. MMGEM_GEN_WEIGHTS lists the
-# gen_weight values besides joint-train.yaml's own (that one is $(MMGEM_RUNS)/joint).
+# gen_weight values besides joint-train.yaml's own (that one is $(MMGEM_RUNS)/joint); MMGEM_SEED2=
+# (empty) leaves out the second seed.
 MMGEM_SWEEP ?= $(MMGEM_RUNS)-sweep
 MMGEM_GEN_WEIGHTS ?= 0.25 0.5
 MMGEM_SEED2 ?= 1
 MMGEM_SWEEP_PAGE ?= $(if $(filter runs/mmgem,$(MMGEM_RUNS)),docs/results/mmgem-sweep.md)
-MMGEM_SWEEP_ARMS := $(MMGEM_RUNS)/joint $(foreach w,$(MMGEM_GEN_WEIGHTS),$(MMGEM_SWEEP)/joint-gen$(w)) \
-  $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only $(MMGEM_SWEEP)/joint-seed$(MMGEM_SEED2) \
-  $(MMGEM_SWEEP)/embed-only-seed$(MMGEM_SEED2) $(MMGEM_RUNS)/stage2 $(MMGEM_SWEEP)/stage2-image-captions
+MMGEM_SWEEP_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only \
+  $(foreach w,$(MMGEM_GEN_WEIGHTS),$(MMGEM_SWEEP)/joint-gen$(w)) $(MMGEM_RUNS)/stage2 $(MMGEM_SWEEP)/stage2-image-captions \
+  $(if $(MMGEM_SEED2),$(MMGEM_SWEEP)/joint-seed$(MMGEM_SEED2) $(MMGEM_SWEEP)/embed-only-seed$(MMGEM_SEED2))
 
 .PHONY: mmgem-sweep
 mmgem-sweep: $(MMGEM_SWEEP)/eval/manifest.json

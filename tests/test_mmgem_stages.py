@@ -491,9 +491,9 @@ def test_make_n_mmgem_sweep_scores_every_choice_on_the_val_split(tmp_path) -> No
     ev = stage[f"{sweep}/eval"]
     assert "--set split=val " in ev
     assert ev.split("vla eval ")[1].split(" --data")[0].split() == [
-        f"{tmp_path}/mm/joint", f"{sweep}/joint-gen0.25", f"{sweep}/joint-gen2", f"{tmp_path}/mm/embed-only",
-        f"{tmp_path}/mm/caption-only", f"{sweep}/joint-seed1", f"{sweep}/embed-only-seed1", f"{tmp_path}/mm/stage2",
-        f"{sweep}/stage2-image-captions"]
+        f"{tmp_path}/mm/joint", f"{tmp_path}/mm/embed-only", f"{tmp_path}/mm/caption-only", f"{sweep}/joint-gen0.25",
+        f"{sweep}/joint-gen2", f"{tmp_path}/mm/stage2", f"{sweep}/stage2-image-captions", f"{sweep}/joint-seed1",
+        f"{sweep}/embed-only-seed1"]
 
 
 @pytest.mark.parametrize("recipes", ["recipes/embedded", "recipes/mmgem"])

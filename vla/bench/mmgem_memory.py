@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-text-tokens", type=int, default=50)
     parser.add_argument("--batch", type=int, default=256, help="the recipe's per-GPU batch")
     parser.add_argument("--stage", choices=["joint-train", "stage2-roi", "both"], default="both")
+    parser.add_argument("--checkpointing", choices=["both", "on", "off"], default="both",
+                        help="measure with train.grad_checkpointing off and on, or one of them")
     parser.add_argument("--out", type=Path, default=Path("bench/mmgem_memory.json"))
     args = parser.parse_args(argv)
+    ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     runs = [(stage, ckpt, img) for stage in (["joint-train", "stage2-roi"] if args.stage == "both" else [args.stage])
-            for ckpt in (False, True) for img in ((False, True) if stage == "stage2-roi" else (False,))]
+            for ckpt in ckpts for img in ((False, True) if stage == "stage2-roi" else (False,))]
     for stage, ckpt, img in runs:
         m = measure(args.vision, args.max_text_tokens, ckpt, stage=stage, image_captions=img)
         rows.append({**m, "estimate": estimate(m, args.batch)})
@@ -164,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{m['activation_bytes_per_sample_fp32'] / 2 ** 20:.1f} MiB/sample activations (fp32); "
               f"at {args.batch}/GPU: {e['peak_gib_conservative']:.1f} GiB (fp32 activations), "
               f"{e['peak_gib_bf16_half']:.1f} GiB (bf16 = half)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")  # after each row: a long run keeps what it measured
 
 
 if __name__ == "__main__":
