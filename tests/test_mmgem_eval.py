@@ -318,3 +318,20 @@ def test_an_eval_of_no_joint_train_artifact_writes_no_loss_curves(chain, tmp_pat
     cli("eval", CLIP, chain / "stage2", "--data", chain / "world", "--out", out, "--set", "sets=[retrieval]")
     assert not (out / "loss_curves.png").exists()
     assert "## Training" not in (out / "results.md").read_text()
+
+
+def test_split_eval_sets_of_the_test_split_reproduce_the_worlds_own_eval_sets(chain, tmp_path) -> None:
+    """The val sets are built by synth's own rules: applied to the test split, `split_eval_sets`
+    gives the world's eval/ sets (same images, captions and regions, task by task)."""
+    from vla.data.synth import split_eval_sets
+
+    out = tmp_path / "sets"
+    out.mkdir()
+    counts = split_eval_sets(chain / "world", "test", out)
+    for task in ("retrieval", "long_retrieval", "regional", "captioning", "zeroshot"):
+        ours, theirs = load_eval_set(out / task), load_eval_set(chain / "world" / "eval" / task)
+        assert len(ours.images) == len(theirs.images) > 0, task
+        info = json.loads((chain / "world" / "eval" / task / "info.json").read_text())
+        assert counts[task] == {k: v for k, v in info.items() if k != "task"}, task
+        assert ours.captions == theirs.captions and ours.labels == theirs.labels, task
+        assert [list(a.tobytes()) == list(b.tobytes()) for a, b in zip(ours.images[:3], theirs.images[:3])] == [True] * 3
