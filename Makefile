@@ -277,7 +277,7 @@ $(MMGEM_EXPORT)/manifest.json: $(MMGEM_RUNS)/stage2/manifest.json $(MMGEM_RUNS)/
 # gen_weight values besides joint-train.yaml's own (that one is $(MMGEM_RUNS)/joint); MMGEM_SEED2=
 # (empty) leaves out the second seed.
 MMGEM_SWEEP ?= $(MMGEM_RUNS)-sweep
-MMGEM_GEN_WEIGHTS ?= 0.25 0.5
+MMGEM_GEN_WEIGHTS ?= 1
 MMGEM_SEED2 ?= 1
 MMGEM_SWEEP_PAGE ?= $(if $(filter runs/mmgem,$(MMGEM_RUNS)),docs/results/mmgem-sweep.md)
 MMGEM_SWEEP_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only \
