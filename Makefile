@@ -345,6 +345,47 @@ $(MMGEM_RUNS)/eval/manifest.json: $(addsuffix /manifest.json,$(MMGEM_ARMS)) $(VI
 $(MMGEM_EXPORT)/manifest.json: $(MMGEM_RUNS)/stage2/manifest.json $(MMGEM_RUNS)/eval/manifest.json
 	$(VLA) export $(MMGEM_RUNS)/stage2 --out $(MMGEM_EXPORT) --force
 
+# ---- MM-GEM's choices, on the val split --------------------------------------------------------
+# `make mmgem-sweep`: make mmgem's stage-1 arms and stage 2 (the recipes' settings), stage 1 at the
+# other gen_weight values, a second seed of joint and embed-only (the seed spread), and stage 2 with
+# image captions mixed in, all scored by `vla eval` on the world's val split (split: val; the test
+# split only reports, in make mmgem) → docs/results/mmgem-sweep.md. MMGEM_GEN_WEIGHTS lists the
+# gen_weight values besides joint-train.yaml's own (that one is $(MMGEM_RUNS)/joint); MMGEM_SEED2=
+# (empty) leaves out the second seed.
+MMGEM_SWEEP ?= $(MMGEM_RUNS)-sweep
+MMGEM_GEN_WEIGHTS ?= 1
+MMGEM_SEED2 ?= 1
+MMGEM_SWEEP_PAGE ?= $(if $(filter runs/mmgem,$(MMGEM_RUNS)),docs/results/mmgem-sweep.md)
+MMGEM_SWEEP_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only \
+  $(foreach w,$(MMGEM_GEN_WEIGHTS),$(MMGEM_SWEEP)/joint-gen$(w)) $(MMGEM_RUNS)/stage2 $(MMGEM_SWEEP)/stage2-image-captions \
+  $(if $(MMGEM_SEED2),$(MMGEM_SWEEP)/joint-seed$(MMGEM_SEED2) $(MMGEM_SWEEP)/embed-only-seed$(MMGEM_SEED2))
+
+.PHONY: mmgem-sweep
+mmgem-sweep: $(MMGEM_SWEEP)/eval/manifest.json
+	@$(VLA) inspect $(MMGEM_SWEEP)/eval >/dev/null
+	@echo; echo "MM-GEM choices ($(MMGEM_SWEEP)) on the val split:"; cat $(MMGEM_SWEEP)/eval/results.md
+	$(call results_page,mmgem-sweep,$(MMGEM_SWEEP)/eval,make mmgem-sweep,$(MMGEM_SWEEP_PAGE))
+
+$(MMGEM_SWEEP)/joint-gen%/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(@D) \
+	  --recipe $(MMGEM_RECIPES)/joint-train.yaml --set gen_weight=$* --force $(VLA_FLAGS)
+
+$(MMGEM_SWEEP)/joint-seed$(MMGEM_SEED2)/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(@D) \
+	  --recipe $(MMGEM_RECIPES)/joint-train.yaml --set train.seed=$(MMGEM_SEED2) --force $(VLA_FLAGS)
+
+$(MMGEM_SWEEP)/embed-only-seed$(MMGEM_SEED2)/manifest.json: $(DATA_DEP) $(VISION_DEP) $(LLM_DEP) $(MMGEM_RECIPES)/joint-train-embed.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(@D) \
+	  --recipe $(MMGEM_RECIPES)/joint-train-embed.yaml --set train.seed=$(MMGEM_SEED2) --force $(VLA_FLAGS)
+
+$(MMGEM_SWEEP)/stage2-image-captions/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
+	$(LAUNCH) $(VLA) stage2-roi --data '$(DATA)' --init $(MMGEM_RUNS)/joint --out $(@D) \
+	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --set image_captions=true --force $(VLA_FLAGS)
+
+$(MMGEM_SWEEP)/eval/manifest.json: $(addsuffix /manifest.json,$(MMGEM_SWEEP_ARMS)) $(MMGEM_RECIPES)/eval-mmgem.yaml
+	$(VLA) eval $(MMGEM_SWEEP_ARMS) --data '$(DATA)' --out $(@D) \
+	  --recipe $(MMGEM_RECIPES)/eval-mmgem.yaml --set split=val --force $(VLA_FLAGS)
+
 .PHONY: install test bench gpu-check clean help
 help:
 	@echo "make install   create .venv with everything vla needs"
@@ -355,6 +396,7 @@ help:
 	@echo "make dclip-teachers   DCLIP's teachers as retrieval models on val; dclip-sweep: the student budget and"
 	@echo "               distill_weight on val; dclip-seeds: a second seed of the full and no-teacher arms"
 	@echo "make mmgem     the MM-GEM curriculum (joint-train, stage2-roi, ablation arms) on the same world and base CLIP"
+	@echo "make mmgem-sweep  MM-GEM's choices on the val split (gen_weight, a second seed, stage 2 with image captions)"
 	@echo "make bench     throughput / cache / retrieval-eval benchmarks"
 	@echo "make gpu-check on a GPU machine: CUDA tests, 3 bf16 curricula, torchrun/NCCL + 2-GPU invariance, compile, MFU, every real recipe step (docs/gpus.md)"
 

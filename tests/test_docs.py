@@ -194,3 +194,20 @@ def test_epochs_and_sweep_pages_come_from_the_students_per_epoch_evaluation(tmp_
     assert lines[3] == "| `w2-e4` | 2.0 | 4 | 248 | 67.5 | 17.5 | 20.0 | 30.0 | 25.0 |"
     assert "120 s of stage wall time over 2 stages" in head
     assert docs.main(["sweep", "s", str(tmp_path / "missing"), "--make", "make dclip-sweep"]) == 2
+
+
+def test_an_eval_page_on_val_says_so_and_its_figures_are_copied_beside_it(tmp_path, monkeypatch):
+    """An eval scored on the val split is stamped as such; a figure results.md links to
+    (loss_curves.png) is copied beside the page as `<page>-<figure>` and the page links to that copy."""
+    ev = tmp_path / "runs" / "eval"
+    _artifact(ev, "eval", 10.0, "2026-01-01T00:04:00+00:00", {}, device="cpu", split="val")
+    (ev / "results.md").write_text("# Evaluation results\n\nAll numbers ×100.\n\n| model | retrieval mR |\n"
+                                   "|---|---:|\n| a | 1.0 |\n\n## Training\n\nCurves: [loss_curves.png](loss_curves.png).\n")
+    (ev / "loss_curves.png").write_bytes(b"png bytes")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "docs" / "results" / "sweep.md"
+    assert docs.main(["eval", "sweep", str(ev), "--make", "make sweep", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "scored on the world's **val** split" in docs.headline(text)
+    assert "[loss_curves.png](sweep-loss_curves.png)" in text
+    assert (out.parent / "sweep-loss_curves.png").read_bytes() == b"png bytes"

@@ -231,3 +231,102 @@ def test_a_bad_caption_setting_is_one_line_naming_the_key(chain, tmp_path) -> No
                             "--recipe", "recipes/smoke/mmgem/eval-mmgem.yaml", "--set", "caption.num_beams=0"])
     assert r.exit_code == 2 and "caption.: num_beams must be at least 1, not 0" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "e").exists()
+
+
+# --- choices on the val split, and the training side of claim (a) in the eval artifact -------------
+
+
+def _shard_keys_and_captions(split_dir) -> tuple[set[str], set[str]]:
+    from vla.data.shards import iter_samples
+    from vla.data.skips import SkipCounter
+
+    samples = list(iter_samples(sorted(split_dir.glob("*.tar")), SkipCounter(), decode=False))
+    return {s.key for s in samples}, {c for s in samples for c in s.captions}
+
+
+def test_eval_with_split_val_scores_the_worlds_val_images_not_the_test_sets(chain, tmp_path) -> None:
+    """`vla eval --set split=val` builds the same sets from the world's val split (8 images here,
+    the test sets have 24): every captioned image is a val sample with its val captions as
+    references, and the manifest names the split."""
+    out = tmp_path / "eval-val"
+    cli("eval", chain / "joint", "--data", chain / "world", "--out", out, "--recipe",
+        "recipes/smoke/eval-mmgem.yaml", "--set", "sets=[retrieval,long_retrieval,regional,captioning]",
+        "--set", "split=val")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split"] == "val"
+    results = json.loads((out / "results.json").read_text())
+    row = next(iter(results.values()))
+    assert row["long_retrieval"]["n_images"] == row["captioning"]["n_images"] == 8
+    val_keys, val_captions = _shard_keys_and_captions(chain / "world" / "val")
+    test_keys, _ = _shard_keys_and_captions(chain / "world" / "test")
+    written = [json.loads(line) for line in next((out / "captions").glob("*/captioning.jsonl")).read_text().splitlines()]
+    assert written and {r["key"] for r in written} <= val_keys and not {r["key"] for r in written} & test_keys
+    assert all(set(r["references"]) <= val_captions for r in written)
+
+
+def test_split_val_needs_a_synth_artifact_and_says_so_in_one_line(chain, tmp_path) -> None:
+    """A directory of eval sets has one split: `split: val` on it is refused in one line, exit 2."""
+    r = runner.invoke(app, ["eval", CLIP, "--data", str(chain / "world" / "eval"), "--out", str(tmp_path / "e"),
+                            "--set", "split=val"])
+    assert r.exit_code == 2 and "split: val needs a synth artifact" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_eval_of_joint_train_artifacts_plots_their_loss_curves_from_the_manifests(chain, tmp_path) -> None:
+    """With joint-train artifacts among the models, the eval artifact holds loss_curves.png and a
+    training section in results.md: the L_gen panel has one curve per model that logged L_gen
+    (joint and caption-only, not the stage-2 model), each equal to its manifest's curve."""
+    from vla.evaluate.report import loss_curve_figure
+    from vla.stages.evaluate import training_records
+
+    cli("joint-train", "--data", chain / "world", "--out", tmp_path / "caption-only", "--recipe",
+        "recipes/smoke/joint-train-caption.yaml", *FEW_STEPS)
+    refs = {"joint": str(chain / "joint"), "caption-only": str(tmp_path / "caption-only"),
+            "stage2": str(chain / "stage2")}
+    records = training_records(refs)
+    assert list(records) == ["joint", "caption-only"]
+    fig = loss_curve_figure({n: r["loss_curves"] for n, r in records.items()})
+    gen_ax, emb_ax = fig.axes[:2]
+    assert gen_ax.get_title().startswith("L_gen") and emb_ax.get_title().startswith("L_emb")
+    for ax, term, names in ((gen_ax, "gen", ["joint", "caption-only"]), (emb_ax, "emb", ["joint"])):
+        lines = ax.get_lines()
+        assert [ln.get_label() for ln in lines] == names
+        for ln, name in zip(lines, names):
+            manifest = json.loads((tmp_path / name if name == "caption-only" else chain / name)
+                                  .joinpath("manifest.json").read_text())["mmgem"]["loss_curves"]
+            assert list(ln.get_xdata()) == manifest["step"] and list(ln.get_ydata()) == manifest[term]
+
+    out = tmp_path / "eval"
+    cli("eval", chain / "joint", tmp_path / "caption-only", chain / "stage2", "--data", chain / "world",
+        "--out", out, "--set", "sets=[retrieval]")
+    assert (out / "loss_curves.png").stat().st_size > 0
+    text = (out / "results.md").read_text()
+    assert "## Training (joint-train manifests)" in text and "(loss_curves.png)" in text
+    training = text.split("## Training (joint-train manifests)")[1]
+    assert "MM-GEM stage 1 (joint)" in training and "MM-GEM caption-only (caption-only)" in training
+    assert "MM-GEM stage 2" not in training
+
+
+def test_an_eval_of_no_joint_train_artifact_writes_no_loss_curves(chain, tmp_path) -> None:
+    """A CLIP and a stage-2 model have no stage-1 loss curves: no figure, no training section."""
+    out = tmp_path / "eval"
+    cli("eval", CLIP, chain / "stage2", "--data", chain / "world", "--out", out, "--set", "sets=[retrieval]")
+    assert not (out / "loss_curves.png").exists()
+    assert "## Training" not in (out / "results.md").read_text()
+
+
+def test_split_eval_sets_of_the_test_split_reproduce_the_worlds_own_eval_sets(chain, tmp_path) -> None:
+    """The val sets are built by synth's own rules: applied to the test split, `split_eval_sets`
+    gives the world's eval/ sets (same images, captions and regions, task by task)."""
+    from vla.data.synth import split_eval_sets
+
+    out = tmp_path / "sets"
+    out.mkdir()
+    counts = split_eval_sets(chain / "world", "test", out)
+    for task in ("retrieval", "long_retrieval", "regional", "captioning", "zeroshot"):
+        ours, theirs = load_eval_set(out / task), load_eval_set(chain / "world" / "eval" / task)
+        assert len(ours.images) == len(theirs.images) > 0, task
+        info = json.loads((chain / "world" / "eval" / task / "info.json").read_text())
+        assert counts[task] == {k: v for k, v in info.items() if k != "task"}, task
+        assert ours.captions == theirs.captions and ours.labels == theirs.labels, task
+        assert [list(a.tobytes()) == list(b.tobytes()) for a, b in zip(ours.images[:3], theirs.images[:3])] == [True] * 3

@@ -462,6 +462,35 @@ def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) 
     assert any(f"--out exports/mm " in c + " " for c in cmds)
 
 
+def test_make_n_mmgem_sweep_scores_every_choice_on_the_val_split(tmp_path) -> None:
+    """make mmgem-sweep: make mmgem's arms plus stage 1 at each other gen_weight, a second seed of
+    joint and embed-only, stage 2 with image captions, all in one `vla eval` with split val."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-n", "mmgem-sweep", f"WORLD={tmp_path}/toy", f"RUNS={tmp_path}/runs",
+                        f"MMGEM_RUNS={tmp_path}/mm", "MMGEM_GEN_WEIGHTS=0.25 2"], cwd=root, capture_output=True,
+                       text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k not in ("VISION", "LLM", "VLA_ONLINE")})
+    assert r.returncode == 0, r.stderr
+    cmds = [ln for ln in r.stdout.replace("\\\n", " ").splitlines() if "bin/vla " in ln]
+    stage = {c.split("--out ")[1].split()[0]: c for c in cmds if "--out " in c}
+    sweep = f"{tmp_path}/mm-sweep"
+    for w in ("0.25", "2"):
+        c = stage[f"{sweep}/joint-gen{w}"]
+        assert "--recipe recipes/embedded/mmgem/joint-train.yaml" in c and f"--set gen_weight={w} " in c
+    assert "--set train.seed=1 " in stage[f"{sweep}/joint-seed1"]
+    assert "joint-train-embed.yaml --set train.seed=1 " in stage[f"{sweep}/embed-only-seed1"]
+    assert f"--init {tmp_path}/mm/joint " in stage[f"{sweep}/stage2-image-captions"]
+    assert "--set image_captions=true " in stage[f"{sweep}/stage2-image-captions"]
+    ev = stage[f"{sweep}/eval"]
+    assert "--set split=val " in ev
+    assert ev.split("vla eval ")[1].split(" --data")[0].split() == [
+        f"{tmp_path}/mm/joint", f"{tmp_path}/mm/embed-only", f"{tmp_path}/mm/caption-only", f"{sweep}/joint-gen0.25",
+        f"{sweep}/joint-gen2", f"{tmp_path}/mm/stage2", f"{sweep}/stage2-image-captions", f"{sweep}/joint-seed1",
+        f"{sweep}/embed-only-seed1"]
+
+
 @pytest.mark.parametrize("recipes", ["recipes/embedded/mmgem", "recipes/gpu/mmgem"])
 def test_the_ablation_arms_have_stage_1s_budget(recipes) -> None:
     # same data, steps, batch, rates and model: only the objective differs

@@ -125,15 +125,40 @@ def _short(p: Path) -> str:
 
 
 # --- pages --------------------------------------------------------------------------------------
-def eval_page(name: str, eval_dir: Path, target: str) -> str:
+FIGURE_LINK = re.compile(r"\]\(([\w.-]+\.png)\)")
+
+
+def page_figures(eval_dir: Path, out: Path) -> list[Path]:
+    """Copy each figure the eval's results.md links to (e.g. `loss_curves.png`) beside the page at
+    `out`, as `<page name>-<figure>`, so the page's links resolve in the repository."""
+    import shutil
+
+    text = (eval_dir / "results.md").read_text(encoding="utf-8")
+    copied = []
+    for fig in sorted(set(FIGURE_LINK.findall(text))):
+        if (eval_dir / fig).is_file():
+            dest = out.parent / f"{out.stem}-{fig}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(eval_dir / fig, dest)
+            copied.append(dest)
+    return copied
+
+
+def eval_page(name: str, eval_dir: Path, target: str, out: Path | None = None) -> str:
     """A curriculum's page: the stamp and the summary table of the eval's results.md as the
-    headline, then the full results.md and the stages."""
+    headline, then the full results.md and the stages. The split the eval scored is named when it
+    is not test; links to the eval artifact's figures are made relative to the page at `out`."""
     results = (eval_dir / "results.md").read_text(encoding="utf-8").splitlines()
+    if out is not None:  # the figures results.md links to are copied beside the page (`page_figures`)
+        results = [FIGURE_LINK.sub(lambda m: f"]({Path(out).stem}-{m[1]})", ln) for ln in results]
     legend = next((ln for ln in results[1:] if ln.strip() and not ln.startswith("#")), "")
     first = next(i for i, ln in enumerate(results) if ln.startswith("|"))
     end = next((i for i in range(first, len(results)) if not results[i].startswith("|")), len(results))
     table = results[first:end]
     line, rows = stamp(target, lineage_manifests(eval_dir))
+    split = json.loads((eval_dir / "manifest.json").read_text()).get("split", "test")
+    if split != "test":
+        line = line.rstrip("\n").rstrip(".") + f"; scored on the world's **{split}** split.\n"
     head = line + "\n" + legend + "\n\n" + "\n".join(table) + "\n"
     rest = [("#" + ln if ln.startswith("#") else ln) for ln in results[end:]]
     body = ("## Every metric\n" + "\n".join(rest).rstrip() + "\n\n## Stages\n\n"
@@ -270,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {a.eval_dir} has no results.md; give the eval artifact `make` built", file=sys.stderr)
             return 2
         out = a.out or RESULTS_DIR / f"{a.name}.md"
-        write(out, eval_page(a.name, a.eval_dir, a.make))
+        write(out, eval_page(a.name, a.eval_dir, a.make, out))
+        page_figures(a.eval_dir, out)
         print(f"wrote {out}; `python -m vla.docs readme` copies its table into README.md")
     elif a.cmd in ("epochs", "sweep"):
         dirs = [a.student] if a.cmd == "epochs" else a.students

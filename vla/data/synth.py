@@ -259,6 +259,37 @@ def generate_world(out: Path, cfg: SynthConfig) -> dict[str, Any]:
     return {"counts": counts, "metrics": metrics}
 
 
+def split_eval_sets(world: Path, split: str, out: Path, shard_size: int = 1000) -> dict[str, dict[str, int]]:
+    """Write the evaluation sets that `generate_world` builds from the test split (retrieval,
+    long_retrieval, zeroshot, regional, captioning, grounding; the same rules) from another split
+    of the world instead, into `out` (an existing, empty directory): choices are made on `val`,
+    the test split only reports. Reads the split's shards as stored (the images are not re-encoded).
+    Returns each set's counts."""
+    import tarfile
+
+    world, out = Path(world), Path(out)
+    shards = sorted((world / split).glob("*.tar"))
+    if split not in SPLITS or not shards:
+        raise UserError(f"{world}/{split}: no shards of a world split there; pass a synth artifact and one of "
+                        f"{', '.join(SPLITS)}")
+    if not out.is_dir() or any(out.iterdir()):
+        raise UserError(f"{out}: the evaluation sets need an existing empty directory; create it or empty it")
+    evals = _EvalSets(out, shard_size, probe_train=0)
+    index = 0
+    for shard in shards:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                if info.isfile():
+                    key, _, ext = Path(info.name).name.partition(".")
+                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
+        for key, parts in members.items():
+            evals.add(_Made(split, index, key, parts["jpg"], json.loads(parts["json"]), ""))
+            index += 1
+    counts = evals.close()
+    return {task: c for task, c in counts.items() if task != "probe"}
+
+
 # --------------------------------------------------------------------------------------- metrics
 
 def text_metrics(short: list[str], long: list[str], context_length: int) -> dict[str, float]:

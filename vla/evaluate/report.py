@@ -221,6 +221,63 @@ def write_curve(rows: Sequence[dict], x: str, series: dict[str, str], path: str 
     fig.savefig(path, dpi=130)
 
 
+#: the loss terms a joint-train manifest logs (`mmgem.loss_curves`), in the order they are drawn
+LOSS_TERMS = {"gen": "L_gen (captioning)", "emb": "L_emb (contrastive)"}
+
+
+def loss_curve_figure(curves: dict[str, dict[str, list]]) -> Figure:
+    """One panel per loss term (L_gen, then L_emb), one line per model that logged the term, against
+    the training step: the curves of joint-train manifests (`mmgem.loss_curves`: ``step`` and each
+    term's mean over a log window) side by side, e.g. joint's and caption-only's L_gen."""
+    terms = [t for t in LOSS_TERMS if any(t in c for c in curves.values())]
+    fig = Figure(figsize=(4.2 * max(1, len(terms)) + 0.5, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(terms)), squeeze=False).ravel()
+    models = list(curves)
+    for ax, term in zip(axes, terms):
+        for i, name in enumerate(models):
+            if term in curves[name]:
+                ax.plot(curves[name]["step"], curves[name][term], color=f"C{i % 10}", label=name, linewidth=1.4)
+        ax.set_title(LOSS_TERMS[term], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Training loss per log window (joint-train manifests)", fontsize=10)
+    return fig
+
+
+def training_markdown(records: dict[str, dict]) -> str:
+    """The training side of claim (a), from each joint-train manifest's `mmgem` block: the loss
+    weights, each term's last logged loss, and on the LM each objective's gradient norm (as it
+    enters L) and their cosine at the first and last probe step."""
+    rows = []
+    for name, m in records.items():
+        curves, probes = m.get("loss_curves") or {}, m.get("gradient_norms") or []
+        weights = m.get("loss_weights") or {}
+
+        def last(term):
+            return f"{curves[term][-1]:.3f}" if curves.get(term) else "–"
+
+        def lm(record, key):
+            v = ((record or {}).get("groups", {}).get("lm") or {}).get(key)
+            return "–" if v is None else f"{v:.3g}"
+
+        first, end = (probes[0], probes[-1]) if probes else (None, None)
+        rows.append([name, str(m.get("objective", "–")), f"{weights.get('gen', 1.0):g}", last("emb"), last("gen"),
+                     f"{lm(first, 'emb_grad_norm')} / {lm(first, 'gen_grad_norm')} / {lm(first, 'cosine')}"
+                     + (f" (step {first['step']})" if first else ""),
+                     f"{lm(end, 'emb_grad_norm')} / {lm(end, 'gen_grad_norm')} / {lm(end, 'cosine')}"
+                     + (f" (step {end['step']})" if end else "")])
+    header = ["model", "objective", "w_gen", "L_emb, last log", "L_gen, last log",
+              "LM ‖∇emb‖ / ‖∇gen‖ / cos, first probe", "same, last probe"]
+    return ("## Training (joint-train manifests)\n\nFrom each stage-1 artifact's `mmgem` block: its last "
+            "logged loss terms (`loss_curves`, means over a log window; an arm logs only its own term) "
+            "and each objective's gradient on the LM as it enters L (`gradient_norms`, on the run's "
+            "fixed probe batch). The curves: [loss_curves.png](loss_curves.png).\n\n"
+            + "\n".join(_table(header, rows)) + "\n")
+
+
 def write_retrieval_grid(images: Sequence[Image.Image], queries: Sequence[str],
                          targets: Sequence[int], scores: torch.Tensor | Sequence[torch.Tensor],
                          path: str | Path, k: int = 5, title: str = "",

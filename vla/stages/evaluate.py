@@ -19,6 +19,7 @@ from the full image + box (RoIAlign, h4), image and region captions decoded as `
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,15 +40,26 @@ class EvalRecipe:
     device: str = "auto"         # "auto" (the GPU when there is one) | "cpu" | "cuda"
     mode: Literal["clip_benchmark", "pessimistic", "expected"] = "clip_benchmark"  # tie ranking
     caption: CaptionConfig = field(default_factory=CaptionConfig)  # decoding, for models that generate
+    split: Literal["test", "val"] = "test"  # a synth artifact's split the sets come from: test (its eval/)
+                                            # or val (the same sets built from the val split, for choices)
 
 
-def resolve_eval_dir(data: Path) -> tuple[Path, dict]:
-    """A synth artifact (its `eval/`), or a directory holding eval sets."""
+def resolve_eval_dir(data: Path, split: str = "test", scratch: Path | None = None) -> tuple[Path, dict]:
+    """A synth artifact (its `eval/`, or with `split: val` the same sets written from its val
+    split into `scratch`), or a directory holding eval sets (test only)."""
     if (data / "manifest.json").exists():
         art = open_artifact(data, "synth", role="--data")
-        return data / "eval", {"data": art}
+        if split == "test":
+            return data / "eval", {"data": art}
+        from vla.data.synth import split_eval_sets
+
+        assert scratch is not None
+        split_eval_sets(data, split, scratch)
+        return scratch, {"data": art}
     if not data.is_dir():
         raise UserError(f"--data {data} does not exist; pass a synth artifact or a directory of eval sets")
+    if split != "test":
+        raise UserError(f"split: {split} needs a synth artifact as --data (a directory of eval sets has one split)")
     return data, {"data": {"path": str(data), "kind": "eval-sets"}}
 
 
@@ -78,6 +90,31 @@ def model_label(ref: str, name: str) -> str:
     return path.name if path.is_dir() else name
 
 
+def training_records(refs: dict[str, str]) -> dict[str, dict]:
+    """{row name: the `mmgem` block of its manifest} for the models that are joint-train artifacts
+    with loss curves (the training side of MM-GEM's claim (a))."""
+    out = {}
+    for name, ref in refs.items():
+        manifest = Path(ref) / "manifest.json"
+        if manifest.exists():
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            if m.get("kind") == "joint-train" and (m.get("mmgem") or {}).get("loss_curves", {}).get("step"):
+                out[name] = m["mmgem"]
+    return out
+
+
+def write_training(records: dict[str, dict], out: Path) -> None:
+    """`loss_curves.png` (each term's curve, one line per joint-train model) and a training section
+    appended to results.md; nothing when no model is a joint-train artifact with loss curves."""
+    from vla.evaluate.report import loss_curve_figure, training_markdown
+
+    if not records:
+        return
+    loss_curve_figure({n: r["loss_curves"] for n, r in records.items()}).savefig(out / "loss_curves.png", dpi=130)
+    with open(out / "results.md", "a", encoding="utf-8") as f:
+        f.write("\n" + training_markdown(records))
+
+
 def write_captions(written: dict[str, dict[str, list[dict]]], out: Path) -> None:
     """`captions/<model>/<entry>.jsonl`: every caption a model wrote, with its references, to read
     beside the BLEU-4 / CIDEr-D it scored (models that generate only)."""
@@ -103,7 +140,8 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
         raise UserError("vla eval needs at least one model (a registry name, an artifact or an export)")
     claim_out(out, force=force, inputs={"data": data, **{f"model{i}": ref for i, ref in enumerate(models)}})
     device = resolve_device(cfg.device)
-    eval_dir, inputs = resolve_eval_dir(Path(data))
+    scratch = tempfile.TemporaryDirectory(prefix="vla-evalsets-")  # split: val's sets, for this run only
+    eval_dir, inputs = resolve_eval_dir(Path(data), cfg.split, Path(scratch.name))
     sets = eval_sets(eval_dir, cfg.sets)  # fail on a missing set before loading any model
     for i, ref in enumerate(models):
         if (Path(ref) / "manifest.json").exists():
@@ -123,10 +161,12 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
         write_captions(written, art.dir / "captions")
         write_report(results, art.dir, sets=sets, models=dict(zip(names, encoders)),
                      examples=cfg.examples, mode=cfg.mode)
+        write_training(training_records(dict(zip(names, models))), art.dir)
         write_clip_benchmark_results(results, art.dir / "clip_benchmark", sets=sets,
                                      refs=dict(zip(names, models)), mode=cfg.mode)
         art.metrics.update(results)
         art.extra["device"] = str(device)
+        art.extra["split"] = cfg.split
         if any(s.task in ("captioning", "regional_retrieval") for s in sets):
             from vla.evaluate.captioning import resolve_tokenizer
 
@@ -134,4 +174,5 @@ def run(cfg: EvalRecipe, models: Sequence[str], data: Path, out: Path, *, force:
             art.extra["captioning_tokenizer"] = resolve_tokenizer(cfg.caption.tokenizer)
         art.timings["seconds_per_model"] = seconds
         art.counts.update({s.name: {"images": len(s.images)} for s in sets})
+    scratch.cleanup()
     return art.artifact
