@@ -1,22 +1,22 @@
 """Part b: the contrast-tune step with the frozen embedder Φ's features cached vs re-encoded.
 
-The step is contrast-tune's (vla/stages/contrast_tune.py) built in-process: the small CLIP's image
-tower (trained) with a frozen copy as the L_reg teacher, a ProCLIP adapter over real MiniLM
-features, InfoNCE + self-distillation, the shared training loop `vla.train.train`, the same
-shard read through the same loader. Half the samples train on their long caption, as in the
-embedded recipe. The two runs differ only in where a batch's Φ features come from:
+The step and the Φ batches are contrast-tune's own (`vla.stages.contrast_tune.contrast_step`,
+`phi_batches`, `draw_caption`, `phi_columns`): the small CLIP's image tower (trained) with a
+frozen copy as the L_reg teacher, a ProCLIP adapter over real MiniLM features, InfoNCE +
+self-distillation, the shared training loop `vla.train.train`, the same shard read through the
+same loader. Each sample draws its caption per epoch as the stage does (its long caption with
+the embedded recipe's probability). The two runs differ only in where a batch's Φ comes from:
 
-    cached      rows looked up in the feature table (`vla.cache`), filled once beforehand
-    re-encoded  MiniLM runs on the batch's captions inside every step
+    cached      rows looked up in the feature tables (`vla.cache`), filled once beforehand
+    re-encoded  MiniLM runs on the batch's drawn captions inside every step
 
 The full run measures each way twice (cached, re-encoded, re-encoded, cached) and keeps each
-way's best run. The one-time cost of filling the table (every caption of the shard, short and long) is measured
-too, and with it the number of steps after which the cache has paid for itself.
+way's best run. The one-time cost of filling the tables (every caption of the shard, short and
+long) is measured too, and with it the number of steps after which the cache has paid for itself.
 """
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
 from pathlib import Path
@@ -47,61 +47,52 @@ def _build(embedder):
 
 
 def fill_cache(shard: Path, embedder) -> tuple[dict, float, int]:
-    """Φ of every caption in `shard`, short and long, into a fresh cache: (tables, seconds, texts)."""
+    """Φ of every caption in `shard` (each short caption and the long one) into a fresh cache, as
+    contrast-tune fills it: ({caption index: table}, seconds, texts)."""
     import os
 
-    from vla.cache import cached_features
-    from vla.data.skips import SkipCounter
+    from vla.data.captions import read_captions
     from vla.data.stream import resolve_data
+    from vla.stages.contrast_tune import phi_columns
 
-    source = resolve_data(shard)
-    samples = list(source.iter_samples(SkipCounter(), decode=False))
-    texts = {"short": [(s.key, s.captions[0], shard.name) for s in samples],
-             "second": [(s.key, s.long_caption or s.captions[0], shard.name) for s in samples]}
     scratch = BENCH_DIR / "cache-fill"
     shutil.rmtree(scratch, ignore_errors=True)  # a fresh cache, so this is a fill, not a hit
     os.environ["VLA_CACHE_DIR"] = str(scratch.resolve())
+    captions, _ = read_captions(shard, 1.0)
     start = time.perf_counter()
-    tables = {variant: cached_features(f"phi.{variant}", lambda v=variant: iter(texts[v]),
-                                       model_identity=embedder.digest(), data_digest=source.digest(),
-                                       encode=embedder.embed)[0]
-              for variant in texts}
-    return tables, time.perf_counter() - start, sum(len(t) for t in texts.values())
+    tables = phi_columns(captions, embedder, resolve_data(shard).digest(), 256, "cpu")
+    return tables, time.perf_counter() - start, sum(len(t) for t in tables.values())
 
 
 def train_steps(shard: Path, embedder, tables: dict | None, steps: int) -> float:
     """Samples/s of `steps` contrast-tune steps; Φ from `tables`, or re-encoded when None."""
-    import torch
-
     from vla.data.stream import make_loader, resolve_data
-    from vla.losses import ClipLoss, self_distillation_loss
+    from vla.losses import ClipLoss
+    from vla.stages.contrast_tune import LONG, contrast_step, draw_caption, phi_batches
     from vla.train import TrainConfig, train
 
     clip, model = _build(embedder)
-    loss_fn = ClipLoss()
 
     def transform(sample) -> dict:
-        long = random.Random(f"{SEED}:{sample.key}").random() < LONG_CAPTION_PROB
-        caption = (sample.long_caption or sample.caption) if long else sample.caption
-        return {"image": clip.preprocess(sample.image), "key": sample.key, "long": long, "caption": caption}
+        drawn = draw_caption(sample, LONG_CAPTION_PROB)  # first, as in the stage
+        caption = sample.long_caption if drawn == LONG else sample.captions[drawn]
+        return {"image": clip.preprocess(sample.image), "key": sample.key, "caption_index": drawn,
+                "caption": caption}
 
-    def batches(start_step: int):
+    def image_batches(start_step: int):
         loader = make_loader(resolve_data(shard), transform, BATCH, seed=SEED, start_batch=start_step,
                              repeat=True, shuffle_buffer=2000)  # the stage's default buffer
         for batch, _skipped in loader:
-            if tables is None:  # the frozen tower runs again on every step's captions
-                batch["phi"] = embedder.embed(batch["caption"])
-            else:
-                long = torch.as_tensor(batch["long"])[:, None]
-                batch["phi"] = torch.where(long, tables["second"].lookup(batch["key"]),
-                                           tables["short"].lookup(batch["key"]))
             yield batch
 
-    def step(m, batch):
-        img, txt, scale, img_t = m(batch["image"], batch["phi"])
-        info = loss_fn(img, txt, scale)
-        return {"loss": info + self_distillation_loss(img, img_t)["loss"]}
+    def reencoded(start_step: int):  # the frozen tower runs again on every step's captions
+        for batch in image_batches(start_step):
+            batch.pop("caption_index")
+            batch["phi"] = embedder.embed(batch["caption"])
+            yield batch
 
+    batches = phi_batches(image_batches, tables, embedder.dim) if tables is not None else reencoded
+    step = contrast_step(ClipLoss(), reg_weight=1.0)
     workdir = BENCH_DIR / "runs" / ("cache-hit" if tables else "cache-reencode")
     shutil.rmtree(workdir, ignore_errors=True)  # never resume an earlier run
     cfg = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-4, warmup_steps=2, precision="fp32",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
@@ -114,6 +114,41 @@ def embedder_truncated(captions: Captions, embedder, long: bool) -> dict[str, in
     return counts
 
 
+def phi_batches(image_batches: Callable[[int], Iterator[dict]], columns: dict[int, "FeatureTable"],
+                dim: int) -> Callable[[int], Iterator[dict]]:
+    """`image_batches` with each sample's Φ(T) of the caption it drew (its `caption_index`, see
+    `draw_caption`) looked up in that caption's cache column."""
+    def batches(start_step: int) -> Iterator[dict]:
+        for batch in image_batches(start_step):
+            keys, drawn = batch["key"], batch.pop("caption_index").tolist()
+            batch["phi"] = torch.empty(len(keys), dim)
+            for column in set(drawn):
+                rows = [i for i, c in enumerate(drawn) if c == column]
+                batch["phi"][rows] = columns[column].lookup([keys[i] for i in rows])
+            yield batch
+    return batches
+
+
+def contrast_step(loss_fn: Callable, reg_weight: float, rank: int = 0, world_size: int = 1) -> Callable:
+    """The contrast-tune step on a batch {image, phi}:
+
+        L = InfoNCE(E_I(x), A(Φ(T)))  +  λ · L_reg(E_I(x), E_I^teacher(x))      (λ = reg_weight)
+
+    InfoNCE is `loss_fn` (open_clip's ClipLoss over the global batch); L_reg is
+    `vla.losses.self_distillation_loss`, left out when λ = 0."""
+    from vla.losses import self_distillation_loss
+
+    def step(m, batch: dict) -> dict:
+        img, txt, scale, img_t = m(batch["image"], batch["phi"])
+        info = loss_fn(img, txt, scale)
+        out = {"loss": info, "info": info.detach(), "logit_scale": scale.detach()}
+        if reg_weight > 0:
+            reg = self_distillation_loss(img, img_t, rank=rank, world_size=world_size)["loss"]
+            out.update(loss=info + reg_weight * reg, reg=reg.detach())
+        return out
+    return step
+
+
 def _starting_point(cfg: ContrastTuneRecipe, device):
     """(clip name, embedder, adapter, inputs) from the distill artifact or, for init=random, the recipe."""
     from vla.models.embedder import embedder_from_config
@@ -134,7 +169,7 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     from vla.data.skips import SkipCounter
     from vla.data.stream import resolve_data
     from vla.distributed import init_distributed
-    from vla.losses import ClipLoss, LogitScale, self_distillation_loss
+    from vla.losses import ClipLoss, LogitScale
     from vla.models.proclip.adapter import Adapter, AdapterConfig
     from vla.models.proclip.ema import ema_update, make_ema_teacher
     from vla.models.load import load_encoder
@@ -184,23 +219,8 @@ def run(cfg: ContrastTuneRecipe, data: Path, out: Path, *, force: bool = False,
     image_batches = image_text_batches(source, transform, cfg.train, cfg.data, dist, skips, str(td.path),
                                        draft_size=draft_size(clip, cfg.data))
 
-    def batches(start_step: int):
-        for batch in image_batches(start_step):
-            keys, drawn = batch["key"], batch.pop("caption_index").tolist()
-            batch["phi"] = torch.empty(len(keys), embedder.dim)
-            for column in set(drawn):
-                rows = [i for i, c in enumerate(drawn) if c == column]
-                batch["phi"][rows] = columns[column].lookup([keys[i] for i in rows])
-            yield batch
-
-    def step(m, batch):
-        img, txt, scale, img_t = m(batch["image"], batch["phi"])
-        info = loss_fn(img, txt, scale)
-        out = {"loss": info, "info": info.detach(), "logit_scale": scale.detach()}
-        if use_reg:
-            reg = self_distillation_loss(img, img_t, rank=dist.rank, world_size=dist.world_size)["loss"]
-            out.update(loss=info + cfg.reg_weight * reg, reg=reg.detach())
-        return out
+    batches = phi_batches(image_batches, columns, embedder.dim)
+    step = contrast_step(loss_fn, cfg.reg_weight, dist.rank, dist.world_size)
 
     def after_step(m, _step):
         if use_reg and cfg.ema_momentum < 1.0:
