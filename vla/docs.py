@@ -37,7 +37,8 @@ README_BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<
 
 #: the results pages the README shows, and the command that writes each
 PAGES = {"proclip": "make proclip", "dclip": "make dclip", "dclip-ablations": "make dclip-ablations",
-         "dclip-teachers": "make dclip-teachers",
+         "dclip-teachers": "make dclip-teachers", "dclip-seeds": "make dclip-seeds",
+         "dclip-sweep": "make dclip-sweep", "dclip-epochs": "make dclip-epochs",
          "mmgem": "make mmgem", "bench": "make bench"}
 
 
