@@ -347,8 +347,8 @@ $(MMGEM_EXPORT)/manifest.json: $(MMGEM_RUNS)/stage2/manifest.json $(MMGEM_RUNS)/
 
 # ---- MM-GEM's choices, on the val split --------------------------------------------------------
 # `make mmgem-sweep`: make mmgem's stage-1 arms and stage 2 (the recipes' settings), stage 1 at the
-# other gen_weight values, a second seed of joint and embed-only (the seed spread), and stage 2 with
-# image captions mixed in, all scored by `vla eval` on the world's val split (split: val; the test
+# other gen_weight values, a second seed of joint and embed-only (the seed spread), and stage 2 on
+# regions only (image_captions off; the recipes mix image captions in), all scored by `vla eval` on the world's val split (split: val; the test
 # split only reports, in make mmgem) → docs/results/mmgem-sweep.md. MMGEM_GEN_WEIGHTS lists the
 # gen_weight values besides joint-train.yaml's own (that one is $(MMGEM_RUNS)/joint); MMGEM_SEED2=
 # (empty) leaves out the second seed.
@@ -357,7 +357,7 @@ MMGEM_GEN_WEIGHTS ?= 1
 MMGEM_SEED2 ?= 1
 MMGEM_SWEEP_PAGE ?= $(if $(filter runs/mmgem,$(MMGEM_RUNS)),docs/results/mmgem-sweep.md)
 MMGEM_SWEEP_ARMS := $(MMGEM_RUNS)/joint $(MMGEM_RUNS)/embed-only $(MMGEM_RUNS)/caption-only \
-  $(foreach w,$(MMGEM_GEN_WEIGHTS),$(MMGEM_SWEEP)/joint-gen$(w)) $(MMGEM_RUNS)/stage2 $(MMGEM_SWEEP)/stage2-image-captions \
+  $(foreach w,$(MMGEM_GEN_WEIGHTS),$(MMGEM_SWEEP)/joint-gen$(w)) $(MMGEM_RUNS)/stage2 $(MMGEM_SWEEP)/stage2-regions-only \
   $(if $(MMGEM_SEED2),$(MMGEM_SWEEP)/joint-seed$(MMGEM_SEED2) $(MMGEM_SWEEP)/embed-only-seed$(MMGEM_SEED2))
 
 .PHONY: mmgem-sweep
@@ -378,9 +378,9 @@ $(MMGEM_SWEEP)/embed-only-seed$(MMGEM_SEED2)/manifest.json: $(DATA_DEP) $(VISION
 	$(LAUNCH) $(VLA) joint-train --data '$(DATA)' --vision $(VISION) $(LLM_FLAG) --out $(@D) \
 	  --recipe $(MMGEM_RECIPES)/joint-train-embed.yaml --set train.seed=$(MMGEM_SEED2) --force $(VLA_FLAGS)
 
-$(MMGEM_SWEEP)/stage2-image-captions/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
+$(MMGEM_SWEEP)/stage2-regions-only/manifest.json: $(MMGEM_RUNS)/joint/manifest.json $(MMGEM_RECIPES)/stage2-roi.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) stage2-roi --data '$(DATA)' --init $(MMGEM_RUNS)/joint --out $(@D) \
-	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --set image_captions=true --force $(VLA_FLAGS)
+	  --recipe $(MMGEM_RECIPES)/stage2-roi.yaml --set image_captions=false --force $(VLA_FLAGS)
 
 $(MMGEM_SWEEP)/eval/manifest.json: $(addsuffix /manifest.json,$(MMGEM_SWEEP_ARMS)) $(MMGEM_RECIPES)/eval-mmgem.yaml
 	$(VLA) eval $(MMGEM_SWEEP_ARMS) --data '$(DATA)' --out $(@D) \

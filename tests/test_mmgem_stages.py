@@ -481,13 +481,13 @@ def test_make_n_mmgem_sweep_scores_every_choice_on_the_val_split(tmp_path) -> No
         assert "--recipe recipes/embedded/mmgem/joint-train.yaml" in c and f"--set gen_weight={w} " in c
     assert "--set train.seed=1 " in stage[f"{sweep}/joint-seed1"]
     assert "joint-train-embed.yaml --set train.seed=1 " in stage[f"{sweep}/embed-only-seed1"]
-    assert f"--init {tmp_path}/mm/joint " in stage[f"{sweep}/stage2-image-captions"]
-    assert "--set image_captions=true " in stage[f"{sweep}/stage2-image-captions"]
+    assert f"--init {tmp_path}/mm/joint " in stage[f"{sweep}/stage2-regions-only"]
+    assert "--set image_captions=false " in stage[f"{sweep}/stage2-regions-only"]
     ev = stage[f"{sweep}/eval"]
     assert "--set split=val " in ev
     assert ev.split("vla eval ")[1].split(" --data")[0].split() == [
         f"{tmp_path}/mm/joint", f"{tmp_path}/mm/embed-only", f"{tmp_path}/mm/caption-only", f"{sweep}/joint-gen0.25",
-        f"{sweep}/joint-gen2", f"{tmp_path}/mm/stage2", f"{sweep}/stage2-image-captions", f"{sweep}/joint-seed1",
+        f"{sweep}/joint-gen2", f"{tmp_path}/mm/stage2", f"{sweep}/stage2-regions-only", f"{sweep}/joint-seed1",
         f"{sweep}/embed-only-seed1"]
 
 
