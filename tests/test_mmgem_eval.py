@@ -250,7 +250,7 @@ def test_eval_with_split_val_scores_the_worlds_val_images_not_the_test_sets(chai
     references, and the manifest names the split."""
     out = tmp_path / "eval-val"
     cli("eval", chain / "joint", "--data", chain / "world", "--out", out, "--recipe",
-        "recipes/smoke/eval-mmgem.yaml", "--set", "sets=[retrieval,long_retrieval,regional,captioning]",
+        "recipes/smoke/mmgem/eval-mmgem.yaml", "--set", "sets=[retrieval,long_retrieval,regional,captioning]",
         "--set", "split=val")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["split"] == "val"
@@ -280,7 +280,7 @@ def test_eval_of_joint_train_artifacts_plots_their_loss_curves_from_the_manifest
     from vla.stages.evaluate import training_records
 
     cli("joint-train", "--data", chain / "world", "--out", tmp_path / "caption-only", "--recipe",
-        "recipes/smoke/joint-train-caption.yaml", *FEW_STEPS)
+        "recipes/smoke/mmgem/joint-train-caption.yaml", *FEW_STEPS)
     refs = {"joint": str(chain / "joint"), "caption-only": str(tmp_path / "caption-only"),
             "stage2": str(chain / "stage2")}
     records = training_records(refs)

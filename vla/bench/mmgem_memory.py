@@ -90,7 +90,7 @@ def build(vision: str, max_text_tokens: int):
 def stage2(trainer, soft_prompts: int):
     """`trainer` as `stage2-roi` runs it: soft prompts added, only h3, the prompts and h4 trained,
     the frozen model in eval mode (the LM in training mode under checkpointing, as the stage does)."""
-    from vla.models.mmgem_trainer import MMGEMTrainer
+    from vla.models.mmgem.objective import MMGEMTrainer
 
     model = trainer.model
     model.add_soft_prompts(soft_prompts)

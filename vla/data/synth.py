@@ -26,6 +26,7 @@ in index order, so shards are byte-identical for a seed whatever the number of w
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import random
 import sys
@@ -274,7 +275,7 @@ def split_eval_sets(world: Path, split: str, out: Path, shard_size: int = 1000) 
                         f"{', '.join(SPLITS)}")
     if not out.is_dir() or any(out.iterdir()):
         raise UserError(f"{out}: the evaluation sets need an existing empty directory; create it or empty it")
-    evals = _EvalSets(out, shard_size, probe_train=0)
+    evals = EvalSetWriter(out, shard_size, probe_train=0)
     index = 0
     for shard in shards:
         members: dict[str, dict[str, bytes]] = {}
@@ -284,7 +285,7 @@ def split_eval_sets(world: Path, split: str, out: Path, shard_size: int = 1000) 
                     key, _, ext = Path(info.name).name.partition(".")
                     members.setdefault(key, {})[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
         for key, parts in members.items():
-            evals.add(_Made(split, index, key, parts["jpg"], json.loads(parts["json"]), ""))
+            evals.add(MadeSample(split, index, key, parts["jpg"], json.loads(parts["json"]), ""))
             index += 1
     counts = evals.close()
     return {task: c for task, c in counts.items() if task != "probe"}
