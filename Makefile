@@ -158,10 +158,11 @@ $(DCLIP_EXPORT)/manifest.json: $(DCLIP_RUNS)/student/manifest.json $(DCLIP_RUNS)
 #   no bidir. attention student-average                  teacher without cross-attention (fusion average)
 #   no teacher          student-noteacher                InfoNCE only (distill_weight 0)
 #   converged teacher   student-converged                from a 12-epoch teacher's last epoch (claim d)
+#   image negatives     student-negatives                vla's variant: teacher trained with L_img too
 DCLIP_ABL ?= $(DCLIP_RUNS)/ablations
-DCLIP_ARMS := oracle noregions average noteacher converged
+DCLIP_ARMS := oracle noregions average noteacher converged negatives
 # the arms' teachers are intermediate files to make: keep them (they are artifacts, not scratch)
-.SECONDARY: $(foreach a,oracle noregions average converged,$(DCLIP_ABL)/teacher-$(a)/manifest.json)
+.SECONDARY: $(foreach a,oracle noregions average converged negatives,$(DCLIP_ABL)/teacher-$(a)/manifest.json)
 
 .PHONY: dclip-ablations dclip-epochs
 dclip-ablations: $(DCLIP_ABL)/eval/manifest.json
@@ -178,7 +179,7 @@ $(DCLIP_ABL)/teacher-oracle/manifest.json: $(DCLIP_ABL)/regions-oracle/manifest.
 	$(LAUNCH) $(VLA) train-teacher --regions $(DCLIP_ABL)/regions-oracle --out $(@D) \
 	  --recipe $(DCLIP_RECIPES)/train-teacher.yaml --force $(VLA_FLAGS)
 
-# the teacher arms on the YOLO regions: teacher-noregions, teacher-average, teacher-converged
+# the teacher arms on the YOLO regions: teacher-noregions, teacher-average, teacher-converged, teacher-negatives
 $(DCLIP_ABL)/teacher-%/manifest.json: $(DCLIP_RUNS)/regions/manifest.json $(DCLIP_RECIPES)/train-teacher-%.yaml | $(STAMP)
 	$(LAUNCH) $(VLA) train-teacher --regions $(DCLIP_RUNS)/regions --out $(@D) \
 	  --recipe $(DCLIP_RECIPES)/train-teacher-$*.yaml --force $(VLA_FLAGS)
@@ -234,8 +235,8 @@ $(DCLIP_ABL)/regions-oracle-val/manifest.json: $(DATA_DEP) $(CLIP_DEP) $(DCLIP_R
 	$(VLA) precompute-regions --data $(DCLIP_VAL_DATA) --detector oracle --clip $(CLIP) --out $(@D) \
 	  --recipe $(DCLIP_RECIPES)/precompute-regions.yaml --set split=val --force $(VLA_FLAGS)
 
-# which arms' teachers (full oracle noregions average converged), each at the epoch its student distils
-DCLIP_TEACHER_ARMS ?= full oracle noregions average converged
+# which arms' teachers (full oracle noregions average converged negatives), each at the epoch its student distils
+DCLIP_TEACHER_ARMS ?= full oracle noregions average converged negatives
 dclip_teacher_dir = $(if $(filter full,$(1)),$(DCLIP_RUNS)/teacher,$(DCLIP_ABL)/teacher-$(1))
 dclip_teacher_epoch = $(shell sed -n 's/^teacher_epoch: *//p' \
   $(DCLIP_RECIPES)/$(if $(filter converged,$(1)),train-student-converged,train-student).yaml)

@@ -7,6 +7,7 @@ wrote (metrics.jsonl, manifests, weights), never a shared stdout."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +90,31 @@ def test_teacher_on_two_ranks_is_the_one_rank_run(teachers):
         assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), name
     first, last = load_file(one / "teacher/teacher-epoch001.safetensors"), load_file(one / "teacher/teacher-epoch002.safetensors")
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the epochs are different teachers
+
+
+def test_teacher_image_negatives_on_two_ranks_is_the_one_rank_loss(regions, tmp_path):
+    """With `image_negatives`, caption j is scored against the images at global batch positions
+    j, j+1, .., j+M: the same pairs whichever rank holds row j, so step 1's InfoNCE, L_img and
+    their sum agree with one rank's, and L_img starts near ln(1 + M) (an untrained teacher)."""
+    runs = []
+    for ranks in (1, 2):
+        out = tmp_path / f"teacher-neg-{ranks}"
+        _run(["train-teacher", "--regions", regions / "regions", "--out", out, *TEACHER,
+              "--set", "image_negatives=3"], ranks)
+        runs.append(_metrics(out)[0])
+    one, two = runs
+    for key in ("loss", "infonce", "image"):
+        assert one[key] == pytest.approx(two[key], abs=1e-5), key
+    assert one["loss"] == pytest.approx(one["infonce"] + one["image"], abs=1e-5)
+    assert 0.5 * math.log(4) < one["image"] < 2 * math.log(4)
+
+
+def test_teacher_image_negatives_must_fit_the_global_batch(regions, tmp_path):
+    r = vla("train-teacher", "--regions", regions / "regions", "--out", tmp_path / "t", *TEACHER,
+            "--set", "image_negatives=8")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "image_negatives must be 0 or more and below train.batch_size 8" in r.stderr
+    assert not (tmp_path / "t" / "manifest.json").exists()
 
 
 STUDENT = ["--recipe", "recipes/smoke/dclip/train-student.yaml", "--set", f"train.batch_size={N_TRAIN}",

@@ -22,6 +22,7 @@ from vla.losses import (
     preservation_loss,
     self_distillation_loss,
     structure_alignment_loss,
+    teacher_image_negatives_loss,
 )
 
 # --- hand computations: lists of floats, no torch -----------------------------------------------
@@ -197,6 +198,13 @@ def test_dclip_teacher_loss_normalises_and_detaches_the_text() -> None:
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     loss.backward()
     assert tt.grad is not None and xt.grad is None  # the frozen CLIP text embedding is a target
+
+
+def test_teacher_image_negatives_loss_by_hand() -> None:
+    """Column 0 is the caption's own image: L = mean_j [log Σ_m exp(s_jm / τ) − s_j0 / τ]."""
+    scores = [[0.9, 0.1, -0.2], [0.3, 0.5, 0.4]]
+    want = sum(math.log(sum(math.exp(v / 0.05) for v in row)) - row[0] / 0.05 for row in scores) / 2
+    assert teacher_image_negatives_loss(t(scores), 0.05).item() == pytest.approx(want, rel=1e-12)
 
 
 def test_preservation_loss_by_hand() -> None:

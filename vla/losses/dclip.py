@@ -3,6 +3,7 @@ student's distillation from the teacher, and the ViT-L preservation term."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -77,6 +78,23 @@ def dclip_teacher_loss(teacher: Tensor, text: Tensor, temperature: float = 0.05,
     """
     return infonce(F.normalize(teacher, dim=-1), F.normalize(text.detach(), dim=-1), temperature,
                    rank=rank, world_size=world_size)
+
+
+def teacher_image_negatives_loss(scores: Tensor, temperature: float = 0.05) -> Tensor:
+    """The meta-teacher's caption-conditioned image contrast (vla's `image_negatives` switch):
+    for caption T_j, its own image x_j and M other images x_j1..x_jM of the global batch, each
+    conditioned on T_j,
+
+        s_j0 = cos(teacher(x_j, T_j), u_j),   s_jm = cos(teacher(x_jm, T_j), u_j)
+        L_img = mean_j CE([s_j0, s_j1, .., s_jM] / τ, 0)
+
+    scores: (B, 1 + M), the true image in column 0. InfoNCE alone scores every teacher output
+    under its own caption, so a teacher that ignores the image meets it from the caption tokens
+    (measured: the output for one caption sits at cosine 0.83 across images); this term is won
+    only by reading the image, and it is the score `vla eval-teacher` retrieves with.
+    """
+    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    return F.cross_entropy(scores / temperature, target)
 
 
 def preservation_loss(image: Tensor, original: Tensor) -> Tensor:

@@ -49,6 +49,9 @@ class TrainTeacherRecipe:
     temperature: float = 0.05               # τ of the InfoNCE
     top_k: Optional[int] = None             # most regions per image fed to the teacher (default: all the
                                             # table holds); 0: the whole image alone (the no-regions arm)
+    image_negatives: int = 0                # M > 0 adds L_img: each caption scored against its image and M
+                                            # other images of the global batch, all conditioned on it
+                                            # (`teacher_image_negatives_loss`); 0: the public code's loss
     max_skip_fraction: float = 0.01
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -59,6 +62,9 @@ class TrainTeacherRecipe:
             raise UserError("temperature and pool_temperature must be > 0")
         if self.top_k is not None and self.top_k < 0:
             raise UserError(f"top_k must be 0 or more, not {self.top_k}")
+        if not 0 <= self.image_negatives < self.train.batch_size:
+            raise UserError(f"image_negatives must be 0 or more and below train.batch_size "
+                            f"{self.train.batch_size}, not {self.image_negatives}")
 
 
 def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool = False,
@@ -69,7 +75,9 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
                                          global_batch, open_regions, read_caption_lists, steps_per_epoch,
                                          teacher_inputs)
     from vla.distributed import init_distributed
-    from vla.losses import dclip_teacher_loss
+    import torch.nn.functional as F
+
+    from vla.losses import dclip_teacher_loss, teacher_image_negatives_loss
     from vla.models.dclip import MetaTeacher, TeacherConfig, load_dclip_clip, save_teacher
     from vla.stages.common import training_data
     from vla.train import train
@@ -105,20 +113,37 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
         """Micro-batch m of the run: the rows of global batch m (reshuffled every epoch), this
         rank's share, each image with the caption it draws in that epoch."""
         start = start_step * cfg.train.grad_accum
-        for m, rows in enumerate(row_batches(len(keys), cfg.train.batch_size, cfg.train.seed, start,
-                                             dist.world_size, dist.rank, batches_per_epoch=micro_per_epoch),
-                                 start):
+        n_neg, world, rank = cfg.image_negatives, dist.world_size, dist.rank
+        for m, global_rows in enumerate(row_batches(len(keys), cfg.train.batch_size, cfg.train.seed, start,
+                                                    batches_per_epoch=micro_per_epoch), start):
             epoch = m // micro_per_epoch
-            ks = [keys[i] for i in rows.tolist()]
-            drawn = [captions[i][caption_index(cfg.train.seed, epoch, keys[i], len(captions[i]))]
-                     for i in rows.tolist()]
-            yield {"token_ids": text.tokenize(drawn), **store.lookup(ks, cfg.top_k), "n": len(ks)}
+            rows = global_rows[rank::world].tolist()  # this rank's share (row_batches' split)
+            ks = [keys[i] for i in rows]
+            drawn = [captions[i][caption_index(cfg.train.seed, epoch, keys[i], len(captions[i]))] for i in rows]
+            batch = {"token_ids": text.tokenize(drawn), "n": len(ks)}
+            if n_neg:  # row j (global position g) with the images at g, g+1, .., g+M of the global batch
+                n, g = len(global_rows), range(rank, len(global_rows), world)
+                pairs = [keys[int(global_rows[(p + s) % n])] for p in g for s in range(n_neg + 1)]
+                batch["pairs"] = store.lookup(pairs, cfg.top_k)
+            else:
+                batch.update(store.lookup(ks, cfg.top_k))
+            yield batch
 
     def step(m, b):
         states, mask, pooled = text.states(b["token_ids"])
-        emb = m(**teacher_inputs(b, states, mask, pooled))
-        return {"loss": dclip_teacher_loss(emb, pooled, cfg.temperature, rank=dist.rank,
-                                           world_size=dist.world_size)}
+        if not cfg.image_negatives:
+            emb = m(**teacher_inputs(b, states, mask, pooled))
+            return {"loss": dclip_teacher_loss(emb, pooled, cfg.temperature, rank=dist.rank,
+                                               world_size=dist.world_size)}
+        # one forward over (caption j, image) pairs: column 0 is the true pair, the InfoNCE's input
+        per = cfg.image_negatives + 1
+        out = m(**teacher_inputs(b["pairs"], *(x.repeat_interleave(per, 0) for x in (states, mask, pooled))))
+        out = out.view(states.shape[0], per, -1)
+        scores = (F.normalize(out, dim=-1) * F.normalize(pooled, dim=-1)[:, None, :]).sum(-1)
+        contrast = dclip_teacher_loss(out[:, 0], pooled, cfg.temperature, rank=dist.rank,
+                                      world_size=dist.world_size)
+        image = teacher_image_negatives_loss(scores, cfg.temperature)
+        return {"loss": contrast + image, "infonce": contrast.detach(), "image": image.detach()}
 
     recipe = {**asdict(cfg), "clip_identity": clip_identity}
     inputs = {**td.inputs, "regions": regions_art, "clip": clip_input}
