@@ -58,12 +58,16 @@ def test_bench_dclip_quick(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     part = json.loads((tmp_path / "results.json").read_text())["parts"]["e"]
-    assert [f["what"] for f in part["figures"]] == ["precompute-regions", "train-teacher epoch"]
+    assert [f["what"] for f in part["figures"]] == ["precompute-regions", "train-teacher epoch",
+                                                    "train-teacher epoch, text tower per batch vs cached states"]
     regions, teacher = part["details"]["precompute_regions"], part["details"]["train_teacher"]
     assert regions["images"] == 32 and regions["crops"] > regions["images"]  # crops were encoded
     assert regions["max_embedding_difference"] < 1e-3  # the same regions either way
     assert all(s > 0 for s in regions["batched_s"] + regions["per_image_per_crop_s"])
     assert teacher["table_epoch_s"][0] > 0 and teacher["reencoded_epoch_s"][0] > 0
+    assert teacher["per_batch_text_epoch_s"][0] > 0 and teacher["cached_text_epoch_s"][0] > 0
+    # at most 14 real tokens and the pooled vector, D = 128, float16 (not 16 padded positions)
+    assert 0 < teacher["text_cache_bytes_per_caption"] <= 15 * 128 * 2
     assert all(f["vla"] > 0 and f["baseline"] > 0 for f in part["figures"])
 
 

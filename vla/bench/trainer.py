@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from vla.bench import BENCH_DIR, bench_world, Figure, Part, alternate
+from vla.bench import BENCH_DIR, bench_world, Figure, Part
 
 BATCH = 128
 LR = 5e-4
@@ -69,21 +69,21 @@ def _check(proc: subprocess.CompletedProcess, who: str) -> None:
         raise RuntimeError(f"{who} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def vla_command(world: Path, steps: int, out: Path) -> list[str]:
-    """`vla pretrain`'s command line for part a."""
+def vla_command(world: Path, steps: int, out: Path, compile: bool = False) -> list[str]:
+    """`vla pretrain`'s command line for part a (`compile`: with `train.compile=true`)."""
     sets = {"model": MODEL, "train.steps": steps, "train.batch_size": BATCH, "train.lr": LR,
             "train.warmup_steps": WARMUP, "train.precision": "fp32", "train.device": "cpu",
             "train.grad_clip": 1.0, "train.weight_decay": 0.1, "data.num_workers": 1,
-            "train.log_every": 1, "eval.sets": "[]"}
+            "train.log_every": 1, "eval.sets": "[]", "train.compile": str(compile).lower()}
     return [sys.executable, "-m", "vla", "pretrain", "--data", str(world / "train"), "--out", str(out),
             "--force", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
 
-def run_vla(world: Path, steps: int) -> dict:
+def run_vla(world: Path, steps: int, compile: bool = False) -> dict:
     out = BENCH_DIR / "runs" / "pretrain"
     for stale in (out, out.parent / f".{out.name}.partial"):  # never resume an earlier run
         shutil.rmtree(stale, ignore_errors=True)
-    cmd = vla_command(world, steps, out)
+    cmd = vla_command(world, steps, out, compile)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     _check(proc, "vla pretrain")
@@ -130,19 +130,26 @@ def run_open_clip(world: Path, steps: int) -> dict:
 def run(quick: bool) -> Part:
     steps = 15 if quick else 40
     world = ensure_world()
-    runs = dict(zip(("vla", "open_clip"), alternate(lambda: run_vla(world, steps),
-                                                    lambda: run_open_clip(world, steps),
-                                                    rounds=1 if quick else 3)))
+    sides = {"vla": lambda: run_vla(world, steps), "open_clip": lambda: run_open_clip(world, steps),
+             "vla_compiled": lambda: run_vla(world, steps, compile=True)}
+    runs: dict[str, list] = {side: [] for side in sides}
+    for r in range(1 if quick else 3):  # vla, open_clip, compiled; then the reverse; …
+        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            runs[side].append(sides[side]())
     median = {side: BATCH / statistics.median(t for r in rs for t in r["step_seconds"]) for side, rs in runs.items()}
     mean = {side: BATCH * sum(len(r["step_seconds"]) for r in rs) / sum(sum(r["step_seconds"]) for r in rs)
             for side, rs in runs.items()}
     # the spread: each round's ratio (its vla run's median step against its open_clip run's)
-    per_round = [statistics.median(o["step_seconds"]) / statistics.median(v["step_seconds"])
-                 for v, o in zip(runs["vla"], runs["open_clip"])]
+    per_round = {side: [statistics.median(o["step_seconds"]) / statistics.median(v["step_seconds"])
+                        for v, o in zip(runs[side], runs["open_clip"])] for side in ("vla", "vla_compiled")}
+    spread = "; ".join(f"{name} {min(per_round[side]):.2f}–{max(per_round[side]):.2f}×"
+                       for side, name in (("vla", "eager"), ("vla_compiled", "compiled")))
     part = Part("a", f"pretrain {MODEL}, batch {BATCH}, fp32, {steps} steps × {len(runs['vla'])} runs; "
-                     f"ratio per round {min(per_round):.2f}–{max(per_round):.2f}×", "open_clip_train")
+                     f"ratio per round {spread}", "open_clip_train")
     part.figures = [Figure("training throughput", "samples/s", median["vla"], median["open_clip"],
-                           median["vla"] / median["open_clip"], "vla / baseline", GOAL)]
+                           median["vla"] / median["open_clip"], "vla / baseline", GOAL),
+                    Figure("training throughput, train.compile", "samples/s", median["vla_compiled"],
+                           median["open_clip"], median["vla_compiled"] / median["open_clip"], "vla / baseline", GOAL)]
     part.details = {"steps": steps, "batch": BATCH, "model": MODEL, "world_train_pairs": WORLD_TRAIN,
                     "warmup_excluded_steps": 1, "figure": "batch / median step time, steps pooled over runs",
                     "samples_per_s_from_median_step": median, "samples_per_s_from_mean_step": mean,
