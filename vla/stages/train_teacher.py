@@ -10,6 +10,11 @@ region weights in the forward pass) trained with
 
     L = InfoNCE_τ(norm(teacher(x, T)), norm(E_T(T))),   τ = 0.05,   negatives = the global batch
 
+With `image_negatives: M` (vla's variant, off by default; docs/dclip.md) the step also adds
+`teacher_image_negatives_loss`: each caption against its own image and the M images after it in
+the global batch, all conditioned on it, in one teacher forward over those pairs whose first
+column is the InfoNCE's input.
+
 Only the teacher's layers train. Ranks: `train.batch_size` is the global batch (each of N ranks
 takes batch_size / N rows of it, and the InfoNCE gathers all of them, as open_clip's ClipLoss);
 an optimizer step takes `train.grad_accum` such batches; an epoch is images // (batch_size ·
