@@ -79,9 +79,9 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
     from vla.models.dclip.inputs import (TextTower, caption_index, check_keys, check_same_clip, data_of,
                                          global_batch, open_regions, read_caption_lists, steps_per_epoch,
                                          teacher_inputs)
-    from vla.distributed import init_distributed
     import torch.nn.functional as F
 
+    from vla.distributed import init_distributed
     from vla.losses import dclip_teacher_loss, teacher_image_negatives_loss
     from vla.models.dclip import MetaTeacher, TeacherConfig, load_dclip_clip, save_teacher
     from vla.stages.common import training_data
@@ -127,9 +127,10 @@ def run(cfg: TrainTeacherRecipe, data: Optional[str], out: Path, *, force: bool 
             drawn = [captions[i][caption_index(cfg.train.seed, epoch, keys[i], len(captions[i]))] for i in rows]
             batch = {"token_ids": text.tokenize(drawn), "n": len(ks)}
             if n_neg:  # row j (global position g) with the images at g, g+1, .., g+M of the global batch
-                n, g = len(global_rows), range(rank, len(global_rows), world)
-                pairs = [keys[int(global_rows[(p + s) % n])] for p in g for s in range(n_neg + 1)]
-                batch["pairs"] = store.lookup(pairs, cfg.top_k)
+                n = len(global_rows)  # each image read once, then gathered into its pairs
+                images = store.lookup([keys[i] for i in global_rows.tolist()], cfg.top_k)
+                pair = (torch.arange(rank, n, world)[:, None] + torch.arange(n_neg + 1)[None, :]) % n
+                batch["pairs"] = {k: v[pair.flatten()] for k, v in images.items()}
             else:
                 batch.update(store.lookup(ks, cfg.top_k))
             yield batch
