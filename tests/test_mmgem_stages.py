@@ -459,7 +459,7 @@ def test_make_n_mmgem_embedded_shares_the_proclip_world_and_base_clip(tmp_path) 
         assert f"--vision {tmp_path}/runs/clip --llm {tmp_path}/mm/lm " in c and "torchrun" not in c
     joint = next(c for c in cmds if f"--out {tmp_path}/mm/joint " in c)
     assert "--recipe recipes/embedded/mmgem/joint-train.yaml" in joint
-    assert any(f"--out exports/mm " in c + " " for c in cmds)
+    assert any("--out exports/mm " in c + " " for c in cmds)
 
 
 def test_make_n_mmgem_sweep_scores_every_choice_on_the_val_split(tmp_path) -> None:

@@ -48,7 +48,6 @@ import io
 import pathlib
 import pickle
 import pickletools
-import sys
 import types
 import zipfile
 from pathlib import Path

@@ -148,7 +148,6 @@ def run(cfg: EvalTeacherRecipe, teachers: Sequence[str], regions: Sequence[str],
         force: bool = False, command: Sequence[str] | None = None) -> Artifact:
     import json
 
-    import torch
     import torch.nn.functional as F
 
     from vla.models.dclip.inputs import TextTower, open_regions
