@@ -17,7 +17,8 @@ shorter [EMB] rows padded to the caption rows' length. Both ways give the same l
 here, and by tests/test_mmgem.py for the embeddings and logits).
 
 The samples are rendered in memory by `vla synth`'s own generator; the batch is preprocessed once,
-so the figure is the step's, not the data loader's.
+so the figure is the step's, not the data loader's. The LM's and tower's linears go through
+oneDNN both ways, as the loop runs them on the CPU (`train.cpu_matmul=auto`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ def train_steps(pixels, captions: list[str], steps: int, shared: bool, quick: bo
     """Samples/s of `steps` joint-train steps (after one untimed warm-up step) on one batch."""
     import torch
 
+    from vla.models.onednn_linear import onednn_linear
+
     model = _build(captions, quick).train()
+    onednn_linear(model)  # as the training loop does on the CPU (train.cpu_matmul=auto)
     trainer = _trainer(model)
     optimizer = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-4)
     way = contextlib.nullcontext() if shared else separate_lm_forwards(model, len(captions))

@@ -94,7 +94,7 @@ def _write(prof, out: Path, n: int) -> None:
     events = prof.key_averages()
     spans = {e.key[3:]: e.cpu_time_total / 1e3 / n for e in events if e.key.startswith("## ")}
     syncs = sum(e.count for e in events if e.key == "aten::_local_scalar_dense") / n
-    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    ops = sorted((e for e in events if e.key.startswith(("aten::", "mkldnn::"))), key=lambda e: -e.self_cpu_time_total)
     top = [(e.key, e.self_cpu_time_total / 1e3 / n) for e in ops[:12]]
     out.write_text(json.dumps({"spans_ms": spans, "host_syncs": syncs, "top_ops_ms": top}))
 

@@ -16,7 +16,8 @@ function from the same parameters, batch-first throughout:
 The same ops in another memory layout: equal within float rounding. A call the fast path does
 not cover (attention weights asked for, a key padding or boolean mask, cross-attention, dropout
 while training, bias_k / add_zero_attn, separate q/k/v weights) goes to the module's own forward.
-Parameters, state dicts and checkpoints are unchanged.
+Parameters, state dicts and checkpoints are unchanged. The two projections use the linear that
+`vla.models.onednn_linear` records on the module, `F.linear` otherwise.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def _forward(mha: nn.MultiheadAttention, query, key, value, key_padding_mask=Non
     x = query if mha.batch_first else query.transpose(0, 1)  # (N, L, E)
     n, length, width = x.shape
     heads = mha.num_heads
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(n, length, 3, heads, width // heads)
+    linear = getattr(mha, "_vla_linear", F.linear)  # oneDNN's where `onednn_linear` gave it
+    qkv = linear(x, mha.in_proj_weight, mha.in_proj_bias).view(n, length, 3, heads, width // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, d_head), views
     if attn_mask is not None:
         attn_mask = attn_mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    out = F.linear(out.transpose(1, 2).reshape(n, length, width), mha.out_proj.weight, mha.out_proj.bias)
+    out = linear(out.transpose(1, 2).reshape(n, length, width), mha.out_proj.weight, mha.out_proj.bias)
     return (out if mha.batch_first else out.transpose(0, 1)), None
