@@ -172,3 +172,49 @@ def test_compiled_model_trains_through_onednn(tmp_path, monkeypatch):
     assert calls > 0
     for (name, p), q in zip(compiled.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_onednn_linears_is_for_the_block_only():
+    """The context patches a model for its block and restores it after; what was patched before
+    (by the loop) stays patched; a model off the CPU is left alone."""
+    from vla.models.onednn_linear import onednn_linears
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    with onednn_linears(model):
+        assert "forward" in vars(model[0]) and "forward" in vars(model[1])
+    assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
+    onednn_linear(model[1])
+    with onednn_linears(model):
+        pass
+    assert "forward" not in vars(model[0]) and "forward" in vars(model[1])
+
+
+def test_encoders_run_through_onednn_with_blas_results():
+    """`encode_text` / `encode_image` (through `inference`) and the embedder's `embed` use oneDNN's
+    op on the CPU, with torch's own results within float rounding, and leave the model unpatched."""
+    from vla.models.clip import load_clip
+    from vla.models.embedder import embedder_from_config, EmbedderConfig
+
+    torch.manual_seed(0)
+    clip = load_clip("vla-micro-clip")
+    texts = ["a red circle on a blue square", "two green triangles", "a small yellow star"]
+    images = torch.rand(2, 3, 32, 32)
+    with profile() as prof:
+        feats = clip.encode_text(texts), clip.encode_image(images)
+    assert sum(e.count for e in prof.key_averages() if "_linear_pointwise" in e.key) > 0
+    assert not any("forward" in vars(m) for m in clip.model.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        clip.model.eval()
+        ref_text = clip.model.encode_text(clip.tokenize(texts), normalize=True)
+        ref_image = clip.model.encode_image(images, normalize=True)
+    torch.testing.assert_close(feats[0], ref_text, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats[1], ref_image, rtol=1e-4, atol=1e-5)
+
+    embedder = embedder_from_config(EmbedderConfig(name="vla-tiny-qwen"))
+    with profile() as prof:
+        got = embedder.embed(texts)
+    assert sum(e.count for e in prof.key_averages() if "_linear_pointwise" in e.key) > 0
+    with torch.no_grad():
+        ref = torch.cat([embedder._forward(embedder._encode([t], truncate=True)).float() for t in texts])
+    ref = torch.nn.functional.normalize(ref, dim=-1) if embedder.config.normalize else ref
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

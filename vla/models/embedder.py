@@ -99,7 +99,9 @@ class TextEmbedder:
         # Length-sorted batches waste little on padding; the order is restored at the end.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = torch.empty(len(ids), self.dim)
-        with torch.no_grad():
+        from vla.models.onednn_linear import onednn_linears
+
+        with torch.no_grad(), onednn_linears(self.model):  # fp32 CPU linears through oneDNN
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 out[chunk] = self._forward([ids[i] for i in chunk]).float().cpu()

@@ -59,14 +59,17 @@ def as_images(images: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
 
 @contextlib.contextmanager
 def inference(model: torch.nn.Module) -> Iterator[None]:
-    """How every `encode_*` runs its network: eval mode without grad, then the caller's mode back
-    (a training stage may be mid-epoch)."""
+    """How every `encode_*` runs its network: eval mode without grad, fp32 linears on the CPU
+    through oneDNN (`vla.models.onednn_linear`), then the caller's mode back (a training stage may
+    be mid-epoch)."""
     import torch
+
+    from vla.models.onednn_linear import onednn_linears
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), onednn_linears(model):
             yield
     finally:
         model.train(was_training)

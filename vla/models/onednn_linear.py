@@ -18,7 +18,10 @@ BLAS builds.
                           in/out features on the rows: ~1.6x faster than the other way here)
     ∂L/∂b = Σ_rows g
 
-where g is ∂L/∂y flattened to rows. A call the oneDNN path does not cover (not CPU, not fp32,
+where g is ∂L/∂y flattened to rows. The training loop patches the models it trains
+(`train.cpu_matmul`); `onednn_linears(model)` patches a frozen model for one block and undoes it
+after, which is how every `encode_*` (`vla.models.encoder.inference`) and the text embedder's
+`embed` (the feature cache's encoder) run on the CPU. A call the oneDNN path does not cover (not CPU, not fp32,
 autocast on, an empty batch, a torch without oneDNN) goes to `F.linear`. A subclass of
 `nn.Linear` with its own forward (LoRA, quantised layers) is left alone. Parameters, state dicts
 and checkpoints are unchanged.
@@ -26,7 +29,9 @@ and checkpoints are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +137,21 @@ def use_onednn(backend: str, device: torch.device) -> bool:
         raise UserError("train.cpu_matmul=onednn: this torch is built without oneDNN; "
                         "set train.cpu_matmul=auto or blas")
     return backend != "blas" and device.type == "cpu" and available()
+
+
+@contextlib.contextmanager
+def onednn_linears(model: torch.nn.Module | None) -> Iterator[None]:
+    """`onednn_linear(model)` for the block only, for a frozen model encoding on the CPU (the feature
+    cache): what the block patched is restored after it, what was patched before stays."""
+    if model is None or not available() or next(model.parameters(), torch.empty(0)).device.type != "cpu":
+        yield
+        return
+    before = {id(m) for m in model.modules() if "forward" in vars(m) or "_vla_linear" in vars(m)}
+    onednn_linear(model)
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            if id(m) not in before:
+                vars(m).pop("forward", None)
+                vars(m).pop("_vla_linear", None)
