@@ -53,7 +53,7 @@ from vla.data.skips import SkipCounter, SkipLimit
 from vla.distributed import all_gather, all_reduce_mean, barrier, gather_to_main, init_distributed
 from vla.errors import Interrupted, StageError, UserError
 from vla.models.attention import fast_self_attention
-from vla.models.onednn_linear import onednn_linear, use_onednn
+from vla.models.onednn_linear import BACKENDS as CPU_MATMULS, onednn_linear, use_onednn
 from vla.reporter import Clock, Reporter
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,11 @@ class TrainConfig:
             "precision": self.precision in PRECISIONS,
             "optimizer": self.optimizer in ("adamw", "lamb"),
             "device": self.device in ("auto", "cpu", "cuda"),
-            "cpu_matmul": self.cpu_matmul in ("auto", "onednn", "blas"),
+            "cpu_matmul": self.cpu_matmul in CPU_MATMULS,
         }
         bad = [k for k, ok in checks.items() if not ok]
         allowed = {"schedule": "cosine, constant", "precision": ", ".join(PRECISIONS), "device": "auto, cpu, cuda",
-                   "cpu_matmul": "auto, onednn, blas"}
+                   "cpu_matmul": ", ".join(CPU_MATMULS)}
         if bad:
             hint = f"; one of {allowed[bad[0]]}" if bad[0] in allowed else ""
             raise UserError(f"train.{bad[0]} has an invalid value: {getattr(self, bad[0])!r}{hint}")

@@ -35,7 +35,8 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from vla.models.onednn_linear import _mm_t, available
+    from vla.bench import alternate
+    from vla.models.onednn_linear import _mm_t, available, weight_grad
 
     parser = argparse.ArgumentParser(prog="python -m vla.bench.gemm", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -53,13 +54,13 @@ def main() -> None:
             products = {
                 "forward": (lambda: F.linear(x, w), lambda: _mm_t(x, w)),
                 "∂x": (lambda: g @ w, lambda: _mm_t(g, w.t())),
-                "∂W": (lambda: g.t() @ x, (lambda: _mm_t(g.t(), x.t())) if k_out <= k_in
-                       else (lambda: _mm_t(x.t(), g.t()).t().contiguous())),
+                "∂W": (lambda: g.t() @ x, lambda: weight_grad(g, x)),
             }
             for product, (blas, onednn) in products.items():
                 torch.testing.assert_close(onednn(), blas(), rtol=1e-4, atol=1e-3)
-                runs = [_time(fn, args.repeats) for fn in (blas, onednn, blas, onednn)]  # alternating
-                t_blas, t_dnn = min(runs[0::2]), min(runs[1::2])
+                blas_runs, dnn_runs = alternate(lambda: _time(blas, args.repeats),
+                                                lambda: _time(onednn, args.repeats), rounds=2)
+                t_blas, t_dnn = min(blas_runs), min(dnn_runs)
                 flops = 2 * rows * k_in * k_out
                 total["blas"] += t_blas * LAYERS[tower]
                 total["onednn"] += t_dnn * LAYERS[tower]
