@@ -88,6 +88,22 @@ def test_bench_joint_step_quick(tmp_path):
     assert abs(figure["ratio"] - figure["vla"] / figure["baseline"]) < 1e-9
 
 
+def test_bench_gemm_runs_every_product_both_ways():
+    # `python -m vla.bench.gemm`: each of the step's 24 products timed both ways, after its own
+    # check that oneDNN's result equals torch's (an assertion inside: a mismatch exits non-zero)
+    pytest.importorskip("torch")
+    from vla.models.onednn_linear import available
+
+    if not available():
+        pytest.skip("this torch has no oneDNN")
+    out = subprocess.run([sys.executable, "-m", "vla.bench.gemm", "--repeats", "1"], check=True,
+                         capture_output=True, text=True).stdout
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| image", "| text"))]
+    assert len(rows) == 2 * 4 * 3
+    assert all(float(ln.split("|")[5]) > 0 and float(ln.split("|")[6]) > 0 for ln in rows)
+    assert "one step's linears (both towers, every layer): blas" in out
+
+
 @pytest.mark.slow
 def test_bench_loader_quick(tmp_path):
     """Part h: the loader reads every image of both worlds in all three ways, and its JSON holds
